@@ -1,0 +1,21 @@
+"""The ``feedrank`` command line: one typer app; command groups live in ``feedrank.commands``."""
+
+from __future__ import annotations
+
+import typer
+
+from feedrank.commands import experiment, ingest, simulate
+
+app = typer.Typer(
+    name="feedrank",
+    help="feedrank: simulate or ingest feed logs, train, evaluate, index, serve and experiment.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+for group in (simulate, ingest, experiment):
+    group.register(app)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()

@@ -1,0 +1,49 @@
+"""``Batch``: the one typed object that crosses from data loading into every model.
+
+Index conventions (shared by features, collate and models):
+- Every categorical column is an int64 index into its vocabulary (``feedrank.features``), where
+  0 is padding and 1 is the out-of-vocabulary bucket; real ids start at 2.
+- Histories are right-padded to the longest history in the batch with index 0 and carry a boolean
+  ``history_mask`` (True = real element). A user with no history has an all-False row, which every
+  history encoder must handle (it pools to zeros, never NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass
+class Batch:
+    """One mini-batch of impressions. Shapes: B = batch size, L = padded history length."""
+
+    user: Tensor  # [B] int64 user index
+    user_cats: Tensor  # [B, n_user_cats] int64 categorical user features (age bucket, country)
+    history: Tensor  # [B, L] int64 item indices of the user's last engagements, oldest first
+    history_mask: Tensor  # [B, L] bool
+    item: Tensor  # [B] int64 item index
+    item_cats: Tensor  # [B, n_item_cats] int64 categorical item features (publisher, type, category)
+    item_age_h: Tensor  # [B] float32 item age in hours at impression time (freshness)
+    counters: Tensor  # [B, n_counters] float32 point-in-time user/item counters (log1p-scaled)
+    position: Tensor  # [B] int64 position in the feed (used as a bias in training only)
+    clicked: Tensor  # [B] float32 in {0, 1}
+    dwell_s: Tensor  # [B] float32
+    shared: Tensor  # [B] float32 in {0, 1}
+    hidden: Tensor  # [B] float32 in {0, 1}
+    weight: Tensor  # [B] float32 example weight from the label config
+    item_logq: Tensor  # [B] float32 log of the item's sampling probability (logQ correction)
+    request: Tensor  # [B] int64 request group id (for per-request metrics)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in dataclasses.fields(self)})
+
+    def pin_memory(self) -> Batch:
+        """Called by DataLoader(pin_memory=True) for custom batch types."""
+        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+
+    def __len__(self) -> int:
+        return self.user.shape[0]

@@ -1,0 +1,190 @@
+"""Reading and writing the canonical event log on disk.
+
+Layout of a log directory::
+
+    LOG_DIR/
+      events/date=2024-01-01/part-00000.parquet   one folder per UTC day (hive partitioning)
+      items.parquet                                the item catalogue (ITEM_SCHEMA)
+      users.parquet                                user metadata, when the source has it
+
+A day is written all-or-nothing: its files go to a hidden temporary folder that is renamed into
+place only after every chunk was validated and written, so a crash or a bad chunk never leaves a
+half-written day, and days already on disk are never touched by a failing write. Re-writing a day
+replaces it (ingest is idempotent).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import uuid
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from feedrank.data.schema import (
+    EVENT_SCHEMA,
+    ITEM_SCHEMA,
+    USER_SCHEMA,
+    InvalidLogError,
+    ValidationReport,
+    conform,
+    validate,
+)
+
+EVENTS_DIR = "events"
+ITEMS_FILE = "items.parquet"
+USERS_FILE = "users.parquet"
+
+
+@dataclass
+class WriteResult:
+    """What a write did: days written, days refused (with why), rows written."""
+
+    written_days: list[str] = field(default_factory=list)
+    refused: dict[str, ValidationReport] = field(default_factory=dict)
+    rows: int = 0
+
+    @property
+    def ok(self) -> bool:
+        return not self.refused
+
+
+def day_of(ts: pa.ChunkedArray | pa.Array) -> np.ndarray:
+    """UTC calendar day (``YYYY-MM-DD`` strings) of each timestamp."""
+    days = pc.strftime(ts, format="%Y-%m-%d") if len(ts) else pa.array([], pa.string())
+    return np.asarray(days.to_numpy(zero_copy_only=False), dtype=object)
+
+
+def write_day(root: str | Path, day: str, chunks: Iterable[pa.Table], check: bool = True) -> int:
+    """Write one day's partition from an iterable of chunks, streaming, all-or-nothing.
+
+    Each chunk is conformed and (when ``check``) validated before it is written; the first invalid
+    chunk aborts the day with ``InvalidLogError`` and nothing of that day reaches ``root``.
+    Returns the number of rows written.
+    """
+    dt.date.fromisoformat(day)  # fail early on a malformed partition name
+    events = Path(root) / EVENTS_DIR
+    events.mkdir(parents=True, exist_ok=True)
+    tmp = events / f".tmp-{day}-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    rows = 0
+    try:
+        for i, chunk in enumerate(chunks):
+            table = conform(chunk)
+            if check:
+                report = validate(table)
+                if not report.ok:
+                    raise InvalidLogError(report, where=f"day {day}, chunk {i}")
+            bad_days = set(day_of(table["ts"])) - {day}
+            if bad_days:
+                raise ValueError(f"day {day}: chunk {i} has rows from other days {sorted(bad_days)[:3]}")
+            pq.write_table(table.cast(EVENT_SCHEMA), tmp / f"part-{i:05d}.parquet")
+            rows += table.num_rows
+        final = events / f"date={day}"
+        if final.exists():
+            old = events / f".old-{day}-{uuid.uuid4().hex[:8]}"
+            final.rename(old)
+            tmp.rename(final)
+            shutil.rmtree(old)
+        else:
+            tmp.rename(final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return rows
+
+
+def write_log(root: str | Path, table: pa.Table, check: bool = True) -> WriteResult:
+    """Split ``table`` by UTC day and write each day with ``write_day``.
+
+    Every day is validated first; days that fail are refused and reported, days that pass are
+    written. Nothing already on disk is lost either way.
+    """
+    table = conform(table)
+    result = WriteResult()
+    if table.num_rows == 0:
+        return result
+    days = day_of(table["ts"])
+    for day in sorted(set(d for d in days if d is not None)):
+        part = table.filter(pa.array(days == day))
+        if check:
+            report = validate(part)
+            if not report.ok:
+                result.refused[day] = report
+                continue
+        result.rows += write_day(root, day, [part], check=False)
+        result.written_days.append(day)
+    if any(d is None for d in days):
+        # Rows without a timestamp cannot be placed in a partition; validate() names them.
+        result.refused["(no ts)"] = validate(table.filter(pc.is_null(table["ts"])))
+    return result
+
+
+def write_items(root: str | Path, items: pa.Table) -> None:
+    _write_atomic(conform(items, ITEM_SCHEMA).cast(ITEM_SCHEMA), Path(root) / ITEMS_FILE)
+
+
+def write_users(root: str | Path, users: pa.Table) -> None:
+    _write_atomic(conform(users, USER_SCHEMA).cast(USER_SCHEMA), Path(root) / USERS_FILE)
+
+
+def _write_atomic(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    pq.write_table(table, tmp)
+    tmp.replace(path)
+
+
+def list_days(root: str | Path) -> list[str]:
+    events = Path(root) / EVENTS_DIR
+    if not events.is_dir():
+        return []
+    return sorted(p.name.removeprefix("date=") for p in events.glob("date=*") if p.is_dir())
+
+
+def open_events(root: str | Path) -> ds.Dataset:
+    """The event log as a pyarrow dataset (lazy; filter and project before reading)."""
+    events = Path(root) / EVENTS_DIR
+    if not list_days(root):
+        raise FileNotFoundError(f"no event log under {root}: expected {events}/date=YYYY-MM-DD/*.parquet")
+    return ds.dataset(events, format="parquet", schema=EVENT_SCHEMA, partitioning=None)
+
+
+def read_events(
+    root: str | Path,
+    columns: list[str] | None = None,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+) -> pa.Table:
+    """Read the log (optionally a column subset and a ``[start, end)`` time window) into memory."""
+    expr = None
+    if start is not None:
+        expr = pc.field("ts") >= pa.scalar(start, EVENT_SCHEMA.field("ts").type)
+    if end is not None:
+        cond = pc.field("ts") < pa.scalar(end, EVENT_SCHEMA.field("ts").type)
+        expr = cond if expr is None else expr & cond
+    return open_events(root).to_table(columns=columns, filter=expr)
+
+
+def iter_event_batches(root: str | Path, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
+    """Stream the log in record batches, in day order, without loading it whole."""
+    yield from open_events(root).to_batches(columns=columns, batch_size=batch_size)
+
+
+def read_items(root: str | Path) -> pa.Table:
+    path = Path(root) / ITEMS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no item catalogue at {path}")
+    return pq.read_table(path)
+
+
+def read_users(root: str | Path) -> pa.Table | None:
+    path = Path(root) / USERS_FILE
+    return pq.read_table(path) if path.is_file() else None
