@@ -13,6 +13,12 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+@app.callback()
+def main() -> None:
+    """Keeps ``feedrank`` a command group even while only one command is registered."""
+
+
 for group in (simulate, ingest, experiment):
     group.register(app)
 
