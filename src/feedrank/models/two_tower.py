@@ -1,0 +1,226 @@
+"""The two-tower retrieval model: a user tower and an item tower whose unit vectors meet in a dot product.
+
+Retrieval needs the two sides to be computable apart: item vectors for the whole catalogue go
+into an ANN index offline (``item_vectors`` takes plain tensors, no ``Batch``), and a request only
+computes one user vector (``user_vectors``). The score is ``u . v / T``: both vectors are
+L2-normalised, so ``u . v`` is a cosine in [-1, 1] and the temperature ``T`` sets how peaked the
+softmax over items is (small T = sharp). T is either fixed or learned within bounds.
+
+Example::
+
+    >>> cfg = TwoTowerConfig(dim=32, history_encoder="transformer")
+    >>> model = TwoTower(cfg, n_users=1000, n_items=5000, user_cat_sizes=[8, 30], item_cat_sizes=[50, 4, 20])
+    >>> loss, logs = two_tower_loss(model, batch)        # feedrank.models.losses
+    >>> index_vectors = model.item_vectors(items, item_cats, item_age_h)   # [N, 32]
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from feedrank.data.batch import Batch
+from feedrank.models.attention import AttentionImpl
+from feedrank.models.losses import NegativeSampler, SamplerKind
+from feedrank.models.towers import (
+    AttentionQuery,
+    EncoderKind,
+    ItemTower,
+    Pooling,
+    UserTower,
+    build_history_encoder,
+    check_history,
+    check_ids,
+)
+
+
+@dataclass
+class TwoTowerConfig:
+    """Every setting of the retrieval model (YAML section ``two_tower``)."""
+
+    dim: int = 64  # output vector size (what the ANN index stores)
+    user_id_dim: int = 32
+    item_id_dim: int = 64  # also the width of the history encoder (the table is shared)
+    cat_dim: int = 16  # per categorical column, users and items
+    freshness_dim: int = 8
+    hidden: list[int] = field(default_factory=lambda: [256])  # tower MLP hidden widths
+    dropout: float = 0.1
+    history_encoder: EncoderKind = "mean"
+    attention_query: AttentionQuery = "learned"  # attention encoder: one learned query, or from the user
+    pooling: Pooling = "mean"  # transformer encoder: masked mean or the most recent item
+    attention_impl: AttentionImpl = "sdpa"
+    n_layers: int = 1
+    n_heads: int = 2
+    max_history_len: int = 50  # transformer positional table size
+    grad_checkpointing: bool = False
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    temperature_min: float = 0.01  # bounds of a learned temperature
+    temperature_max: float = 1.0
+    loss: Literal["in_batch", "sampled", "bce"] = "in_batch"
+    num_negatives: int = 256  # sampled softmax
+    negative_sampler: SamplerKind = "uniform"
+    popularity_power: float = 0.75
+    logq_correction: bool = True
+
+    def validate(self) -> None:
+        for name in ("dim", "user_id_dim", "item_id_dim", "cat_dim", "freshness_dim", "n_layers", "n_heads",
+                     "max_history_len", "num_negatives"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if any(width <= 0 for width in self.hidden):
+            raise ValueError(f"hidden widths must be > 0, got {self.hidden}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.history_encoder != "mean" and self.item_id_dim % self.n_heads:
+            raise ValueError(f"item_id_dim {self.item_id_dim} must be divisible by n_heads {self.n_heads}")
+        if self.grad_checkpointing and self.history_encoder == "mean":
+            raise ValueError("grad_checkpointing needs history_encoder 'attention' or 'transformer'")
+        if not 0.0 < self.temperature_min < self.temperature_max:
+            raise ValueError(f"need 0 < temperature_min < temperature_max, got {self.temperature_min}, {self.temperature_max}")
+        lo, hi = (self.temperature_min, self.temperature_max) if self.learn_temperature else (0.0, math.inf)
+        if not lo < self.temperature < hi:
+            raise ValueError(f"temperature {self.temperature} must be in ({lo}, {hi})")
+        if self.popularity_power <= 0:
+            raise ValueError(f"popularity_power must be > 0, got {self.popularity_power}")
+
+
+class Temperature(nn.Module):
+    """A fixed temperature, or a learned one kept strictly inside [t_min, t_max].
+
+    The learned value is ``t_min + (t_max - t_min) * sigmoid(p)``: a smooth squashing keeps a
+    gradient everywhere, where clamping would freeze T once it hit a bound.
+    """
+
+    def __init__(self, value: float, learn: bool, t_min: float, t_max: float):
+        super().__init__()
+        self.t_min, self.t_max, self.learn = t_min, t_max, learn
+        if learn:
+            frac = (value - t_min) / (t_max - t_min)
+            self.raw = nn.Parameter(torch.tensor(math.log(frac / (1.0 - frac))))
+        else:
+            self.register_buffer("value", torch.tensor(float(value)))
+
+    def forward(self) -> Tensor:
+        if self.learn:
+            return self.t_min + (self.t_max - self.t_min) * torch.sigmoid(self.raw)
+        return self.value
+
+
+@dataclass
+class SampledNegatives:
+    """Negatives drawn for one batch: ids [K], item vectors [K, D], sampler log q of them [K] and of the positives [B]."""
+
+    ids: Tensor
+    vectors: Tensor
+    logq: Tensor
+    pos_logq: Tensor
+
+
+@dataclass
+class TwoTowerOutput:
+    user: Tensor  # [B, D] unit vectors
+    item: Tensor  # [B, D] unit vectors
+    temperature: Tensor  # 0-d
+    negatives: SampledNegatives | None  # only when cfg.loss == "sampled"
+
+
+class TwoTower(nn.Module):
+    """User tower + item tower sharing the item ID embedding table (see feedrank.models.towers).
+
+    Sizes are vocabulary sizes including padding (0) and OOV (1). ``user_cat_sizes`` and
+    ``item_cat_sizes`` give one vocabulary size per categorical column of ``Batch.user_cats`` /
+    ``Batch.item_cats``; the user tower reads the first ``n_counters`` columns of ``Batch.counters``,
+    which must be user-side counters (with ``feedrank.features.COUNTER_COLUMNS``: 2, the user's
+    impressions and clicks; the item counters after them would leak the candidate into the user vector).
+    """
+
+    def __init__(
+        self,
+        cfg: TwoTowerConfig,
+        n_users: int,
+        n_items: int,
+        user_cat_sizes: Sequence[int],
+        item_cat_sizes: Sequence[int],
+        n_counters: int = 0,
+    ):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.n_users, self.n_items, self.n_counters = n_users, n_items, n_counters
+        self.user_cat_sizes, self.item_cat_sizes = list(user_cat_sizes), list(item_cat_sizes)
+        self.item_tower = ItemTower(
+            n_items, item_cat_sizes, id_dim=cfg.item_id_dim, cat_dim=cfg.cat_dim, freshness_dim=cfg.freshness_dim,
+            hidden=cfg.hidden, out_dim=cfg.dim, dropout=cfg.dropout,
+        )
+        encoder = build_history_encoder(
+            cfg.history_encoder, cfg.item_id_dim, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
+            max_len=cfg.max_history_len, query=cfg.attention_query,
+            context_dim=cfg.user_id_dim + cfg.cat_dim * len(user_cat_sizes), pooling=cfg.pooling,
+            impl=cfg.attention_impl, dropout=cfg.dropout, grad_checkpointing=cfg.grad_checkpointing,
+        )
+        self.user_tower = UserTower(
+            n_users, user_cat_sizes, n_counters, encoder, id_dim=cfg.user_id_dim, cat_dim=cfg.cat_dim,
+            history_dim=cfg.item_id_dim, hidden=cfg.hidden, out_dim=cfg.dim, dropout=cfg.dropout,
+        )
+        self.temperature = Temperature(cfg.temperature, cfg.learn_temperature, cfg.temperature_min, cfg.temperature_max)
+        self.sampler: NegativeSampler | None = None
+
+    def attach_catalogue(self, item_cats: Tensor, item_counts: Tensor | None = None) -> None:
+        """Give the model the item catalogue it draws sampled-softmax negatives from.
+
+        ``item_cats`` [n_items, n_item_cats] holds each item index's categorical features;
+        ``item_counts`` [n_items] impressions or clicks per item, needed by the popularity sampler.
+        """
+        if item_cats.shape != (self.n_items, len(self.item_cat_sizes)):
+            raise ValueError(
+                f"item_cats must be [n_items, n_item_cats] = [{self.n_items}, {len(self.item_cat_sizes)}], "
+                f"got {tuple(item_cats.shape)}"
+            )
+        device = self.item_tower.id_embedding.weight.device
+        self.sampler = NegativeSampler(item_cats, self.cfg.negative_sampler, item_counts, self.cfg.popularity_power).to(device)
+
+    def user_vectors(self, batch: Batch) -> Tensor:
+        """[B, dim] unit user vectors; needs only the user-side fields of ``batch``."""
+        check_history(batch.history, batch.history_mask)
+        check_ids("history", batch.history, self.n_items)
+        history_emb = self.item_tower.id_embedding(batch.history)  # the shared table
+        return self.user_tower(batch.user, batch.user_cats, batch.counters, history_emb, batch.history_mask)
+
+    def item_vectors(self, item_idx: Tensor, item_cats: Tensor, item_age_h: Tensor) -> Tensor:
+        """[N, dim] unit item vectors from plain tensors (whole-catalogue embedding for the index)."""
+        return self.item_tower(item_idx, item_cats, item_age_h)
+
+    def forward(self, batch: Batch) -> TwoTowerOutput:
+        """User and item vectors of every row, plus sampled negatives when ``cfg.loss == 'sampled'``."""
+        out = TwoTowerOutput(
+            user=self.user_vectors(batch),
+            item=self.item_vectors(batch.item, batch.item_cats, batch.item_age_h),
+            temperature=self.temperature(),
+            negatives=None,
+        )
+        if self.cfg.loss == "sampled":
+            out.negatives = self._sample_negatives(batch)
+        return out
+
+    def _sample_negatives(self, batch: Batch) -> SampledNegatives:
+        if self.sampler is None:
+            raise RuntimeError("loss='sampled' needs the item catalogue: call model.attach_catalogue(item_cats, item_counts)")
+        ids = self.sampler.sample(self.cfg.num_negatives)
+        # Negatives take ages drawn from this batch's items, so freshness carries no signal that
+        # would separate sampled negatives from positives by construction.
+        if len(batch):
+            ages = batch.item_age_h[torch.randint(len(batch), (ids.shape[0],), device=ids.device)]
+        else:
+            ages = torch.zeros(ids.shape[0], device=ids.device)
+        vectors = self.item_vectors(ids, self.sampler.item_cats[ids], ages)
+        return SampledNegatives(ids, vectors, self.sampler.log_q[ids], self.sampler.log_q[batch.item])
+
+    def score(self, batch: Batch) -> Tensor:
+        """[B] retrieval score of each row's (user, item) pair: ``u . v / T``."""
+        item = self.item_vectors(batch.item, batch.item_cats, batch.item_age_h)
+        return (self.user_vectors(batch) * item).sum(dim=-1) / self.temperature()

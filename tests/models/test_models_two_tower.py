@@ -1,0 +1,181 @@
+"""TwoTower: config, shapes, normalisation, shared table, temperature, losses end to end, overfitting."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from torch import nn
+
+from feedrank.config import ConfigError, from_dict
+from feedrank.models.losses import select_rows, two_tower_loss
+from feedrank.models.two_tower import TwoTowerConfig
+
+ENCODERS = [
+    {"history_encoder": "mean"},
+    {"history_encoder": "attention", "attention_query": "user"},
+    {"history_encoder": "transformer", "n_layers": 2, "pooling": "last"},
+]
+
+
+def test_config_is_strict():
+    with pytest.raises(ConfigError, match="unknown key.*'dimm'"):
+        from_dict(TwoTowerConfig, {"dimm": 3})
+    with pytest.raises(ConfigError, match="loss: expected one of"):
+        from_dict(TwoTowerConfig, {"loss": "hinge"})
+    with pytest.raises(ConfigError, match="item_id_dim 64 must be divisible by n_heads 5"):
+        from_dict(TwoTowerConfig, {"history_encoder": "attention", "n_heads": 5})
+    with pytest.raises(ConfigError, match="grad_checkpointing needs"):
+        from_dict(TwoTowerConfig, {"grad_checkpointing": True})
+    with pytest.raises(ConfigError, match=r"temperature 2.0 must be in \(0.01, 1.0\)"):
+        from_dict(TwoTowerConfig, {"learn_temperature": True, "temperature": 2.0})
+    cfg = from_dict(TwoTowerConfig, {"history_encoder": "transformer", "hidden": [64, 32], "temperature": "5e-2"})
+    assert cfg.hidden == [64, 32] and cfg.temperature == 0.05
+
+
+@pytest.mark.parametrize("overrides", ENCODERS, ids=lambda o: o["history_encoder"])
+def test_vectors_are_unit_norm_and_finite_with_empty_histories(make_model, batch, overrides):
+    model = make_model(**overrides).eval()
+    assert not batch.history_mask[0].any()  # the fixture's first user has no history
+    u = model.user_vectors(batch)
+    v = model.item_vectors(batch.item, batch.item_cats, batch.item_age_h)
+    assert u.shape == v.shape == (len(batch), 16)
+    assert torch.isfinite(u).all() and torch.isfinite(v).all()
+    torch.testing.assert_close(u.norm(dim=-1), torch.ones(len(batch)))
+    torch.testing.assert_close(v.norm(dim=-1), torch.ones(len(batch)))
+    torch.testing.assert_close(model.score(batch), (u * v).sum(-1) / 0.05)
+
+
+@pytest.mark.parametrize("overrides", ENCODERS, ids=lambda o: o["history_encoder"])
+def test_user_vector_padding_invariance(make_model, batch, overrides):
+    model = make_model(**overrides).eval()
+    padded = dataclasses.replace(
+        batch,
+        history=torch.cat([batch.history, torch.zeros(len(batch), 4, dtype=torch.long)], dim=1),
+        history_mask=torch.cat([batch.history_mask, torch.zeros(len(batch), 4, dtype=torch.bool)], dim=1),
+    )
+    torch.testing.assert_close(model.user_vectors(padded), model.user_vectors(batch), atol=1e-6, rtol=1e-5)
+
+
+def test_history_shares_the_item_id_table(make_model, batch):
+    model = make_model(history_encoder="mean")
+    table = model.item_tower.id_embedding.weight
+    assert not any(p is table for p in model.user_tower.parameters())  # one table, owned by the item tower
+    model.user_vectors(batch).sum().backward()
+    touched = table.grad.abs().sum(dim=1) > 0
+    expected = torch.zeros(table.shape[0], dtype=torch.bool)
+    expected[batch.history[batch.history_mask]] = True
+    assert torch.equal(touched, expected)  # the user side trains exactly the history items' rows
+
+
+def test_user_tower_reads_only_the_leading_user_counters(make_model, batch):
+    model = make_model().eval()  # n_counters=2
+    extra = torch.cat([batch.counters, torch.rand(len(batch), 3)], dim=1)  # e.g. item counters after them
+    torch.testing.assert_close(model.user_vectors(dataclasses.replace(batch, counters=extra)), model.user_vectors(batch))
+    changed = batch.counters.clone()
+    changed[:, 1] += 1.0
+    assert (model.user_vectors(dataclasses.replace(batch, counters=changed)) - model.user_vectors(batch)).abs().max() > 1e-4
+
+
+def test_learned_temperature_stays_in_bounds(make_model):
+    model = make_model(learn_temperature=True, temperature=0.1, temperature_min=0.02, temperature_max=0.5)
+    assert model.temperature().item() == pytest.approx(0.1, rel=1e-5)
+    for raw in (-1e4, 1e4):
+        model.temperature.raw.data.fill_(raw)
+        assert 0.02 - 1e-6 <= model.temperature().item() <= 0.5 + 1e-6  # float32 rounding of the bounds
+    assert any(p is model.temperature.raw for p in model.parameters())
+
+
+def test_bad_input_names_the_field(make_model, batch):
+    model = make_model()
+    with pytest.raises(ValueError, match=r"item has indices outside the vocabulary \[0, 40\): min 2, max 40"):
+        model.item_vectors(torch.tensor([2, 40]), batch.item_cats[:2], batch.item_age_h[:2])
+    with pytest.raises(ValueError, match="item_age_h has negative or NaN"):
+        model.item_vectors(batch.item[:2], batch.item_cats[:2], torch.tensor([1.0, float("nan")]))
+    with pytest.raises(ValueError, match=r"item_cats must be \[2, 3\].*got \(2, 2\)"):
+        model.item_vectors(batch.item[:2], batch.item_cats[:2, :2], batch.item_age_h[:2])
+    with pytest.raises(ValueError, match=r"history \(8, 6\) and history_mask \(8, 5\)"):
+        model.user_vectors(dataclasses.replace(batch, history_mask=batch.history_mask[:, :5]))
+    with pytest.raises(ValueError, match=r"user_cats\[:, 1\] has indices outside the vocabulary \[0, 5\)"):
+        model.user_vectors(dataclasses.replace(batch, user_cats=batch.user_cats + torch.tensor([0, 5])))
+    with pytest.raises(ValueError, match=r"counters must be \[8, >= 2\].*got \(8, 1\)"):
+        model.user_vectors(dataclasses.replace(batch, counters=torch.zeros(8, 1)))
+
+
+@pytest.mark.parametrize("loss", ["in_batch", "sampled", "bce"])
+def test_two_tower_loss_end_to_end(make_model, batch, loss):
+    model = make_model(loss=loss, history_encoder="transformer", num_negatives=5, negative_sampler="popularity")
+    model.attach_catalogue(torch.zeros(40, 3, dtype=torch.long), item_counts=torch.arange(40))
+    value, logs = two_tower_loss(model, batch)
+    assert torch.isfinite(value) and value.item() > 0
+    value.backward()
+    assert model.item_tower.id_embedding.weight.grad is not None
+    assert logs["pairs"].item() == (8 if loss == "bce" else 4)  # softmax losses train on clicked rows
+    assert logs["loss"].item() == value.item() and not logs["loss"].requires_grad
+
+
+def test_in_batch_loss_matches_the_pure_function(make_model, batch):
+    """Pins the adapter's wiring: clicked rows only, logits u.v/T, logQ from the batch."""
+    from feedrank.models.losses import in_batch_softmax_loss
+
+    model = make_model().eval()
+    value, _ = two_tower_loss(model, batch)
+    pos = select_rows(batch, batch.clicked > 0)
+    u, v = model.user_vectors(pos), model.item_vectors(pos.item, pos.item_cats, pos.item_age_h)
+    expected = in_batch_softmax_loss(u @ v.T / 0.05, pos.item, pos.user, pos.item_logq, pos.weight)
+    torch.testing.assert_close(value, expected)
+
+
+def test_sampled_loss_needs_a_catalogue(make_model, batch):
+    model = make_model(loss="sampled")
+    with pytest.raises(RuntimeError, match="attach_catalogue"):
+        two_tower_loss(model, batch)
+    with pytest.raises(ValueError, match=r"item_cats must be \[n_items, n_item_cats\] = \[40, 3\]"):
+        model.attach_catalogue(torch.zeros(40, 2, dtype=torch.long))
+
+
+def test_batch_without_clicks_gives_zero_loss_and_backward_works(make_model, batch):
+    model = make_model(history_encoder="attention")
+    value, _ = two_tower_loss(model, dataclasses.replace(batch, clicked=torch.zeros(len(batch))))
+    assert value.item() == 0.0
+    value.backward()
+
+
+def test_loss_sees_through_wrappers(make_model, batch):
+    class Wrapper(nn.Module):  # stands in for DDP / FSDP: the model lives in .module
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args):
+            return self.module(*args)
+
+    model = make_model()
+    torch.testing.assert_close(two_tower_loss(Wrapper(model), batch)[0], two_tower_loss(model, batch)[0])
+
+
+@pytest.mark.parametrize("overrides", ENCODERS, ids=lambda o: o["history_encoder"])
+def test_each_encoder_overfits_a_tiny_task(make_model, make_batch, overrides):
+    """Each user's positive is a fixed function of its history: every encoder must learn it."""
+    torch.manual_seed(0)
+    batch = make_batch(b=16, length=4, seed=3, empty_rows=0)
+    batch = dataclasses.replace(batch, item=2 + batch.history[:, 0] % 12, clicked=torch.ones(16))
+    model = make_model(**overrides, learn_temperature=True, temperature=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(40):
+        loss, _ = two_tower_loss(model, batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+def test_bf16_autocast_forward_is_finite(make_model, batch):
+    model = make_model(history_encoder="transformer")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _ = two_tower_loss(model, batch)
+    assert torch.isfinite(loss)
+    loss.backward()
