@@ -1,0 +1,162 @@
+"""Pack rows of the example table (``feedrank.features.build.EXAMPLE_SCHEMA``) into a ``Batch``.
+
+Histories are variable-length lists, oldest first. Two packings:
+
+- padded (``pad_histories``, used by ``Batch``): ``[B, L]`` indices right-padded with 0 plus a bool
+  mask, where ``L`` is the longest history in the batch after truncation to the last
+  ``max_history`` items, but at least 1 so that every encoder sees a real tensor dimension even
+  when no user in the batch has a history (the row is then all padding, mask all False);
+- offsets (``history_offsets``): flat indices plus start offsets, the input of
+  ``nn.EmbeddingBag(mode="mean")``, which avoids padding entirely.
+
+Everything is vectorised over the Arrow list buffers; no per-row Python.
+
+Example::
+
+    batch = Collator(max_history=20)(table.slice(0, 1024))   # a Batch of 1024 rows
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from feedrank.data.batch import Batch
+from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, USER_CAT_INDEX_COLUMNS
+from feedrank.features.counters import COUNTER_COLUMNS
+
+#: The example columns a ``Batch`` is made of (read only these from the shards).
+BATCH_COLUMNS = (
+    "user_idx", *USER_CAT_INDEX_COLUMNS, "history", "item_idx", *ITEM_CAT_INDEX_COLUMNS, "item_age_h",
+    *COUNTER_COLUMNS, "position", "clicked", "dwell_s", "shared", "hidden", "item_logq", "request",
+)  # fmt: skip
+
+Rows = pa.Table | pa.RecordBatch
+WeightFn = Callable[[Rows], np.ndarray]
+
+
+def _list_parts(histories: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values buffer, start of each kept slice, kept length) after keeping the last ``max_len``."""
+    if isinstance(histories, pa.ChunkedArray):
+        histories = histories.combine_chunks()
+    if histories.null_count:
+        raise ValueError(f"history: {histories.null_count} null list(s); the builder writes [] for no history")
+    offsets = histories.offsets.to_numpy()  # absolute into .values, respects slicing
+    values = histories.values.to_numpy()
+    starts, ends = offsets[:-1], offsets[1:]
+    if max_len is not None:
+        starts = np.maximum(starts, ends - max_len)  # truncate from the left: keep the most recent
+    return values, starts, ends - starts
+
+
+def _ragged_gather(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
+    """Flat positions ``[starts[0] .. starts[0]+lengths[0]) ++ [starts[1] ..) ++ ...``."""
+    out_offsets = np.concatenate([[0], np.cumsum(lengths)])
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    return starts[row_of] + (np.arange(out_offsets[-1]) - out_offsets[row_of])
+
+
+def _pad(histories: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+    values, starts, lengths = _list_parts(histories, max_len)
+    width = max(1, int(lengths.max()) if len(lengths) else 1)
+    mask = np.arange(width)[None, :] < lengths[:, None]
+    padded = np.zeros(mask.shape, dtype=np.int64)
+    padded[mask] = values[_ragged_gather(starts, lengths)]  # row-major fill = each row in order
+    return padded, mask
+
+
+def pad_histories(histories: pa.Array | pa.ChunkedArray, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``([B, L] int64 indices, [B, L] bool mask)``, right-padded with 0, oldest first, ``L >= 1``."""
+    padded, mask = _pad(histories, max_len)
+    return torch.from_numpy(padded), torch.from_numpy(mask)
+
+
+def history_offsets(histories: pa.Array | pa.ChunkedArray, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(flat int64 indices, [B] int64 offsets)`` for ``nn.EmbeddingBag(input, offsets)``.
+
+    An empty history is an empty bag, which EmbeddingBag pools to zeros in ``sum``/``mean`` mode.
+    """
+    values, starts, lengths = _list_parts(histories, max_len)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    return torch.from_numpy(values[_ragged_gather(starts, lengths)].astype(np.int64)), torch.from_numpy(offsets)
+
+
+def _numpy(rows: Rows, name: str) -> np.ndarray:
+    col = rows.column(name)
+    if col.null_count:
+        raise ValueError(f"column {name!r}: {col.null_count} null value(s) in a batch")
+    return col.to_numpy(zero_copy_only=False)
+
+
+def _pack(arrays: dict[str, np.ndarray], dtype: type) -> dict[str, torch.Tensor]:
+    """Copy same-dtype arrays into one buffer and return shaped tensor views of it, by name.
+
+    Why: a DataLoader worker sends a batch to the main process one shared-memory segment per
+    tensor storage; a ``Batch`` of 16 separate tensors crossed about 2x slower than one whose
+    tensors share 3 storages (int64, float32, bool). The views are disjoint, so a model sees no
+    difference.
+    """
+    buf = np.empty(sum(a.size for a in arrays.values()), dtype=dtype)
+    spans, at = {}, 0
+    for name, a in arrays.items():
+        buf[at : at + a.size] = a.reshape(-1)
+        spans[name] = (at, a.shape)
+        at += a.size
+    flat = torch.from_numpy(buf)
+    return {name: flat[o : o + int(np.prod(shape))].view(shape) for name, (o, shape) in spans.items()}
+
+
+def collate(rows: Rows, max_history: int | None = None, weight: np.ndarray | WeightFn | None = None) -> Batch:
+    """Build a ``Batch`` from example rows; ``weight`` is an array or a function of the rows
+    (default 1.0 for every row). Raises ``ValueError`` naming a missing column or bad weight."""
+    missing = [c for c in BATCH_COLUMNS if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"example rows lack column(s) {missing}; expected the EXAMPLE_SCHEMA of feedrank.features")
+    n = rows.num_rows
+    if n == 0:
+        raise ValueError("cannot collate an empty set of rows")
+    w = np.ones(n, dtype=np.float32) if weight is None else np.asarray(weight(rows) if callable(weight) else weight, dtype=np.float32)
+    if w.shape != (n,) or not np.isfinite(w).all():
+        raise ValueError(f"weight: expected {n} finite values, got shape {w.shape}")
+    col = lambda name: _numpy(rows, name)  # noqa: E731
+    stack = lambda names: np.stack([col(c) for c in names], axis=1)  # noqa: E731
+    history, mask = _pad(rows.column("history"), max_history)
+    ints = {
+        "user": col("user_idx"),
+        "user_cats": stack(USER_CAT_INDEX_COLUMNS),
+        "history": history,
+        "item": col("item_idx"),
+        "item_cats": stack(ITEM_CAT_INDEX_COLUMNS),
+        "position": col("position"),
+        "request": col("request"),
+    }
+    floats = {
+        "item_age_h": col("item_age_h"),
+        "counters": stack(COUNTER_COLUMNS),
+        "clicked": col("clicked"),
+        "dwell_s": col("dwell_s"),
+        "shared": col("shared"),
+        "hidden": col("hidden"),
+        "weight": w,
+        "item_logq": col("item_logq"),
+    }
+    return Batch(**_pack(ints, np.int64), **_pack(floats, np.float32), history_mask=torch.from_numpy(mask))
+
+
+@dataclass
+class Collator:
+    """``collate`` with fixed settings, picklable, for ``DataLoader(collate_fn=...)``.
+
+    ``weight`` must be a module-level function (not a lambda) when DataLoader workers are used,
+    because the collator is pickled into each worker.
+    """
+
+    max_history: int | None = None
+    weight: WeightFn | None = None
+
+    def __call__(self, rows: Rows) -> Batch:
+        return collate(rows, self.max_history, self.weight)

@@ -1,0 +1,397 @@
+"""Build point-in-time training examples from the canonical event log.
+
+One example per impression row: who (user index and categorical indices), what (item index and
+categorical indices), the user's last ``history_len`` engagements, the item's age, user and item
+counters, the labels, and ``item_logq``. Every feature of a row is computed from rows *strictly
+before* its timestamp (ties excluded, see ``feedrank.features.history``), so the examples replay
+what a live system could have known at that moment:
+
+- history: items the user engaged with (``clicked and not hidden``), most recent ``history_len``,
+  oldest first, as item vocabulary indices;
+- counters (``COUNTER_COLUMNS``): user impressions and clicks, item impressions and clicks
+  (log1p-scaled) and the item's smoothed CTR, see ``feedrank.features.counters``;
+- item age in hours from ``created_ts``, or from the item's first impression in the log when
+  ``created_ts`` is null;
+- ``item_logq``: the item's smoothed share of training-window engagements (a loss correction,
+  not a feature; the one column that is not point-in-time).
+
+``cutoff`` replays a past snapshot: rows at or after it are ignored as if not yet logged.
+``split_at`` makes a time split: rows before it are ``train``, the rest ``test``. Test examples see
+history and counters from every earlier row (training period and earlier test rows: what serving
+would have seen), never a later one. Vocabularies and ``item_logq`` come from the training rows
+only, so ids first seen in the test period map to OOV (or a hash bucket) and are counted.
+
+Output directory (byte-identical for the same log and config, so builds can be cached and diffed)::
+
+    OUT/manifest.json            source, cutoff, split, row/click/OOV counts, sha256 of every file
+    OUT/vocab/                   ``Vocabularies.save``
+    OUT/train/part-00000.parquet rows sorted by (ts, request_id, position, item_id, user_id);
+    OUT/test/part-00000.parquet  ``rows_per_file`` rows per file, row groups of ``row_group_size``
+
+The build holds the needed log columns and a few int64 arrays per row in memory (about 0.3 KB per
+event, so ~3 GB for 10M events); histories are materialised one output file at a time. The output
+is written to a temporary folder renamed into place at the end: a failed build leaves any previous
+build of ``OUT`` untouched.
+
+Example::
+
+    cfg = FeatureConfig(split_at="2024-01-08T00:00:00+00:00")
+    build_features("runs/log", "runs/features", cfg)
+    check_trainable("runs/features")             # raises on an empty or all-negative train split
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from feedrank.config import to_dict
+from feedrank.data.log import EVENTS_DIR, read_events
+from feedrank.data.schema import KEY_COLUMNS, TS_TYPE
+from feedrank.features.counters import COUNTER_COLUMNS, item_age_hours, item_logq, point_in_time_counters
+from feedrank.features.history import EventIndex, dense_rank
+from feedrank.features.vocab import ITEM_CAT_COLUMNS, USER_CAT_COLUMNS, Vocabularies, VocabSpec, stable_hash
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+VOCAB_DIR = "vocab"
+SPLITS = ("train", "test")
+
+
+def index_column(name: str) -> str:
+    """Name of the example column holding the vocabulary index of log column ``name``."""
+    return f"{name}_idx"
+
+
+USER_CAT_INDEX_COLUMNS = tuple(index_column(c) for c in USER_CAT_COLUMNS)
+ITEM_CAT_INDEX_COLUMNS = tuple(index_column(c) for c in ITEM_CAT_COLUMNS)
+
+EXAMPLE_SCHEMA = pa.schema(
+    [
+        # raw identifiers, kept for evaluation joins and debugging (models read the indices)
+        pa.field("ts", TS_TYPE, nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("request", pa.int64(), nullable=False),  # stable 63-bit hash of request_id
+        pa.field("user_idx", pa.int64(), nullable=False),
+        *(pa.field(c, pa.int64(), nullable=False) for c in USER_CAT_INDEX_COLUMNS),
+        pa.field("item_idx", pa.int64(), nullable=False),
+        *(pa.field(c, pa.int64(), nullable=False) for c in ITEM_CAT_INDEX_COLUMNS),
+        pa.field("history", pa.list_(pa.field("item", pa.int64(), nullable=False)), nullable=False),
+        pa.field("item_age_h", pa.float32(), nullable=False),
+        *(pa.field(c, pa.float32(), nullable=False) for c in COUNTER_COLUMNS),
+        pa.field("position", pa.int32(), nullable=False),
+        pa.field("clicked", pa.bool_(), nullable=False),
+        pa.field("dwell_s", pa.float32(), nullable=False),
+        pa.field("shared", pa.bool_(), nullable=False),
+        pa.field("hidden", pa.bool_(), nullable=False),
+        pa.field("item_logq", pa.float32(), nullable=False),
+    ]
+)
+
+_LOG_COLUMNS = [
+    "user_id", "item_id", "ts", "request_id", "position", "clicked", "dwell_s", "shared", "hidden",
+    "created_ts", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS,
+]  # fmt: skip
+_SORT_KEYS = [("ts", "ascending"), ("request_id", "ascending"), ("position", "ascending"),
+              ("item_id", "ascending"), ("user_id", "ascending")]  # fmt: skip
+
+
+class FeatureBuildError(ValueError):
+    """The log cannot produce the requested examples (empty, nothing before the split, ...)."""
+
+
+class NotTrainableError(ValueError):
+    """A split has no examples or no positive labels, so training on it would be meaningless."""
+
+
+@dataclass
+class FeatureConfig:
+    """Settings of one feature build (section ``features`` of a YAML config)."""
+
+    history_len: int = 50
+    cutoff: str | None = None  # ISO-8601; only rows with ts < cutoff are used (naive = UTC)
+    split_at: str | None = None  # ISO-8601; train = ts < split_at, test = the rest
+    users: VocabSpec = field(default_factory=VocabSpec)
+    items: VocabSpec = field(default_factory=VocabSpec)
+    categorical: VocabSpec = field(default_factory=VocabSpec)
+    ctr_prior: float = 0.05  # item CTR shrinkage target
+    ctr_prior_weight: float = 20.0  # ... worth this many pseudo-impressions
+    rows_per_file: int = 1_000_000
+    row_group_size: int = 65_536
+
+    def validate(self) -> None:
+        if self.history_len < 0:
+            raise ValueError(f"history_len must be >= 0, got {self.history_len}")
+        if self.rows_per_file < 1 or self.row_group_size < 1:
+            raise ValueError("rows_per_file and row_group_size must be >= 1")
+        if self.rows_per_file * max(self.history_len, 1) >= 2**31:
+            raise ValueError("rows_per_file * history_len must stay below 2**31 (int32 list offsets)")
+        if not 0.0 <= self.ctr_prior <= 1.0 or self.ctr_prior_weight < 0:
+            raise ValueError("ctr_prior must be in [0, 1] and ctr_prior_weight >= 0")
+        cutoff, split_at = parse_ts(self.cutoff, "cutoff"), parse_ts(self.split_at, "split_at")
+        if cutoff is not None and split_at is not None and split_at >= cutoff:
+            raise ValueError(f"split_at ({self.split_at}) must be before cutoff ({self.cutoff})")
+        for name in ("users", "items", "categorical"):
+            getattr(self, name).validate()
+
+
+def parse_ts(value: str | None, key: str) -> dt.datetime | None:
+    """An ISO-8601 string as an aware UTC datetime (naive strings are taken as UTC)."""
+    if value is None:
+        return None
+    try:
+        ts = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"{key}: not an ISO-8601 timestamp: {value!r}") from exc
+    return ts.replace(tzinfo=dt.timezone.utc) if ts.tzinfo is None else ts.astimezone(dt.timezone.utc)
+
+
+@dataclass
+class BuildResult:
+    out_dir: Path
+    manifest: dict
+    seconds: dict[str, float]  # wall time per stage; not in the manifest, which must be reproducible
+
+
+def build_features(
+    log_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig | None = None, progress: bool = True
+) -> BuildResult:
+    """Build examples, vocabularies and manifest for the log at ``log_dir`` into ``out_dir``."""
+    cfg = cfg or FeatureConfig()
+    cfg.validate()
+    log_dir, out_dir = Path(log_dir), Path(out_dir)
+    timer = _Timer()
+    table = _read_log(log_dir, parse_ts(cfg.cutoff, "cutoff"))
+    timer.lap("read")
+
+    ts_us = table["ts"].cast(pa.int64()).to_numpy()
+    split_at = parse_ts(cfg.split_at, "split_at")
+    n_train = len(ts_us) if split_at is None else int(np.searchsorted(ts_us, _to_us(split_at), side="left"))
+    if n_train == 0:
+        raise FeatureBuildError(f"{log_dir}: no events before split_at {cfg.split_at}; first event at {table['ts'][0]}")
+    bounds = {"train": (0, n_train)} | ({"test": (n_train, len(ts_us))} if split_at is not None else {})
+
+    vocabs = Vocabularies.build(table.slice(0, n_train), cfg.users, cfg.items, cfg.categorical)
+    columns, oov = _lookup_indices(table, vocabs, bounds)
+    timer.lap("vocab")
+
+    rank, n_ranks = dense_rank(ts_us)
+    user_code = _codes(table["user_id"])
+    item_code = _codes(table["item_id"])
+    clicked = table["clicked"].to_numpy()
+    engaged = clicked & ~table["hidden"].to_numpy()
+    columns.update(point_in_time_counters(user_code, item_code, rank, n_ranks, clicked, cfg.ctr_prior, cfg.ctr_prior_weight))
+    created = table["created_ts"]
+    columns["item_age_h"] = item_age_hours(
+        ts_us, created.cast(pa.int64()).fill_null(0).to_numpy(), created.is_valid().to_numpy(zero_copy_only=False), item_code
+    )
+    columns["item_logq"] = item_logq(item_code, engaged, np.arange(len(ts_us)) < n_train)
+    columns["request"] = _request_hash(table["request_id"])
+    history = EventIndex(user_code[engaged], rank[engaged], n_ranks, values=columns["item_idx"][engaged])
+    timer.lap("features")
+
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        vocabs.save(tmp / VOCAB_DIR)
+        splits = {}
+        for split, (start, stop) in bounds.items():
+            files = _write_split(tmp, split, table, columns, history, user_code, rank, start, stop, cfg, progress)
+            splits[split] = {
+                "rows": stop - start,
+                "clicks": int(clicked[start:stop].sum()),
+                "engagements": int(engaged[start:stop].sum()),
+                "oov": oov[split],
+                "files": files,
+            }
+        manifest = _manifest(log_dir, cfg, vocabs, splits, tmp)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        _replace_dir(tmp, out_dir)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    timer.lap("write")
+    return BuildResult(out_dir, manifest, timer.laps)
+
+
+def _read_log(log_dir: Path, cutoff: dt.datetime | None) -> pa.Table:
+    try:
+        table = read_events(log_dir, columns=_LOG_COLUMNS, end=cutoff)
+    except FileNotFoundError as exc:
+        raise FeatureBuildError(str(exc)) from exc
+    if table.num_rows == 0:
+        raise FeatureBuildError(f"{log_dir}: the event log has no rows" + (f" before cutoff {cutoff.isoformat()}" if cutoff else ""))
+    for name in KEY_COLUMNS:
+        if table[name].null_count:
+            raise FeatureBuildError(f"{log_dir}: column {name!r} has {table[name].null_count} null value(s)")
+    # A total order (the log forbids duplicate (request, user, item, ts)) makes the output reproducible.
+    return table.take(pc.sort_indices(table, sort_keys=_SORT_KEYS))
+
+
+def _lookup_indices(table: pa.Table, vocabs: Vocabularies, bounds: dict[str, tuple[int, int]]) -> tuple[dict, dict]:
+    """Vocabulary indices of every id column, and the OOV count of each column in each split."""
+    by_column = {"user_id": "user_idx", "item_id": "item_idx"} | {c: index_column(c) for c in (*USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS)}
+    parts: dict[str, list[np.ndarray]] = {col: [] for col in by_column.values()}
+    oov = {}
+    for split, (start, stop) in bounds.items():
+        vocabs.reset_oov_hits()
+        rows = table.slice(start, stop - start)
+        for name, vocab in vocabs.all().items():
+            parts[by_column[name]].append(vocab.lookup(rows[name]))
+        oov[split] = vocabs.oov_hits()
+    vocabs.reset_oov_hits()
+    return {col: np.concatenate(p) for col, p in parts.items()}, oov
+
+
+def _codes(ids: pa.ChunkedArray) -> np.ndarray:
+    """Dense int64 codes of raw ids (grouping keys, independent of any vocabulary)."""
+    return ids.combine_chunks().dictionary_encode().indices.to_numpy().astype(np.int64)
+
+
+def _request_hash(request_id: pa.ChunkedArray) -> np.ndarray:
+    """A stable int64 per request id: the same request gets the same number in every build."""
+    encoded = request_id.combine_chunks().dictionary_encode()
+    hashes = (stable_hash(encoded.dictionary) >> np.uint64(1)).astype(np.int64)  # drop a bit: non-negative
+    return hashes[encoded.indices.to_numpy()]
+
+
+def _to_us(ts: dt.datetime) -> int:
+    return pa.scalar(ts, TS_TYPE).cast(pa.int64()).as_py()
+
+
+def _write_split(out: Path, split: str, table: pa.Table, columns: dict, history: EventIndex,
+                 user_code: np.ndarray, rank: np.ndarray, start: int, stop: int, cfg: FeatureConfig,
+                 progress: bool) -> list[dict]:  # fmt: skip
+    (out / split).mkdir()
+    files = []
+    chunks = range(start, stop, cfg.rows_per_file)
+    for i, lo in enumerate(tqdm(chunks, desc=f"features {split}", unit="file", disable=not progress)):
+        hi = min(lo + cfg.rows_per_file, stop)
+        offsets, values = history.last_before(user_code[lo:hi], rank[lo:hi], cfg.history_len)
+        rows = table.slice(lo, hi - lo)
+        arrays = {name: rows[name] for name in ("ts", "user_id", "item_id", "request_id", "position", "clicked",
+                                                "dwell_s", "shared", "hidden")}  # fmt: skip
+        arrays |= {name: col[lo:hi] for name, col in columns.items()}
+        arrays["history"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
+        chunk = pa.Table.from_pydict({f.name: arrays[f.name] for f in EXAMPLE_SCHEMA}).cast(EXAMPLE_SCHEMA)
+        path = out / split / f"part-{i:05d}.parquet"
+        pq.write_table(chunk, path, row_group_size=cfg.row_group_size)
+        files.append({"path": f"{split}/{path.name}", "rows": hi - lo})
+    return files
+
+
+def _manifest(log_dir: Path, cfg: FeatureConfig, vocabs: Vocabularies, splits: dict, out: Path) -> dict:
+    for split in splits.values():
+        for f in split["files"]:
+            f["sha256"] = _sha256(out / f["path"])
+    all_files = sorted(p for p in out.rglob("*") if p.is_file())
+    content = hashlib.sha256()
+    for p in all_files:
+        content.update(p.relative_to(out).as_posix().encode() + b"\0" + _sha256(p).encode())
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "source_log": str(log_dir.resolve()),
+        "source_hash": _log_hash(log_dir),
+        "cutoff": cfg.cutoff,
+        "split_at": cfg.split_at,
+        "history_len": cfg.history_len,
+        "config": to_dict(cfg),
+        "columns": {
+            "user_cats": list(USER_CAT_INDEX_COLUMNS),
+            "item_cats": list(ITEM_CAT_INDEX_COLUMNS),
+            "counters": list(COUNTER_COLUMNS),
+        },
+        "vocab_sizes": {name: len(v) for name, v in vocabs.all().items()},
+        "splits": splits,
+        "content_hash": content.hexdigest(),
+    }
+
+
+def _log_hash(log_dir: Path) -> str:
+    """sha256 over the event files' relative paths and bytes: identifies the exact source log."""
+    h = hashlib.sha256()
+    events = log_dir / EVENTS_DIR
+    for p in sorted(events.rglob("*.parquet")):
+        if not any(part.startswith(".") for part in p.relative_to(events).parts):  # skip in-flight writes
+            h.update(p.relative_to(events).as_posix().encode() + b"\0" + _sha256(p).encode())
+    return h.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    if final.exists():
+        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old)
+    else:
+        tmp.rename(final)
+
+
+class _Timer:
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._t = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = now - self._t
+        self._t = now
+
+
+def load_manifest(features_dir: str | Path) -> dict:
+    path = Path(features_dir) / MANIFEST_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no feature build at {features_dir}: expected {path}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ValueError(f"{path}: schema_version {manifest.get('schema_version')!r}, this code reads {SCHEMA_VERSION}")
+    return manifest
+
+
+def split_files(features_dir: str | Path, split: str = "train") -> list[Path]:
+    """The Parquet files of one split, in order."""
+    manifest = load_manifest(features_dir)
+    if split not in manifest["splits"]:
+        raise KeyError(f"{features_dir}: no split {split!r}; built splits: {sorted(manifest['splits'])}")
+    return [Path(features_dir) / f["path"] for f in manifest["splits"][split]["files"]]
+
+
+def check_trainable(features_dir: str | Path, split: str = "train") -> dict:
+    """Raise ``NotTrainableError`` unless ``split`` has rows and at least one click; return its stats.
+
+    Called by the trainer before it starts: an all-negative split trains every model to predict
+    "never clicked", which looks like a converged run instead of the data problem it is.
+    """
+    manifest = load_manifest(features_dir)
+    stats = manifest["splits"].get(split)
+    if stats is None:
+        raise NotTrainableError(f"{features_dir}: no split {split!r}; built splits: {sorted(manifest['splits'])}")
+    if stats["rows"] == 0:
+        raise NotTrainableError(f"{features_dir}: split {split!r} has no examples")
+    if stats["clicks"] == 0:
+        raise NotTrainableError(
+            f"{features_dir}: split {split!r} is all-negative ({stats['rows']} impressions, 0 clicks): nothing to learn"
+        )
+    return stats

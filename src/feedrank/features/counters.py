@@ -1,0 +1,79 @@
+"""Point-in-time counters, freshness and the logQ sampling correction: pure numpy functions.
+
+All inputs are per-row arrays of the example table: ``user_code``/``item_code`` are dense codes of
+the raw ids (not vocabulary indices), ``rank`` the dense time rank from ``history.dense_rank``.
+Counts only ever include rows strictly before the row's own timestamp (see ``history``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from feedrank.features.history import EventIndex
+
+#: Counter columns, in the order ``Batch.counters`` stacks them.
+COUNTER_COLUMNS = ("user_impressions", "user_clicks", "item_impressions", "item_clicks", "item_ctr")
+
+_US_PER_HOUR = 3_600_000_000
+
+
+def point_in_time_counters(
+    user_code: np.ndarray,
+    item_code: np.ndarray,
+    rank: np.ndarray,
+    n_ranks: int,
+    clicked: np.ndarray,
+    prior_ctr: float,
+    prior_weight: float,
+) -> dict[str, np.ndarray]:
+    """User and item impression/click counts before each row, log1p-scaled, and the item CTR.
+
+    The CTR is shrunk towards a fixed ``prior_ctr`` with the weight of ``prior_weight`` pseudo
+    impressions: ``(clicks + w * p) / (impressions + w)``. The prior is a constant from the config,
+    not the log's overall CTR, because the overall CTR includes rows after most impressions and
+    would leak the future into early examples. The CTR is already in [0, 1] and is not log-scaled.
+    """
+    clicked = np.asarray(clicked, dtype=bool)
+    counts = {}
+    for who, code in (("user", user_code), ("item", item_code)):
+        imps = EventIndex(code, rank, n_ranks).count_before(code, rank)
+        clicks = EventIndex(code[clicked], rank[clicked], n_ranks).count_before(code, rank)
+        counts[f"{who}_impressions"], counts[f"{who}_clicks"] = imps, clicks
+    ctr = (counts["item_clicks"] + prior_weight * prior_ctr) / (counts["item_impressions"] + prior_weight)
+    out = {name: np.log1p(c).astype(np.float32) for name, c in counts.items()}
+    out["item_ctr"] = ctr.astype(np.float32)
+    return {name: out[name] for name in COUNTER_COLUMNS}
+
+
+def item_age_hours(ts_us: np.ndarray, created_us: np.ndarray, created_valid: np.ndarray, item_code: np.ndarray) -> np.ndarray:
+    """Hours since the item was created, at each impression; never negative.
+
+    When ``created_ts`` is null the item's first impression among the given rows stands in for its
+    creation: it is always at or before the row's own timestamp, so it leaks nothing, but on a log
+    that starts after the item was published it understates the age. Impressions logged before
+    the stated creation time (clock skew) get age 0.
+    """
+    n_codes = int(item_code.max()) + 1 if len(item_code) else 0
+    first_seen = np.full(n_codes, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_seen, item_code, ts_us)
+    born = np.where(created_valid, created_us, first_seen[item_code])
+    return (np.maximum(ts_us - born, 0) / _US_PER_HOUR).astype(np.float32)
+
+
+def item_logq(item_code: np.ndarray, engaged: np.ndarray, in_window: np.ndarray) -> np.ndarray:
+    """log q(item) for each row: the item's add-one-smoothed share of engagements in the window.
+
+    ``q = (e_item + 1) / (E + V)`` with ``e_item`` the item's engagements among rows in the window,
+    ``E`` all engagements there and ``V`` the distinct items shown there; an item never shown in
+    the window gets ``1 / (E + V)``. Smoothing keeps the log finite for items without engagements.
+    This is a training-window constant for the sampled-softmax correction, not a feature: it is
+    not point-in-time and must not be fed to a model as an input.
+    """
+    n_codes = int(item_code.max()) + 1 if len(item_code) else 0
+    in_window = np.asarray(in_window, dtype=bool)
+    shown = np.bincount(item_code[in_window], minlength=n_codes) > 0
+    eng = np.bincount(item_code[in_window & np.asarray(engaged, dtype=bool)], minlength=n_codes)
+    denom = eng.sum() + shown.sum()
+    if denom == 0:
+        raise ValueError("item_logq: the window has no rows")
+    return np.log((eng[item_code] + 1) / denom).astype(np.float32)

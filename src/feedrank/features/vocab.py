@@ -1,0 +1,261 @@
+"""Vocabularies: string ids -> int64 indices, with the index conventions of ``feedrank.data.batch``.
+
+Index layout of one ``Vocab`` of ``n`` known ids and ``K`` hash buckets::
+
+    0            padding (never produced by a lookup; collate uses it for empty history slots)
+    1            out-of-vocabulary (OOV): unknown ids when K == 0, and nulls always
+    2 .. n+1     known ids, most frequent first (ties broken by id, so building is deterministic)
+    n+2 .. n+K+1 hash buckets: an unknown id goes to bucket ``stable_hash(id) % K``
+
+Hash buckets are for open catalogues (news articles appear every minute): an unseen id still gets
+its own, stable, if shared, embedding instead of collapsing into the single OOV row. The hash is
+FNV-1a (64 bit) over the UTF-8 bytes, computed in numpy, so it is the same on every machine,
+process and Python version (Python's ``hash`` is salted per process and would not be).
+
+Every lookup counts its unknown ids in ``Vocab.oov_hits`` (hashed ones included: they were not in
+the vocabulary) so that callers can report how much of an evaluation set the model never saw.
+Nulls (metadata a source does not have) map to OOV but are not counted: they are missing, not new.
+
+Example::
+
+    v = Vocab.build(pa.array(["b", "a", "b", "c"]), name="items")
+    v.lookup(["b", "a", "zzz", None])    # array([2, 3, 1, 1]); v.oov_hits == 1
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+PAD = 0
+OOV = 1
+FIRST_ID = 2
+
+#: Categorical columns of the canonical log that become embedding features, in ``Batch`` order.
+USER_CAT_COLUMNS = ("age_bucket", "country")
+ITEM_CAT_COLUMNS = ("publisher", "item_type", "category")
+
+_FNV_OFFSET = np.uint64(0xCBF29CE484222325)
+_FNV_PRIME = np.uint64(0x100000001B3)
+_VOCAB_FORMAT = 1
+
+ArrayLike = pa.Array | pa.ChunkedArray | np.ndarray | Sequence[str | None]
+
+
+def _as_string_array(values: ArrayLike) -> pa.Array:
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    elif not isinstance(values, pa.Array):
+        values = pa.array(np.asarray(values, dtype=object) if isinstance(values, np.ndarray) else values, type=pa.string())
+    if values.type != pa.string():
+        values = values.cast(pa.string())
+    return values
+
+
+def stable_hash(values: ArrayLike) -> np.ndarray:
+    """64-bit FNV-1a of each string's UTF-8 bytes (nulls hash like the empty string).
+
+    Vectorised over strings: the only Python loop runs over byte positions (the longest string's
+    length), each step updating every string that is at least that long.
+    """
+    arr = _as_string_array(values).cast(pa.large_string())
+    n = len(arr)
+    h = np.full(n, _FNV_OFFSET, dtype=np.uint64)
+    if n == 0:
+        return h
+    offsets = np.frombuffer(arr.buffers()[1], dtype=np.int64)[arr.offset : arr.offset + n + 1]
+    data_buf = arr.buffers()[2]
+    data = np.frombuffer(data_buf, dtype=np.uint8) if data_buf is not None else np.zeros(0, np.uint8)
+    starts = offsets[:-1]
+    lengths = np.diff(offsets)
+    if arr.null_count:  # a null slot may still own bytes in the buffer; hash it as ""
+        lengths = np.where(np.asarray(arr.is_null()), 0, lengths)
+    # Visit strings longest first so that "strings longer than j bytes" is always a prefix.
+    order = np.argsort(-lengths, kind="stable")
+    neg_len = -lengths[order]
+    sorted_starts = starts[order]
+    hs = h[order]
+    for j in range(int(-neg_len[0])):
+        k = int(np.searchsorted(neg_len, -j, side="left"))
+        hs[:k] = (hs[:k] ^ data[sorted_starts[:k] + j].astype(np.uint64)) * _FNV_PRIME
+    h[order] = hs
+    return h
+
+
+@dataclass(frozen=True)
+class VocabSpec:
+    """How to build one vocabulary. ``max_size`` counts known ids only (not pad, OOV or buckets)."""
+
+    min_count: int = 1
+    max_size: int | None = None
+    hash_buckets: int = 0
+
+    def validate(self) -> None:
+        if self.min_count < 1:
+            raise ValueError(f"min_count must be >= 1, got {self.min_count}")
+        if self.max_size is not None and self.max_size < 0:
+            raise ValueError(f"max_size must be >= 0, got {self.max_size}")
+        if self.hash_buckets < 0:
+            raise ValueError(f"hash_buckets must be >= 0, got {self.hash_buckets}")
+
+
+@dataclass
+class Vocab:
+    """A frozen id -> index mapping; see the module docstring for the index layout."""
+
+    name: str
+    ids: list[str]
+    hash_buckets: int = 0
+    oov_hits: int = field(default=0, compare=False)
+    _value_set: pa.Array = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if len(set(self.ids)) != len(self.ids):
+            raise ValueError(f"vocab {self.name!r}: duplicate ids")
+        self._value_set = pa.array(self.ids, type=pa.string())
+
+    @classmethod
+    def build(cls, values: ArrayLike, name: str, spec: VocabSpec = VocabSpec()) -> Vocab:
+        """Count ``values`` (nulls ignored) and keep ids by descending count, then ascending id."""
+        spec.validate()
+        arr = _as_string_array(values)
+        arr = arr.filter(pc.is_valid(arr))
+        if len(arr) == 0:
+            return cls(name=name, ids=[], hash_buckets=spec.hash_buckets)
+        counts = pa.table(pc.value_counts(arr).flatten(), names=["id", "count"])
+        counts = counts.filter(pc.greater_equal(counts["count"], spec.min_count))
+        counts = counts.sort_by([("count", "descending"), ("id", "ascending")])
+        if spec.max_size is not None:
+            counts = counts.slice(0, spec.max_size)
+        return cls(name=name, ids=counts["id"].to_pylist(), hash_buckets=spec.hash_buckets)
+
+    def __len__(self) -> int:
+        """Embedding-table size: pad + OOV + known ids + hash buckets."""
+        return FIRST_ID + len(self.ids) + self.hash_buckets
+
+    def lookup(self, values: ArrayLike) -> np.ndarray:
+        """Indices of ``values`` (int64). Unknown ids go to OOV or a hash bucket and are counted in
+        ``oov_hits``; nulls (missing metadata) go to OOV uncounted, since they are not unknown ids."""
+        arr = _as_string_array(values)
+        found = pc.index_in(arr, value_set=self._value_set)
+        idx = np.array(pc.fill_null(pc.add(found.cast(pa.int64()), FIRST_ID), OOV), dtype=np.int64)
+        unseen = np.asarray(found.is_null()) & np.asarray(arr.is_valid())
+        self.oov_hits += int(unseen.sum())
+        if self.hash_buckets and unseen.any():
+            rows = np.flatnonzero(unseen)
+            buckets = stable_hash(arr.take(pa.array(rows))) % np.uint64(self.hash_buckets)
+            idx[rows] = FIRST_ID + len(self.ids) + buckets.astype(np.int64)
+        return idx
+
+    def to_json(self) -> dict:
+        return {"format": _VOCAB_FORMAT, "name": self.name, "hash_buckets": self.hash_buckets, "ids": self.ids}
+
+    @classmethod
+    def from_json(cls, data: dict, where: str = "") -> Vocab:
+        try:
+            if data["format"] != _VOCAB_FORMAT:
+                raise ValueError(f"unsupported vocab format {data['format']!r} (expected {_VOCAB_FORMAT})")
+            return cls(name=data["name"], ids=list(data["ids"]), hash_buckets=int(data["hash_buckets"]))
+        except KeyError as exc:
+            raise ValueError(f"{where or 'vocab'}: missing key {exc}") from exc
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json(), ensure_ascii=False, separators=(",", ":")) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Vocab:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"no vocabulary at {path}")
+        return cls.from_json(json.loads(path.read_text()), where=str(path))
+
+
+@dataclass
+class Vocabularies:
+    """Every vocabulary a model needs, with the sizes that fix its embedding tables."""
+
+    users: Vocab
+    items: Vocab
+    user_cats: dict[str, Vocab]  # keys in USER_CAT_COLUMNS order
+    item_cats: dict[str, Vocab]  # keys in ITEM_CAT_COLUMNS order
+
+    @classmethod
+    def build(
+        cls,
+        events: pa.Table,
+        users: VocabSpec = VocabSpec(),
+        items: VocabSpec = VocabSpec(),
+        categorical: VocabSpec = VocabSpec(),
+    ) -> Vocabularies:
+        """Build from the (training-window) rows of a canonical-schema table; counts are impressions."""
+        return cls(
+            users=Vocab.build(events["user_id"], "user_id", users),
+            items=Vocab.build(events["item_id"], "item_id", items),
+            user_cats={c: Vocab.build(events[c], c, categorical) for c in USER_CAT_COLUMNS},
+            item_cats={c: Vocab.build(events[c], c, categorical) for c in ITEM_CAT_COLUMNS},
+        )
+
+    @property
+    def n_users(self) -> int:
+        return len(self.users)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.items)
+
+    @property
+    def user_cat_sizes(self) -> list[int]:
+        return [len(v) for v in self.user_cats.values()]
+
+    @property
+    def item_cat_sizes(self) -> list[int]:
+        return [len(v) for v in self.item_cats.values()]
+
+    def all(self) -> dict[str, Vocab]:
+        """Every vocabulary by its column name (``user_id``, ``item_id``, then the categoricals)."""
+        return {"user_id": self.users, "item_id": self.items, **self.user_cats, **self.item_cats}
+
+    def oov_hits(self) -> dict[str, int]:
+        return {name: v.oov_hits for name, v in self.all().items()}
+
+    def reset_oov_hits(self) -> None:
+        for v in self.all().values():
+            v.oov_hits = 0
+
+    def save(self, directory: str | Path) -> None:
+        """One JSON file per vocabulary plus ``vocabularies.json`` naming them and the layout."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, vocab in self.all().items():
+            vocab.save(directory / f"{name}.json")
+        index = {
+            "format": _VOCAB_FORMAT,
+            "user_cats": list(self.user_cats),
+            "item_cats": list(self.item_cats),
+            "sizes": {name: len(v) for name, v in self.all().items()},
+        }
+        (directory / "vocabularies.json").write_text(json.dumps(index, indent=2) + "\n")
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Vocabularies:
+        directory = Path(directory)
+        index_path = directory / "vocabularies.json"
+        if not index_path.is_file():
+            raise FileNotFoundError(f"no vocabularies at {directory}: expected {index_path}")
+        index = json.loads(index_path.read_text())
+        for key in ("user_cats", "item_cats"):
+            if key not in index:
+                raise ValueError(f"{index_path}: missing key {key!r}")
+        load = lambda name: Vocab.load(directory / f"{name}.json")  # noqa: E731
+        return cls(
+            users=load("user_id"),
+            items=load("item_id"),
+            user_cats={c: load(c) for c in index["user_cats"]},
+            item_cats={c: load(c) for c in index["item_cats"]},
+        )
