@@ -1,0 +1,285 @@
+"""The re-ranker: the last step of ``GET /feed``, between the ranker's scores and the response.
+
+Plain functions, callable without HTTP. The rules run in a fixed order:
+
+1. **Clean the input.** Duplicate item ids (the same item retrieved by two sources, say "ann" and
+   "popular") keep their highest-scored copy; the drops are counted in the result.
+2. **Remove seen** items (``remove_seen``): the user's already-seen ids never come back.
+3. **Freshness boost**, additive in ranker-score units: ``boost * 0.5 ** (age_h / half_life_h)``,
+   so an item ``half_life_h`` old gets half the boost of a brand-new one. Negative ages (clock
+   skew: an item "created" after the request) count as age 0, like ``features.counters``.
+4. **MMR with a per-publisher cap.** Greedy over the ``k`` output slots; each slot takes the
+   candidate maximising ``lambda * relevance - (1 - lambda) * max cosine similarity to the items
+   already picked``, among candidates whose publisher has fewer than ``per_publisher_cap`` picks
+   (the cap counts within the ``k`` returned items). When every remaining candidate's publisher is
+   full (too few publishers for the cap), the slot takes the best remaining candidate anyway and its
+   reason says so: a short feed is worse than a feed with one publisher too many.
+
+**Why relevance is min-max normalised to [0, 1] before MMR.** Cosine similarity lives in [-1, 1],
+while ranker scores are logits or probabilities of any scale. Mixing them raw would make
+``mmr_lambda`` mean different things for different rankers (a ranker whose logits span 20 units
+would drown any diversity term). Min-max over the request's candidates makes lambda a scale-free
+trade-off, and makes the result invariant to any increasing affine change of the scores.
+
+Each step is vectorised over the remaining candidates (the running max-similarity is updated with
+one matrix-vector product per slot), so a call costs O(k * n * d) numpy work and O(k) Python steps.
+
+Each pick carries a ``reason`` naming its source and every rule that moved it, e.g.
+``"ann; freshness boost +0.120; moved down by MMR (similar to i42, cos 0.97)"``.
+
+Example::
+
+    >>> import numpy as np
+    >>> cands = Candidates(item_ids=["a", "b", "c"], scores=[0.9, 0.8, 0.1],
+    ...                    vectors=np.eye(3, dtype=np.float32)[[0, 0, 1]], publishers=["p", "q", "r"],
+    ...                    age_h=[5.0, 5.0, 5.0], sources=["ann", "ann", "popular"])
+    >>> result = rerank(cands, seen=[], cfg=RerankConfig(k=3, mmr_lambda=0.5, per_publisher_cap=None))
+    >>> [p.item_id for p in result.picks]     # "b" duplicates "a", so the different "c" goes first
+    ['a', 'c', 'b']
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+ArrayLike = Any  # numpy array or sequence
+
+
+@dataclass
+class RerankConfig:
+    """Re-ranking rules (section ``rerank`` of a YAML config)."""
+
+    k: int = 20  # items returned
+    mmr_lambda: float = 0.8  # relevance vs diversity: 1.0 = relevance only, 0.0 = diversity only
+    per_publisher_cap: int | None = 3  # max items of one publisher among the k returned; None = no cap
+    freshness_boost: float = 0.0  # added to the score of a brand-new item, in ranker-score units
+    freshness_half_life_h: float = 24.0  # age at which the boost has halved
+    remove_seen: bool = True  # drop the user's already-seen items
+
+    def validate(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if not 0.0 <= self.mmr_lambda <= 1.0:
+            raise ValueError(f"mmr_lambda must be in [0, 1], got {self.mmr_lambda}")
+        if self.per_publisher_cap is not None and self.per_publisher_cap < 1:
+            raise ValueError(f"per_publisher_cap must be >= 1 or null, got {self.per_publisher_cap}")
+        if not (math.isfinite(self.freshness_boost) and self.freshness_boost >= 0):
+            raise ValueError(f"freshness_boost must be finite and >= 0, got {self.freshness_boost}")
+        if not (math.isfinite(self.freshness_half_life_h) and self.freshness_half_life_h > 0):
+            raise ValueError(f"freshness_half_life_h must be finite and > 0, got {self.freshness_half_life_h}")
+
+
+@dataclass
+class Candidates:
+    """One request's candidates, one row per candidate; converted to numpy and checked on creation.
+
+    ``vectors`` are the item embeddings used for similarity ([n, d]; ``rerank`` normalises them
+    again, so that the dot product is the cosine; an all-zero vector is similar to nothing). ``age_h`` is the
+    item's age in hours at request time. ``sources`` tags the retrieval source ("ann", "fresh", ...).
+    Raises ``ValueError`` naming the array on mismatched lengths, wrong shapes or non-finite values.
+    """
+
+    item_ids: np.ndarray
+    scores: np.ndarray
+    vectors: np.ndarray
+    publishers: np.ndarray
+    age_h: np.ndarray
+    sources: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.item_ids = np.asarray(self.item_ids)
+        self.scores = np.asarray(self.scores, dtype=np.float64)
+        self.vectors = np.asarray(self.vectors, dtype=np.float32)
+        self.publishers = np.asarray(self.publishers)
+        self.age_h = np.asarray(self.age_h, dtype=np.float64)
+        self.sources = np.asarray(self.sources)
+        if self.vectors.size == 0 and self.vectors.ndim == 1:  # [] for no candidates
+            self.vectors = self.vectors.reshape(0, 0)
+        one_d = ("item_ids", "scores", "publishers", "age_h", "sources")
+        for name in one_d:
+            if getattr(self, name).ndim != 1:
+                raise ValueError(f"{name}: expected a 1-D array, got shape {getattr(self, name).shape}")
+        if self.vectors.ndim != 2:
+            raise ValueError(f"vectors: expected a 2-D [n, dim] array, got shape {self.vectors.shape}")
+        lengths = {name: len(getattr(self, name)) for name in (*one_d[:2], "vectors", *one_d[2:])}
+        if len(set(lengths.values())) > 1:
+            raise ValueError(f"candidate arrays differ in length: {', '.join(f'{k}={v}' for k, v in lengths.items())}")
+        for name in ("scores", "age_h", "vectors"):
+            values = getattr(self, name)
+            if n_nan := int(np.isnan(values).sum()):
+                raise ValueError(f"{name}: {n_nan} NaN value(s)")
+            if n_inf := int(np.isinf(values).sum()):
+                raise ValueError(f"{name}: {n_inf} infinite value(s)")
+
+    def __len__(self) -> int:
+        return len(self.scores)
+
+    def take(self, index: np.ndarray) -> Candidates:
+        """The candidates at ``index`` (integer positions or a boolean mask), in that order."""
+        return Candidates(self.item_ids[index], self.scores[index], self.vectors[index],
+                          self.publishers[index], self.age_h[index], self.sources[index])  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Pick:
+    """One returned item. ``score`` is the ranker score plus the freshness boost."""
+
+    item_id: Any
+    score: float
+    publisher: Any
+    source: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class RerankResult:
+    picks: list[Pick]  # in feed order
+    duplicates_dropped: int  # candidate rows dropped as copies of a higher-scored row of the same item
+    seen_removed: int  # distinct candidates dropped because the user had seen them
+    held_by_cap: list[Any]  # ids that MMR preferred over a pick but whose publisher was full (debug)
+    cap_relaxed: int  # picks placed over the publisher cap because too few publishers were left
+
+    @property
+    def item_ids(self) -> list[Any]:
+        return [p.item_id for p in self.picks]
+
+
+def freshness_boost(age_h: np.ndarray, boost: float, half_life_h: float) -> np.ndarray:
+    """``boost * 0.5 ** (age_h / half_life_h)``, with negative ages (clock skew) taken as 0."""
+    return boost * np.exp2(-np.maximum(np.asarray(age_h, dtype=np.float64), 0.0) / half_life_h)
+
+
+def _unique(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(unique values, first position of each, code of each row)``; ids must be sortable."""
+    try:
+        return np.unique(values, return_index=True, return_inverse=True)
+    except TypeError as exc:  # e.g. None among strings
+        raise ValueError(f"{name}: ids must be of one comparable type without None: {exc}") from exc
+
+
+def dedupe(item_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """Positions of the highest-scored row of each distinct item id (first row on ties), in input order."""
+    order = np.argsort(-scores, kind="stable")
+    _, first, _ = _unique(item_ids[order], "item_ids")
+    return np.sort(order[first])
+
+
+@dataclass
+class _Trace:
+    """What happened to each candidate during MMR, for the reasons (indices into the candidates)."""
+
+    passed_near: np.ndarray  # [n] the pick it was most similar to when a less relevant one first beat it; -1 if never
+    passed_cos: np.ndarray  # [n] that similarity
+    promoted: np.ndarray  # [n] bool: picked before a more relevant eligible candidate
+    held: np.ndarray  # [n] bool: preferred by MMR over a pick but its publisher was full
+    relaxed: np.ndarray  # [n] bool: picked over the publisher cap
+
+
+def mmr_select(
+    relevance: np.ndarray, vectors: np.ndarray, publisher: np.ndarray, k: int, mmr_lambda: float, cap: int | None
+) -> tuple[np.ndarray, _Trace]:
+    """Greedy MMR with a hard per-publisher cap: the positions of up to ``k`` picks, in order.
+
+    ``relevance`` in [0, 1], ``vectors`` L2-normalised, ``publisher`` integer codes. Ties go to the
+    lowest position, so callers pass candidates sorted by relevance. See the module docstring.
+    """
+    n = len(relevance)
+    cap = n if cap is None else cap
+    remaining = np.ones(n, dtype=bool)
+    per_publisher = np.zeros(publisher.max(initial=-1) + 1, dtype=np.int64)
+    max_sim = np.zeros(n, dtype=np.float32)  # max cosine to the picks so far (unused before the first pick)
+    nearest = np.full(n, -1, dtype=np.int64)
+    trace = _Trace(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32),
+                   np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))  # fmt: skip
+    picks = []
+    for step in range(min(k, n)):
+        objective = mmr_lambda * relevance - ((1.0 - mmr_lambda) * max_sim if step else 0.0)
+        eligible = remaining & (per_publisher[publisher] < cap)
+        relaxed = not eligible.any()
+        if relaxed:  # every remaining publisher is full: fill with the best remaining
+            eligible = remaining
+        p = int(np.argmax(np.where(eligible, objective, -np.inf)))
+        # reasons: a more relevant eligible candidate lost only because it resembles earlier picks
+        passed = eligible & (relevance > relevance[p])
+        first_time = passed & (trace.passed_near < 0)
+        trace.passed_near[first_time] = nearest[first_time]
+        trace.passed_cos[first_time] = max_sim[first_time]
+        trace.promoted[p] = passed.any()
+        trace.held |= remaining & ~eligible & (objective > objective[p])
+        trace.relaxed[p] = relaxed
+
+        picks.append(p)
+        remaining[p] = False
+        per_publisher[publisher[p]] += 1
+        sims = vectors @ vectors[p]
+        closer = (sims > max_sim) | (step == 0)
+        max_sim = np.where(closer, sims, max_sim)
+        nearest[closer] = p
+    return np.asarray(picks, dtype=np.int64), trace
+
+
+def _normalise(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (cosine = dot product); an all-zero row stays zero."""
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return vectors / np.where(norms > 0, norms, 1.0)
+
+
+def _min_max(x: np.ndarray) -> np.ndarray:
+    """``x`` scaled to [0, 1]; all ones when every value is equal (nothing to tell them apart)."""
+    lo, hi = x.min(), x.max()
+    return np.ones_like(x) if hi == lo else (x - lo) / (hi - lo)
+
+
+def rerank(candidates: Candidates, seen: ArrayLike, cfg: RerankConfig) -> RerankResult:
+    """The feed: up to ``cfg.k`` picks from ``candidates``, by the rules in the module docstring.
+
+    An empty candidate list (or one that is empty once seen items are removed) gives an empty
+    result, not an error: a user may have seen everything retrieved. Fewer than ``k`` candidates
+    give all of them. Raises ``ValueError`` on an invalid config (``k < 1``, ...).
+    """
+    cfg.validate()
+    keep = dedupe(candidates.item_ids, candidates.scores)
+    duplicates = len(candidates) - len(keep)
+    c = candidates.take(keep)
+    seen_removed = 0
+    seen = np.asarray(seen if isinstance(seen, np.ndarray) else list(seen))
+    if cfg.remove_seen and len(seen):
+        is_seen = np.isin(c.item_ids, seen)
+        seen_removed = int(is_seen.sum())
+        c = c.take(~is_seen)
+    if len(c) == 0:
+        return RerankResult([], duplicates, seen_removed, [], 0)
+
+    boost = freshness_boost(c.age_h, cfg.freshness_boost, cfg.freshness_half_life_h)
+    score = c.scores + boost
+    order = np.argsort(-score, kind="stable")  # MMR breaks ties towards the more relevant
+    c, boost, score = c.take(order), boost[order], score[order]
+    publishers, _, publisher_code = _unique(c.publishers, "publishers")
+    picks, trace = mmr_select(
+        _min_max(score), _normalise(c.vectors), publisher_code, cfg.k, cfg.mmr_lambda, cfg.per_publisher_cap
+    )
+
+    ids, publisher_of = c.item_ids.tolist(), c.publishers.tolist()
+    counts = np.bincount(publisher_code[picks], minlength=len(publishers))
+    out = []
+    for p in picks.tolist():
+        parts = [str(c.sources[p])]
+        if boost[p] >= 5e-4:
+            parts.append(f"freshness boost +{boost[p]:.3f}")
+        if trace.passed_near[p] >= 0:
+            parts.append(f"moved down by MMR (similar to {ids[trace.passed_near[p]]}, cos {trace.passed_cos[p]:.2f})")
+        if trace.promoted[p]:
+            parts.append("moved up by MMR (diversity)")
+        if trace.relaxed[p]:
+            pub = publisher_code[p]
+            parts.append(f"over publisher cap {cfg.per_publisher_cap} ({counts[pub]} from {publishers[pub]}): "
+                         "too few other publishers among the candidates")  # fmt: skip
+        out.append(Pick(ids[p], float(score[p]), publisher_of[p], str(c.sources[p]), "; ".join(parts)))
+    picked = np.zeros(len(c), dtype=bool)
+    picked[picks] = True
+    held = [ids[i] for i in np.flatnonzero(trace.held & ~picked)]
+    return RerankResult(out, duplicates, seen_removed, held, int(trace.relaxed.sum()))
