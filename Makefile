@@ -21,9 +21,12 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/feedrank demo --out runs/demo
 
-# Real servers the tests need (redis-server) come from Debian packages.
+# What the tests drive for real: a redis-server (the cache backend) and headless Chromium (the
+# report page), both from Debian packages.
+DEBIAN_PACKAGES := redis-server chromium
 services:
-	@command -v redis-server >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq redis-server >/dev/null; }
+	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
 test: $(STAMP) services
 	$(BIN)/python -m pytest -q tests

@@ -1,0 +1,185 @@
+"""Clustered paired bootstrap: exact degenerate cases, power, determinism, whole-group
+resampling and clear errors."""
+
+import numpy as np
+import pytest
+
+from feedrank.evaluate.bootstrap import (
+    Metric,
+    bootstrap_ci,
+    bootstrap_models,
+    get_metric,
+    paired_bootstrap,
+)
+from feedrank.evaluate.metrics import group_auc
+
+
+def _holdout(n_groups=150, size=8, seed=0):
+    rng = np.random.default_rng(seed)
+    groups = np.repeat(np.arange(n_groups), size)
+    labels = rng.integers(0, 2, groups.size)
+    return rng, groups, labels
+
+
+def test_identical_models_give_zero_delta_zero_interval_and_p_one():
+    rng, groups, labels = _holdout()
+    scores = rng.random(labels.size)
+    results = paired_bootstrap(labels, scores, scores.copy(), groups, ["auc", "gauc", "ndcg@10"], n_resamples=100)
+    assert [r.metric for r in results] == ["auc", "gauc", "ndcg@10"]
+    for r in results:
+        assert r.delta == 0.0 and r.ci == (0.0, 0.0) and r.p_value == 1.0
+        assert r.value_a == r.value_b and not r.b_better
+
+
+def test_clearly_better_model_excludes_zero_and_worse_model_too():
+    rng, groups, labels = _holdout()
+    weak = labels + rng.normal(0, 3.0, labels.size)
+    strong = labels + rng.normal(0, 0.5, labels.size)
+    (better,) = paired_bootstrap(labels, weak, strong, groups, ["gauc"], n_resamples=200)
+    assert better.delta > 0.1 and better.ci[0] > 0 and better.b_better
+    assert better.p_value == pytest.approx(2 / 201)  # no replicate with delta <= 0
+    assert better.value_b == pytest.approx(group_auc(labels, strong, groups))
+    (worse,) = paired_bootstrap(labels, strong, weak, groups, ["gauc"], n_resamples=200)
+    assert worse.delta == pytest.approx(-better.delta) and worse.ci[1] < 0 and not worse.b_better
+    assert worse.p_value == pytest.approx(2 / 201)  # two-sided
+
+
+def test_p_value_grows_as_the_difference_shrinks():
+    rng, groups, labels = _holdout(n_groups=80)
+    base = labels + rng.normal(0, 1.0, labels.size)
+    noise = rng.normal(0, 1.0, labels.size)
+    p = [
+        paired_bootstrap(labels, base, base + eps * labels + 0.3 * noise, groups, ["gauc"], n_resamples=200)[0].p_value
+        for eps in (1.0, 0.1, 0.0)
+    ]
+    assert p[0] < 0.05
+    assert p[0] <= p[1] <= 1.0
+    assert p[2] > 0.05  # adding pure noise is not a significant improvement
+
+
+def test_lower_is_better_metric_direction():
+    rng, groups, labels = _holdout()
+    good = np.clip(0.2 + 0.6 * labels + rng.normal(0, 0.05, labels.size), 0.01, 0.99)
+    bad = np.full(labels.size, 0.5)
+    (r,) = paired_bootstrap(labels, bad, good, groups, ["log_loss"], n_resamples=100)
+    assert not r.higher_is_better and r.delta < 0 and r.ci[1] < 0 and r.b_better
+
+
+def test_deterministic_with_seed_and_seed_matters():
+    rng, groups, labels = _holdout()
+    scores = labels + rng.normal(0, 1.0, labels.size)
+    one = bootstrap_ci(labels, scores, groups, "mrr", n_resamples=50, seed=3)
+    two = bootstrap_ci(labels, scores, groups, "mrr", n_resamples=50, seed=3)
+    other = bootstrap_ci(labels, scores, groups, "mrr", n_resamples=50, seed=4)
+    assert one == two
+    assert one.ci != other.ci and one.value == other.value
+    assert one.ci[0] <= one.value <= one.ci[1]
+    assert one.n_resamples == 50 and one.level == 0.95
+
+
+def test_level_widens_the_interval():
+    rng, groups, labels = _holdout()
+    scores = labels + rng.normal(0, 1.0, labels.size)
+    narrow = bootstrap_ci(labels, scores, groups, "gauc", n_resamples=300, level=0.5)
+    wide = bootstrap_ci(labels, scores, groups, "gauc", n_resamples=300, level=0.99)
+    assert wide.ci[0] < narrow.ci[0] < narrow.ci[1] < wide.ci[1]
+
+
+def _group_sizes_differ():
+    """Group g has g + 1 rows; its score column stores g, so a replicate can check it got whole groups."""
+    n_groups = 30
+    original = np.repeat(np.arange(n_groups), np.arange(1, n_groups + 1))
+    rng = np.random.default_rng(1)
+    perm = rng.permutation(original.size)  # groups need not be contiguous
+    return original[perm], np.zeros(original.size)
+
+
+def test_whole_groups_are_resampled_and_duplicates_become_separate_lists():
+    groups, labels = _group_sizes_differ()
+    scores = groups.astype(np.float64)
+
+    def whole_groups(y, s, g):
+        # every resampled list is one original group, complete: constant s and s + 1 rows
+        sizes = np.bincount(g)
+        first = np.zeros(sizes.size)
+        first[g] = s
+        constant = np.all(s == first[g])
+        return float(constant and np.array_equal(sizes, first + 1))
+
+    def distinct_originals(y, s, g):
+        return float(np.unique(s).size)
+
+    table = bootstrap_models(labels, {"m": scores}, groups, [whole_groups, distinct_originals], n_resamples=100)
+    assert table.values[0].tolist() == [1.0, 30.0]
+    assert np.all(table.replicates[0, 0] == 1.0)
+    distinct = table.replicates[0, 1]
+    assert distinct.max() < 30  # drawing 30 of 30 with replacement almost never hits all
+    assert 14 < distinct.mean() < 24  # ~ 30 * (1 - 1/e) = 19
+
+
+def test_clusters_resample_users_and_keep_requests_as_lists():
+    # 40 users with 3 requests of 4 impressions each; request ids are unique across users
+    users = np.repeat(np.arange(40), 12)
+    requests = np.repeat(np.arange(120), 4)
+    labels = np.zeros(users.size)
+
+    def lists_and_users(y, s, g):
+        # s is the user id: each drawn user brings all 12 rows, each request stays a list of 4
+        rows_per_user = np.bincount(s.astype(np.int64))
+        return float(np.all(np.bincount(g) == 4) and np.all(rows_per_user % 12 == 0))
+
+    table = bootstrap_models(labels, {"m": users.astype(float)}, requests, [lists_and_users], n_resamples=20, clusters=users)
+    assert np.all(table.replicates == 1.0)
+    with pytest.raises(ValueError, match="inside one cluster"):
+        bootstrap_models(labels, {"m": labels}, requests, ["gauc"], clusters=np.tile([0, 1], 240))
+
+
+def test_undefined_replicates_are_dropped_not_fatal():
+    # one positive among 20 groups: many replicates contain no positive and auc is undefined there
+    groups = np.repeat(np.arange(20), 2)
+    labels = np.zeros(40)
+    labels[0] = 1
+    r = bootstrap_ci(labels, np.arange(40.0)[::-1], groups, "auc", n_resamples=200)
+    assert r.value == 1.0 and 0 < r.n_resamples < 200 and r.ci == (1.0, 1.0)
+
+
+def test_metric_names_and_directions():
+    assert get_metric("ndcg@5").name == "ndcg@5"
+    assert get_metric("log_loss").higher_is_better is False and get_metric("log_loss").uses_probs
+    assert get_metric("recall@3").fn([1, 0, 0, 1], [0.9, 0.8, 0.7, 0.1], np.zeros(4)) == 0.5
+    for bad in ("ndgc@10", "ndcg@0", "ndcg@x", "auc@5"):
+        with pytest.raises(ValueError, match="unknown metric"):
+            get_metric(bad)
+    custom = Metric("mean", lambda y, s, g: float(np.mean(s)), higher_is_better=False)
+    (r,) = paired_bootstrap([0, 1, 0, 1], [1.0, 1, 1, 1], [2.0, 2, 2, 2], [0, 0, 1, 1], [custom], n_resamples=5)
+    assert r.metric == "mean" and r.delta == 1.0 and r.ci == (1.0, 1.0) and not r.b_better
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(groups=None), "groups is required"),
+        (dict(groups=np.zeros(5)), "labels has 6 rows but groups has 5"),
+        (dict(scores_b=np.zeros(7)), r"scores\['b'\] has 7"),
+        (dict(scores_a=[0.1, np.nan, 0.3, 0.4, 0.5, 0.6]), r"scores\['a'\] contains NaN"),
+        (dict(labels=[]), "labels is empty"),
+        (dict(metrics=[]), "metrics is empty"),
+        (dict(metrics=["nope"]), "unknown metric 'nope'"),
+        (dict(n_resamples=0), "n_resamples must be an integer >= 1"),
+        (dict(level=1.0), "level must lie in"),
+        (dict(labels=[0, 1, 2, 0, 1, 0]), "labels must be binary"),
+    ],
+)
+def test_bad_input_names_the_problem(kwargs, message):
+    args = dict(
+        labels=[0, 1, 0, 0, 1, 0],
+        scores_a=np.linspace(0, 1, 6),
+        scores_b=np.linspace(1, 0, 6),
+        groups=[1, 1, 1, 2, 2, 2],
+        metrics=["gauc"],
+        n_resamples=10,
+    )
+    args.update(kwargs)
+    labels, a, b, groups, metrics = (args.pop(k) for k in ("labels", "scores_a", "scores_b", "groups", "metrics"))
+    with pytest.raises(ValueError, match=message):
+        paired_bootstrap(labels, a, b, groups, metrics, **args)
