@@ -71,3 +71,17 @@ def make_model():
         return TwoTower(cfg, N_USERS, N_ITEMS, USER_CAT_SIZES, ITEM_CAT_SIZES, N_COUNTERS)
 
     return build
+
+
+@pytest.fixture
+def make_ranker():
+    """Build a Ranker over this file's vocabulary sizes from config overrides; the batches'
+    2 counter columns are read as 1 user-side + 1 item-side counter."""
+    from feedrank.models.ranker import Ranker, RankerConfig
+
+    def build(**overrides) -> Ranker:
+        torch.manual_seed(0)
+        cfg = RankerConfig(**{"dim": 8, "hidden": [32, 16], "dropout": 0.0, "two_tower_dropout": 0.0, **overrides})
+        return Ranker(cfg, N_USERS, N_ITEMS, USER_CAT_SIZES, ITEM_CAT_SIZES, n_user_counters=1, n_item_counters=1)
+
+    return build
