@@ -1,17 +1,21 @@
 """Clustered paired bootstrap: exact degenerate cases, power, determinism, whole-group
 resampling and clear errors."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 
+from feedrank.evaluate import bootstrap as B
 from feedrank.evaluate.bootstrap import (
+    GroupDecomposition,
     Metric,
     bootstrap_ci,
     bootstrap_models,
     get_metric,
     paired_bootstrap,
 )
-from feedrank.evaluate.metrics import group_auc
+from feedrank.evaluate.metrics import group_auc, hit_values
 
 
 def _holdout(n_groups=150, size=8, seed=0):
@@ -183,3 +187,103 @@ def test_bad_input_names_the_problem(kwargs, message):
     labels, a, b, groups, metrics = (args.pop(k) for k in ("labels", "scores_a", "scores_b", "groups", "metrics"))
     with pytest.raises(ValueError, match=message):
         paired_bootstrap(labels, a, b, groups, metrics, **args)
+
+
+# ------------------------------------------------------------------ fast path (group re-weighting)
+
+FAST = ["gauc", "mrr", "ndcg@3", "recall@2", "precision@2", "hit@1", "log_loss", "ne"]
+
+
+def _on_rows(names):
+    """The same metrics forced onto the row path (re-score every replicate's rows)."""
+    return [dataclasses.replace(get_metric(name), decomposition=None) for name in names]
+
+
+def _users_and_requests(seed=0):
+    """30 users with 2-4 requests of 1-9 impressions; request ids sparse, rows shuffled; ties."""
+    rng = np.random.default_rng(seed)
+    n_requests = 90
+    request_user = np.sort(rng.integers(0, 30, n_requests))
+    sizes = rng.integers(1, 10, n_requests)
+    requests = np.repeat(np.arange(n_requests) * 11 + 5, sizes)
+    users = np.repeat(request_user, sizes)
+    perm = rng.permutation(requests.size)
+    requests, users = requests[perm], users[perm]
+    labels = (rng.random(requests.size) < 0.25).astype(float)
+    a = np.round(np.clip(0.25 + 0.3 * labels + rng.normal(0, 0.25, labels.size), 0, 1), 1)
+    b = np.round(np.clip(0.25 + 0.4 * labels + rng.normal(0, 0.2, labels.size), 0, 1), 1)
+    return labels, {"a": a, "b": b}, requests, users
+
+
+@pytest.mark.parametrize("by_user", [False, True])
+def test_fast_path_reproduces_the_row_path_replicate_by_replicate(by_user):
+    # Same seed -> same drawn clusters; a group's value does not depend on where it is drawn,
+    # so the re-weighted replicates equal the re-scored ones up to float rounding.
+    labels, scores, requests, users = _users_and_requests()
+    clusters = users if by_user else None
+    fast = bootstrap_models(labels, scores, requests, FAST, n_resamples=120, seed=7, clusters=clusters)
+    rows = bootstrap_models(labels, scores, requests, _on_rows(FAST), n_resamples=120, seed=7, clusters=clusters)
+    assert all(m.decomposition is not None for m in fast.metrics)
+    assert np.array_equal(fast.values, rows.values)
+    assert np.isfinite(fast.replicates).all()
+    np.testing.assert_allclose(fast.replicates, rows.replicates, rtol=0, atol=1e-12)
+
+
+def test_fast_path_matches_row_path_when_replicates_are_undefined():
+    # one positive in 20 requests: a replicate without it has no defined group (mrr, gauc) and a
+    # base rate of 0 (ne): nan on both paths, in the same replicates
+    groups = np.repeat(np.arange(20), 3)
+    labels = np.zeros(60)
+    labels[4] = 1
+    probs = np.linspace(0.05, 0.95, 60)
+    names = ["mrr", "gauc", "ne", "log_loss"]
+    fast = bootstrap_models(labels, {"m": probs}, groups, names, n_resamples=200, seed=1)
+    rows = bootstrap_models(labels, {"m": probs}, groups, _on_rows(names), n_resamples=200, seed=1)
+    nan = np.isnan(fast.replicates)
+    assert np.array_equal(nan, np.isnan(rows.replicates))
+    assert 0 < nan[0, 0].sum() < 200 and np.array_equal(nan[0, 0], nan[0, 2]) and not nan[0, 3].any()
+    np.testing.assert_allclose(fast.replicates[~nan], rows.replicates[~nan], rtol=0, atol=1e-12)
+    assert fast.interval("m", "ne").n_resamples == 200 - nan[0, 2].sum()
+
+
+def test_fast_and_row_paths_agree_in_distribution_across_seeds():
+    rng, groups, labels = _holdout(n_groups=200, size=8, seed=3)
+    scores = labels + rng.normal(0, 1.5, labels.size)
+    names = ["gauc", "ndcg@5"]
+    fast = bootstrap_models(labels, {"m": scores}, groups, names, n_resamples=2000, seed=10)
+    rows = bootstrap_models(labels, {"m": scores}, groups, _on_rows(names), n_resamples=2000, seed=11)
+    for name in names:
+        (lo_f, hi_f), (lo_r, hi_r) = fast.interval("m", name).ci, rows.interval("m", name).ci
+        assert abs(lo_f - lo_r) < 0.01 and abs(hi_f - hi_r) < 0.01
+        assert hi_f - lo_f > 0.02  # a real interval, not a degenerate one that trivially agrees
+
+
+def test_identical_models_on_probability_metrics_give_exact_zero():
+    rng, groups, labels = _holdout()
+    probs = np.clip(0.3 + 0.3 * labels + rng.normal(0, 0.2, labels.size), 0, 1)
+    names = ["log_loss", "ne", "mrr", "recall@3"]
+    results = paired_bootstrap(labels, probs, probs.copy(), groups, names, n_resamples=100)
+    for r in results:
+        assert r.delta == 0.0 and r.ci == (0.0, 0.0) and r.p_value == 1.0 and r.n_resamples == 100
+
+
+def test_chunks_of_replicates_do_not_change_the_result(monkeypatch):
+    labels, scores, requests, users = _users_and_requests(seed=2)
+    whole = bootstrap_models(labels, scores, requests, FAST, n_resamples=50, seed=3, clusters=users)
+    monkeypatch.setattr(B, "_CHUNK_CELLS", 7 * 90)  # 90 requests -> chunks of 7 replicates
+    chunked = bootstrap_models(labels, scores, requests, FAST, n_resamples=50, seed=3, clusters=users)
+    np.testing.assert_allclose(chunked.replicates, whole.replicates, rtol=0, atol=1e-12)
+
+
+def test_custom_metric_with_a_decomposition_takes_the_fast_path():
+    labels, scores, requests, _ = _users_and_requests(seed=4)
+    calls = []
+
+    def hit1(y, s, g):
+        calls.append(1)
+        return get_metric("hit@1").fn(y, s, g)
+
+    custom = Metric("top1", hit1, decomposition=GroupDecomposition(lambda y, s, g: (hit_values(y, s, 1, g),)))
+    table = bootstrap_models(labels, scores, requests, [custom, "hit@1"], n_resamples=40, seed=0)
+    assert len(calls) == 2  # the point estimate of each model only, never per replicate
+    np.testing.assert_allclose(table.replicates[:, 0], table.replicates[:, 1], rtol=0, atol=1e-15)

@@ -11,11 +11,20 @@ Why paired: A and B are scored on the *same* resample in every replicate, so the
 both models share (which requests happen to be easy) cancels in the delta. Comparing two
 independent intervals instead would be much less sensitive.
 
-How: the metric functions in ``feedrank.evaluate.metrics`` take no row weights, so each replicate
-gathers its row indices with one vectorised ``np.repeat`` over the drawn clusters' row ranges and
-calls the metrics on the gathered rows. The Python loop is over replicates only; each replicate
-costs one metric call (a sort) per model and metric. The same seed draws the same clusters for
-every model and metric, which is what makes all comparisons paired.
+How, fast path: a group's GAUC, MRR, NDCG@k, ... depends on that group's rows only, and the
+metric is a weighted mean of those per-group values. So the per-group values of every model are
+computed once (one sort each, ``metrics.<name>_values``) and a replicate is the same mean with
+each group weighted by how often its cluster was drawn: ``counts[R, n_groups] @ terms`` is one
+matrix product for a chunk of replicates, every model and every metric (``metrics.weighted_means``).
+Log loss and NE decompose too, as per-group sums of row losses, positives and rows. Because a
+group's value is the same wherever it is drawn, this gives the *same* replicate values as
+re-scoring the resampled rows, up to float rounding, not merely the same distribution.
+
+Row path: metrics without such a decomposition (pooled ``auc``, ``ece``, and any plain callable)
+gather each replicate's rows with one vectorised ``np.repeat`` over the drawn clusters' row ranges
+and call the metric on them: one sort per replicate, model and metric. Both paths see the same
+drawn clusters: the same seed draws the same clusters for every model and metric, which is what
+makes all comparisons paired.
 
 Metrics are given by name (``"auc"``, ``"gauc"``, ``"mrr"``, ``"ndcg@10"``, ``"recall@5"``,
 ``"log_loss"``, ...; see ``get_metric``), as a ``Metric``, or as any callable
@@ -48,45 +57,91 @@ from feedrank.evaluate import metrics as M
 MetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
 
+def _single_mean(means: np.ndarray) -> np.ndarray:
+    return means[:, 0]
+
+
+@dataclass(frozen=True)
+class GroupDecomposition:
+    """A metric as a function of weighted means of per-group values, so that a bootstrap replicate
+    only re-weights groups instead of re-sorting rows.
+
+    ``parts(labels, scores, groups)`` returns the per-group values (``metrics.GroupValues``, over
+    all of ``groups``); ``combine`` maps their means, [n_resamples, n_parts], to the metric,
+    [n_resamples]. Most metrics are one mean (the default ``combine``); NE is two (log loss and
+    base rate).
+    """
+
+    parts: Callable[[np.ndarray, np.ndarray, np.ndarray], tuple[M.GroupValues, ...]]
+    combine: Callable[[np.ndarray], np.ndarray] = _single_mean
+
+
 @dataclass(frozen=True)
 class Metric:
     """A metric with the uniform signature ``fn(labels, scores, groups) -> float``.
 
     ``higher_is_better`` tells reports which way "best" and "improvement" point; ``uses_probs``
     marks metrics that need calibrated probabilities in [0, 1] rather than arbitrary scores.
+    ``decomposition``, when given, must agree with ``fn`` and lets the bootstrap take its fast
+    path; without it (pooled AUC, ECE, custom metrics) every replicate calls ``fn`` on its rows.
     """
 
     name: str
     fn: MetricFn
     higher_is_better: bool = True
     uses_probs: bool = False
+    decomposition: GroupDecomposition | None = None
 
 
 MetricLike = Metric | str | MetricFn
-
-
-def _at_k(fn: Callable[..., float], k: int) -> MetricFn:
-    return lambda y, s, g: fn(y, s, k, g)
 
 
 def _ungrouped(fn: Callable[..., float]) -> MetricFn:
     return lambda y, s, g: fn(y, s)
 
 
+def _one_part(values: Callable[[np.ndarray, np.ndarray, np.ndarray], M.GroupValues]) -> GroupDecomposition:
+    return GroupDecomposition(parts=lambda y, s, g: (values(y, s, g),))
+
+
+def _ne_parts(y: np.ndarray, p: np.ndarray, g: np.ndarray) -> tuple[M.GroupValues, ...]:
+    return M.log_loss_values(y, p, g), M.base_rate_values(y, g)
+
+
+def _ne_combine(means: np.ndarray) -> np.ndarray:
+    return M.normalized_entropy_of(means[:, 0], means[:, 1])
+
+
 _FIXED: dict[str, Metric] = {
+    # Pooled AUC ranks all rows against each other: not a per-group quantity, so the row path.
     "auc": Metric("auc", _ungrouped(M.auc)),
-    "gauc": Metric("gauc", M.group_auc),
-    "mrr": Metric("mrr", M.mrr),
-    "log_loss": Metric("log_loss", _ungrouped(M.log_loss), higher_is_better=False, uses_probs=True),
-    "ne": Metric("ne", _ungrouped(M.normalized_entropy), higher_is_better=False, uses_probs=True),
+    "gauc": Metric("gauc", M.group_auc, decomposition=_one_part(M.group_auc_values)),
+    "mrr": Metric("mrr", M.mrr, decomposition=_one_part(M.mrr_values)),
+    "log_loss": Metric(
+        "log_loss", _ungrouped(M.log_loss), higher_is_better=False, uses_probs=True,
+        decomposition=_one_part(M.log_loss_values),
+    ),
+    "ne": Metric(
+        "ne", _ungrouped(M.normalized_entropy), higher_is_better=False, uses_probs=True,
+        decomposition=GroupDecomposition(_ne_parts, _ne_combine),
+    ),
+    # ECE's |mean predicted - observed| per bin is not a sum over groups: the row path.
     "ece": Metric("ece", _ungrouped(M.expected_calibration_error), higher_is_better=False, uses_probs=True),
+}  # fmt: skip
+#: ``<name>@k`` metrics: the scalar function and its per-group values, both ``f(y, s, k, groups)``.
+_AT_K: dict[str, tuple[Callable[..., float], Callable[..., M.GroupValues]]] = {
+    "ndcg": (M.ndcg_at_k, M.ndcg_values),
+    "recall": (M.recall_at_k, M.recall_values),
+    "precision": (M.precision_at_k, M.precision_values),
+    "hit": (M.hit_at_k, M.hit_values),
 }
-_AT_K: dict[str, Callable[..., float]] = {
-    "ndcg": M.ndcg_at_k,
-    "recall": M.recall_at_k,
-    "precision": M.precision_at_k,
-    "hit": M.hit_at_k,
-}
+
+
+def _at_k(name: str, base: str, k: int) -> Metric:
+    scalar, values = _AT_K[base]
+    return Metric(
+        name, lambda y, s, g: scalar(y, s, k, g), decomposition=_one_part(lambda y, s, g: values(y, s, k, g))
+    )
 
 
 def get_metric(name: str) -> Metric:
@@ -96,7 +151,7 @@ def get_metric(name: str) -> Metric:
         return _FIXED[name]
     base, at, k = name.partition("@")
     if at and base in _AT_K and k.isdigit() and int(k) >= 1:
-        return Metric(name, _at_k(_AT_K[base], int(k)))
+        return _at_k(name, base, int(k))
     known = ", ".join([*_FIXED, *(f"{m}@K" for m in _AT_K)])
     raise ValueError(f"unknown metric {name!r}; known: {known}")
 
@@ -245,6 +300,7 @@ class _Clusters:
     group_codes: np.ndarray  # [n] group code of each row in ``order``
     starts: np.ndarray  # [n_clusters] first position of each cluster in ``order``
     sizes: np.ndarray  # [n_clusters] rows per cluster
+    group_cluster: np.ndarray  # [n_groups] the cluster of each group code
 
     @classmethod
     def build(cls, groups: np.ndarray, clusters: np.ndarray) -> _Clusters:
@@ -259,11 +315,20 @@ class _Clusters:
         if runs != group_codes.max() + 1:
             raise ValueError("every group must lie inside one cluster: some group ids appear under several cluster ids")
         sizes = np.bincount(cluster_codes)
-        return cls(order, sorted_groups, np.cumsum(sizes) - sizes, sizes)
+        group_cluster = np.empty(runs, dtype=np.int64)
+        group_cluster[sorted_groups] = sorted_clusters
+        return cls(order, sorted_groups, np.cumsum(sizes) - sizes, sizes, group_cluster)
 
-    def draw(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-        """Row ids of one resample and fresh group ids (a cluster drawn twice gives two lists)."""
-        drawn = rng.integers(0, self.sizes.size, size=self.sizes.size)
+    @property
+    def n_clusters(self) -> int:
+        return self.sizes.shape[0]
+
+    def draw(self, rng: np.random.Generator) -> np.ndarray:
+        """Cluster indices of one resample: ``n_clusters`` draws with replacement."""
+        return rng.integers(0, self.n_clusters, size=self.n_clusters)
+
+    def rows(self, drawn: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Row ids of the drawn clusters and fresh group ids (a cluster drawn twice gives two lists)."""
         sizes = self.sizes[drawn]
         out_starts = np.cumsum(sizes) - sizes
         # Position j of the output copies position starts[c] + (j - out_start of c) of ``order``.
@@ -274,6 +339,40 @@ class _Clusters:
         np.not_equal(codes[1:], codes[:-1], out=new_group[1:])
         new_group[out_starts] = True  # every drawn copy starts new groups
         return self.order[positions], np.cumsum(new_group) - 1
+
+
+#: Cells of the [replicates, groups] count matrix per chunk of replicates: 32 MB of float64, so
+#: memory stays flat however many resamples are asked for.
+_CHUNK_CELLS = 2**22
+
+
+@dataclass(frozen=True)
+class _GroupTerms:
+    """Per-group values of every decomposable (model, metric), computed once on the full holdout."""
+
+    parts: list[M.GroupValues]  # all parts of all slots, over the dense group codes 0..G-1
+    slots: list[tuple[int, int, slice, Callable[[np.ndarray], np.ndarray]]]  # model, metric, parts, combine
+
+    @classmethod
+    def build(
+        cls, y: np.ndarray, columns: Sequence[np.ndarray], metrics: Sequence[Metric], groups: np.ndarray
+    ) -> _GroupTerms:
+        parts: list[M.GroupValues] = []
+        slots = []
+        for i, s in enumerate(columns):
+            for k, metric in enumerate(metrics):
+                if metric.decomposition is not None:
+                    new = metric.decomposition.parts(y, s, groups)
+                    slots.append((i, k, slice(len(parts), len(parts) + len(new)), metric.decomposition.combine))
+                    parts.extend(new)
+        return cls(parts, slots)
+
+    def fill(self, replicates: np.ndarray, group_counts: np.ndarray) -> None:
+        """Write the metrics of a chunk of replicates, ``replicates[model, metric, r]``, from how
+        often each group counts in each replicate (``group_counts[r, group]``)."""
+        means = M.weighted_means(self.parts, group_counts)
+        for i, k, part_slice, combine in self.slots:
+            replicates[i, k] = combine(means[:, part_slice])
 
 
 def _column(x: Any, name: str, n: int | None) -> np.ndarray:
@@ -320,6 +419,10 @@ def bootstrap_models(
     units resampled (default: ``groups``; pass user ids to also account for the correlation
     between one user's requests). Each group must lie inside one cluster for the resample to keep
     it whole. The same ``seed`` gives the same resamples whatever the models and metrics.
+
+    Metrics with a ``decomposition`` (gauc, mrr, ndcg/recall/precision/hit@k, log_loss, ne) take
+    the fast path: per-group values once, then a re-weighting per replicate, in chunks of
+    replicates. The others (auc, ece, custom callables) re-score the resampled rows.
     """
     if groups is None:
         raise ValueError("groups is required: the bootstrap resamples whole groups (requests or users)")
@@ -342,15 +445,30 @@ def bootstrap_models(
     dense_groups[layout.order] = layout.group_codes
     values = np.array([[m.fn(y, s, dense_groups) for m in resolved] for s in columns.values()], dtype=np.float64)
 
+    terms = _GroupTerms.build(y, list(columns.values()), resolved, dense_groups)
+    on_rows = [k for k, m in enumerate(resolved) if m.decomposition is None]
     rng = np.random.default_rng(seed)
     replicates = np.empty((len(columns), len(resolved), n_resamples), dtype=np.float64)
-    for r in tqdm(range(n_resamples), desc="bootstrap", disable=not progress):
-        rows, rep_groups = layout.draw(rng)
-        y_r = y[rows]
-        for i, s in enumerate(columns.values()):
-            s_r = s[rows]
-            for k, metric in enumerate(resolved):
-                replicates[i, k, r] = metric_or_nan(metric, y_r, s_r, rep_groups)
+    chunk = max(1, _CHUNK_CELLS // max(layout.n_clusters, layout.group_cluster.shape[0]))
+    with tqdm(total=n_resamples, desc="bootstrap", disable=not progress) as bar:
+        for start in range(0, n_resamples, chunk):
+            stop = min(start + chunk, n_resamples)
+            cluster_counts = np.zeros((stop - start, layout.n_clusters))
+            for r in range(start, stop):
+                drawn = layout.draw(rng)
+                if terms.slots:
+                    cluster_counts[r - start] = np.bincount(drawn, minlength=layout.n_clusters)
+                if on_rows:
+                    rows, rep_groups = layout.rows(drawn)
+                    y_r = y[rows]
+                    for i, s in enumerate(columns.values()):
+                        s_r = s[rows]
+                        for k in on_rows:
+                            replicates[i, k, r] = metric_or_nan(resolved[k], y_r, s_r, rep_groups)
+                bar.update()
+            if terms.slots:
+                # A group counts as often as its cluster was drawn (each group lies in one cluster).
+                terms.fill(replicates[:, :, start:stop], cluster_counts[:, layout.group_cluster])
     return BootstrapTable(tuple(columns), resolved, values, replicates, level)
 
 

@@ -5,6 +5,11 @@ CPU and converted), and returns a Python ``float`` (or a small frozen dataclass)
 vectorised: per-group metrics sort once by (group, score) and reduce with ``np.bincount``, so a
 10M-row evaluation with 1M requests costs a few sorts, not a million Python iterations.
 
+Metrics that are a mean over groups (GAUC, MRR, NDCG/precision/recall/hit@k, and log loss as a
+mean over rows) also come as ``<name>_values``: a ``GroupValues`` of per-group values and weights.
+The scalar metric is its ``mean()``; the bootstrap re-weights the same values by how often each
+group was drawn (``weighted_means``) instead of re-sorting rows for every replicate.
+
 Conventions (each one is a choice; they are tested):
 
 - **Undefined values.** A metric over one set that is undefined raises ``ValueError`` (``auc`` on
@@ -219,10 +224,10 @@ class _Ranked:
     labels: np.ndarray  # [n] float64 labels in ranked order
     group: np.ndarray  # [n] int64 group index 0..n_groups-1 of each ranked row
     rank: np.ndarray  # [n] int64 1-based rank within the group
-    n_groups: int
+    ids: np.ndarray  # [n_groups] the group id of each group index (ascending)
 
     def per_group(self, weights: np.ndarray) -> np.ndarray:
-        return np.bincount(self.group, weights=weights, minlength=self.n_groups)
+        return np.bincount(self.group, weights=weights, minlength=self.ids.shape[0])
 
 
 def _group_index(sorted_groups: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -235,13 +240,19 @@ def _group_index(sorted_groups: np.ndarray | None, n: int) -> tuple[np.ndarray, 
     return np.cumsum(new_group) - 1, np.flatnonzero(new_group)
 
 
+def _group_ids(sorted_groups: np.ndarray | None, starts: np.ndarray) -> np.ndarray:
+    """The id of each group of a group-sorted array; ``groups=None`` is one list with id 0."""
+    return np.zeros(1, dtype=np.int64) if sorted_groups is None else sorted_groups[starts]
+
+
 def _rank(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None) -> _Ranked:
     """Rank rows within their group; ties go pessimistically (lower label first)."""
     keys = [labels, -scores] if groups is None else [labels, -scores, groups]
     order = _lexsort(keys)
-    group, starts = _group_index(None if groups is None else groups[order], order.shape[0])
+    sorted_groups = None if groups is None else groups[order]
+    group, starts = _group_index(sorted_groups, order.shape[0])
     rank = np.arange(1, order.shape[0] + 1) - starts[group]
-    return _Ranked(labels=labels[order], group=group, rank=rank, n_groups=starts.shape[0])
+    return _Ranked(labels=labels[order], group=group, rank=rank, ids=_group_ids(sorted_groups, starts))
 
 
 def _ranking_inputs(
@@ -253,11 +264,88 @@ def _ranking_inputs(
     return y, s, _groups(groups, y.shape[0])
 
 
-def _mean_where(values: np.ndarray, mask: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """Mean of ``values[mask]`` (optionally weighted); nan when the mask is empty."""
-    if not mask.any():
-        return float("nan")
-    return float(np.average(values[mask], weights=None if weights is None else weights[mask]))
+# --------------------------------------------------------------------------------------------
+# Per-group values: every metric that is a mean over groups is the mean of a GroupValues.
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GroupValues:
+    """A metric that is a weighted mean over groups, stopped before the mean: one value per group.
+
+    Why it exists: a group's value depends on that group's rows only, so a bootstrap that draws
+    groups with replacement does not need to re-sort any rows; it re-weights these values by how
+    often each group was drawn (``weighted_means``). Every grouped metric in this module is
+    ``<metric>_values(...).mean()``, so the full-sample metric and its replicates share one
+    computation and cannot drift apart.
+
+    The arrays line up with ``group_ids`` (ascending; ``[0]`` when ``groups`` was None). Undefined
+    groups (GAUC: one class only; ranking metrics: no positive) keep their slot with
+    ``defined == False`` and a nan value, and weigh nothing.
+    """
+
+    group_ids: np.ndarray  # [G] distinct group ids, ascending
+    values: np.ndarray  # [G] float64 value of each group; nan where undefined
+    weights: np.ndarray  # [G] float64 weight of the group in the mean: 1, or its rows (impressions)
+    defined: np.ndarray  # [G] bool: the groups the mean includes
+
+    def terms(self) -> tuple[np.ndarray, np.ndarray]:
+        """(weight * value, weight) per group, both 0 where undefined: any mean is a ratio of their
+        (count-weighted) sums."""
+        weights = np.where(self.defined, self.weights, 0.0)
+        return np.where(self.defined, self.values, 0.0) * weights, weights
+
+    def mean(self) -> float:
+        """The metric on the full input (every group counted once); nan if no group is defined."""
+        return float(weighted_means([self], np.ones((1, self.group_ids.shape[0])))[0, 0])
+
+
+def weighted_means(parts: Sequence[GroupValues], counts: ArrayLike) -> np.ndarray:
+    """[R, len(parts)]: each part's mean when group ``j`` counts ``counts[r, j]`` times.
+
+    ``counts`` is [R, G] over the parts' shared groups (e.g. how often a bootstrap replicate drew
+    each group); a row of ones gives the full-sample metric. Each mean is
+    ``sum_j c_j w_j v_j / sum_j c_j w_j`` over the defined groups, nan where that weight is 0. All
+    R rows and all parts cost one matrix product; identical term columns (the same model given
+    twice, or the denominators that models share) are computed once, which also makes a paired
+    delta between identical models exactly 0 whatever the BLAS kernel does.
+    """
+    if not parts:
+        raise ValueError("parts is empty: give at least one GroupValues")
+    ids = parts[0].group_ids
+    if any(not np.array_equal(p.group_ids, ids) for p in parts[1:]):
+        raise ValueError("all parts must have the same group_ids (compute them on the same groups)")
+    counts = _to_numpy(counts, "counts").astype(np.float64, copy=False)
+    if counts.ndim != 2 or counts.shape[1] != ids.shape[0]:
+        raise ValueError(f"counts must have shape [n_resamples, n_groups={ids.shape[0]}], got {counts.shape}")
+    if np.isnan(counts).any() or (counts < 0).any():
+        raise ValueError("counts must be non-negative numbers (how often each group counts)")
+    columns: dict[bytes, int] = {}  # term bytes -> column of ``unique``
+    unique: list[np.ndarray] = []
+    where = []
+    for term in (t for p in parts for t in p.terms()):
+        key = term.tobytes()
+        if key not in columns:
+            columns[key] = len(unique)
+            unique.append(term)
+        where.append(columns[key])
+    sums = (counts @ np.stack(unique, axis=1))[:, where]  # [R, 2 * n_parts]: num, den, num, den...
+    numerators, denominators = sums[:, 0::2], sums[:, 1::2]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominators > 0, numerators / denominators, np.nan)
+
+
+def _averaged(ids: np.ndarray, values: np.ndarray, defined: np.ndarray) -> GroupValues:
+    """Per-group values of a metric that weighs every defined group equally."""
+    return GroupValues(ids, np.where(defined, values, np.nan), np.ones(ids.shape[0]), defined)
+
+
+def _row_groups(groups: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Distinct group ids (ascending) and each row's index into them."""
+    if groups is None:
+        return np.zeros(1, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    ids, index = np.unique(groups, return_inverse=True)
+    return ids, index.ravel()
 
 
 # --------------------------------------------------------------------------------------------
@@ -268,14 +356,15 @@ def _mean_where(values: np.ndarray, mask: np.ndarray, weights: np.ndarray | None
 def _auc_per_group(
     labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per-group (Mann-Whitney) AUC with average ranks for ties; also positives and sizes.
+    """Per-group (Mann-Whitney) AUC with average ranks for ties; also group sizes and ids.
 
     AUC = (sum of the positives' ascending ranks - P(P+1)/2) / (P * N). Groups with P = 0 or
     N = 0 get nan.
     """
     n = labels.shape[0]
     order = _lexsort([scores] if groups is None else [scores, groups])
-    group, starts = _group_index(None if groups is None else groups[order], n)
+    sorted_groups = None if groups is None else groups[order]
+    group, starts = _group_index(sorted_groups, n)
     s = scores[order]
     # A tie block is a run of equal scores inside one group; every row in it gets the block's
     # average position.
@@ -297,7 +386,7 @@ def _auc_per_group(
     with np.errstate(divide="ignore", invalid="ignore"):
         aucs = (rank_sum - positives * (positives + 1) / 2) / (positives * negatives)
     aucs[(positives == 0) | (negatives == 0)] = np.nan
-    return aucs, positives, sizes
+    return aucs, sizes, _group_ids(sorted_groups, starts)
 
 
 def auc(labels: ArrayLike, scores: ArrayLike) -> float:
@@ -314,6 +403,23 @@ def auc(labels: ArrayLike, scores: ArrayLike) -> float:
     return float(value)
 
 
+def group_auc_values(
+    labels: ArrayLike,
+    scores: ArrayLike,
+    groups: ArrayLike,
+    weighting: Literal["impressions", "uniform"] = "impressions",
+) -> GroupValues:
+    """Per-group AUC, weighted by group size ("impressions") or 1 ("uniform"); groups with one
+    class only are undefined."""
+    _choice(weighting, "weighting", ("impressions", "uniform"))
+    if groups is None:
+        raise ValueError("groups is required for group_auc (use auc for a single list)")
+    y, s, g = _ranking_inputs(labels, scores, groups)
+    aucs, sizes, ids = _auc_per_group(y, s, g)
+    weights = sizes if weighting == "impressions" else np.ones(ids.shape[0])
+    return GroupValues(ids, aucs, weights, ~np.isnan(aucs))
+
+
 def group_auc(
     labels: ArrayLike,
     scores: ArrayLike,
@@ -325,12 +431,7 @@ def group_auc(
     Groups that are all-positive or all-negative are skipped (AUC is undefined there); returns
     nan when no group has both classes.
     """
-    _choice(weighting, "weighting", ("impressions", "uniform"))
-    if groups is None:
-        raise ValueError("groups is required for group_auc (use auc for a single list)")
-    y, s, g = _ranking_inputs(labels, scores, groups)
-    aucs, _, sizes = _auc_per_group(y, s, g)
-    return _mean_where(aucs, ~np.isnan(aucs), sizes if weighting == "impressions" else None)
+    return group_auc_values(labels, scores, groups, weighting).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -338,18 +439,41 @@ def group_auc(
 # --------------------------------------------------------------------------------------------
 
 
-def mrr(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike | None = None) -> float:
-    """Mean reciprocal rank (MIND): per group the mean of 1/rank over its positives, then the
-    mean over groups with a positive."""
+def mrr_values(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike | None = None) -> GroupValues:
+    """Per group: the mean of 1/rank over its positives; undefined without a positive."""
     ranked = _rank(*_ranking_inputs(labels, scores, groups))
     positives = ranked.per_group(ranked.labels)
     reciprocal = ranked.per_group(ranked.labels / ranked.rank)
     with np.errstate(invalid="ignore"):
-        return _mean_where(reciprocal / positives, positives > 0)
+        return _averaged(ranked.ids, reciprocal / positives, positives > 0)
+
+
+def mrr(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike | None = None) -> float:
+    """Mean reciprocal rank (MIND): per group the mean of 1/rank over its positives, then the
+    mean over groups with a positive."""
+    return mrr_values(labels, scores, groups).mean()
 
 
 def _discount(rank: np.ndarray) -> np.ndarray:
     return 1.0 / np.log2(rank + 1.0)
+
+
+def ndcg_values(
+    labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
+) -> GroupValues:
+    """Per-group NDCG@k (see ``ndcg_at_k``); undefined where the ideal DCG is 0 (no positive)."""
+    k = _positive_int(k, "k")
+    y, s, g = _ranking_inputs(labels, scores, groups, graded=True)
+    ranked = _rank(y, s, g)
+    gains = np.exp2(ranked.labels) - 1.0
+    dcg = ranked.per_group(np.where(ranked.rank <= k, gains * _discount(ranked.rank), 0.0))
+    # Ideal ranking: the same rows ordered by label descending within the group. Ranking by the
+    # labels themselves (scores := labels) gives exactly that order (and the same group order).
+    ideal = _rank(y, y, g)
+    ideal_gains = np.exp2(ideal.labels) - 1.0
+    idcg = ideal.per_group(np.where(ideal.rank <= k, ideal_gains * _discount(ideal.rank), 0.0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return _averaged(ranked.ids, dcg / idcg, idcg > 0)
 
 
 def ndcg_at_k(
@@ -357,53 +481,63 @@ def ndcg_at_k(
 ) -> float:
     """NDCG@k with gains ``2**label - 1`` (binary or graded labels), averaged over groups that
     have a positive. The ideal DCG uses the group's own labels sorted descending, cut at k."""
-    k = _positive_int(k, "k")
-    y, s, g = _ranking_inputs(labels, scores, groups, graded=True)
-    ranked = _rank(y, s, g)
-    gains = np.exp2(ranked.labels) - 1.0
-    dcg = ranked.per_group(np.where(ranked.rank <= k, gains * _discount(ranked.rank), 0.0))
-    # Ideal ranking: the same rows ordered by label descending within the group. Ranking by the
-    # labels themselves (scores := labels) gives exactly that order.
-    ideal = _rank(y, y, g)
-    ideal_gains = np.exp2(ideal.labels) - 1.0
-    idcg = ideal.per_group(np.where(ideal.rank <= k, ideal_gains * _discount(ideal.rank), 0.0))
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return _mean_where(dcg / idcg, idcg > 0)
+    return ndcg_values(labels, scores, k, groups).mean()
 
 
 def _hits_at_k(
     labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per group: positives among the top k, and positives overall."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per group: positives among the top k, positives overall, and the group ids."""
     k = _positive_int(k, "k")
     ranked = _rank(*_ranking_inputs(labels, scores, groups))
     hits = ranked.per_group(np.where(ranked.rank <= k, ranked.labels, 0.0))
-    return hits, ranked.per_group(ranked.labels)
+    return hits, ranked.per_group(ranked.labels), ranked.ids
+
+
+def precision_values(
+    labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
+) -> GroupValues:
+    """Per group: positives among the top k divided by k; undefined without a positive."""
+    hits, positives, ids = _hits_at_k(labels, scores, k, groups)
+    return _averaged(ids, hits / k, positives > 0)
 
 
 def precision_at_k(
     labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
 ) -> float:
     """Positives among the top k divided by k (even when the list is shorter than k)."""
-    hits, positives = _hits_at_k(labels, scores, k, groups)
-    return _mean_where(hits / k, positives > 0)
+    return precision_values(labels, scores, k, groups).mean()
+
+
+def recall_values(
+    labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
+) -> GroupValues:
+    """Per group: positives among the top k divided by its positives; undefined without one."""
+    hits, positives, ids = _hits_at_k(labels, scores, k, groups)
+    with np.errstate(invalid="ignore"):
+        return _averaged(ids, hits / positives, positives > 0)
 
 
 def recall_at_k(
     labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
 ) -> float:
     """Positives among the top k divided by the group's number of positives."""
-    hits, positives = _hits_at_k(labels, scores, k, groups)
-    with np.errstate(invalid="ignore"):
-        return _mean_where(hits / positives, positives > 0)
+    return recall_values(labels, scores, k, groups).mean()
+
+
+def hit_values(
+    labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
+) -> GroupValues:
+    """Per group: 1 if a positive is in the top k, else 0; undefined without a positive."""
+    hits, positives, ids = _hits_at_k(labels, scores, k, groups)
+    return _averaged(ids, (hits > 0).astype(np.float64), positives > 0)
 
 
 def hit_at_k(
     labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
 ) -> float:
     """Share of groups with at least one positive in the top k."""
-    hits, positives = _hits_at_k(labels, scores, k, groups)
-    return _mean_where((hits > 0).astype(np.float64), positives > 0)
+    return hit_values(labels, scores, k, groups).mean()
 
 
 # --------------------------------------------------------------------------------------------
@@ -418,17 +552,58 @@ def _probability_inputs(labels: ArrayLike, probs: ArrayLike) -> tuple[np.ndarray
     return y, p
 
 
+def _check_eps(eps: float) -> float:
+    if not 0 < eps < 0.5:
+        raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
+    return eps
+
+
+def _row_log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> np.ndarray:
+    p = np.clip(p, eps, 1 - eps)
+    return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+
+
 def log_loss(labels: ArrayLike, probs: ArrayLike, eps: float = 1e-7) -> float:
     """Mean binary cross-entropy (natural log); probabilities are clipped to [eps, 1 - eps] so a
     single confident mistake costs -log(eps) instead of infinity."""
-    if not 0 < eps < 0.5:
-        raise ValueError(f"eps must lie in (0, 0.5), got {eps!r}")
-    return _log_loss(*_probability_inputs(labels, probs), eps)
+    return _log_loss(*_probability_inputs(labels, probs), _check_eps(eps))
 
 
 def _log_loss(y: np.ndarray, p: np.ndarray, eps: float = 1e-7) -> float:
-    p = np.clip(p, eps, 1 - eps)
-    return float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
+    return float(np.mean(_row_log_loss(y, p, eps)))
+
+
+def log_loss_values(
+    labels: ArrayLike, probs: ArrayLike, groups: ArrayLike | None = None, eps: float = 1e-7
+) -> GroupValues:
+    """Per group: the mean row log loss, weighted by the group's rows, so that the mean over
+    groups is the log loss over all rows (a sum of row losses over a sum of rows)."""
+    _check_eps(eps)
+    y, p = _probability_inputs(labels, probs)
+    ids, index = _row_groups(_groups(groups, y.shape[0]), y.shape[0])
+    rows = np.bincount(index, minlength=ids.shape[0]).astype(np.float64)
+    losses = np.bincount(index, weights=_row_log_loss(y, p, eps), minlength=ids.shape[0])
+    return GroupValues(ids, losses / rows, rows, np.ones(ids.shape[0], dtype=bool))
+
+
+def base_rate_values(labels: ArrayLike, groups: ArrayLike | None = None) -> GroupValues:
+    """Per group: the share of positive labels (CTR), weighted by the group's rows, so that the
+    mean over groups is the overall base rate (what normalised entropy divides by)."""
+    y = _binary(labels)
+    ids, index = _row_groups(_groups(groups, y.shape[0]), y.shape[0])
+    rows = np.bincount(index, minlength=ids.shape[0]).astype(np.float64)
+    positives = np.bincount(index, weights=y, minlength=ids.shape[0])
+    return GroupValues(ids, positives / rows, rows, np.ones(ids.shape[0], dtype=bool))
+
+
+def normalized_entropy_of(log_loss: ArrayLike, base_rate: ArrayLike) -> np.ndarray:
+    """NE from its two ingredients, elementwise: log loss over the entropy of the base rate; nan
+    where the base rate is 0 or 1. The bootstrap uses it on resampled means, without the rows."""
+    loss = np.asarray(log_loss, dtype=np.float64)
+    rate = np.asarray(base_rate, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        base_entropy = -(rate * np.log(rate) + (1 - rate) * np.log1p(-rate))
+        return np.where((rate > 0) & (rate < 1), loss / base_entropy, np.nan)
 
 
 def normalized_entropy(labels: ArrayLike, probs: ArrayLike) -> float:
@@ -442,8 +617,7 @@ def normalized_entropy(labels: ArrayLike, probs: ArrayLike) -> float:
     rate = float(y.mean())
     if rate in (0.0, 1.0):
         raise ValueError(f"normalized_entropy is undefined: the base rate of labels is {rate:g}")
-    base_entropy = -(rate * np.log(rate) + (1 - rate) * np.log1p(-rate))
-    return _log_loss(y, p) / float(base_entropy)
+    return float(normalized_entropy_of(_log_loss(y, p), rate))
 
 
 @dataclass(frozen=True)
@@ -666,6 +840,13 @@ def _check_ranked_ids(ranked: np.ndarray, k: int) -> None:
     if duplicated.any():
         user = int(np.flatnonzero(duplicated.any(axis=1))[0])
         raise ValueError(f"ranked_or_scores repeats an item id in the list of user {user}")
+
+
+def _mean_where(values: np.ndarray, mask: np.ndarray) -> float:
+    """Mean of ``values[mask]``; nan when the mask is empty."""
+    if not mask.any():
+        return float("nan")
+    return float(np.mean(values[mask]))
 
 
 def _topk_from_hits(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> TopKResult:
