@@ -1,0 +1,165 @@
+"""`feedrank index build|check`: thin shells over ``feedrank.index``.
+
+Exit codes: 0 done (build: published; check: recall above the floor and no rebuild due); 1 action
+needed (build: the recall gate refused the index, nothing written; check: recall below the floor or
+a rebuild is due); 2 the input could not be used (missing file, bad vectors or ids, bad config).
+
+Example::
+
+    feedrank index build item_vecs.npy --ids item_ids.txt --kind hnsw --out artifacts/index \\
+        --model-version two_tower@3 --queries user_vecs.npy
+    feedrank index check artifacts/index --queries 500
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from datetime import datetime, timezone
+from enum import Enum
+from pathlib import Path
+from typing import Optional, get_args
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import typer
+
+from feedrank.config import ConfigError, load_yaml, to_dict
+from feedrank.index import (
+    IndexConfig,
+    RecallBelowFloorError,
+    build_and_publish,
+    check_recall,
+    load_index,
+    needs_rebuild,
+    read_manifest,
+)
+from feedrank.index.config import IndexKind
+
+Kind = Enum("Kind", {k: k for k in get_args(IndexKind)}, type=str)
+
+index_app = typer.Typer(help="Build, publish and check the FAISS item index.", no_args_is_help=True)
+
+_INPUT_ERRORS = (ValueError, OSError, ConfigError)
+
+
+def register(app: typer.Typer) -> None:
+    """Add this group's commands to the root app."""
+    app.add_typer(index_app, name="index")
+
+
+def _fail(message: str, code: int = 2) -> typer.Exit:
+    typer.echo(f"error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def read_vectors(path: Path) -> np.ndarray:
+    """A ``.npy`` array of vectors (shape and values are checked by the index itself)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as exc:
+        raise ValueError(f"{path}: not a readable .npy array: {exc}") from exc
+
+
+def read_item_ids(path: Path) -> np.ndarray:
+    """Item ids from a ``.txt`` file (one per line) or a ``.parquet`` file (string column ``item_id``)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.suffix == ".txt":
+        lines = path.read_text().splitlines()
+        blank = [i for i, line in enumerate(lines, start=1) if not line.strip()]
+        if blank:
+            raise ValueError(f"{path}: line {blank[0]} is blank ({len(blank)} blank line(s)); one item id per line")
+        return np.asarray(lines, dtype=object)
+    if path.suffix == ".parquet":
+        table = pq.read_table(path)
+        if "item_id" not in table.column_names:
+            raise ValueError(f"{path}: no column 'item_id' (columns: {', '.join(table.column_names)})")
+        column = table.column("item_id")
+        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            raise ValueError(f"{path}: column item_id is {column.type}, item ids must be strings")
+        if column.null_count:
+            first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+            raise ValueError(f"{path}: item_id has {column.null_count} null(s), first at row {first}")
+        return column.to_numpy(zero_copy_only=False).astype(object)
+    raise ValueError(f"{path}: item ids must be a .txt or .parquet file")
+
+
+@index_app.command("build")
+def build_command(
+    vectors: Path = typer.Argument(..., metavar="VECTORS.npy", help="Item vectors, (n, dim) float32, one row per item."),
+    ids: Path = typer.Option(..., "--ids", help="Item ids in row order: .txt (one per line) or .parquet (column item_id)."),
+    out: Path = typer.Option(..., "--out", help="Index directory to publish to (replaced atomically)."),
+    kind: Optional[Kind] = typer.Option(None, "--kind", help="flat | ivf | hnsw (overrides the config)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="YAML file with an 'index' section (IndexConfig)."),
+    model_version: str = typer.Option("unknown", "--model-version", help="The model that made the vectors."),
+    queries: Optional[Path] = typer.Option(None, "--queries", help="User vectors .npy for the recall gate (default: the item vectors)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Build an index over item vectors and publish it if its recall reaches the floor."""
+    try:
+        cfg = IndexConfig() if config is None else load_yaml(IndexConfig, config, section="index")
+        cfg = cfg if kind is None else replace(cfg, kind=kind.value)
+        manifest = build_and_publish(
+            read_vectors(vectors),
+            read_item_ids(ids),
+            out,
+            cfg,
+            model_version=model_version,
+            queries=None if queries is None else read_vectors(queries),
+        )
+    except RecallBelowFloorError as exc:
+        raise _fail(str(exc), code=1) from exc
+    except _INPUT_ERRORS as exc:
+        raise _fail(str(exc)) from exc
+    if as_json:
+        typer.echo(json.dumps(to_dict(manifest), indent=2))
+    else:
+        typer.echo(
+            f"published {manifest.config.kind} index of {manifest.count:,} items (dim {manifest.dim}) -> {out}: "
+            f"recall@{manifest.recall_k} {manifest.recall:.4f} on {manifest.recall_queries} queries, "
+            f"built in {manifest.build_seconds:.1f} s"
+        )
+
+
+@index_app.command("check")
+def check_command(
+    directory: Path = typer.Argument(..., metavar="DIR", help="A published index directory."),
+    queries: int = typer.Option(1000, "--queries", min=1, help="How many queries to measure recall on."),
+    query_vectors: Optional[Path] = typer.Option(None, "--query-vectors", help="User vectors .npy to sample queries from (default: the item vectors)."),
+    fresh: Optional[int] = typer.Option(None, "--fresh", min=0, help="Items new since the build (default: those already added to the index)."),
+    model_version: Optional[str] = typer.Option(None, "--model-version", help="The model now serving; a different one forces a rebuild."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Load an index, verify its files, re-measure recall and say whether it needs a rebuild."""
+    try:
+        manifest = read_manifest(directory)
+        index = load_index(directory)
+        cfg = replace(manifest.config, recall_sample=queries)
+        sample = index.vectors() if query_vectors is None else read_vectors(query_vectors)
+        recall = check_recall(index, sample, cfg)
+        n_fresh = manifest.fresh_count if fresh is None else fresh
+        rebuild, reason = needs_rebuild(manifest, datetime.now(timezone.utc), n_fresh, cfg.rebuild, model_version)
+    except _INPUT_ERRORS as exc:
+        raise _fail(str(exc)) from exc
+    low = recall.value < cfg.recall_floor
+    if as_json:
+        result = {"manifest": to_dict(manifest), "recall": to_dict(recall), "recall_ok": not low,
+                  "rebuild": rebuild, "reason": reason}
+        typer.echo(json.dumps(result, indent=2))
+    else:
+        typer.echo(
+            f"{directory}: {cfg.kind} index, {manifest.count:,} items (dim {manifest.dim}, "
+            f"{manifest.fresh_count} fresh), model {manifest.model_version!r}, built {manifest.built_at}"
+        )
+        typer.echo(f"params: {json.dumps({k: v for k, v in to_dict(cfg).items() if k != 'rebuild'})}")
+        typer.echo(
+            f"recall@{recall.k}: {recall.value:.4f} on {recall.queries} queries "
+            f"(at publish: {manifest.recall}; floor {cfg.recall_floor}){'  BELOW FLOOR' if low else ''}"
+        )
+        typer.echo(f"rebuild: {'YES' if rebuild else 'no'} - {reason}")
+    if low or rebuild:
+        raise typer.Exit(1)
