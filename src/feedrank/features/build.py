@@ -220,7 +220,7 @@ def build_features(
             }
         manifest = _manifest(log_dir, cfg, vocabs, splits, tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        _replace_dir(tmp, out_dir)
+        replace_dir(tmp, out_dir)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
@@ -305,7 +305,7 @@ def _manifest(log_dir: Path, cfg: FeatureConfig, vocabs: Vocabularies, splits: d
     return {
         "schema_version": SCHEMA_VERSION,
         "source_log": str(log_dir.resolve()),
-        "source_hash": _log_hash(log_dir),
+        "source_hash": log_hash(log_dir),
         "cutoff": cfg.cutoff,
         "split_at": cfg.split_at,
         "history_len": cfg.history_len,
@@ -321,7 +321,7 @@ def _manifest(log_dir: Path, cfg: FeatureConfig, vocabs: Vocabularies, splits: d
     }
 
 
-def _log_hash(log_dir: Path) -> str:
+def log_hash(log_dir: Path) -> str:
     """sha256 over the event files' relative paths and bytes: identifies the exact source log."""
     h = hashlib.sha256()
     events = log_dir / EVENTS_DIR
@@ -339,7 +339,8 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def _replace_dir(tmp: Path, final: Path) -> None:
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Move a fully written ``tmp`` folder to ``final``, replacing what was there (two renames)."""
     if final.exists():
         old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
         final.rename(old)

@@ -1,0 +1,340 @@
+"""The saved model artifact that every stage after training loads: a *bundle*.
+
+Evaluation, serving, the ANN index, a ranker that reuses two-tower vectors and the simulated A/B
+test all need the same four things, so they travel together in one folder::
+
+    BUNDLE/
+      model.pt            the model's state_dict (loaded with ``weights_only``: it can never run code)
+      bundle.json         kind, feedrank version, content version, created time, the full run config,
+                          metrics, and the ids of the log and feature build it came from
+      vocab/              ``Vocabularies.save``: the id -> index mappings the weights were trained with
+      catalogue.parquet   one row per item vocabulary index (``CATALOGUE_SCHEMA``): what is needed to
+                          embed every item without the log (categorical indices, creation time,
+                          training impressions and clicks)
+
+The model is *rebuilt* from the saved config and the vocabulary sizes, never unpickled: a builder
+per ``kind`` (``MODEL_BUILDERS``) turns ``(config dict, vocabularies)`` into an ``nn.Module`` whose
+state_dict must match ``model.pt`` exactly. A new model kind registers one line there.
+
+The content ``version`` is a sha256 over the weights (names, dtypes, shapes, bytes) and the config:
+two bundles with the same version serve the same scores, and ``load_bundle`` recomputes it, so a
+damaged ``model.pt`` is caught at load time rather than as quietly wrong scores.
+
+A bundle is written to a temporary folder renamed into place: a crash mid-save leaves any previous
+bundle at that path intact.
+
+Example::
+
+    path = save_bundle("runs/demo/bundle", kind="two_tower", model=model, config=to_dict(run_cfg),
+                       vocabs=vocabs, catalogue=catalogue, metrics={"recall@10": 0.21})
+    bundle = load_bundle(path)          # Bundle(kind='two_tower', version='3f1c...', ...)
+    bundle.model.item_vectors(...)
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+from torch import nn
+
+import feedrank
+from feedrank.config import ConfigError, from_dict
+from feedrank.data.schema import TS_TYPE
+from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, replace_dir
+from feedrank.features.counters import COUNTER_COLUMNS
+from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
+from feedrank.models.two_tower import TwoTower, TwoTowerConfig
+
+BUNDLE_FORMAT = 1
+MODEL_FILE = "model.pt"
+META_FILE = "bundle.json"
+VOCAB_DIR = "vocab"
+CATALOGUE_FILE = "catalogue.parquet"
+
+#: The counters a user tower may read: the user-side prefix of ``COUNTER_COLUMNS`` (the item
+#: counters after them would leak the candidate into the user vector; see ``TwoTower``).
+USER_COUNTER_COLUMNS = tuple(c for c in COUNTER_COLUMNS if c.startswith("user_"))
+assert COUNTER_COLUMNS[: len(USER_COUNTER_COLUMNS)] == USER_COUNTER_COLUMNS, "user counters must come first"
+
+CATALOGUE_SCHEMA = pa.schema(
+    [
+        pa.field("item_idx", pa.int64(), nullable=False),  # == row number
+        pa.field("item_id", pa.string()),  # null for padding, OOV and hash-bucket rows
+        *(pa.field(c, pa.int64(), nullable=False) for c in ITEM_CAT_INDEX_COLUMNS),
+        pa.field("created_ts", TS_TYPE),  # as logged; null when the source does not know it
+        pa.field("first_seen_ts", TS_TYPE),  # first impression in the training window
+        pa.field("train_impressions", pa.int64(), nullable=False),
+        pa.field("train_clicks", pa.int64(), nullable=False),
+    ]
+)
+
+_CATALOGUE_LOG_COLUMNS = ["item_id", "ts", "clicked", "created_ts", *ITEM_CAT_COLUMNS]
+
+
+class BundleError(ValueError):
+    """A bundle folder is incomplete, corrupt, or of a kind this code cannot build."""
+
+
+# ------------------------------------------------------------------------------------------------
+# model builders: kind -> (run config dict, vocabularies) -> nn.Module
+
+
+def build_two_tower(config: dict[str, Any], vocabs: Vocabularies) -> TwoTower:
+    """The two-tower model of a retrieval run config, sized by its vocabularies."""
+    cfg = from_dict(TwoTowerConfig, config.get("two_tower"), "two_tower")
+    return TwoTower(
+        cfg,
+        n_users=vocabs.n_users,
+        n_items=vocabs.n_items,
+        user_cat_sizes=vocabs.user_cat_sizes,
+        item_cat_sizes=vocabs.item_cat_sizes,
+        n_counters=len(USER_COUNTER_COLUMNS),
+    )
+
+
+ModelBuilder = Callable[[dict[str, Any], Vocabularies], nn.Module]
+
+#: Every model kind a bundle can hold. A new kind adds its builder here (one line).
+MODEL_BUILDERS: dict[str, ModelBuilder] = {
+    "two_tower": build_two_tower,
+}
+
+
+# ------------------------------------------------------------------------------------------------
+# the catalogue
+
+
+def build_catalogue(events: pa.Table, vocabs: Vocabularies) -> pa.Table:
+    """One ``CATALOGUE_SCHEMA`` row per item vocabulary index, from training-window events.
+
+    ``events`` needs the columns ``item_id, ts, clicked, created_ts`` and the item categorical
+    columns. An item's categorical indices and ``created_ts`` come from its *latest* row (metadata
+    can be corrected over time; the latest is what serving would see). Padding and OOV rows carry
+    the padding / OOV index in every categorical column; hash-bucket rows carry OOV categoricals.
+    """
+    missing = [c for c in _CATALOGUE_LOG_COLUMNS if c not in events.column_names]
+    if missing:
+        raise ValueError(f"build_catalogue: events lack column(s) {missing}")
+    n = vocabs.n_items
+    idx = lookup_quiet(vocabs.items, events["item_id"])
+    ts = events["ts"].cast(pa.int64()).to_numpy()
+    clicked = events["clicked"].to_numpy(zero_copy_only=False)
+    impressions = np.bincount(idx, minlength=n)
+    clicks = np.bincount(idx[clicked], minlength=n)
+    first_seen = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
+    np.minimum.at(first_seen, idx, ts)
+
+    row_of, has_row = latest_rows(idx, ts, n)
+
+    cats = {}
+    for col, idx_col in zip(ITEM_CAT_COLUMNS, ITEM_CAT_INDEX_COLUMNS):
+        values = lookup_quiet(vocabs.item_cats[col], events[col].take(pa.array(row_of)))
+        cats[idx_col] = np.where(has_row, values, OOV)
+        cats[idx_col][PAD] = PAD
+    created = events["created_ts"].take(pa.array(row_of))
+    created = pc.if_else(pa.array(has_row), created, pa.nulls(n, TS_TYPE))
+    item_ids = pa.array([None] * FIRST_ID + vocabs.items.ids + [None] * vocabs.items.hash_buckets, pa.string())
+    seen = first_seen != np.iinfo(np.int64).max
+    return pa.table(
+        {
+            "item_idx": np.arange(n, dtype=np.int64),
+            "item_id": item_ids,
+            **cats,
+            "created_ts": created.cast(TS_TYPE),
+            "first_seen_ts": pa.array(np.where(seen, first_seen, 0), TS_TYPE, mask=~seen),
+            "train_impressions": impressions.astype(np.int64),
+            "train_clicks": clicks.astype(np.int64),
+        },
+        schema=CATALOGUE_SCHEMA,
+    )
+
+
+def latest_rows(group: np.ndarray, ts: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
+    """For each group code in ``[0, n_groups)``: the row holding its latest ``ts`` (0 where the
+    group has no row) and whether it has one. Equal timestamps: the later row wins."""
+    order = np.lexsort((np.arange(len(ts)), ts, group))
+    last = order[np.r_[group[order][1:] != group[order][:-1], True]] if len(order) else order
+    has_row = np.zeros(n_groups, dtype=bool)
+    has_row[group[last]] = True
+    row_of = np.zeros(n_groups, dtype=np.int64)
+    row_of[group[last]] = last
+    return row_of, has_row
+
+
+def lookup_quiet(vocab: Vocab, values: pa.ChunkedArray) -> np.ndarray:
+    """``vocab.lookup`` that leaves ``oov_hits`` alone: building a catalogue is not an evaluation."""
+    hits = vocab.oov_hits
+    try:
+        return vocab.lookup(values)
+    finally:
+        vocab.oov_hits = hits
+
+
+def catalogue_item_cats(catalogue: pa.Table) -> torch.Tensor:
+    """[n_items, n_item_cats] int64: each item index's categorical indices (``attach_catalogue``)."""
+    return torch.from_numpy(np.stack([catalogue[c].to_numpy() for c in ITEM_CAT_INDEX_COLUMNS], axis=1).astype(np.int64))
+
+
+def catalogue_age_hours(catalogue: pa.Table, at: dt.datetime) -> np.ndarray:
+    """[n_items] float32 age of each item at ``at``: from ``created_ts``, else its first impression.
+
+    The same rule as the feature builder's ``item_age_h``, so the item tower sees ages on the scale
+    it was trained on; never negative; 0 for rows with neither (padding, OOV, buckets).
+    """
+    at_us = pa.scalar(at, TS_TYPE).cast(pa.int64()).as_py()
+    born = pc.coalesce(catalogue["created_ts"], catalogue["first_seen_ts"]).cast(pa.int64())
+    born_us = born.fill_null(at_us).to_numpy()
+    return (np.maximum(at_us - born_us, 0) / 3.6e9).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# save / load
+
+
+@dataclass
+class Bundle:
+    """A loaded bundle: the model (eval mode, CPU) and everything needed to use it."""
+
+    path: Path
+    kind: str
+    model: nn.Module
+    config: dict[str, Any]
+    vocabs: Vocabularies
+    catalogue: pa.Table
+    meta: dict[str, Any]  # the whole bundle.json
+
+    @property
+    def version(self) -> str:
+        return self.meta["version"]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.meta.get("metrics", {})
+
+
+def content_version(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> str:
+    """sha256 over the weights (name, dtype, shape, bytes, in name order) and the canonical config."""
+    h = hashlib.sha256()
+    for name in sorted(state_dict):
+        t = state_dict[name].detach().cpu().contiguous()
+        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    h.update(json.dumps(config, sort_keys=True, separators=(",", ":")).encode())
+    return h.hexdigest()
+
+
+def save_bundle(
+    path: str | Path,
+    *,
+    kind: str,
+    model: nn.Module,
+    config: dict[str, Any],
+    vocabs: Vocabularies,
+    catalogue: pa.Table,
+    metrics: dict[str, Any] | None = None,
+    sources: dict[str, Any] | None = None,
+) -> Path:
+    """Write a bundle to ``path`` atomically (replacing one already there) and return ``path``.
+
+    ``config`` is the full run config as a plain dict (``feedrank.config.to_dict``); ``sources``
+    identifies the inputs (log hash, feature-build hash, ...); ``metrics`` are the evaluation results.
+    """
+    if kind not in MODEL_BUILDERS:
+        raise BundleError(f"unknown bundle kind {kind!r}; known kinds: {sorted(MODEL_BUILDERS)}")
+    if catalogue.schema != CATALOGUE_SCHEMA or catalogue.num_rows != vocabs.n_items:
+        raise BundleError(
+            f"catalogue must have CATALOGUE_SCHEMA and one row per item index ({vocabs.n_items}), "
+            f"got {catalogue.num_rows} rows with columns {catalogue.column_names}"
+        )
+    path = Path(path)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    meta = {
+        "format": BUNDLE_FORMAT,
+        "kind": kind,
+        "feedrank_version": feedrank.__version__,
+        "version": content_version(state, config),
+        "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": config,
+        "metrics": metrics or {},
+        "sources": sources or {},
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        torch.save(state, tmp / MODEL_FILE)
+        vocabs.save(tmp / VOCAB_DIR)
+        pq.write_table(catalogue, tmp / CATALOGUE_FILE)
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
+        replace_dir(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+    return path
+
+
+def load_bundle(path: str | Path) -> Bundle:
+    """Load the bundle at ``path``: rebuild its model, load the weights, check the version."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"no model bundle at {path}")
+    for name in (META_FILE, MODEL_FILE, CATALOGUE_FILE, VOCAB_DIR):
+        if not (path / name).exists():
+            raise BundleError(f"{path}: incomplete bundle, {name} is missing")
+    meta = _read_meta(path / META_FILE)
+    kind = meta["kind"]
+    if kind not in MODEL_BUILDERS:
+        raise BundleError(f"{path / META_FILE}: unknown bundle kind {kind!r}; this feedrank builds {sorted(MODEL_BUILDERS)}")
+    try:
+        vocabs = Vocabularies.load(path / VOCAB_DIR)
+    except (ValueError, FileNotFoundError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path / VOCAB_DIR}: cannot read the vocabularies: {exc}") from exc
+    try:
+        catalogue = pq.read_table(path / CATALOGUE_FILE)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise BundleError(f"{path / CATALOGUE_FILE}: not a readable Parquet file: {exc}") from exc
+    if catalogue.schema != CATALOGUE_SCHEMA or catalogue.num_rows != vocabs.n_items:
+        raise BundleError(f"{path / CATALOGUE_FILE}: expected {vocabs.n_items} rows of CATALOGUE_SCHEMA, "
+                          f"got {catalogue.num_rows} rows with columns {catalogue.column_names}")
+    try:
+        state = torch.load(path / MODEL_FILE, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises RuntimeError/EOFError/UnpicklingError on bad bytes
+        raise BundleError(f"{path / MODEL_FILE}: corrupt or truncated weights: {exc}") from exc
+    if content_version(state, meta["config"]) != meta["version"]:
+        raise BundleError(f"{path}: the weights or config do not match the recorded version {meta['version'][:12]}; "
+                          "the bundle was modified or damaged")
+    try:
+        model = MODEL_BUILDERS[kind](meta["config"], vocabs)
+        model.load_state_dict(state, strict=True)
+    except (ConfigError, RuntimeError) as exc:
+        raise BundleError(f"{path}: cannot rebuild the {kind} model from its config and vocabularies: {exc}") from exc
+    model.eval()
+    return Bundle(path=path, kind=kind, model=model, config=meta["config"], vocabs=vocabs, catalogue=catalogue, meta=meta)
+
+
+def _read_meta(file: Path) -> dict[str, Any]:
+    try:
+        meta = json.loads(file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise BundleError(f"{file}: not valid JSON: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise BundleError(f"{file}: expected a JSON object")
+    missing = sorted({"format", "kind", "version", "config"} - set(meta))
+    if missing:
+        raise BundleError(f"{file}: missing key(s) {missing}")
+    if meta["format"] != BUNDLE_FORMAT:
+        raise BundleError(f"{file}: bundle format {meta['format']!r}, this code reads {BUNDLE_FORMAT}")
+    return meta

@@ -1,0 +1,263 @@
+"""The retrieval training task: event log in, evaluated two-tower bundle out.
+
+``train_retrieval(log_dir, out_dir, cfg)`` wires the existing parts, in this order::
+
+    features   build_features -> OUT/features       (reused when its manifest matches log + config)
+    check      check_trainable                      (an empty or all-negative split stops here,
+                                                     before any model is built)
+    model      TwoTower sized by the vocabularies; the catalogue attached for sampled softmax
+    data       ParquetStream + make_loader, weights from the label config, set_epoch per epoch
+    train      Trainer -> OUT/train                 (checkpoints, metrics.jsonl; resumable)
+    evaluate   full-catalogue top-k on the time holdout, vs popularity -> OUT/eval/metrics.json
+    bundle     save_bundle -> OUT/bundle            (weights, config, vocab, catalogue, metrics)
+
+It runs unchanged under ``torchrun``: rank 0 builds the features while the others wait, each rank
+streams its own shard (``ParquetStream`` reads rank and world size from ``torch.distributed``;
+``even_batches`` keeps the ranks in step), and rank 0 alone evaluates and writes the bundle, from the
+full weights of the final checkpoint (so FSDP-sharded runs work too). Other ranks return ``None``.
+
+Labels: the losses read ``Batch.clicked`` as the target (softmax losses take clicked rows as
+positives; BCE regresses on it), so the example weight carries the label config: the row's
+``engagement_labels`` weight where the label agrees with ``clicked``, and 0 where it does not
+(a click then "not interested", a share without a click). Those rows are dropped from the loss
+rather than learned as the opposite of what the label config says.
+
+Example::
+
+    cfg = load_run_config("configs/demo.yaml")
+    bundle = train_retrieval("runs/world_demo", "runs/demo", cfg)
+    bundle.metrics["two_tower"]["recall@10"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+from feedrank.bundle import Bundle, build_catalogue, build_two_tower, catalogue_item_cats, load_bundle, save_bundle
+from feedrank.config import load_yaml, to_dict
+from feedrank.data.collate import BATCH_COLUMNS, Collator
+from feedrank.data.log import read_events
+from feedrank.data.stream import ParquetStream, make_loader
+from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluate_holdout
+from feedrank.features.build import (
+    VOCAB_DIR,
+    FeatureConfig,
+    log_hash,
+    build_features,
+    check_trainable,
+    load_manifest,
+    parse_ts,
+    split_files,
+)
+from feedrank.features.labels import LabelConfig, engagement_labels
+from feedrank.features.vocab import ITEM_CAT_COLUMNS, Vocabularies
+from feedrank.models.losses import two_tower_loss
+from feedrank.models.two_tower import TwoTowerConfig
+from feedrank.train import distributed as D
+from feedrank.train.checkpoint import latest_checkpoint, load_checkpoint
+from feedrank.train.trainer import Trainer, TrainConfig
+
+log = logging.getLogger(__name__)
+
+FEATURES_DIR, TRAIN_DIR, EVAL_DIR, BUNDLE_DIR = "features", "train", "eval", "bundle"
+
+
+@dataclass
+class LoaderConfig:
+    """How training batches are read (YAML section ``loader``)."""
+
+    batch_size: int = 1024
+    num_workers: int = 0
+    shuffle_buffer_rows: int = 65_536
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer_rows < 1:
+            raise ValueError("batch_size and shuffle_buffer_rows must be >= 1, num_workers >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """The holdout evaluation run after training (YAML section ``eval``)."""
+
+    ks: list[int] = field(default_factory=lambda: list(DEFAULT_KS))
+    max_users: int | None = 5000  # a fixed random sample of holdout users (None = all of them)
+    seed: int = 0
+    chunk_users: int = 1024  # users scored against the catalogue at once (memory: chunk x items floats)
+
+    def validate(self) -> None:
+        if not self.ks or min(self.ks) < 1:
+            raise ValueError(f"ks must be a non-empty list of integers >= 1, got {self.ks}")
+        if self.max_users is not None and self.max_users < 1:
+            raise ValueError(f"max_users must be >= 1 or null, got {self.max_users}")
+        if self.chunk_users < 1:
+            raise ValueError(f"chunk_users must be >= 1, got {self.chunk_users}")
+
+
+@dataclass
+class RetrievalRunConfig:
+    """Everything one retrieval run needs; one YAML file, one section per part.
+
+    ``train.out_dir`` is ignored: the run directory given to ``train_retrieval`` decides where
+    everything goes (``OUT/train`` for the trainer).
+    """
+
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    labels: LabelConfig = field(default_factory=LabelConfig)
+    two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+def load_run_config(path: str | Path) -> RetrievalRunConfig:
+    """A ``RetrievalRunConfig`` from YAML; an unknown key or a wrong type raises ``ConfigError``."""
+    return load_yaml(RetrievalRunConfig, path)
+
+
+class Preempted(RuntimeError):
+    """Training stopped on SIGTERM after writing a checkpoint; run again with resume to continue."""
+
+    def __init__(self, checkpoint: Path | None):
+        super().__init__(f"training preempted; checkpoint {checkpoint}; rerun with --resume to continue")
+        self.checkpoint = checkpoint
+
+
+@dataclass
+class LabelWeights:
+    """Collator weight hook (picklable, for DataLoader workers): see the module docstring."""
+
+    labels: LabelConfig
+
+    def __call__(self, rows: pa.Table | pa.RecordBatch) -> np.ndarray:
+        col = lambda name: rows.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+        clicked = col("clicked")
+        label, weight = engagement_labels(clicked, col("dwell_s"), col("shared"), col("hidden"), self.labels)
+        return np.where(label == clicked, weight, 0.0).astype(np.float32)
+
+
+@dataclass
+class _Epoch:
+    """One epoch of batches with a ``len`` (the trainer's cosine schedule with ``epochs`` needs it)."""
+
+    loader: Any
+    n_batches: int
+
+    def __iter__(self):
+        return iter(self.loader)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+
+def ensure_features(log_dir: str | Path, features_dir: str | Path, cfg: FeatureConfig, progress: bool = True) -> dict:
+    """The feature build of ``log_dir`` under ``cfg`` at ``features_dir``: reused when its manifest
+    records the same log content and config, rebuilt otherwise. Returns the manifest."""
+    try:
+        manifest = load_manifest(features_dir)
+    except (FileNotFoundError, ValueError):
+        manifest = None
+    wanted = json.loads(json.dumps(to_dict(cfg)))  # the manifest's config went through JSON
+    if manifest is not None and manifest.get("config") == wanted and manifest.get("source_hash") == log_hash(Path(log_dir)):
+        log.info("reusing the feature build at %s", features_dir)
+        return manifest
+    return build_features(log_dir, features_dir, cfg, progress=progress).manifest
+
+
+def training_catalogue(log_dir: str | Path, vocabs: Vocabularies, cfg: FeatureConfig) -> pa.Table:
+    """The bundle catalogue from the log's training window (before ``split_at`` and ``cutoff``)."""
+    ends = [t for t in (parse_ts(cfg.split_at, "split_at"), parse_ts(cfg.cutoff, "cutoff")) if t is not None]
+    events = read_events(log_dir, columns=["item_id", "ts", "clicked", "created_ts", *ITEM_CAT_COLUMNS],
+                         end=min(ends) if ends else None)  # fmt: skip
+    return build_catalogue(events, vocabs)
+
+
+def train_retrieval(
+    log_dir: str | Path, out_dir: str | Path, cfg: RetrievalRunConfig, resume: bool = False, progress: bool = True
+) -> Bundle | None:
+    """Train, evaluate and bundle a two-tower model (see the module docstring); the bundle on rank 0.
+
+    Raises ``FeatureBuildError`` / ``NotTrainableError`` before training on unusable data,
+    ``FileExistsError`` when ``OUT/train`` holds checkpoints and ``resume`` is False, and
+    ``Preempted`` when SIGTERM stopped training (the checkpoint is kept).
+    """
+    log_dir, out = Path(log_dir), Path(out_dir)
+    features_dir = out / FEATURES_DIR
+    train_cfg = dataclasses.replace(cfg.train, out_dir=str(out / TRAIN_DIR), progress=cfg.train.progress and progress)
+    if not resume and latest_checkpoint(out / TRAIN_DIR / "checkpoints") is not None:
+        raise FileExistsError(f"{out / TRAIN_DIR} already holds checkpoints: resume them (--resume) "
+                              "or use a new run directory")
+
+    env = D.init_distributed(cfg.train.device)
+    try:
+        if env.is_main:
+            ensure_features(log_dir, features_dir, cfg.features, progress=progress)
+        D.barrier(env)
+        manifest = load_manifest(features_dir)
+        check_trainable(features_dir, "train")
+        vocabs = Vocabularies.load(features_dir / VOCAB_DIR)
+        catalogue = training_catalogue(log_dir, vocabs, cfg.features)
+
+        torch.manual_seed(cfg.train.seed)
+        model = build_two_tower(to_dict(cfg), vocabs)
+        model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()))
+        with Trainer(model, two_tower_loss, train_cfg) as trainer:
+            if resume:
+                trainer.resume()
+            stream = ParquetStream(
+                split_files(features_dir, "train"), cfg.loader.batch_size, columns=BATCH_COLUMNS, shuffle=True,
+                seed=cfg.loader.seed, shuffle_buffer_rows=cfg.loader.shuffle_buffer_rows,
+                even_batches=trainer.env.is_distributed,
+            )  # fmt: skip
+            loader = make_loader(stream, cfg.loader.num_workers,
+                                 Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels)))
+
+            def data(epoch: int) -> _Epoch:
+                stream.set_epoch(epoch)
+                return _Epoch(loader, stream.num_batches(cfg.loader.num_workers))
+
+            result = trainer.fit(data)
+        if result.status == "preempted":
+            raise Preempted(result.checkpoint)
+        if not env.is_main:
+            return None
+        final = build_two_tower(to_dict(cfg), vocabs)
+        final.load_state_dict(load_checkpoint(result.checkpoint)["model"])
+        evaluation = _evaluate(final, vocabs, catalogue, log_dir, cfg, manifest)
+        metrics: dict[str, Any] = {"train": result.metrics}
+        if evaluation is not None:
+            evaluation.write(out / EVAL_DIR)
+            metrics |= {"eval": evaluation.metrics_file()}
+        path = save_bundle(
+            out / BUNDLE_DIR, kind="two_tower", model=final, config=to_dict(cfg), vocabs=vocabs, catalogue=catalogue,
+            metrics=metrics, sources={"log": str(log_dir.resolve()), "log_hash": manifest["source_hash"],
+                                      "features": str(features_dir.resolve()), "features_hash": manifest["content_hash"]},
+        )  # fmt: skip
+        return load_bundle(path)
+    finally:
+        D.shutdown(env)
+
+
+def _evaluate(model: torch.nn.Module, vocabs: Vocabularies, catalogue: pa.Table, log_dir: Path,
+              cfg: RetrievalRunConfig, manifest: dict) -> RetrievalEvaluation | None:  # fmt: skip
+    """The holdout evaluation of the feature build's test split, or None when it has none."""
+    split_at = parse_ts(cfg.features.split_at, "split_at")
+    test = manifest["splits"].get("test")
+    if split_at is None or not test or test["engagements"] == 0:
+        log.warning("no test split with engagements (features.split_at = %s): the bundle has no evaluation",
+                    cfg.features.split_at)
+        return None
+    return evaluate_holdout(
+        model, vocabs, catalogue, log_dir, split_at, end=parse_ts(cfg.features.cutoff, "cutoff"),
+        history_len=min(cfg.features.history_len, cfg.two_tower.max_history_len), ks=cfg.eval.ks,
+        max_users=cfg.eval.max_users, seed=cfg.eval.seed, chunk_users=cfg.eval.chunk_users,
+    )  # fmt: skip
