@@ -1,9 +1,12 @@
 """Stream Parquet example shards into training batches, split across ranks and DataLoader workers.
 
-Work is divided at row-group granularity: every (rank, worker) pair is one *slot*
-``rank * num_workers + worker`` of ``world_size * num_workers``, and slot ``s`` reads row groups
-``order[s::n_slots]``. Each row group is read by exactly one slot, so across all ranks and workers
-every row is yielded exactly once per epoch (unless ``even_batches`` drops some, see below).
+Work is divided into *units*, contiguous row ranges of one row group: every (rank, worker) pair is
+one *slot* ``rank * num_workers + worker`` of ``world_size * num_workers``, and slot ``s`` reads units
+``order[s::n_slots]``. Each unit is read by exactly one slot, so across all ranks and workers every
+row is yielded exactly once per epoch (unless ``even_batches`` drops some, see below). A unit is a
+whole row group when there are enough of them; a small log with fewer row groups than
+``UNITS_PER_SLOT`` per slot has its groups cut into slices (of at least one batch), so that two ranks
+can share a single-row-group file instead of one of them getting nothing.
 
 Shuffling is deterministic in ``(seed, epoch)``: the row-group order is permuted per epoch, and each
 slot shuffles rows within a buffer of ``shuffle_buffer_rows`` rows (row groups mix across the buffer).
@@ -46,11 +49,42 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from feedrank.data.collate import Collator
 
 
+#: Enough units per slot that unequal row groups still spread evenly over ranks and workers.
+UNITS_PER_SLOT = 4
+
+
 @dataclass(frozen=True)
 class RowGroup:
     file: Path
     index: int
     rows: int
+
+
+@dataclass(frozen=True)
+class Unit:
+    """Rows ``[start, start + rows)`` of one row group: the piece of work one slot reads."""
+
+    group: RowGroup
+    start: int
+    rows: int
+
+
+def split_units(groups: Sequence[RowGroup], n_slots: int, min_rows: int) -> list[Unit]:
+    """Cut row groups into units so there are about ``UNITS_PER_SLOT * n_slots`` of them.
+
+    Groups are only cut when there are too few, and never below ``min_rows`` rows per slice: a
+    slice costs a read of its whole row group, which is cheap exactly when the log is small.
+    """
+    wanted = UNITS_PER_SLOT * n_slots
+    if n_slots == 1 or len(groups) >= wanted:
+        return [Unit(g, 0, g.rows) for g in groups]
+    pieces = -(-wanted // max(len(groups), 1))
+    units = []
+    for g in groups:
+        n = max(1, min(pieces, g.rows // max(min_rows, 1)))
+        bounds = np.linspace(0, g.rows, n + 1).astype(np.int64)
+        units += [Unit(g, int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:])]
+    return units
 
 
 def list_row_groups(files: Sequence[str | Path]) -> list[RowGroup]:
@@ -116,16 +150,18 @@ class ParquetStream(IterableDataset):
     def total_rows(self) -> int:
         return sum(g.rows for g in self.row_groups)
 
-    def _order(self) -> np.ndarray:
-        n = len(self.row_groups)
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, self.epoch]).permutation(n)
+    def _units(self, num_workers: int) -> list[Unit]:
+        """This epoch's units in reading order (shuffled when ``shuffle``)."""
+        units = split_units(self.row_groups, self.world_size * num_workers, self.batch_size)
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, self.epoch]).permutation(len(units))
+            units = [units[i] for i in order]
+        return units
 
     def _slot_rows(self, num_workers: int) -> np.ndarray:
         """Rows each slot receives this epoch, shape [world_size, num_workers]."""
         n_slots = self.world_size * num_workers
-        sizes = np.array([g.rows for g in self.row_groups], dtype=np.int64)[self._order()]
+        sizes = np.array([u.rows for u in self._units(num_workers)], dtype=np.int64)
         per_slot = np.bincount(np.arange(len(sizes)) % n_slots, weights=sizes, minlength=n_slots)
         return per_slot.astype(np.int64).reshape(self.world_size, num_workers)
 
@@ -152,25 +188,26 @@ class ParquetStream(IterableDataset):
         limit = None if caps is None else int(caps[worker])
         if caps is not None and caps.sum() == 0 and self.total_rows:
             raise ValueError(
-                f"even_batches: {len(self.row_groups)} row group(s) cannot give every one of {n_slots} "
-                f"slots (ranks x workers) a full batch of {self.batch_size}; use fewer workers, a "
-                "smaller batch, or rebuild the features with a smaller row_group_size"
+                f"even_batches: {self.total_rows} row(s) in {len(self.row_groups)} row group(s) cannot give "
+                f"every one of {n_slots} slots (ranks x workers) a full batch of {self.batch_size}; use "
+                "fewer ranks or workers, or a smaller batch"
             )
-        mine = [self.row_groups[i] for i in self._order()[slot::n_slots]]
+        mine = self._units(num_workers)[slot::n_slots]
         batches = self._batches(mine, np.random.default_rng([self.seed, self.epoch, slot]))
         for i, batch in enumerate(batches):
             if limit is not None and i >= limit:
                 break
             yield batch
 
-    def _batches(self, groups: list[RowGroup], rng: np.random.Generator) -> Iterator[pa.Table]:
+    def _batches(self, units: list[Unit], rng: np.random.Generator) -> Iterator[pa.Table]:
         files: dict[Path, pq.ParquetFile] = {}
         buffer: list[pa.Table] = []
         buffered = 0
-        for g in groups:
+        for u in units:
+            g = u.group
             if g.file not in files:
                 files[g.file] = pq.ParquetFile(g.file)
-            table = files[g.file].read_row_group(g.index, columns=self.columns)
+            table = files[g.file].read_row_group(g.index, columns=self.columns).slice(u.start, u.rows)
             buffer.append(table)
             buffered += table.num_rows
             if buffered >= self.shuffle_buffer_rows:

@@ -121,9 +121,10 @@ def wrap_model(model: nn.Module, env: DistEnv, strategy: Strategy, bucket_cap_mb
     with torch.no_grad():
         for tensor in [*model.parameters(), *model.buffers()]:
             dist.broadcast(tensor, src=0)
-    for child in model.children():
-        if any(True for _ in child.parameters()):
-            fully_shard(child)
+    # One FSDP unit for the whole model, not one per child: feedrank's towers use parameters owned
+    # by a sibling (the user tower embeds history with the item tower's ID table), and a per-child
+    # unit would leave that table sharded (a DTensor) when the sibling reads it. Parameters and
+    # optimizer state are still sharded between steps, which is what a large embedding table needs.
     fully_shard(model)
     return model
 
