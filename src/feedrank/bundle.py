@@ -56,6 +56,7 @@ from feedrank.data.schema import TS_TYPE
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, replace_dir
 from feedrank.features.counters import COUNTER_COLUMNS
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
+from feedrank.models.ranker import Ranker, RankerConfig
 from feedrank.models.two_tower import TwoTower, TwoTowerConfig
 
 BUNDLE_FORMAT = 1
@@ -105,11 +106,27 @@ def build_two_tower(config: dict[str, Any], vocabs: Vocabularies) -> TwoTower:
     )
 
 
+def build_ranker(config: dict[str, Any], vocabs: Vocabularies) -> Ranker:
+    """The ranker of a ranking run config, sized by its vocabularies; it reads every counter (user
+    counters first, then the item ones: the candidate is known when ranking)."""
+    cfg = from_dict(RankerConfig, config.get("ranker"), "ranker")
+    return Ranker(
+        cfg,
+        n_users=vocabs.n_users,
+        n_items=vocabs.n_items,
+        user_cat_sizes=vocabs.user_cat_sizes,
+        item_cat_sizes=vocabs.item_cat_sizes,
+        n_user_counters=len(USER_COUNTER_COLUMNS),
+        n_item_counters=len(COUNTER_COLUMNS) - len(USER_COUNTER_COLUMNS),
+    )
+
+
 ModelBuilder = Callable[[dict[str, Any], Vocabularies], nn.Module]
 
 #: Every model kind a bundle can hold. A new kind adds its builder here (one line).
 MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "two_tower": build_two_tower,
+    "ranker": build_ranker,
 }
 
 

@@ -71,7 +71,7 @@ def test_train_writes_a_bundle_whose_model_scores_like_the_trained_weights(train
     out, bundle = trained
     assert bundle.path == out / "bundle" and bundle.kind == "two_tower"
     reference = build_two_tower(bundle.config, bundle.vocabs)
-    reference.load_state_dict(load_checkpoint(latest_checkpoint(out / "train" / "checkpoints"))["model"])
+    reference.load_state_dict(load_checkpoint(latest_checkpoint(out / "train" / "retrieval" / "checkpoints"))["model"])
     reference.eval()
     reloaded = load_bundle(out / "bundle").model
     table = pq_rows(out / "features", 64)

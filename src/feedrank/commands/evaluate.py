@@ -4,6 +4,8 @@
 Example::
 
     feedrank evaluate retrieval runs/demo/bundle --log runs/world_demo --k 10,50,100
+    feedrank evaluate ranking runs/demo/ranker --against runs/prod/ranker
+    feedrank evaluate weights --config-a a.yaml --config-b b.yaml --log runs/world_demo --out runs/weights
 """
 
 from __future__ import annotations
@@ -13,10 +15,13 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.table import Table
 
 from feedrank.bundle import BundleError, load_bundle
-from feedrank.commands.train import USER_ERRORS, metrics_table, run_cli
+from feedrank.commands.train import USER_ERRORS, metrics_table, ranking_tables, run_cli
+from feedrank.evaluate import ranking
 from feedrank.evaluate.retrieval import evaluate_bundle
+from feedrank.train.ranking import compare_label_weightings, load_ranking_config
 
 evaluate_app = typer.Typer(help="Evaluate a saved model bundle on a log.", no_args_is_help=True)
 
@@ -57,6 +62,58 @@ def retrieval_command(
     console.print(f"users evaluated {c['n_users_evaluated']}/{c['n_users']} (OOV users {c['n_oov_users']}); "
                   f"items ranked {c['n_items_ranked']}; relevant pairs {c['n_relevant']} (dropped: "
                   f"{c['n_relevant_oov']} OOV, {c['n_oov_items']} distinct OOV items; {c['n_relevant_seen']} already clicked)")
+
+
+@evaluate_app.command("ranking")
+def ranking_command(
+    bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Ranker bundle folder (RUN_DIR/ranker)."),
+    log: Optional[Path] = typer.Option(None, "--log", help="Event log directory (default: the one it was trained on)."),
+    against: Optional[Path] = typer.Option(
+        None, "--against", help="Production bundle (ranker or two-tower): is BUNDLE better than it, per metric?"
+    ),
+    out: Optional[Path] = typer.Option(None, "--out", help="Run directory for eval/ (default: the folder holding BUNDLE)."),
+) -> None:
+    """Rank the holdout impressions (MIND protocol) against random, popularity, recency and two-tower baselines."""
+    errors = (*USER_ERRORS, BundleError, ValueError)
+    result = run_cli(
+        lambda: ranking.evaluate_bundle(load_bundle(bundle_dir), log, out,
+                                        against=None if against is None else load_bundle(against), progress=True),
+        errors=errors,
+    )  # fmt: skip
+    console = Console()
+    doc = result.evaluation.metrics_file()
+    for table in ranking_tables(doc):
+        console.print(table)
+    h = doc["holdout"]
+    console.print(f"{h['impressions']} impressions in {h['requests']} requests from {h['split_at']} "
+                  f"({h['requests_without_click']} without a click); OOV rows: {h['rows_oov_user']} user, "
+                  f"{h['rows_oov_item']} item; duplicates dropped: {h['duplicate_rows_dropped']}")  # fmt: skip
+    console.print(f"predictions and metrics: {(out or Path(bundle_dir).parent) / 'eval'}")
+
+
+@evaluate_app.command("weights")
+def weights_command(
+    config_a: Path = typer.Option(..., "--config-a", help="Ranking run config A (the current weighting)."),
+    config_b: Path = typer.Option(..., "--config-b", help="Ranking run config B (the proposed weighting)."),
+    log: Path = typer.Option(..., "--log", help="Event log directory."),
+    out: Path = typer.Option(Path("runs/weights"), "--out", help="Folder for the two runs (a/, b/) and weights.json."),
+    two_tower: Optional[Path] = typer.Option(None, "--two-tower", help="Two-tower bundle feeding both rankers."),
+) -> None:
+    """Train the ranker under two label weightings and compare them on the holdout (paired bootstrap)."""
+    cfg_a, cfg_b = run_cli(lambda: (load_ranking_config(config_a), load_ranking_config(config_b)))
+    result = run_cli(lambda: compare_label_weightings(cfg_a, cfg_b, log, out, two_tower_bundle=two_tower),
+                     errors=(*USER_ERRORS, BundleError, ValueError))  # fmt: skip
+    table = Table(title=f"B ({config_b}) against A ({config_a}) on the holdout: delta = B - A [95% CI]")
+    for column in ("metric", "A", "B", "delta [CI]", "p"):
+        table.add_column(column, justify="left" if column == "metric" else "right")
+    for c in result.comparisons:
+        table.add_row(c.metric, f"{c.value_a:.4f}", f"{c.value_b:.4f}",
+                      f"{c.delta:+.4f} [{c.ci[0]:+.4f}, {c.ci[1]:+.4f}]", f"{c.p_value:.3f}")  # fmt: skip
+    console = Console()
+    console.print(table)
+    for name, why in result.skipped.items():
+        console.print(f"{name}: not measured ({why})")
+    console.print(f"details: {out / 'weights.json'}")
 
 
 def register(app: typer.Typer) -> None:

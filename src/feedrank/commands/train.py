@@ -6,28 +6,35 @@ Exit codes: 0 done; 2 the config or the data cannot be used (one-line message, n
 Example::
 
     feedrank train retrieval --config configs/demo.yaml --log runs/world_demo --out runs/demo
+    feedrank train ranking --config configs/ranking_demo.yaml --log runs/world_demo --out runs/demo \
+        --two-tower runs/demo/bundle
 
-A new task (``ranking``) adds its function to ``train_app`` with ``@train_app.command("ranking")``;
-``run_cli`` gives it the same error handling.
+A new task adds its function to ``train_app`` with ``@train_app.command(...)``; ``run_cli`` gives it
+the same error handling.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, Optional, TypeVar
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
+from feedrank.bundle import BundleError
 from feedrank.config import ConfigError
 from feedrank.features.build import FeatureBuildError, NotTrainableError
-from feedrank.train.retrieval import Preempted, load_run_config, train_retrieval
+from feedrank.train.ranking import load_ranking_config, train_ranking
+from feedrank.train.retrieval import load_run_config, train_retrieval
+from feedrank.train.task import Preempted
 from feedrank.train.trainer import PREEMPTED_EXIT_CODE
 
 train_app = typer.Typer(
-    help="Train a model on an event log; writes RUN_DIR/{features,train,eval,bundle}.", no_args_is_help=True
+    help="Train a model on an event log; writes RUN_DIR/{features,train/<task>,eval} and its bundle "
+    "(RUN_DIR/bundle for retrieval, RUN_DIR/ranker for ranking).",
+    no_args_is_help=True,
 )
 
 #: Errors a user can fix (config, data, paths): reported on one line, exit status 2.
@@ -60,6 +67,62 @@ def metrics_table(title: str, models: dict[str, dict[str, dict]], ks: list[int])
             cells = [models[name].get(key, {}).get("value") for name in models]
             table.add_row(key, *("-" if v is None else f"{v:.4f}" for v in cells))
     return table
+
+
+def _cell(cell: dict[str, Any] | None) -> str:
+    if cell is None or cell.get("value") is None:
+        return "-"
+    ci = cell.get("ci")
+    return f"{cell['value']:.4f}" + ("" if ci is None else f" [{ci[0]:.4f}, {ci[1]:.4f}]")
+
+
+def ranking_tables(doc: dict[str, Any]) -> tuple[Table, Table]:
+    """(metric by model, comparisons) of a ranking ``metrics.json`` document, values with their CIs."""
+    models = doc["models"]
+    table = Table(title="holdout impressions: value [95% CI]")
+    table.add_column("metric")
+    for name in models:
+        table.add_column(name, justify="right")
+    for metric in dict.fromkeys(k for cells in models.values() for k in cells):
+        table.add_row(metric, *(_cell(models[name].get(metric)) for name in models))
+    comparisons = Table(title="comparisons: delta = b - a [CI], paired bootstrap")
+    for column in ("b vs a", "metric", "delta [CI]", "p", "b better?"):
+        comparisons.add_column(column, justify="left" if column in ("b vs a", "metric") else "right")
+    lower_is_better = {"log_loss", "ne", "ece"}
+    for c in doc["comparisons"]:
+        lo, hi = c["ci"] if c["ci"] is not None else (float("nan"), float("nan"))
+        better = hi < 0 if c["metric"] in lower_is_better else lo > 0
+        comparisons.add_row(f"{c['b']} vs {c['a']}", c["metric"], _cell({"value": c["delta"], "ci": c["ci"]}),
+                            "-" if c["p"] is None else f"{c['p']:.3f}", "yes" if better else "no")  # fmt: skip
+    return table, comparisons
+
+
+@train_app.command("ranking")
+def ranking_command(
+    config: Path = typer.Option(..., "--config", help="Ranking run config YAML (e.g. configs/ranking_demo.yaml)."),
+    log: Path = typer.Option(..., "--log", help="Event log directory (feedrank simulate / ingest output)."),
+    out: Path = typer.Option(..., "--out", help="Run directory: features/, train/ranking/, eval/, ranker/ go here."),
+    two_tower: Optional[Path] = typer.Option(
+        None, "--two-tower", help="Two-tower bundle whose frozen vectors feed the ranker (and whose features it shares)."
+    ),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in RUN_DIR/train/ranking."),
+) -> None:
+    """Train the multi-task ranker, evaluate it against the baselines on the holdout, and save a bundle."""
+    cfg = run_cli(lambda: load_ranking_config(config))
+    bundle = run_cli(lambda: train_ranking(log, out, cfg, two_tower_bundle=two_tower, resume=resume),
+                     errors=(*USER_ERRORS, BundleError, ValueError))  # fmt: skip
+    if bundle is None:  # a non-zero torchrun rank: rank 0 reports
+        return
+    console = Console()
+    evaluation = bundle.metrics.get("eval")
+    if evaluation is not None:
+        for table in ranking_tables(evaluation):
+            console.print(table)
+    else:
+        console.print("no evaluation: the run has no test split with clicks (set features.split_at)")
+    train = bundle.metrics.get("train", {})
+    console.print(f"trained {train.get('step', '?')} steps, final loss {train.get('loss', float('nan')):.4f}")
+    console.print(f"bundle {bundle.path} (version {bundle.version[:12]})")
 
 
 @train_app.command("retrieval")

@@ -7,9 +7,12 @@
                                                      before any model is built)
     model      TwoTower sized by the vocabularies; the catalogue attached for sampled softmax
     data       ParquetStream + make_loader, weights from the label config, set_epoch per epoch
-    train      Trainer -> OUT/train                 (checkpoints, metrics.jsonl; resumable)
+    train      Trainer -> OUT/train/retrieval       (checkpoints, metrics.jsonl; resumable)
     evaluate   full-catalogue top-k on the time holdout, vs popularity -> OUT/eval/metrics.json
     bundle     save_bundle -> OUT/bundle            (weights, config, vocab, catalogue, metrics)
+
+The run directory layout, the feature reuse, the loader and preemption are shared with the
+ranking task (``feedrank.train.task``), so both can train in one run directory on one feature build.
 
 It runs unchanged under ``torchrun``: rank 0 builds the features while the others wait, each rank
 streams its own shard (``ParquetStream`` reads rank and world size from ``torch.distributed``;
@@ -32,7 +35,6 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,47 +44,33 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from feedrank.bundle import Bundle, build_catalogue, build_two_tower, catalogue_item_cats, load_bundle, save_bundle
+from feedrank.bundle import Bundle, build_two_tower, catalogue_item_cats, load_bundle, save_bundle
 from feedrank.config import load_yaml, to_dict
-from feedrank.data.collate import BATCH_COLUMNS, Collator
-from feedrank.data.log import read_events
-from feedrank.data.stream import ParquetStream, make_loader
+from feedrank.data.collate import Collator
 from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluate_holdout
-from feedrank.features.build import (
-    VOCAB_DIR,
-    FeatureConfig,
-    log_hash,
-    build_features,
-    check_trainable,
-    load_manifest,
-    parse_ts,
-    split_files,
-)
+from feedrank.features.build import VOCAB_DIR, FeatureConfig, check_trainable, load_manifest, parse_ts, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
-from feedrank.features.vocab import ITEM_CAT_COLUMNS, Vocabularies
+from feedrank.features.vocab import Vocabularies
 from feedrank.models.losses import two_tower_loss
 from feedrank.models.two_tower import TwoTowerConfig
 from feedrank.train import distributed as D
-from feedrank.train.checkpoint import latest_checkpoint, load_checkpoint
+from feedrank.train.checkpoint import load_checkpoint
+from feedrank.train.task import (
+    EVAL_DIR,
+    FEATURES_DIR,
+    LoaderConfig,
+    Preempted,
+    ensure_features,
+    epoch_batches,
+    require_fresh_run,
+    train_dir,
+    training_catalogue,
+)
 from feedrank.train.trainer import Trainer, TrainConfig
 
 log = logging.getLogger(__name__)
 
-FEATURES_DIR, TRAIN_DIR, EVAL_DIR, BUNDLE_DIR = "features", "train", "eval", "bundle"
-
-
-@dataclass
-class LoaderConfig:
-    """How training batches are read (YAML section ``loader``)."""
-
-    batch_size: int = 1024
-    num_workers: int = 0
-    shuffle_buffer_rows: int = 65_536
-    seed: int = 0
-
-    def validate(self) -> None:
-        if self.batch_size < 1 or self.num_workers < 0 or self.shuffle_buffer_rows < 1:
-            raise ValueError("batch_size and shuffle_buffer_rows must be >= 1, num_workers >= 0")
+TASK, BUNDLE_DIR = "retrieval", "bundle"
 
 
 @dataclass
@@ -108,7 +96,7 @@ class RetrievalRunConfig:
     """Everything one retrieval run needs; one YAML file, one section per part.
 
     ``train.out_dir`` is ignored: the run directory given to ``train_retrieval`` decides where
-    everything goes (``OUT/train`` for the trainer).
+    everything goes (``OUT/train/retrieval`` for the trainer).
     """
 
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -124,14 +112,6 @@ def load_run_config(path: str | Path) -> RetrievalRunConfig:
     return load_yaml(RetrievalRunConfig, path)
 
 
-class Preempted(RuntimeError):
-    """Training stopped on SIGTERM after writing a checkpoint; run again with resume to continue."""
-
-    def __init__(self, checkpoint: Path | None):
-        super().__init__(f"training preempted; checkpoint {checkpoint}; rerun with --resume to continue")
-        self.checkpoint = checkpoint
-
-
 @dataclass
 class LabelWeights:
     """Collator weight hook (picklable, for DataLoader workers): see the module docstring."""
@@ -145,57 +125,19 @@ class LabelWeights:
         return np.where(label == clicked, weight, 0.0).astype(np.float32)
 
 
-@dataclass
-class _Epoch:
-    """One epoch of batches with a ``len`` (the trainer's cosine schedule with ``epochs`` needs it)."""
-
-    loader: Any
-    n_batches: int
-
-    def __iter__(self):
-        return iter(self.loader)
-
-    def __len__(self) -> int:
-        return self.n_batches
-
-
-def ensure_features(log_dir: str | Path, features_dir: str | Path, cfg: FeatureConfig, progress: bool = True) -> dict:
-    """The feature build of ``log_dir`` under ``cfg`` at ``features_dir``: reused when its manifest
-    records the same log content and config, rebuilt otherwise. Returns the manifest."""
-    try:
-        manifest = load_manifest(features_dir)
-    except (FileNotFoundError, ValueError):
-        manifest = None
-    wanted = json.loads(json.dumps(to_dict(cfg)))  # the manifest's config went through JSON
-    if manifest is not None and manifest.get("config") == wanted and manifest.get("source_hash") == log_hash(Path(log_dir)):
-        log.info("reusing the feature build at %s", features_dir)
-        return manifest
-    return build_features(log_dir, features_dir, cfg, progress=progress).manifest
-
-
-def training_catalogue(log_dir: str | Path, vocabs: Vocabularies, cfg: FeatureConfig) -> pa.Table:
-    """The bundle catalogue from the log's training window (before ``split_at`` and ``cutoff``)."""
-    ends = [t for t in (parse_ts(cfg.split_at, "split_at"), parse_ts(cfg.cutoff, "cutoff")) if t is not None]
-    events = read_events(log_dir, columns=["item_id", "ts", "clicked", "created_ts", *ITEM_CAT_COLUMNS],
-                         end=min(ends) if ends else None)  # fmt: skip
-    return build_catalogue(events, vocabs)
-
-
 def train_retrieval(
     log_dir: str | Path, out_dir: str | Path, cfg: RetrievalRunConfig, resume: bool = False, progress: bool = True
 ) -> Bundle | None:
     """Train, evaluate and bundle a two-tower model (see the module docstring); the bundle on rank 0.
 
     Raises ``FeatureBuildError`` / ``NotTrainableError`` before training on unusable data,
-    ``FileExistsError`` when ``OUT/train`` holds checkpoints and ``resume`` is False, and
+    ``FileExistsError`` when ``OUT/train/retrieval`` holds checkpoints and ``resume`` is False, and
     ``Preempted`` when SIGTERM stopped training (the checkpoint is kept).
     """
     log_dir, out = Path(log_dir), Path(out_dir)
     features_dir = out / FEATURES_DIR
-    train_cfg = dataclasses.replace(cfg.train, out_dir=str(out / TRAIN_DIR), progress=cfg.train.progress and progress)
-    if not resume and latest_checkpoint(out / TRAIN_DIR / "checkpoints") is not None:
-        raise FileExistsError(f"{out / TRAIN_DIR} already holds checkpoints: resume them (--resume) "
-                              "or use a new run directory")
+    train_cfg = dataclasses.replace(cfg.train, out_dir=str(train_dir(out, TASK)), progress=cfg.train.progress and progress)
+    require_fresh_run(out, TASK, resume)
 
     env = D.init_distributed(cfg.train.device)
     try:
@@ -213,18 +155,8 @@ def train_retrieval(
         with Trainer(model, two_tower_loss, train_cfg) as trainer:
             if resume:
                 trainer.resume()
-            stream = ParquetStream(
-                split_files(features_dir, "train"), cfg.loader.batch_size, columns=BATCH_COLUMNS, shuffle=True,
-                seed=cfg.loader.seed, shuffle_buffer_rows=cfg.loader.shuffle_buffer_rows,
-                even_batches=trainer.env.is_distributed,
-            )  # fmt: skip
-            loader = make_loader(stream, cfg.loader.num_workers,
-                                 Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels)))
-
-            def data(epoch: int) -> _Epoch:
-                stream.set_epoch(epoch)
-                return _Epoch(loader, stream.num_batches(cfg.loader.num_workers))
-
+            collator = Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels))
+            data = epoch_batches(split_files(features_dir, "train"), cfg.loader, collator, trainer)
             result = trainer.fit(data)
         if result.status == "preempted":
             raise Preempted(result.checkpoint)
