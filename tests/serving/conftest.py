@@ -148,3 +148,116 @@ def cache_factory(request):
 @pytest.fixture
 def cache(cache_factory) -> UserVectorCache:
     return cache_factory.make()
+
+
+# ------------------------------------------------------------------------------------------------
+# feed service fixtures (tests/serving/test_pipeline*.py, test_app*.py, test_state*.py)
+
+import datetime as dt  # noqa: E402
+from dataclasses import dataclass, replace  # noqa: E402
+
+import torch  # noqa: E402
+
+from feedrank.bundle import Bundle, build_catalogue, build_two_tower, load_bundle, save_bundle  # noqa: E402
+from feedrank.config import to_dict  # noqa: E402
+from feedrank.data.log import read_events  # noqa: E402
+from feedrank.data.simulate import simulate  # noqa: E402
+from feedrank.data.world import WorldConfig  # noqa: E402
+from feedrank.features.vocab import Vocabularies  # noqa: E402
+from feedrank.index import IndexConfig  # noqa: E402
+from feedrank.models.ranker import Ranker, RankerConfig  # noqa: E402
+from feedrank.serving.config import EventLogConfig, ServingConfig  # noqa: E402
+from feedrank.serving.demo import log_end  # noqa: E402
+from feedrank.serving.pipeline import FeedService  # noqa: E402
+
+TT_CONFIG = {"two_tower": {"dim": 16, "user_id_dim": 8, "item_id_dim": 16, "cat_dim": 4, "freshness_dim": 4,
+                           "hidden": [32], "dropout": 0.0, "max_history_len": 20}}  # fmt: skip
+
+
+@dataclass
+class ServingWorld:
+    """A tiny simulated log and two untrained (seeded) bundles over it: serving needs shapes, not skill."""
+
+    log: Path
+    two_tower: Bundle
+    ranker: Bundle  # kind "ranker", taking the two-tower vectors as inputs
+    start: dt.datetime  # just after the log's last event
+
+
+@pytest.fixture(scope="session")
+def serving_world(tmp_path_factory) -> ServingWorld:
+    root = tmp_path_factory.mktemp("serving_world")
+    simulate(WorldConfig(users=200, items=120, days=3, seed=1), root / "log")
+    events = read_events(root / "log")
+    vocabs = Vocabularies.build(events)
+    catalogue = build_catalogue(events, vocabs)
+    torch.manual_seed(0)
+    model = build_two_tower(TT_CONFIG, vocabs)
+    two_tower = load_bundle(save_bundle(root / "two_tower", kind="two_tower", model=model, config=TT_CONFIG,
+                                        vocabs=vocabs, catalogue=catalogue))  # fmt: skip
+    rcfg = RankerConfig(dim=8, hidden=[32], two_tower_dim=16, dropout=0.0, max_history_len=20)
+    ranker = Ranker(rcfg, vocabs.n_users, vocabs.n_items, vocabs.user_cat_sizes, vocabs.item_cat_sizes, 2, 3)
+    ranker_bundle = load_bundle(save_bundle(root / "ranker", kind="ranker", model=ranker, config={"ranker": to_dict(rcfg)},
+                                            vocabs=vocabs, catalogue=catalogue))  # fmt: skip
+    return ServingWorld(root / "log", two_tower, ranker_bundle, log_end(root / "log"))
+
+
+class TickingClock:
+    """A clock that moves 1 ms forward on every read: strictly increasing, so an event posted at
+    one read is strictly before the next feed's "now", and runs are reproducible."""
+
+    def __init__(self, start: dt.datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> dt.datetime:
+        self.now += dt.timedelta(milliseconds=1)
+        return self.now
+
+
+def serving_config(tmp_path: Path, **overrides) -> ServingConfig:
+    """Small-catalogue settings: an exact (flat) index, the serving log under ``tmp_path``."""
+    base = ServingConfig(ann_candidates=60, fresh_candidates=20, k_default=10, k_max=50,
+                         index=IndexConfig(kind="flat"), event_log=EventLogConfig(dir=str(tmp_path / "serving_log")))  # fmt: skip
+    return replace(base, **overrides)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def cache_backend(request) -> str:
+    """The user-vector cache backend a pipeline/app test runs against (Redis: the shared server)."""
+    return request.param
+
+
+@pytest.fixture
+def make_service(serving_world, tmp_path, request):
+    """``make_service(cache=None, ranker=True, log=True, **cfg_overrides)`` -> a FeedService with a
+    ``TickingClock`` from the end of the log; closed after the test."""
+    made: list[FeedService] = []
+
+    def make(cache: UserVectorCache | None = None, ranker: bool = True, log: bool = True, **overrides) -> FeedService:
+        service = FeedService(serving_world.two_tower, serving_config(tmp_path, **overrides),
+                              ranker=serving_world.ranker if ranker else None,
+                              log_dir=serving_world.log if log else None, cache=cache,
+                              clock=TickingClock(serving_world.start))  # fmt: skip
+        made.append(service)
+        return service
+
+    yield make
+    for service in made:
+        service.close()
+
+
+@pytest.fixture
+def backend_cache(cache_backend, request) -> UserVectorCache:
+    """A fresh cache of ``cache_backend`` (memory, or Redis on the shared server, flushed)."""
+    if cache_backend == "memory":
+        cache: UserVectorCache = MemoryCache(max_items=1000, ttl_s=600)
+    else:
+        cache = RedisCache(request.getfixturevalue("redis_url"), ttl_s=600, socket_timeout=1.0)
+    yield cache
+    cache.close()
+
+
+@pytest.fixture
+def serving_cfg(tmp_path):
+    """``serving_cfg(**overrides)`` -> the tests' ``ServingConfig`` (serving log under ``tmp_path``)."""
+    return lambda **overrides: serving_config(tmp_path, **overrides)

@@ -1,0 +1,143 @@
+"""Typed settings of the feed service (YAML section ``serving``).
+
+Loaded like every other config (``load_yaml(ServingConfig, path, section="serving")``): an unknown
+key fails naming it. The cache, index and re-ranker keep their own dataclasses (``CacheConfig``,
+``IndexConfig``, ``RerankConfig``) and appear here as nested sections; ``rerank.k`` is only the
+fallback, each request's ``k`` replaces it.
+
+Example YAML::
+
+    serving:
+      ann_candidates: 400
+      fresh_candidates: 100
+      k_default: 20
+      k_max: 100
+      cache: {backend: redis, url: "redis://127.0.0.1:6379/0", ttl_s: 600}
+      index: {kind: hnsw, ef_search: 128}
+      rerank: {mmr_lambda: 0.8, per_publisher_cap: 3}
+      cold_start: {model_weight: 1.0, popular_weight: 0.5, fresh_weight: 0.3}
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+from dataclasses import dataclass, field
+
+from feedrank.index.config import IndexConfig
+from feedrank.serving.cache import CacheConfig
+from feedrank.serving.rerank import RerankConfig
+
+
+@dataclass
+class ColdStartConfig:
+    """How the feed of a user the service knows nothing about is scored (``feedrank.serving.pipeline``).
+
+    The cold-start score of a candidate is
+    ``model_weight * minmax(model score) + popular_weight * popularity + fresh_weight * freshness``:
+    the model score is the ranker's value (or the two-tower score) of the *learned default* user
+    (OOV id, empty history), min-max scaled over the request's candidates; ``popularity`` is the
+    item's training-click percentile in the catalogue, in [0, 1]; ``freshness`` is
+    ``0.5 ** (age_h / fresh_half_life_h)``. Candidates come from ANN on the default user vector,
+    the ``popular_candidates`` most clicked items and the newest items.
+    """
+
+    model_weight: float = 1.0
+    popular_weight: float = 0.5
+    fresh_weight: float = 0.3
+    fresh_half_life_h: float = 24.0
+    popular_candidates: int = 100
+
+    def validate(self) -> None:
+        for name in ("model_weight", "popular_weight", "fresh_weight"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if self.model_weight + self.popular_weight + self.fresh_weight <= 0:
+            raise ValueError("at least one of model_weight, popular_weight, fresh_weight must be > 0")
+        if not (math.isfinite(self.fresh_half_life_h) and self.fresh_half_life_h > 0):
+            raise ValueError(f"fresh_half_life_h must be finite and > 0, got {self.fresh_half_life_h}")
+        if self.popular_candidates < 0:
+            raise ValueError(f"popular_candidates must be >= 0, got {self.popular_candidates}")
+
+
+@dataclass
+class EventLogConfig:
+    """Where and how ``POST /events`` rows are written (``feedrank.serving.state.EventSink``).
+
+    ``durable: true`` (the default) writes every POST's rows to their own Parquet file, fsynced,
+    before the response: an accepted event is never lost, at the cost of one small file per POST
+    (compact them offline). ``durable: false`` buffers rows and flushes when ``flush_rows`` are
+    waiting or the oldest is ``flush_interval_s`` old, and at shutdown: a crash (not a clean stop)
+    loses at most that buffer.
+    """
+
+    dir: str = "serving_log"
+    durable: bool = True
+    flush_rows: int = 10_000
+    flush_interval_s: float = 5.0
+
+    def validate(self) -> None:
+        if not self.dir:
+            raise ValueError("dir must be a non-empty path")
+        if self.flush_rows < 1:
+            raise ValueError(f"flush_rows must be >= 1, got {self.flush_rows}")
+        if not self.flush_interval_s > 0:
+            raise ValueError(f"flush_interval_s must be > 0, got {self.flush_interval_s}")
+
+
+@dataclass
+class ServingConfig:
+    """Every setting of ``feedrank serve`` (YAML section ``serving``).
+
+    ``start_time`` replays a past log: the service's clock starts at that instant and advances in
+    real time, so item ages, "history strictly before now" and event timestamps stay consistent
+    with a synthetic or archived log (None: the wall clock). ``index_dir``: load the ANN index from
+    there when its manifest's ``model_version`` is the two-tower bundle's version, else build it
+    from the catalogue vectors at startup and save it there (None: always build, never save).
+    ``latency_budget_ms`` does not cut requests short; requests over it are counted in
+    ``/metrics`` (``feedrank_feed_over_budget_total``) so an alert can watch it.
+    """
+
+    ann_candidates: int = 400
+    fresh_candidates: int = 100
+    k_default: int = 20
+    k_max: int = 100
+    history_len: int = 50
+    max_seen: int = 2000  # per user: the most recent distinct items kept as "seen"
+    max_events_per_post: int = 1000
+    max_body_bytes: int = 1_000_000
+    latency_budget_ms: float = 50.0
+    torch_threads: int = 1  # per worker: one request's tensors are small, threads only add overhead
+    start_time: str | None = None
+    index_dir: str | None = None
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    index: IndexConfig = field(default_factory=IndexConfig)
+    rerank: RerankConfig = field(default_factory=RerankConfig)
+    cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
+    event_log: EventLogConfig = field(default_factory=EventLogConfig)
+
+    def validate(self) -> None:
+        for name in ("ann_candidates", "k_default", "k_max", "max_events_per_post", "max_body_bytes", "torch_threads"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("fresh_candidates", "history_len", "max_seen"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.k_default > self.k_max:
+            raise ValueError(f"k_default ({self.k_default}) must be <= k_max ({self.k_max})")
+        if not self.latency_budget_ms > 0:
+            raise ValueError(f"latency_budget_ms must be > 0, got {self.latency_budget_ms}")
+        if self.start_time is not None:
+            parse_start_time(self.start_time)
+        for part in (self.cache, self.index, self.rerank, self.cold_start, self.event_log):
+            part.validate()
+
+
+def parse_start_time(value: str) -> dt.datetime:
+    """``start_time`` as an aware UTC datetime (a naive ISO-8601 string is taken as UTC)."""
+    try:
+        parsed = dt.datetime.fromisoformat(value)
+    except ValueError as exc:
+        raise ValueError(f"start_time must be ISO-8601, got {value!r}") from exc
+    return parsed.replace(tzinfo=dt.timezone.utc) if parsed.tzinfo is None else parsed.astimezone(dt.timezone.utc)

@@ -1,0 +1,587 @@
+"""The feed pipeline: ``GET /feed`` and ``POST /events`` as plain calls on one ``FeedService``.
+
+``FeedService`` holds what a request needs and builds it once at startup: the two-tower bundle (and
+an optional ranker bundle), per-item arrays of the catalogue (ids, publishers, birth times,
+popularity, two-tower item vectors), the ANN index, the user-vector cache, the user store and the
+serving log. The HTTP layer (``feedrank.serving.app``) only parses and formats.
+
+``feed(user_id, k)``, stage by stage (each timed; the timings go to ``Server-Timing`` and
+``/metrics``)::
+
+    user     cache hit                          -> path "cached"
+             else the user tower on the stored state (last N engagements strictly before now,
+               counters, attributes), cached        -> path "tower"
+             else (no stored state, id unknown to the model): the learned default vector, the
+               two-tower's output for the OOV user with an empty history -> path "cold_start"
+    ann      ANN top ``ann_candidates`` + the ``fresh_candidates`` newest items (+ the
+             ``cold_start.popular_candidates`` most clicked, cold start only); union, each
+             candidate tagged with every source that found it ("ann+fresh"); items not yet
+             published at ``now`` and (``rerank.remove_seen``) items already shown are dropped
+             here, before they cost ranker time
+    rank     the ranker's value (``Ranker.score_candidates``, two-tower vectors as inputs) when a
+             ranker bundle is loaded, else the two-tower score ``u . v / T``; cold start blends it
+             with popularity and freshness (``ColdStartConfig``)
+    rerank   ``feedrank.serving.rerank.rerank``: MMR over the two-tower item vectors, per-publisher
+             cap, freshness boost; each item gets its reason
+
+``record_events(events)`` validates a POST's events (unknown item -> ``EventError``, nothing logged;
+the canonical schema's rules via ``feedrank.data.schema.validate``), appends them to the serving
+log, updates the user store and invalidates each user's cached vector, so the next feed recomputes
+it from the new history (and no longer shows the item just seen).
+
+Item vectors and the index are a snapshot of the catalogue at startup: the item tower's freshness
+input ages with them until the next restart or index rebuild (``feedrank.index.needs_rebuild``).
+
+Example::
+
+    service = FeedService(load_bundle("runs/demo/bundle"), ServingConfig(), log_dir="runs/demo/log")
+    response = service.feed("u17", k=10)
+    response.items[0]        # FeedItem(item_id='i803', score=1.93, source='ann', reason='ann; ...')
+    service.record_events([EventIn(user_id="u17", item_id="i803", clicked=True, dwell_s=30.0)])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from torch import Tensor
+
+from feedrank.bundle import Bundle, catalogue_item_cats, lookup_quiet
+from feedrank.data.batch import Batch
+from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform, validate
+from feedrank.evaluate.retrieval import catalogue_vectors, popularity_scores
+from feedrank.features.build import FeatureConfig
+from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, PAD, USER_CAT_COLUMNS, Vocab
+from feedrank.index import IndexConfig, IndexFileError, ItemIndex, RecallBelowFloorError, build_index, load_index, publish
+from feedrank.models.ranker import ItemInputs, UserInputs
+from feedrank.serving.cache import RedisCache, UserVectorCache, make_cache
+from feedrank.serving.config import ServingConfig, parse_start_time
+from feedrank.serving.metrics import ServiceMetrics
+from feedrank.serving.rerank import Candidates, rerank
+from feedrank.serving.state import EventIn, EventSink, UserStore, UserView, VocabIndex, to_us
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], dt.datetime]
+SOURCES = ("ann", "fresh", "popular")  # bit i of a candidate's source mask = found by SOURCES[i]
+_US_PER_HOUR = 3.6e9
+UNKNOWN_PUBLISHER = "(unknown publisher)"
+
+
+class EventError(ValueError):
+    """A POST's events cannot be accepted (unknown item, schema rule); nothing of the POST was logged."""
+
+
+class FeedRequestError(ValueError):
+    """A feed request is invalid (``k`` out of range, empty user id)."""
+
+
+@dataclass(frozen=True)
+class FeedItem:
+    item_id: str
+    score: float
+    source: str
+    reason: str
+    publisher: str | None
+
+
+@dataclass(frozen=True)
+class FeedResponse:
+    """One feed: the items in order, per-stage milliseconds, the cache outcome and the user-vector path."""
+
+    user_id: str
+    items: list[FeedItem]
+    timings_ms: dict[str, float]
+    cache: str  # hit | miss | error
+    path: str  # cached | tower | cold_start
+    model_versions: dict[str, str]
+
+    def server_timing(self) -> str:
+        """The ``Server-Timing`` header value, e.g. ``user;dur=0.80, ann;dur=0.41, ...``."""
+        return ", ".join(f"{stage};dur={ms:.2f}" for stage, ms in self.timings_ms.items())
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def set_threads(n: int) -> None:
+    """Intra-op threads of torch and FAISS for this process (``ServingConfig.torch_threads``).
+
+    One request's tensors are small: extra threads cost more in hand-offs than they save, and
+    parallelism comes from serving requests side by side (threadpool, uvicorn workers) instead.
+    """
+    torch.set_num_threads(n)
+    faiss.omp_set_num_threads(n)
+
+
+def make_clock(start_time: str | None) -> Clock:
+    """The wall clock (UTC), or one that starts at ``start_time`` and advances in real time."""
+    if start_time is None:
+        return lambda: dt.datetime.now(dt.timezone.utc)
+    start, origin = parse_start_time(start_time), time.monotonic()
+    return lambda: start + dt.timedelta(seconds=time.monotonic() - origin)
+
+
+def vocab_strings(vocab: Vocab) -> np.ndarray:
+    """[len(vocab)] object array: the raw id of each index, None for padding, OOV and hash buckets."""
+    return np.array([None, None, *vocab.ids, *([None] * vocab.hash_buckets)], dtype=object)
+
+
+def one_user_batch(user: int, user_cats: np.ndarray, history: np.ndarray, counters: np.ndarray, n_item_cats: int) -> Batch:
+    """A one-row ``Batch`` with the user-side fields the user tower reads (item fields zero), as
+    ``feedrank.evaluate.retrieval.user_batches`` builds for many users; an empty history is one
+    masked padding slot (every encoder pools an all-False row to zeros)."""
+    width = max(1, len(history))
+    padded = torch.zeros(1, width, dtype=torch.long)
+    padded[0, : len(history)] = torch.from_numpy(history)
+    mask = torch.zeros(1, width, dtype=torch.bool)
+    mask[0, : len(history)] = True
+    zeros_i, zeros_f = torch.zeros(1, dtype=torch.long), torch.zeros(1)
+    return Batch(
+        user=torch.tensor([user]), user_cats=torch.from_numpy(user_cats)[None], history=padded, history_mask=mask,
+        item=zeros_i, item_cats=torch.zeros(1, n_item_cats, dtype=torch.long), item_age_h=zeros_f,
+        counters=torch.from_numpy(counters)[None], position=zeros_i, clicked=zeros_f, dwell_s=zeros_f,
+        shared=zeros_f, hidden=zeros_f, weight=torch.ones(1), item_logq=zeros_f, request=zeros_i,
+    )  # fmt: skip
+
+
+def user_counters(impressions: int, clicks: int) -> np.ndarray:
+    """The user counters as training scales them (``feedrank.features.counters``: log1p)."""
+    return np.log1p(np.array([impressions, clicks], dtype=np.float32))
+
+
+def item_counters(catalogue: pa.Table, features: FeatureConfig) -> np.ndarray:
+    """[n_items, 3] float32 item counters of a bundle catalogue (training-window impressions and
+    clicks, log1p, and the CTR shrunk to ``features.ctr_prior`` as ``point_in_time_counters`` does),
+    static at serving: the item side of the ranker's inputs, computed once."""
+    imps = catalogue["train_impressions"].to_numpy().astype(np.float64)
+    clicks = catalogue["train_clicks"].to_numpy().astype(np.float64)
+    ctr = (clicks + features.ctr_prior_weight * features.ctr_prior) / (imps + features.ctr_prior_weight)
+    return np.stack([np.log1p(imps), np.log1p(clicks), ctr], axis=1).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------------------
+# startup: the catalogue, the index, the ranker's static inputs
+
+
+@dataclass
+class CatalogueArrays:
+    """Per-item arrays indexed by two-tower item index (catalogue row), built once."""
+
+    item_ids: np.ndarray  # fixed-width str ("" for rows that are not items): numpy sorts these in C,
+    #                       where object arrays of str compare in Python (rerank dedupes by id)
+    rankable: np.ndarray  # rows with an item id
+    publishers: np.ndarray  # object raw publisher (None when unknown)
+    publisher_groups: np.ndarray  # str publishers, unknown as one group: what the per-publisher cap counts
+    item_types: np.ndarray
+    categories: np.ndarray
+    created_ts: pa.Array  # as in the catalogue (may be null)
+    born_us: np.ndarray  # int64 created (else first seen) epoch-us; int64 max for non-items
+    popularity: np.ndarray  # float32 in [0, 1]: training-click percentile (0 for non-items)
+    popular_rows: np.ndarray  # rankable rows, most popular first
+    fresh_rows: np.ndarray  # rankable rows, newest first
+    fresh_born_neg: np.ndarray  # -born_us of fresh_rows: ascending, for searchsorted without a copy
+    vectors: np.ndarray  # [n_items, dim] float32 two-tower item vectors (zeros for non-items)
+
+    @classmethod
+    def build(cls, bundle: Bundle, at: dt.datetime) -> CatalogueArrays:
+        cat, vocabs = bundle.catalogue, bundle.vocabs
+        n = cat.num_rows
+        item_ids = cat["item_id"].fill_null("").to_numpy(zero_copy_only=False).astype(str)
+        rankable = np.flatnonzero(cat["item_id"].is_valid().to_numpy(zero_copy_only=False))
+        if rankable.size == 0:
+            raise ValueError(f"{bundle.path}: the catalogue has no items to serve")
+        raw = {c: vocab_strings(vocabs.item_cats[c])[cat[f"{c}_idx"].to_numpy()] for c in ITEM_CAT_COLUMNS}
+        born = pc.coalesce(cat["created_ts"], cat["first_seen_ts"]).cast(pa.int64())
+        born_us = born.fill_null(np.iinfo(np.int64).max).to_numpy().astype(np.int64)
+        popularity = np.zeros(n, np.float32)
+        popularity[rankable] = popularity_scores(cat, rankable) / rankable.size
+        popular_rows = rankable[np.argsort(-popularity[rankable], kind="stable")]
+        fresh_rows = rankable[np.argsort(-born_us[rankable], kind="stable")]
+        vectors = np.zeros((n, bundle.model.cfg.dim), np.float32)
+        vectors[rankable] = catalogue_vectors(bundle.model, cat, at, rankable).numpy()
+        groups = np.where(np.equal(raw["publisher"], None), UNKNOWN_PUBLISHER, raw["publisher"]).astype(str)
+        return cls(item_ids, rankable, raw["publisher"], groups, raw["item_type"], raw["category"],
+                   cat["created_ts"].combine_chunks(), born_us, popularity, popular_rows, fresh_rows, -born_us[fresh_rows],
+                   vectors)  # fmt: skip
+
+    def newest(self, now_us: int, n: int) -> np.ndarray:
+        """The ``n`` newest items already published at ``now_us``."""
+        first = int(np.searchsorted(self.fresh_born_neg, -now_us, side="left"))
+        return self.fresh_rows[first : first + n]
+
+
+def load_or_build_index(vectors: np.ndarray, item_ids: np.ndarray, cfg: IndexConfig, index_dir: str | None,
+                        model_version: str) -> tuple[ItemIndex, str]:  # fmt: skip
+    """The ANN index over ``vectors`` (rows ``item_ids``) and how it was obtained.
+
+    Loaded from ``index_dir`` when its manifest names ``model_version``, its kind is ``cfg.kind``
+    and it holds exactly ``item_ids``; else built, and published to ``index_dir`` behind the recall
+    gate (a gate failure is logged and the fresh index still serves: better than none).
+    """
+    if index_dir is not None and Path(index_dir).exists():
+        try:
+            index = load_index(index_dir)
+        except (IndexFileError, OSError) as exc:
+            log.warning("index at %s not usable (%s); rebuilding", index_dir, exc)
+        else:
+            same_items = index.size == len(item_ids) and bool(np.array_equal(index.item_ids, item_ids))
+            if index.model_version == model_version and index.cfg.kind == cfg.kind and same_items:
+                index.tune(nprobe=cfg.nprobe, ef_search=cfg.ef_search)
+                return index, f"loaded from {index_dir}"
+            log.info("index at %s is for another model, kind or catalogue; rebuilding", index_dir)
+    index = build_index(vectors, item_ids, cfg, model_version)
+    if index_dir is None:
+        return index, "built"
+    try:
+        publish(index, index_dir, cfg, vectors)
+    except (RecallBelowFloorError, IndexFileError, OSError) as exc:
+        log.warning("index not saved to %s: %s", index_dir, exc)
+        return index, "built (not saved)"
+    return index, f"built and saved to {index_dir}"
+
+
+@dataclass
+class RankerInputs:
+    """The ranker bundle's view of the two-tower catalogue: per two-tower row, the ranker's item
+    index, categoricals and counters (static, gathered per request), and its id lookups."""
+
+    bundle: Bundle
+    item_idx: np.ndarray  # [n_tt_items] ranker item index of each two-tower row
+    item_cats: Tensor  # [n_tt_items, n_item_cats]
+    item_counters: Tensor  # [n_tt_items, n_item_counters]
+    users: VocabIndex
+    user_cats: dict[str, VocabIndex]
+    use_vectors: bool
+
+    @classmethod
+    def build(cls, ranker: Bundle, two_tower: Bundle) -> RankerInputs:
+        model = ranker.model
+        if model.n_user_counters not in (0, 2) or model.n_item_counters not in (0, 3):
+            raise ValueError(f"{ranker.path}: the ranker reads {model.n_user_counters} user and {model.n_item_counters} "
+                             "item counters; serving provides 2 and 3 (feedrank.features.COUNTER_COLUMNS)")  # fmt: skip
+        tt_dim = two_tower.model.cfg.dim
+        if model.cfg.two_tower_dim not in (0, tt_dim):
+            raise ValueError(f"{ranker.path}: the ranker takes two-tower vectors of dim {model.cfg.two_tower_dim}, "
+                             f"the two-tower bundle {two_tower.path} makes dim {tt_dim}")  # fmt: skip
+        idx = lookup_quiet(ranker.vocabs.items, two_tower.catalogue["item_id"])
+        idx[PAD] = PAD
+        features = FeatureConfig(**{k: v for k, v in ranker.config.get("features", {}).items()
+                                    if k in ("ctr_prior", "ctr_prior_weight")})  # fmt: skip
+        counters = item_counters(ranker.catalogue, features)[idx][:, : model.n_item_counters]
+        return cls(
+            bundle=ranker, item_idx=idx, item_cats=catalogue_item_cats(ranker.catalogue)[torch.from_numpy(idx)],
+            item_counters=torch.from_numpy(np.ascontiguousarray(counters)), users=VocabIndex(ranker.vocabs.users),
+            user_cats={c: VocabIndex(v) for c, v in ranker.vocabs.user_cats.items()},
+            use_vectors=model.cfg.two_tower_dim > 0,
+        )  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------------
+# the service
+
+
+class FeedService:
+    """Everything a feed request needs, loaded once; see the module docstring.
+
+    ``cache`` and ``clock`` default to ``make_cache(cfg.cache)`` and ``make_clock(cfg.start_time)``;
+    tests inject their own. ``log_dir`` seeds the user store from a canonical log.
+    """
+
+    def __init__(
+        self,
+        two_tower: Bundle,
+        cfg: ServingConfig,
+        ranker: Bundle | None = None,
+        log_dir: str | Path | None = None,
+        cache: UserVectorCache | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        cfg.validate()
+        if two_tower.kind != "two_tower":
+            raise ValueError(f"{two_tower.path}: expected a two_tower bundle, got kind {two_tower.kind!r}")
+        if ranker is not None and ranker.kind != "ranker":
+            raise ValueError(f"{ranker.path}: expected a ranker bundle, got kind {ranker.kind!r}")
+        self.cfg, self.two_tower, self.ranker_bundle = cfg, two_tower, ranker
+        self.clock = clock or make_clock(cfg.start_time)
+        started = self.clock()
+        self.model = two_tower.model.eval()
+        self.catalogue = CatalogueArrays.build(two_tower, started)
+        rankable = self.catalogue.rankable
+        self.index, self.index_origin = load_or_build_index(
+            self.catalogue.vectors[rankable], self.catalogue.item_ids[rankable], cfg.index, cfg.index_dir,
+            two_tower.version,
+        )  # fmt: skip
+        self.index_rows = rankable  # index position -> catalogue row (the index holds rankable rows in order)
+        self.items = VocabIndex(two_tower.vocabs.items)
+        self.users = VocabIndex(two_tower.vocabs.users)
+        self.user_cats = {c: VocabIndex(v) for c, v in two_tower.vocabs.user_cats.items()}
+        self.ranker = RankerInputs.build(ranker, two_tower) if ranker is not None else None
+        self.cache = cache if cache is not None else make_cache(cfg.cache)
+        self.store = (
+            UserStore.from_log(log_dir, two_tower.vocabs.items, cfg.history_len, cfg.max_seen, end=started)
+            if log_dir is not None
+            else UserStore(two_tower.vocabs.items, cfg.history_len, cfg.max_seen)
+        )
+        self.sink = EventSink(cfg.event_log)
+        self.metrics = ServiceMetrics()
+        self._cache_lock = threading.Lock()
+        self.temperature = float(self.model.temperature())
+        cold = UserView("", {c: None for c in USER_CAT_COLUMNS}, np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, False)
+        self.default_vector = self._tower_vector(cold, known_user=False)
+
+    # ---------------------------------------------------------------------------------- feed
+
+    @property
+    def model_versions(self) -> dict[str, str]:
+        versions = {"two_tower": self.two_tower.version}
+        if self.ranker_bundle is not None:
+            versions["ranker"] = self.ranker_bundle.version
+        return versions
+
+    def check_k(self, k: int | None) -> int:
+        k = self.cfg.k_default if k is None else k
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.cfg.k_max:
+            raise FeedRequestError(f"k must be an integer in [1, {self.cfg.k_max}], got {k!r}")
+        return k
+
+    def feed(self, user_id: str, k: int | None = None) -> FeedResponse:
+        """The feed of ``user_id`` (``k`` items, default ``cfg.k_default``); see the module docstring."""
+        if not isinstance(user_id, str) or not user_id:
+            raise FeedRequestError(f"user_id must be a non-empty string, got {user_id!r}")
+        k = self.check_k(k)
+        start = time.perf_counter()
+        now = self.clock()
+        now_us = to_us(now)
+        timings: dict[str, float] = {}
+        mark = start
+
+        def lap(stage: str) -> None:
+            nonlocal mark
+            t = time.perf_counter()
+            timings[stage] = (t - mark) * 1000.0
+            mark = t
+
+        view = self.store.view(user_id, now)
+        vector, cache_outcome = self._cached_vector(user_id)
+        if vector is not None:
+            path = "cached"
+        elif view.stored or self.users.known(user_id):
+            path = "tower"
+            vector = self._tower_vector(view, known_user=True)
+            self.cache.set(user_id, vector)
+        else:
+            path, vector = "cold_start", self.default_vector
+        lap("user")
+
+        rows, sources = self._candidates(vector, view, now_us, cold=path == "cold_start")
+        lap("ann")
+
+        age_h = np.maximum(now_us - self.catalogue.born_us[rows], 0) / _US_PER_HOUR
+        scores = self._scores(rows, vector, view, age_h)
+        if path == "cold_start":
+            scores = self._cold_start_blend(scores, rows, age_h)
+        lap("rank")
+
+        items = self._rerank(rows, scores, age_h, sources, k)
+        lap("rerank")
+
+        total_ms = (time.perf_counter() - start) * 1000.0
+        self.metrics.observe_feed(timings, total_ms, path, cache_outcome, self.cfg.latency_budget_ms)
+        return FeedResponse(user_id, items, {**timings, "total": total_ms}, cache_outcome, path, self.model_versions)
+
+    def _cached_vector(self, user_id: str) -> tuple[np.ndarray | None, str]:
+        """The cached vector (or None) and the lookup's outcome, read from the cache's counters
+        (the cache never raises; the lock makes the before/after difference this call's own)."""
+        with self._cache_lock:
+            before = self.cache.stats()
+            vector = self.cache.get(user_id)
+            after = self.cache.stats()
+        if vector is not None:
+            return vector, "hit"
+        failed = (after.errors - before.errors) + (after.short_circuits - before.short_circuits)
+        return None, "error" if failed else "miss"
+
+    def _tower_vector(self, view: UserView, known_user: bool) -> np.ndarray:
+        """The two-tower user vector of ``view``'s state (``known_user`` False: the OOV id)."""
+        history = view.history[-self.model.cfg.max_history_len :] if len(view.history) else view.history
+        batch = one_user_batch(
+            self.users(view.user_id) if known_user else OOV,
+            np.array([self.user_cats[c](view.cats[c]) for c in USER_CAT_COLUMNS], dtype=np.int64),
+            history, user_counters(view.impressions, view.clicks), len(ITEM_CAT_COLUMNS),
+        )  # fmt: skip
+        with torch.inference_mode():
+            return self.model.user_vectors(batch)[0].numpy()
+
+    def _candidates(self, vector: np.ndarray, view: UserView, now_us: int, cold: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Candidate rows and their source labels: ANN + fresh (+ popular when cold), deduplicated,
+        published by ``now``, not already seen."""
+        k = min(self.cfg.ann_candidates, self.index.size)
+        _, positions = self.index.search(vector[None], k)
+        ann = self.index_rows[positions[0][positions[0] >= 0]]
+        found = [ann, self.catalogue.newest(now_us, self.cfg.fresh_candidates)]
+        if cold:
+            found.append(self.catalogue.popular_rows[: self.cfg.cold_start.popular_candidates])
+        rows = np.concatenate(found)
+        bits = np.concatenate([np.full(len(part), 1 << i, np.int64) for i, part in enumerate(found)])
+        unique, inverse = np.unique(rows, return_inverse=True)
+        mask = np.zeros(len(unique), np.int64)
+        np.bitwise_or.at(mask, inverse, bits)
+        keep = self.catalogue.born_us[unique] <= now_us
+        if self.cfg.rerank.remove_seen and len(view.seen):
+            keep &= ~np.isin(unique, view.seen)
+        return unique[keep], _SOURCE_LABELS[mask[keep]]
+
+    def _scores(self, rows: np.ndarray, vector: np.ndarray, view: UserView, age_h: np.ndarray) -> np.ndarray:
+        if len(rows) == 0:
+            return np.zeros(0)
+        if self.ranker is None:
+            return self.catalogue.vectors[rows] @ vector / self.temperature
+        r = self.ranker
+        model = r.bundle.model
+        history = r.item_idx[view.history[-model.cfg.max_history_len :]] if len(view.history) else view.history
+        user = UserInputs(
+            user=torch.tensor(r.users(view.user_id)),
+            user_cats=torch.tensor([r.user_cats[c](view.cats[c]) for c in USER_CAT_COLUMNS]),
+            history=torch.from_numpy(np.ascontiguousarray(history)),
+            counters=torch.from_numpy(user_counters(view.impressions, view.clicks)[: model.n_user_counters]),
+            vector=torch.from_numpy(np.array(vector, np.float32)) if r.use_vectors else None,
+        )  # fmt: skip
+        idx = torch.from_numpy(rows)
+        items = ItemInputs(
+            item=torch.from_numpy(r.item_idx[rows]), item_cats=r.item_cats[idx],
+            item_age_h=torch.from_numpy(age_h.astype(np.float32)), counters=r.item_counters[idx],
+            vectors=torch.from_numpy(self.catalogue.vectors[rows]) if r.use_vectors else None,
+        )  # fmt: skip
+        with torch.inference_mode():
+            return model.score_candidates(user, items)["value"].numpy().astype(np.float64)
+
+    def _cold_start_blend(self, scores: np.ndarray, rows: np.ndarray, age_h: np.ndarray) -> np.ndarray:
+        """``ColdStartConfig``'s blend of the model score with popularity and freshness."""
+        c = self.cfg.cold_start
+        if len(scores) == 0:
+            return scores
+        lo, hi = scores.min(), scores.max()
+        model = np.ones_like(scores) if hi == lo else (scores - lo) / (hi - lo)
+        fresh = np.exp2(-age_h / c.fresh_half_life_h)
+        return c.model_weight * model + c.popular_weight * self.catalogue.popularity[rows] + c.fresh_weight * fresh
+
+    def _rerank(self, rows: np.ndarray, scores: np.ndarray, age_h: np.ndarray, sources: np.ndarray, k: int) -> list[FeedItem]:
+        cat = self.catalogue
+        candidates = Candidates(cat.item_ids[rows], scores, cat.vectors[rows], cat.publisher_groups[rows], age_h, sources)
+        # seen items were dropped before ranking (they would only have cost ranker time)
+        result = rerank(candidates, seen=[], cfg=dataclasses.replace(self.cfg.rerank, k=k, remove_seen=False))
+        return [FeedItem(str(p.item_id), p.score, p.source, p.reason,
+                         None if p.publisher == UNKNOWN_PUBLISHER else str(p.publisher))
+                for p in result.picks]  # fmt: skip
+
+    # ---------------------------------------------------------------------------------- events
+
+    def record_events(self, events: Sequence[EventIn]) -> int:
+        """Validate, log and apply one POST's events (all or none); returns how many were accepted.
+
+        Raises ``EventError`` naming the first offending event (by position) or schema rule.
+        """
+        try:
+            table, rows = self._event_table(events)
+        except EventError:
+            self.metrics.events.labels("rejected").inc(len(events))
+            raise
+        self.sink.write(table)
+        self.store.apply(table, rows)
+        for user_id in dict.fromkeys(table["user_id"].to_pylist()):
+            self.cache.invalidate(user_id)
+        self.metrics.events.labels("accepted").inc(table.num_rows)
+        return table.num_rows
+
+    def _event_table(self, events: Sequence[EventIn]) -> tuple[pa.Table, np.ndarray]:
+        if not events:
+            raise EventError("no events: send one event or a non-empty list")
+        if len(events) > self.cfg.max_events_per_post:
+            raise EventError(f"{len(events)} events in one request; at most {self.cfg.max_events_per_post}")
+        rows = np.empty(len(events), np.int64)
+        for i, event in enumerate(events):
+            row = self.items(event.item_id) if self.items.known(event.item_id) else -1
+            if row < 0 or not self.catalogue.item_ids[row]:
+                raise EventError(f"events[{i}].item_id: unknown item {event.item_id!r}: not in the catalogue of "
+                                 f"two-tower model {self.two_tower.version[:12]}")  # fmt: skip
+            rows[i] = row
+        now = self.clock()
+        request_id = f"srv-{uuid.uuid4().hex}"
+        cats = {c: [] for c in USER_CAT_COLUMNS}
+        for event in events:
+            view_cats = self.store.view(event.user_id, now).cats
+            for c in USER_CAT_COLUMNS:
+                cats[c].append(view_cats[c])
+        ts = [now if e.ts is None else (e.ts.replace(tzinfo=dt.timezone.utc) if e.ts.tzinfo is None else e.ts) for e in events]
+        cat = self.catalogue
+        table = pa.table({
+            "user_id": [e.user_id for e in events],
+            "item_id": [e.item_id for e in events],
+            "ts": pa.array(ts, TS_TYPE),
+            "request_id": [e.request_id or request_id for e in events],
+            "position": pa.array([e.position for e in events], pa.int32()),
+            "clicked": [e.clicked for e in events],
+            "dwell_s": pa.array([e.dwell_s for e in events], pa.float32()),
+            "shared": [e.shared for e in events],
+            "hidden": [e.hidden for e in events],
+            "publisher": pa.array(cat.publishers[rows], pa.string()),
+            "item_type": pa.array(cat.item_types[rows], pa.string()),
+            "category": pa.array(cat.categories[rows], pa.string()),
+            "created_ts": cat.created_ts.take(pa.array(rows)),
+            **{c: pa.array(v, pa.string()) for c, v in cats.items()},
+        })  # fmt: skip
+        table = conform(table)
+        report = validate(table)
+        if not report.ok:
+            raise EventError("; ".join(str(v) for v in report.violations))
+        return table.cast(EVENT_SCHEMA), rows
+
+    # ---------------------------------------------------------------------------------- admin
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /healthz`` reports: models, index, cache backend, store and log."""
+        stats = self.cache.stats()
+        breaker = getattr(self.cache, "breaker", None)
+        return {
+            "status": "ok",
+            "models": self.model_versions,
+            "index": {"kind": self.index.cfg.kind, "size": self.index.size, "model_version": self.index.model_version,
+                      "origin": self.index_origin},  # fmt: skip
+            "cache": {
+                "backend": "redis" if isinstance(self.cache, RedisCache) else "memory",
+                "status": "degraded" if breaker is not None and breaker.is_open else "ok",
+                **dataclasses.asdict(stats),
+            },
+            "users": len(self.store),
+            "event_log": {"dir": str(self.sink.root), "rows_written": self.sink.rows_written, "durable": self.cfg.event_log.durable},
+            "clock": self.clock().isoformat(),
+        }
+
+    def close(self) -> None:
+        """Flush the serving log and release the cache (at shutdown)."""
+        self.sink.close()
+        self.cache.close()
+
+
+def _labels() -> np.ndarray:
+    """Source label of every source bit mask: "ann", "fresh", "ann+fresh", ..."""
+    return np.array(["+".join(s for i, s in enumerate(SOURCES) if mask >> i & 1) for mask in range(1 << len(SOURCES))], dtype=object)
+
+
+_SOURCE_LABELS = _labels()
+

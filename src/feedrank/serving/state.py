@@ -1,0 +1,375 @@
+"""What the feed service knows about users, and where ``POST /events`` rows go.
+
+Three parts, each with one job:
+
+- ``VocabIndex``: id -> vocabulary index in O(1) per id. ``Vocab.lookup`` builds a hash set of the
+  whole vocabulary on every call (about 0.2 s for a million ids), right for a batch job and far too
+  slow per request; this keeps one dict per vocabulary for the life of the process.
+- ``UserStore``: each user's recent engagements (the user tower's history), the items they were
+  already shown ("seen"), their impression/click counts and categorical attributes. It is a
+  columnar *snapshot* seeded from the canonical log (immutable, vectorised to build) plus an
+  *overlay* of users touched by live events (a small record each, created from the snapshot on the
+  user's first event). Item ids are held as two-tower vocabulary indices.
+- ``EventSink``: the append-only serving log, in the canonical layout
+  (``DIR/events/date=YYYY-MM-DD/part-<uuid>.parquet``) so ``feedrank.data.log.read_events`` reads it
+  like any other log and the next training run can use it. Each file is written under a hidden
+  name and renamed into place, so a reader never sees half a file (pyarrow datasets skip names
+  starting with "."). Durability: see ``EventLogConfig``.
+
+**Limitation (chosen over reading the serving log through on every miss):** the store lives in one
+process. With several uvicorn workers each has its own, so an event updates the history and "seen"
+set of the worker that received it only. The cached *vector* is invalidated in the shared Redis, but
+the next worker to miss recomputes it from *its* state, which may not know the event, and caches
+that for ``cache.ttl_s``. So with several workers, route each user to one worker (sticky sessions on
+``user_id``) or run one worker per machine. The serving log on disk is complete either way (a
+canonical log: training reads it, and ``feedrank serve --log`` can seed from it after a restart).
+
+Example::
+
+    store = UserStore.from_log("runs/demo/log", vocabs.items, history_len=50, max_seen=2000, end=now)
+    view = store.view("u17", now)          # UserView(history=array([...]), seen=..., clicks=3, ...)
+    store.apply(events_table, item_idx)    # after POST /events
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+import threading
+import time
+import uuid
+from bisect import insort
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+
+from feedrank.bundle import lookup_quiet
+from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
+from feedrank.data.schema import EVENT_SCHEMA
+from feedrank.evaluate.retrieval import user_state
+from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab, stable_hash
+from feedrank.serving.config import EventLogConfig
+
+log = logging.getLogger(__name__)
+
+_US = 1_000_000
+
+
+def to_us(ts: dt.datetime) -> int:
+    """Epoch microseconds of an aware datetime (the log's ``ts`` unit)."""
+    return int(round(ts.timestamp() * _US))
+
+
+# ------------------------------------------------------------------------------------------------
+# ids -> indices
+
+
+class VocabIndex:
+    """``Vocab``'s index layout (``feedrank.features.vocab``) with O(1) lookups of single ids."""
+
+    def __init__(self, vocab: Vocab) -> None:
+        self.vocab = vocab
+        self._index = dict(zip(vocab.ids, range(FIRST_ID, FIRST_ID + len(vocab.ids))))
+
+    def known(self, value: str | None) -> bool:
+        return value in self._index
+
+    def __call__(self, value: str | None) -> int:
+        """The index of ``value``: its own row, else its hash bucket, else OOV (as ``Vocab.lookup``)."""
+        idx = self._index.get(value) if value is not None else OOV
+        if idx is not None:
+            return idx
+        if self.vocab.hash_buckets:
+            bucket = stable_hash([value])[0] % np.uint64(self.vocab.hash_buckets)
+            return FIRST_ID + len(self.vocab.ids) + int(bucket)
+        return OOV
+
+    def many(self, values: list[str | None]) -> np.ndarray:
+        return np.fromiter((self(v) for v in values), dtype=np.int64, count=len(values))
+
+
+# ------------------------------------------------------------------------------------------------
+# the user store
+
+
+@dataclass
+class UserView:
+    """One user's state as a feed request sees it (item ids as two-tower vocabulary indices)."""
+
+    user_id: str
+    cats: dict[str, str | None]  # USER_CAT_COLUMNS -> raw value (None = unknown)
+    history: np.ndarray  # [L] engaged items strictly before now, oldest first, at most history_len
+    seen: np.ndarray  # [S] items already shown to the user
+    impressions: int
+    clicks: int
+    stored: bool  # False: the store has nothing on this user (no log rows, no live events)
+
+
+@dataclass
+class _Record:
+    """A user touched by live events: mutable, bounded."""
+
+    cats: dict[str, str | None]
+    engaged: list[tuple[int, int]]  # (ts_us, item index), sorted by time, at most history_len
+    seen: OrderedDict[int, None]  # item index, most recently shown last, at most max_seen
+    impressions: int
+    clicks: int
+
+
+@dataclass
+class _Snapshot:
+    """The seeded state of every user in the log, columnar (CSR rows in ``user_ids`` order)."""
+
+    row_of: dict[str, int]
+    cats: dict[str, list[str | None]]
+    history_offsets: np.ndarray
+    history: np.ndarray  # item indices, oldest first per user
+    seen_offsets: np.ndarray
+    seen: np.ndarray
+    impressions: np.ndarray
+    clicks: np.ndarray
+    seeded_until_us: int  # every seeded row is strictly before this
+
+    @classmethod
+    def empty(cls) -> _Snapshot:
+        zero = np.zeros(1, np.int64)
+        return cls({}, {c: [] for c in USER_CAT_COLUMNS}, zero, zero[:0], zero, zero[:0], zero[:0], zero[:0], 0)
+
+
+_SEED_COLUMNS = ["user_id", "item_id", "ts", "clicked", "hidden", *USER_CAT_COLUMNS]
+
+
+class UserStore:
+    """Histories, seen items, counts and attributes per user; see the module docstring. Thread-safe."""
+
+    def __init__(self, items: Vocab, history_len: int, max_seen: int, snapshot: _Snapshot | None = None) -> None:
+        self.items, self.history_len, self.max_seen = items, history_len, max_seen
+        self._snapshot = snapshot or _Snapshot.empty()
+        self._overlay: dict[str, _Record] = {}
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_log(cls, log_dir: str | Path, items: Vocab, history_len: int, max_seen: int,
+                 end: dt.datetime | None = None) -> UserStore:  # fmt: skip
+        """Seed from the canonical log at ``log_dir``, reading only rows before ``end``.
+
+        History follows the training rule (``feedrank.evaluate.retrieval.user_state``: the last
+        ``history_len`` items ``clicked and not hidden``); "seen" is every item shown, the most
+        recent ``max_seen`` impressions per user. Items outside the vocabulary are kept in the
+        history as OOV / hash-bucket indices (as in training) and left out of "seen" (they can
+        never be a candidate).
+        """
+        if not list_days(log_dir):
+            raise FileNotFoundError(f"no event log under {log_dir}: expected {Path(log_dir) / EVENTS_DIR}/date=YYYY-MM-DD/")
+        events = read_events(log_dir, columns=_SEED_COLUMNS, end=end)
+        users = pc.unique(events["user_id"]).sort()
+        state = user_state(events, users, history_len)
+        n = len(users)
+        seen_offsets, seen = _recent_items(events, users, items, max_seen)
+        last_us = pc.max(events["ts"]).cast(pa.int64()).as_py() if events.num_rows else None
+        snapshot = _Snapshot(
+            row_of=dict(zip(users.to_pylist(), range(n))),
+            cats={c: state.user_cats[c].to_pylist() for c in USER_CAT_COLUMNS},
+            history_offsets=state.history_offsets,
+            history=lookup_quiet(items, state.history_items) if len(state.history_items) else np.zeros(0, np.int64),
+            seen_offsets=seen_offsets,
+            seen=seen,
+            impressions=state.impressions,
+            clicks=state.clicks,
+            seeded_until_us=to_us(end) if end is not None else (last_us or 0) + 1,
+        )
+        return cls(items, history_len, max_seen, snapshot)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._snapshot.row_of) + sum(u not in self._snapshot.row_of for u in self._overlay)
+
+    def view(self, user_id: str, now: dt.datetime) -> UserView:
+        """``user_id``'s state at ``now``: history strictly before ``now``; unknown users get an empty view."""
+        now_us = to_us(now)
+        with self._lock:
+            record = self._overlay.get(user_id)
+            if record is not None:
+                history = [item for ts, item in record.engaged if ts < now_us][-self.history_len :]
+                return UserView(user_id, dict(record.cats), np.asarray(history, np.int64),
+                                np.fromiter(record.seen, np.int64, len(record.seen)), record.impressions,
+                                record.clicks, True)  # fmt: skip
+        snap = self._snapshot
+        row = snap.row_of.get(user_id)
+        if row is None:
+            return UserView(user_id, {c: None for c in USER_CAT_COLUMNS}, np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, False)
+        history = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]]
+        if snap.seeded_until_us > now_us:  # a clock behind the seed: nothing of the log is "before now"
+            history = history[:0]
+        return UserView(user_id, {c: snap.cats[c][row] for c in USER_CAT_COLUMNS}, history,
+                        snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]],
+                        int(snap.impressions[row]), int(snap.clicks[row]), True)  # fmt: skip
+
+    def apply(self, events: pa.Table, item_idx: np.ndarray) -> None:
+        """Add validated canonical-schema ``events`` (``item_idx``: their two-tower item indices)."""
+        users = events["user_id"].to_pylist()
+        ts = events["ts"].cast(pa.int64()).to_numpy()
+        clicked = events["clicked"].to_numpy(zero_copy_only=False)
+        engaged = clicked & ~events["hidden"].to_numpy(zero_copy_only=False)
+        order = np.argsort(ts, kind="stable")  # "seen" keeps the most recent last
+        with self._lock:
+            for i in order.tolist():  # one POST's events: at most max_events_per_post
+                record = self._record(users[i])
+                record.impressions += 1
+                record.clicks += int(clicked[i])
+                item = int(item_idx[i])
+                record.seen.pop(item, None)
+                record.seen[item] = None
+                if len(record.seen) > self.max_seen:
+                    record.seen.popitem(last=False)
+                if engaged[i] and self.history_len:
+                    insort(record.engaged, (int(ts[i]), item))
+                    del record.engaged[: -self.history_len]
+
+    def _record(self, user_id: str) -> _Record:
+        """The overlay record of ``user_id``, created from the snapshot on first use (lock held)."""
+        record = self._overlay.get(user_id)
+        if record is not None:
+            return record
+        snap = self._snapshot
+        row = snap.row_of.get(user_id)
+        if row is None:
+            record = _Record({c: None for c in USER_CAT_COLUMNS}, [], OrderedDict(), 0, 0)
+        else:
+            # The snapshot keeps no per-item times: its items are stamped "just before the seed cut".
+            stamp = snap.seeded_until_us - 1
+            hist = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]].tolist()
+            seen = snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]].tolist()
+            record = _Record({c: snap.cats[c][row] for c in USER_CAT_COLUMNS}, [(stamp, h) for h in hist],
+                             OrderedDict.fromkeys(seen), int(snap.impressions[row]), int(snap.clicks[row]))  # fmt: skip
+        self._overlay[user_id] = record
+        return record
+
+
+def _recent_items(events: pa.Table, users: pa.Array, items: Vocab, max_seen: int) -> tuple[np.ndarray, np.ndarray]:
+    """CSR (offsets, item indices) of each user's distinct items among their last ``max_seen`` impressions."""
+    n = len(users)
+    code = pc.index_in(events["user_id"], value_set=users).to_numpy().astype(np.int64)
+    item = lookup_quiet(items, events["item_id"])
+    ts = events["ts"].cast(pa.int64()).to_numpy()
+    order = np.lexsort((ts, code))
+    code, item = code[order], item[order]
+    counts = np.bincount(code, minlength=n)
+    starts = np.concatenate([[0], np.cumsum(counts)])
+    rank_from_end = starts[code + 1] - np.arange(len(code))  # 1 = the user's latest impression
+    keep = (rank_from_end <= max_seen) & (item >= FIRST_ID) & (item < FIRST_ID + len(items.ids))
+    pairs = np.unique(code[keep] * len(items) + item[keep])
+    users_of, items_of = pairs // len(items), pairs % len(items)
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(users_of, minlength=n))]).astype(np.int64)
+    return offsets, items_of.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# events in, serving log out
+
+
+class EventIn(BaseModel):
+    """One ``POST /events`` item: the canonical event schema's feedback columns (``EVENT_SCHEMA``).
+
+    ``ts`` defaults to the server's clock, ``request_id`` to one id per POST, ``position`` to 0.
+    Item and user metadata are not sent: the service fills them from the catalogue and the store,
+    so the serving log is as self-contained as any other canonical log.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    user_id: str = Field(min_length=1, max_length=256)
+    item_id: str = Field(min_length=1, max_length=256)
+    ts: dt.datetime | None = None
+    clicked: bool = False
+    dwell_s: float = Field(0.0, ge=0, allow_inf_nan=False)
+    shared: bool = False
+    hidden: bool = False
+    request_id: str | None = Field(None, min_length=1, max_length=256)
+    position: int = Field(0, ge=0, le=2**31 - 1)
+
+
+class EventSink:
+    """The append-only serving log (module docstring); ``write`` is thread-safe."""
+
+    def __init__(self, cfg: EventLogConfig) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.dir)
+        (self.root / EVENTS_DIR).mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._buffer: list[pa.Table] = []
+        self._buffered_rows = 0
+        self._oldest: float | None = None
+        self.rows_written = 0
+        self.files_written = 0
+        self._stop = threading.Event()
+        self._timer: threading.Thread | None = None
+        if not cfg.durable:
+            self._timer = threading.Thread(target=self._flush_periodically, name="event-sink-flush", daemon=True)
+            self._timer.start()
+
+    def write(self, events: pa.Table) -> None:
+        """Append ``EVENT_SCHEMA`` rows; returns once they are on disk when ``durable``."""
+        with self._lock:
+            self._buffer.append(events.cast(EVENT_SCHEMA))
+            self._buffered_rows += events.num_rows
+            self._oldest = self._oldest if self._oldest is not None else time.monotonic()
+            if self.cfg.durable or self._buffered_rows >= self.cfg.flush_rows:
+                self._flush_locked()
+
+    def flush(self) -> int:
+        """Write what is buffered; returns the number of rows written."""
+        with self._lock:
+            return self._flush_locked()
+
+    def close(self) -> None:
+        """Flush and stop the timer; the sink must not be used afterwards."""
+        self._stop.set()
+        if self._timer is not None:
+            self._timer.join(timeout=5)
+        self.flush()
+
+    def _flush_periodically(self) -> None:
+        while not self._stop.wait(self.cfg.flush_interval_s / 4):
+            with self._lock:
+                if self._oldest is not None and time.monotonic() - self._oldest >= self.cfg.flush_interval_s:
+                    self._flush_locked()
+
+    def _flush_locked(self) -> int:
+        if not self._buffer:
+            return 0
+        table = pa.concat_tables(self._buffer)
+        days = day_of(table["ts"])
+        for day in np.unique(days).tolist():
+            self._write_file(table.filter(pa.array(days == day)), day)
+        self._buffer, self._buffered_rows, self._oldest = [], 0, None
+        self.rows_written += table.num_rows
+        return table.num_rows
+
+    def _write_file(self, table: pa.Table, day: str) -> None:
+        folder = self.root / EVENTS_DIR / f"date={day}"
+        folder.mkdir(parents=True, exist_ok=True)
+        name = f"part-{uuid.uuid4().hex}.parquet"
+        tmp = folder / f".{name}.tmp"
+        pq.write_table(table, tmp)
+        if self.cfg.durable:
+            _fsync(tmp)
+        os.replace(tmp, folder / name)
+        if self.cfg.durable:
+            _fsync(folder)
+        self.files_written += 1
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,49 @@
+"""The real server in a subprocess (``feedrank.serving.demo``): what `feedrank demo` prints at the end.
+
+Each test starts uvicorn in a fresh Python process (torch and FAISS imports: seconds each), so the
+module is marked slow.
+"""
+
+import httpx
+import pytest
+
+from feedrank.data.log import read_events
+from feedrank.serving.app import ServeSettings
+from feedrank.serving.demo import ServerProcess, demo_requests, most_active_user
+
+pytestmark = pytest.mark.slow
+
+
+def test_demo_requests_shows_warm_cold_and_the_effect_of_an_event(serving_world, tmp_path):
+    text = demo_requests(serving_world.two_tower.path, serving_world.ranker.path, serving_world.log, k=5, workdir=tmp_path)
+    assert f"ranker={serving_world.ranker.version[:12]}" in text
+    warm = most_active_user(serving_world.log)
+    assert f"warm user {warm}: path=tower cache=miss" in text
+    assert f"warm user {warm}, again (cached vector): path=cached cache=hit" in text
+    assert "cold user demo-new-user: path=cold_start" in text
+    assert "after the click (vector recomputed): path=tower cache=miss" in text
+    assert "is gone from the feed (seen)" in text
+    assert text.count("Server-Timing: user;dur=") == 4
+    logged = read_events(tmp_path / "serving_log")  # flushed and readable after the server stopped
+    assert logged.num_rows == 1 and logged["user_id"][0].as_py() == warm
+
+
+def test_server_process_reports_a_failed_startup(tmp_path):
+    settings = ServeSettings(bundle=str(tmp_path / "no-bundle"))
+    with pytest.raises(RuntimeError, match="exited with"):
+        with ServerProcess(settings, tmp_path, startup_timeout_s=120):
+            pass
+
+
+def test_sigterm_shuts_down_cleanly_flushing_a_buffered_serving_log(serving_world, tmp_path):
+    config = tmp_path / "serving.yaml"
+    config.write_text("serving:\n  index: {kind: flat}\n  event_log: {durable: false, flush_interval_s: 3600}\n")
+    settings = ServeSettings(bundle=str(serving_world.two_tower.path), config=str(config), serving_log=str(tmp_path / "log"))
+    with ServerProcess(settings, tmp_path) as server:
+        item = httpx.get(f"{server.url}/feed", params={"user_id": "x", "k": 1}).json()["items"][0]["item_id"]
+        assert httpx.post(f"{server.url}/events", json={"user_id": "x", "item_id": item}).status_code == 200
+        assert not list((tmp_path / "log").rglob("part-*.parquet"))  # buffered, not yet written
+    assert server.proc.returncode in (0, -15)  # uvicorn re-raises the SIGTERM it handled
+    assert read_events(tmp_path / "log").num_rows == 1  # the shutdown flushed it
+    with pytest.raises(httpx.TransportError):
+        httpx.get(f"{server.url}/healthz", timeout=1.0)

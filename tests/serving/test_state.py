@@ -1,0 +1,131 @@
+"""The user store (seeded from a log, updated by events), id lookups and the serving log sink."""
+
+import datetime as dt
+import time
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from pydantic import ValidationError
+
+from feedrank.data.log import read_events, write_log
+from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform
+from feedrank.features.vocab import OOV, Vocab, stable_hash
+from feedrank.serving.config import EventLogConfig
+from feedrank.serving.state import EventIn, EventSink, UserStore, VocabIndex
+
+T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
+h = lambda hours: T0 + dt.timedelta(hours=hours)  # noqa: E731
+ITEMS = Vocab("item_id", ["a", "b", "c", "d"])  # indices 2, 3, 4, 5
+
+
+def events(rows: list[tuple]) -> pa.Table:
+    """(user, item, hour, clicked, hidden, country) rows as a canonical table."""
+    user, item, hour, clicked, hidden, country = zip(*rows)
+    return conform(pa.table({
+        "user_id": list(user), "item_id": list(item), "ts": pa.array([h(x) for x in hour], TS_TYPE),
+        "request_id": [f"r{i}" for i in range(len(rows))], "clicked": list(clicked), "hidden": list(hidden),
+        "country": list(country),
+    })).cast(EVENT_SCHEMA)  # fmt: skip
+
+
+LOG = [
+    ("u1", "a", 1, True, False, "DE"),
+    ("u1", "b", 2, False, False, "DE"),
+    ("u1", "c", 3, True, True, "DE"),  # clicked then hidden: not history, but seen
+    ("u1", "zz", 4, True, False, "FR"),  # unknown item: OOV in history, not in seen; latest country
+    ("u1", "d", 5, True, False, "FR"),
+    ("u2", "b", 1, False, False, None),
+]
+
+
+@pytest.fixture
+def log_dir(tmp_path):
+    write_log(tmp_path, events(LOG))
+    return tmp_path
+
+
+def test_store_seeds_history_seen_counts_and_attributes_from_the_log(log_dir):
+    store = UserStore.from_log(log_dir, ITEMS, history_len=2, max_seen=10, end=h(24))
+    view = store.view("u1", h(25))
+    assert view.history.tolist() == [OOV, 5]  # last 2 engaged: zz (OOV), d
+    assert sorted(view.seen.tolist()) == [2, 3, 4, 5]
+    assert (view.impressions, view.clicks, view.cats["country"], view.stored) == (5, 4, "FR", True)
+    assert store.view("u2", h(25)).history.tolist() == [] and store.view("u2", h(25)).seen.tolist() == [3]
+    nobody = store.view("u9", h(25))
+    assert (nobody.stored, nobody.impressions, nobody.history.size) == (False, 0, 0)
+    assert len(store) == 2
+
+
+def test_seeding_reads_only_rows_before_end_and_bounds_seen(log_dir):
+    store = UserStore.from_log(log_dir, ITEMS, history_len=5, max_seen=2, end=h(3))
+    view = store.view("u1", h(3))
+    assert view.history.tolist() == [2] and view.impressions == 2  # rows at 1 h and 2 h only
+    store = UserStore.from_log(log_dir, ITEMS, history_len=5, max_seen=2, end=h(24))
+    assert sorted(store.view("u1", h(25)).seen.tolist()) == [5]  # last 2 impressions: zz (not an item), d
+
+
+def test_events_update_the_user_and_history_is_strictly_before_now(log_dir):
+    store = UserStore.from_log(log_dir, ITEMS, history_len=3, max_seen=3, end=h(24))
+    new = events([("u1", "b", 30, True, False, None), ("u3", "a", 31, False, False, None)])
+    store.apply(new, np.array([3, 2]))
+    assert store.view("u1", h(30)).history.tolist() == [OOV, 5]  # ts == now is not before now
+    view = store.view("u1", h(30.5))
+    assert view.history.tolist() == [OOV, 5, 3]
+    assert (view.impressions, view.clicks, view.cats["country"]) == (6, 5, "FR")
+    assert view.seen.tolist()[-1] == 3 and len(view.seen) == 3  # most recent last, bounded at max_seen
+    u3 = store.view("u3", h(32))
+    assert (u3.stored, u3.history.tolist(), u3.seen.tolist(), u3.impressions) == (True, [], [2], 1)
+    assert len(store) == 3
+
+
+def test_store_without_a_log_refuses_an_empty_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no event log"):
+        UserStore.from_log(tmp_path, ITEMS, 5, 5)
+
+
+def test_vocab_index_matches_vocab_lookup_including_hash_buckets():
+    for vocab in (Vocab("x", ["a", "b"]), Vocab("x", ["a", "b"], hash_buckets=7)):
+        index = VocabIndex(vocab)
+        values = ["a", "b", "new", "other", None]
+        assert index.many(values).tolist() == vocab.lookup(values).tolist()
+        assert index.known("a") and not index.known("new") and not index.known(None)
+    assert VocabIndex(Vocab("x", [], hash_buckets=3))("q") == 2 + int(stable_hash(["q"])[0] % np.uint64(3))
+
+
+def test_event_model_names_the_bad_field():
+    with pytest.raises(ValidationError, match="dwell_s"):
+        EventIn(user_id="u", item_id="i", dwell_s=-1)
+    with pytest.raises(ValidationError, match="dwell_s"):
+        EventIn(user_id="u", item_id="i", dwell_s=float("nan"))
+    with pytest.raises(ValidationError, match="surprise"):
+        EventIn(user_id="u", item_id="i", surprise=1)
+    with pytest.raises(ValidationError, match="user_id"):
+        EventIn(user_id="", item_id="i")
+
+
+def test_durable_sink_writes_one_file_per_write_readable_by_read_events(tmp_path):
+    sink = EventSink(EventLogConfig(dir=str(tmp_path), durable=True))
+    sink.write(events([("u1", "a", 1, True, False, "DE"), ("u1", "b", 30, False, False, "DE")]))  # two days
+    sink.write(events([("u2", "c", 2, False, False, None)]))
+    files = sorted(p.relative_to(tmp_path).parts[1] for p in (tmp_path / "events").glob("date=*/part-*.parquet"))
+    assert files == ["date=2024-01-01", "date=2024-01-01", "date=2024-01-02"]
+    assert not list(tmp_path.rglob(".*.tmp"))
+    assert read_events(tmp_path).num_rows == 3 and sink.rows_written == 3
+    sink.close()
+
+
+def test_buffered_sink_flushes_on_size_on_time_and_at_close(tmp_path):
+    sink = EventSink(EventLogConfig(dir=str(tmp_path), durable=False, flush_rows=3, flush_interval_s=0.2))
+    count = lambda: len(list((tmp_path / "events").glob("date=*/part-*.parquet")))  # noqa: E731
+    sink.write(events([("u1", "a", 1, True, False, None)] * 1))
+    assert count() == 0  # buffered
+    deadline = time.monotonic() + 5
+    while count() == 0 and time.monotonic() < deadline:  # the timer flushes within ~flush_interval_s
+        time.sleep(0.05)
+    assert count() == 1
+    sink.write(events([("u1", "a", 2, True, False, None), ("u2", "b", 2, False, False, None), ("u3", "c", 2, False, False, None)]))
+    assert count() == 2  # 3 rows reached flush_rows
+    sink.write(events([("u4", "d", 3, False, False, None)]))
+    sink.close()
+    assert count() == 3 and read_events(tmp_path).num_rows == 5
