@@ -78,6 +78,27 @@ def test_user_tower_reads_only_the_leading_user_counters(make_model, batch):
     assert (model.user_vectors(dataclasses.replace(batch, counters=changed)) - model.user_vectors(batch)).abs().max() > 1e-4
 
 
+def test_freshness_dim_zero_drops_the_item_age_input(make_model, batch):
+    items = lambda m, ages: m.item_vectors(batch.item, batch.item_cats, ages)  # noqa: E731
+    with_age = make_model(freshness_dim=4).eval()
+    assert (items(with_age, batch.item_age_h + 1000.0) - items(with_age, batch.item_age_h)).abs().max() > 1e-4
+    without = make_model(freshness_dim=0).eval()
+    assert without.item_tower.freshness is None
+    assert without.item_tower.mlp[0].in_features == 16 + 4 * len(batch.item_cats[0])  # id + categoricals only
+    torch.testing.assert_close(items(without, batch.item_age_h + 1000.0), items(without, batch.item_age_h))
+    with pytest.raises(ValueError, match="item_age_h has negative"):  # the input contract is unchanged
+        items(without, batch.item_age_h - 1000.0)
+    with pytest.raises(ValueError, match="freshness_dim must be >= 0"):
+        make_model(freshness_dim=-1)
+
+
+def test_user_counters_off_ignores_every_counter(make_model, batch):
+    model = make_model(user_counters=False).eval()
+    assert model.n_counters == 0
+    changed = dataclasses.replace(batch, counters=batch.counters + 5.0)
+    torch.testing.assert_close(model.user_vectors(changed), model.user_vectors(batch))
+
+
 def test_learned_temperature_stays_in_bounds(make_model):
     model = make_model(learn_temperature=True, temperature=0.1, temperature_min=0.02, temperature_max=0.5)
     assert model.temperature().item() == pytest.approx(0.1, rel=1e-5)

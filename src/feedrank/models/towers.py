@@ -278,6 +278,10 @@ class ItemTower(nn.Module):
 
     Freshness enters as ``log1p(age_hours)`` through a small MLP: news value decays roughly
     logarithmically (the first hours matter most), and log1p keeps week-old items from dominating.
+    ``freshness_dim=0`` leaves it out, for catalogues where age is not a property of the item: with no
+    creation time, "age" is the time since the item's first impression in the log, a clock; under
+    in-batch softmax each negative carries the age of its own row's time, so the model can learn to
+    tell positives by time, a shortcut serving (all candidates scored at one time) does not have.
     """
 
     def __init__(
@@ -296,7 +300,11 @@ class ItemTower(nn.Module):
         self.n_items = n_items
         self.id_embedding = nn.Embedding(n_items, id_dim, padding_idx=0)
         self.cats = CategoricalEmbeddings(cat_sizes, cat_dim)
-        self.freshness = nn.Sequential(nn.Linear(1, freshness_dim), nn.GELU(), nn.Linear(freshness_dim, freshness_dim))
+        self.freshness = (
+            nn.Sequential(nn.Linear(1, freshness_dim), nn.GELU(), nn.Linear(freshness_dim, freshness_dim))
+            if freshness_dim
+            else None
+        )
         self.mlp = mlp(id_dim + self.cats.out_dim + freshness_dim, hidden, out_dim, dropout)
 
     def forward(self, item: Tensor, item_cats: Tensor, item_age_h: Tensor) -> Tensor:
@@ -307,8 +315,10 @@ class ItemTower(nn.Module):
         if item_age_h.numel() and not bool((item_age_h >= 0).all()):  # also false for NaN
             raise ValueError("item_age_h has negative or NaN values; ages must be hours >= 0")
         check_columns("item_cats", item_cats, item.shape[0], len(self.cats.sizes))
-        fresh = self.freshness(torch.log1p(item_age_h.float()).unsqueeze(-1))
-        x = torch.cat([self.id_embedding(item), self.cats(item_cats, "item_cats"), fresh], dim=-1)
+        parts = [self.id_embedding(item), self.cats(item_cats, "item_cats")]
+        if self.freshness is not None:
+            parts.append(self.freshness(torch.log1p(item_age_h.float()).unsqueeze(-1)))
+        x = torch.cat(parts, dim=-1)
         return F.normalize(self.mlp(x).float(), dim=-1)  # fp32 even under autocast: logits and the index need it
 
 

@@ -46,7 +46,10 @@ class TwoTowerConfig:
     user_id_dim: int = 32
     item_id_dim: int = 64  # also the width of the history encoder (the table is shared)
     cat_dim: int = 16  # per categorical column, users and items
-    freshness_dim: int = 8
+    freshness_dim: int = 8  # 0 = no item-age input (see ItemTower: for logs without creation times)
+    # The user's point-in-time impression/click counts. Like item age they are a clock (they only
+    # grow), which a split that is not by time does not reward: off for such benchmarks.
+    user_counters: bool = True
     hidden: list[int] = field(default_factory=lambda: [256])  # tower MLP hidden widths
     dropout: float = 0.1
     history_encoder: EncoderKind = "mean"
@@ -68,10 +71,12 @@ class TwoTowerConfig:
     logq_correction: bool = True
 
     def validate(self) -> None:
-        for name in ("dim", "user_id_dim", "item_id_dim", "cat_dim", "freshness_dim", "n_layers", "n_heads",
+        for name in ("dim", "user_id_dim", "item_id_dim", "cat_dim", "n_layers", "n_heads",
                      "max_history_len", "num_negatives"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.freshness_dim < 0:
+            raise ValueError(f"freshness_dim must be >= 0 (0 = no item-age input), got {self.freshness_dim}")
         if any(width <= 0 for width in self.hidden):
             raise ValueError(f"hidden widths must be > 0, got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
@@ -137,6 +142,7 @@ class TwoTower(nn.Module):
     ``Batch.item_cats``; the user tower reads the first ``n_counters`` columns of ``Batch.counters``,
     which must be user-side counters (with ``feedrank.features.COUNTER_COLUMNS``: 2, the user's
     impressions and clicks; the item counters after them would leak the candidate into the user vector).
+    With ``cfg.user_counters`` False it reads none of them.
     """
 
     def __init__(
@@ -151,6 +157,7 @@ class TwoTower(nn.Module):
         super().__init__()
         cfg.validate()
         self.cfg = cfg
+        n_counters = n_counters if cfg.user_counters else 0
         self.n_users, self.n_items, self.n_counters = n_users, n_items, n_counters
         self.user_cat_sizes, self.item_cat_sizes = list(user_cat_sizes), list(item_cat_sizes)
         self.item_tower = ItemTower(
