@@ -1,4 +1,5 @@
-"""`feedrank experiment` commands: ``plan`` (power + staged rollout) and ``analyze`` (A/B readout).
+"""`feedrank experiment` commands: ``plan`` (power + staged rollout), ``analyze`` (A/B readout) and
+``ab`` (a simulated A/B test on the synthetic world).
 
 Thin shells over ``feedrank.experiment``. Percent-like arguments (``--mde``, ``--traffic``,
 ``--cuped-r2``, ``--sequential-tau``, a proportion ``--baseline``) accept ``"0.5%"`` or
@@ -26,6 +27,8 @@ from feedrank.experiment.metrics import METRICS, get_metric, user_table_from_log
 from feedrank.experiment.params import parse_fraction
 from feedrank.experiment.power import Design, MetricModel, estimate_from_users, proportion_metric
 from feedrank.experiment.rollout import RolloutConfig, build_plan
+from feedrank.experiment.simulate_ab import ABSimConfig, parse_oracle, simulate_ab
+from feedrank.serving.pipeline import set_threads
 
 experiment_app = typer.Typer(help="Plan and analyse online A/B experiments.", no_args_is_help=True)
 
@@ -189,4 +192,58 @@ def analyze_command(
         raise _fail(str(exc)) from None
     _emit(result.render_text(), result.to_dict(), as_json, out)
     if not result.srm.ok:
+        typer.echo("warning: sample ratio mismatch; do not trust these results", err=True)
+
+
+def _arm(text: str) -> tuple[str, tuple[str, str | None] | str]:
+    """``NAME=BUNDLE[,RANKER]`` or ``NAME=oracle[:NOISE]`` -> (name, arm spec)."""
+    name, sep, spec = text.partition("=")
+    name, spec = name.strip(), spec.strip()
+    if not sep or not name or not spec:
+        raise ValueError(f"--arm {text!r}: expected NAME=BUNDLE[,RANKER] or NAME=oracle[:NOISE]")
+    if parse_oracle(spec) is not None:
+        return name, spec
+    parts = [p.strip() for p in spec.split(",")]
+    if len(parts) > 2 or not all(parts):
+        raise ValueError(f"--arm {text!r}: expected NAME=BUNDLE[,RANKER]")
+    return name, (parts[0], parts[1] if len(parts) == 2 else None)
+
+
+@experiment_app.command("ab")
+def ab_command(
+    world: Path = typer.Option(..., help="Simulated world: its log directory (with truth/), from `feedrank simulate`."),
+    arm: list[str] = typer.Option(
+        ..., help="NAME=BUNDLE[,RANKER] or NAME=oracle[:NOISE]; repeat, the first is control."
+    ),
+    users: Optional[int] = typer.Option(None, help="Seeded sample of the world's users (default: config or all)."),
+    days: Optional[int] = typer.Option(None, help="Simulated days (default: config or 1)."),
+    salt: Optional[str] = typer.Option(None, help="Assignment salt (default: config or 'ab-sim')."),
+    weights: Optional[str] = typer.Option(None, help="Planned split, e.g. 50,50 (default equal)."),
+    seed: Optional[int] = typer.Option(None, help="Random seed of population, traffic and outcomes."),
+    config: Optional[Path] = typer.Option(
+        None, help="YAML with an 'ab' section (feedrank.experiment.simulate_ab.ABSimConfig)."
+    ),
+    out: Optional[Path] = typer.Option(None, help="Keep the experiment log, assignment and result.json here."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of text."),
+    progress: bool = typer.Option(False, "--progress", help="Show a progress bar per arm."),
+) -> None:
+    """Simulated A/B test: arms served by real feed services, users played by the synthetic world."""
+    try:
+        cfg = ABSimConfig() if config is None else load_yaml(ABSimConfig, config, section="ab")
+        overrides = {"users": users, "days": days, "salt": salt, "seed": seed}
+        if weights is not None:
+            try:
+                overrides["weights"] = [float(w) for w in weights.split(",")]
+            except ValueError:
+                raise ValueError(f"--weights: {weights!r} is not a comma-separated list of numbers") from None
+        cfg = replace(cfg, **{k: v for k, v in overrides.items() if v is not None})
+        arms = dict(_arm(a) for a in arm)
+        if len(arms) != len(arm):
+            raise ValueError(f"--arm: arm names must be distinct, got {[a.partition('=')[0] for a in arm]}")
+        set_threads(cfg.serving.torch_threads)  # as each serving worker runs: one request at a time
+        result = simulate_ab(world, arms, cfg, out_dir=out, progress=progress)
+    except (ValueError, ConfigError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        raise _fail(str(exc)) from None
+    _emit(result.render_text(), result.to_dict(), as_json, None)
+    if not result.analysis.srm.ok:
         typer.echo("warning: sample ratio mismatch; do not trust these results", err=True)
