@@ -36,7 +36,6 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from feedrank.data.log import EVENTS_DIR, ITEMS_FILE, USERS_FILE, write_day, write_items, write_users
-from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE
 from feedrank.data.world import LoggingPolicy, World, WorldConfig
 from feedrank.data.world.world import TRUTH_DIR, prefixed_ids
 
@@ -176,31 +175,9 @@ def _events(world: World, users: np.ndarray, ts: np.ndarray, feed: np.ndarray, f
     item = feed.ravel()
     when = np.repeat(ts, size)
     position = np.tile(np.arange(size, dtype=np.int32), n_req)
-    out = world.respond(user, item, position, when, rng)
-    items = world.items_table().take(item)
-    user_meta = world.users_table().take(user)
-    n = len(item)
-    columns = {
-        "user_id": user_meta["user_id"],
-        "item_id": items["item_id"],
-        "ts": pa.array(when, TS_TYPE),
-        "request_id": prefixed_ids("r", np.repeat(np.arange(first_request, first_request + n_req), size)),
-        "position": pa.array(position),
-        "clicked": pa.array(out.clicked),
-        "dwell_s": pa.array(out.dwell_s),
-        "shared": pa.array(out.shared),
-        "hidden": pa.array(out.hidden),
-        "publisher": items["publisher"],
-        "item_type": items["item_type"],
-        "created_ts": items["created_ts"],
-        "title": items["title"],
-        "category": items["category"],
-        "age_bucket": user_meta["age_bucket"],
-        "country": user_meta["country"],
-        "rating": pa.nulls(n, pa.float32()),
-        "scroll_pct": pa.nulls(n, pa.float32()),
-    }
-    return pa.table(columns, schema=EVENT_SCHEMA)
+    outcomes = world.respond(user, item, position, when, rng)
+    request_ids = prefixed_ids("r", np.repeat(np.arange(first_request, first_request + n_req), size))
+    return world.impressions_table(user, item, when, position, request_ids, outcomes)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -68,7 +68,6 @@ from tqdm import tqdm
 from feedrank.bundle import Bundle, load_bundle
 from feedrank.config import to_dict
 from feedrank.data.log import EVENTS_DIR, read_events, write_log
-from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE
 from feedrank.data.world import Outcomes, World, load_world
 from feedrank.data.world.world import prefixed_ids
 from feedrank.experiment.analyze import Analysis, analyze
@@ -251,22 +250,9 @@ def events_table(world: World, served: Served) -> pa.Table:
     """``served``'s impressions as canonical log rows (``EVENT_SCHEMA``), metadata from the world."""
     shown = served.shown
     rows, position = np.nonzero(shown)
-    user, item = served.requests.user_idx[rows], served.items[shown]
-    items, users = world.items_table().take(pa.array(item)), world.users_table().take(pa.array(user))
-    n = len(item)
-    columns = {
-        "user_id": users["user_id"],
-        "item_id": items["item_id"],
-        "ts": pa.array(served.requests.ts_us[rows], pa.int64()).cast(TS_TYPE),
-        "request_id": prefixed_ids(f"{served.name}-", rows),
-        "position": pa.array(position.astype(np.int32)),
-        **{f.name: pa.array(getattr(served.outcomes, f.name)[shown]) for f in dataclasses.fields(Outcomes)},
-        **{c: items[c] for c in ("publisher", "item_type", "created_ts", "title", "category")},
-        **{c: users[c] for c in ("age_bucket", "country")},
-        "rating": pa.nulls(n, pa.float32()),
-        "scroll_pct": pa.nulls(n, pa.float32()),
-    }
-    return pa.table(columns, schema=EVENT_SCHEMA)
+    outcomes = Outcomes(**{f.name: getattr(served.outcomes, f.name)[shown] for f in dataclasses.fields(Outcomes)})
+    return world.impressions_table(served.requests.user_idx[rows], served.items[shown], served.requests.ts_us[rows],
+                                   position, prefixed_ids(f"{served.name}-", rows), outcomes)
 
 
 ORACLE = "oracle"

@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feedrank.config import from_dict, to_dict
-from feedrank.data.schema import ITEM_SCHEMA, TS_TYPE, USER_SCHEMA
+from feedrank.data.schema import EVENT_SCHEMA, ITEM_SCHEMA, TS_TYPE, USER_SCHEMA
 from feedrank.data.world.config import WorldConfig
 
 TRUTH_DIR = "truth"
@@ -291,6 +291,36 @@ class World:
                 schema=USER_SCHEMA,
             )
         return self._users_table
+
+    def impressions_table(
+        self,
+        user_idx: np.ndarray,
+        item_idx: np.ndarray,
+        ts_us: np.ndarray,
+        positions: np.ndarray,
+        request_ids: pa.Array,
+        outcomes: Outcomes,
+    ) -> pa.Table:
+        """Canonical log rows (``EVENT_SCHEMA``) for impressions and their outcomes (1-D arrays).
+
+        Item and user metadata are denormalised from the world, as every reader does: the one
+        builder of simulated log rows, for the simulated log and for simulated A/B tests alike.
+        """
+        items, users = self.items_table().take(pa.array(item_idx)), self.users_table().take(pa.array(user_idx))
+        n = len(item_idx)
+        columns = {
+            "user_id": users["user_id"],
+            "item_id": items["item_id"],
+            "ts": pa.array(np.asarray(ts_us, dtype=np.int64)).cast(TS_TYPE),
+            "request_id": request_ids,
+            "position": pa.array(np.asarray(positions, dtype=np.int32)),
+            **{name: pa.array(getattr(outcomes, name)) for name in ("clicked", "dwell_s", "shared", "hidden")},
+            **{c: items[c] for c in ("publisher", "item_type", "created_ts", "title", "category")},
+            **{c: users[c] for c in ("age_bucket", "country")},
+            "rating": pa.nulls(n, pa.float32()),
+            "scroll_pct": pa.nulls(n, pa.float32()),
+        }
+        return pa.table(columns, schema=EVENT_SCHEMA)
 
     # ---------------------------------------------------------------- persistence
 
