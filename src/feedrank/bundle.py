@@ -36,8 +36,6 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import shutil
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,9 +51,10 @@ from torch import nn
 import feedrank
 from feedrank.config import ConfigError, from_dict
 from feedrank.data.schema import TS_TYPE
-from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, replace_dir
+from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS
 from feedrank.features.counters import COUNTER_COLUMNS
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
+from feedrank.fsutil import staged_dir
 from feedrank.models.ranker import Ranker, RankerConfig
 from feedrank.models.two_tower import TwoTower, TwoTowerConfig
 
@@ -212,9 +211,14 @@ def catalogue_age_hours(catalogue: pa.Table, at: dt.datetime) -> np.ndarray:
     it was trained on; never negative; 0 for rows with neither (padding, OOV, buckets).
     """
     at_us = pa.scalar(at, TS_TYPE).cast(pa.int64()).as_py()
+    return (np.maximum(at_us - catalogue_born_us(catalogue, missing=at_us), 0) / 3.6e9).astype(np.float32)
+
+
+def catalogue_born_us(catalogue: pa.Table, missing: int) -> np.ndarray:
+    """[n_items] int64 epoch microseconds each item was born: ``created_ts``, else its first training
+    impression (the feature builder's rule for ``item_age_h``); ``missing`` for rows with neither."""
     born = pc.coalesce(catalogue["created_ts"], catalogue["first_seen_ts"]).cast(pa.int64())
-    born_us = born.fill_null(at_us).to_numpy()
-    return (np.maximum(at_us - born_us, 0) / 3.6e9).astype(np.float32)
+    return born.fill_null(missing).to_numpy().astype(np.int64)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -288,18 +292,11 @@ def save_bundle(
         "metrics": metrics or {},
         "sources": sources or {},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    try:
+    with staged_dir(path) as tmp:
         torch.save(state, tmp / MODEL_FILE)
         vocabs.save(tmp / VOCAB_DIR)
         pq.write_table(catalogue, tmp / CATALOGUE_FILE)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, allow_nan=False) + "\n")
-        replace_dir(tmp, path)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return path
 
 

@@ -92,6 +92,40 @@ def test_freshness_dim_zero_drops_the_item_age_input(make_model, batch):
         make_model(freshness_dim=-1)
 
 
+def test_user_id_dim_zero_drops_the_user_id_embedding(make_model, batch):
+    with_id = make_model(user_id_dim=8).eval()
+    other_users = dataclasses.replace(batch, user=(batch.user + 1) % 20)
+    assert (with_id.user_vectors(other_users) - with_id.user_vectors(batch)).abs().max() > 1e-4
+    without = make_model(user_id_dim=0).eval()
+    assert without.user_tower.id_embedding is None
+    # categoricals + the 2 user counters + the history (item_id_dim 16); no user-ID columns
+    assert without.user_tower.mlp[0].in_features == 4 * len(batch.user_cats[0]) + 2 + 16
+    torch.testing.assert_close(without.user_vectors(other_users), without.user_vectors(batch))
+    with pytest.raises(ValueError, match="user has indices outside"):  # the input contract is unchanged
+        without.user_vectors(dataclasses.replace(batch, user=batch.user + 100))
+    with pytest.raises(ValueError, match="user_id_dim must be >= 0"):
+        make_model(user_id_dim=-1)
+
+
+@pytest.mark.parametrize("overrides", ENCODERS, ids=lambda o: o["history_encoder"])
+def test_user_id_dim_zero_trains_from_the_history_alone(make_model, make_batch, overrides):
+    """With no user ID the user vector comes from categoricals and history: it must still learn
+    a positive that is a function of the history (and attention's user query uses the categoricals)."""
+    torch.manual_seed(0)
+    batch = make_batch(b=16, length=4, seed=3, empty_rows=0)
+    batch = dataclasses.replace(batch, item=2 + batch.history[:, 0] % 12, clicked=torch.ones(16))
+    model = make_model(**overrides, user_id_dim=0, user_counters=False, learn_temperature=True, temperature=0.1)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    first = None
+    for _ in range(40):
+        loss, _ = two_tower_loss(model, batch)
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.3 * first, (first, loss.item())
+
+
 def test_user_counters_off_ignores_every_counter(make_model, batch):
     model = make_model(user_counters=False).eval()
     assert model.n_counters == 0

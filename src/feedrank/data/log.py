@@ -16,8 +16,6 @@ replaces it (ingest is idempotent).
 from __future__ import annotations
 
 import datetime as dt
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +35,7 @@ from feedrank.data.schema import (
     conform,
     validate,
 )
+from feedrank.fsutil import staged_dir, staged_file
 
 EVENTS_DIR = "events"
 ITEMS_FILE = "items.parquet"
@@ -84,12 +83,8 @@ def write_day(root: str | Path, day: str, chunks: Iterable[pa.Table], check: boo
     Returns the number of rows written.
     """
     dt.date.fromisoformat(day)  # fail early on a malformed partition name
-    events = Path(root) / EVENTS_DIR
-    events.mkdir(parents=True, exist_ok=True)
-    tmp = events / f".tmp-{day}-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
     rows = 0
-    try:
+    with staged_dir(Path(root) / EVENTS_DIR / f"date={day}") as tmp:
         for i, chunk in enumerate(chunks):
             table = conform(chunk)
             if check:
@@ -99,17 +94,6 @@ def write_day(root: str | Path, day: str, chunks: Iterable[pa.Table], check: boo
             _check_within_day(table["ts"], day, where=f"day {day}: chunk {i}")
             pq.write_table(table.cast(EVENT_SCHEMA), tmp / f"part-{i:05d}.parquet")
             rows += table.num_rows
-        final = events / f"date={day}"
-        if final.exists():
-            old = events / f".old-{day}-{uuid.uuid4().hex[:8]}"
-            final.rename(old)
-            tmp.rename(final)
-            shutil.rmtree(old)
-        else:
-            tmp.rename(final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return rows
 
 
@@ -157,10 +141,8 @@ def write_users(root: str | Path, users: pa.Table) -> None:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    pq.write_table(table, tmp)
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        pq.write_table(table, tmp)
 
 
 def list_days(root: str | Path) -> list[str]:

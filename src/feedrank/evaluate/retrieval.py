@@ -57,10 +57,13 @@ from torch import Tensor, nn
 from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_age_hours, catalogue_item_cats, latest_rows, lookup_quiet
 from feedrank.data.batch import Batch
 from feedrank.data.log import read_events
+from feedrank.data.user_batch import user_batch
 from feedrank.evaluate.metrics import topk_metrics
 from feedrank.features.build import parse_ts
+from feedrank.features.counters import user_counters
 from feedrank.features.history import EventIndex, dense_rank
 from feedrank.features.vocab import FIRST_ID, USER_CAT_COLUMNS, Vocab, Vocabularies
+from feedrank.fsutil import staged_file
 
 DEFAULT_KS = (10, 50, 100)
 METRICS_FILE = "metrics.json"
@@ -109,11 +112,10 @@ class RetrievalEvaluation:
 
     def write(self, out_dir: str | Path) -> Path:
         """Write ``out_dir/metrics.json`` (atomically) and return its path."""
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{METRICS_FILE}.tmp"
-        tmp.write_text(json.dumps(self.metrics_file(), indent=2, allow_nan=False) + "\n")
-        return tmp.replace(out / METRICS_FILE)
+        path = Path(out_dir) / METRICS_FILE
+        with staged_file(path) as tmp:
+            tmp.write_text(json.dumps(self.metrics_file(), indent=2, allow_nan=False) + "\n")
+        return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -293,25 +295,12 @@ def user_batches(users: UserState, vocabs: Vocabularies, chunk: int = 1024) -> I
     user_idx = lookup_quiet(vocabs.users, users.user_id)
     cats = np.stack([lookup_quiet(vocabs.user_cats[c], users.user_cats[c]) for c in USER_CAT_COLUMNS], axis=1)
     hist = lookup_quiet(vocabs.items, users.history_items) if len(users.history_items) else np.zeros(0, np.int64)
-    counters = np.log1p(np.stack([users.impressions, users.clicks], axis=1)).astype(np.float32)
+    counters = user_counters(users.impressions, users.clicks)
     assert len(USER_COUNTER_COLUMNS) == counters.shape[1] == 2, "user counters: impressions, clicks"
     off = users.history_offsets
     for lo in range(0, len(users), chunk):
         hi = min(lo + chunk, len(users))
-        lengths = np.diff(off[lo : hi + 1])
-        width = max(1, int(lengths.max()) if len(lengths) else 1)
-        mask = np.arange(width)[None, :] < lengths[:, None]
-        padded = np.zeros(mask.shape, dtype=np.int64)
-        padded[mask] = hist[off[lo] : off[hi]]
-        b = hi - lo
-        zeros_i, zeros_f = torch.zeros(b, dtype=torch.long), torch.zeros(b)
-        yield lo, Batch(
-            user=torch.from_numpy(user_idx[lo:hi]), user_cats=torch.from_numpy(cats[lo:hi]),
-            history=torch.from_numpy(padded), history_mask=torch.from_numpy(mask),
-            item=zeros_i, item_cats=torch.zeros(b, len(vocabs.item_cats), dtype=torch.long), item_age_h=zeros_f,
-            counters=torch.from_numpy(counters[lo:hi]), position=zeros_i, clicked=zeros_f, dwell_s=zeros_f,
-            shared=zeros_f, hidden=zeros_f, weight=torch.ones(b), item_logq=zeros_f, request=zeros_i,
-        )  # fmt: skip
+        yield lo, user_batch(user_idx[lo:hi], cats[lo:hi], off[lo : hi + 1], hist, counters[lo:hi], len(vocabs.item_cats))
 
 
 def _top_items(score: Callable[[Batch], Tensor], batches, rankable: np.ndarray, excl_rows: np.ndarray,

@@ -7,7 +7,8 @@ before* its timestamp (ties excluded, see ``feedrank.features.history``), so the
 what a live system could have known at that moment:
 
 - history: items the user engaged with (``clicked and not hidden``), most recent ``history_len``,
-  oldest first, as item vocabulary indices;
+  oldest first, as item vocabulary indices; or, with ``history_mode: other_engagements`` (only for
+  protocols without time, see ``FeatureConfig``), a seeded sample of the user's other engagements;
 - counters (``COUNTER_COLUMNS``): user impressions and clicks, item impressions and clicks
   (log1p-scaled) and the item's smoothed CTR, see ``feedrank.features.counters``;
 - item age in hours from ``created_ts``, or from the item's first impression in the log when
@@ -45,11 +46,10 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-import shutil
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -62,7 +62,9 @@ from feedrank.data.log import EVENTS_DIR, read_events
 from feedrank.data.schema import KEY_COLUMNS, TS_TYPE
 from feedrank.features.counters import COUNTER_COLUMNS, item_age_hours, item_logq, point_in_time_counters
 from feedrank.features.history import EventIndex, dense_rank
+from feedrank.features.profile import ProfileSampler
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, USER_CAT_COLUMNS, Vocabularies, VocabSpec, stable_hash
+from feedrank.fsutil import sha256_file, staged_dir
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -114,6 +116,11 @@ class FeatureBuildError(ValueError):
     """The log cannot produce the requested examples (empty, nothing before the split, ...)."""
 
 
+HistoryMode = Literal["point_in_time", "other_engagements"]
+#: Histories of rows ``lo:hi`` as a ragged (offsets, values) pair.
+Histories = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
+
+
 class NotTrainableError(ValueError):
     """A split has no examples or no positive labels, so training on it would be meaningless."""
 
@@ -123,6 +130,16 @@ class FeatureConfig:
     """Settings of one feature build (section ``features`` of a YAML config)."""
 
     history_len: int = 50
+    # "point_in_time": the user's last history_len engagements strictly before the row (replays
+    # serving; the only mode for time splits). "other_engagements": up to history_len of the user's
+    # engagements anywhere in the built log except the row's own item, a seeded sample per row
+    # (feedrank.features.profile). ONLY for protocols without time (random splits such as RecBole's
+    # 80/10/10), where a point-in-time history teaches "what comes next" and the held-out items
+    # are not next; it sees the future of each row, so split_at is refused with it. Counters and
+    # item age stay point-in-time in both modes (they are clocks on a random split: switch them
+    # off in the model, two_tower.user_counters: false and freshness_dim: 0).
+    history_mode: HistoryMode = "point_in_time"
+    history_seed: int = 0  # other_engagements: the sample's seed
     cutoff: str | None = None  # ISO-8601; only rows with ts < cutoff are used (naive = UTC)
     split_at: str | None = None  # ISO-8601; train = ts < split_at, test = the rest
     users: VocabSpec = field(default_factory=VocabSpec)
@@ -142,6 +159,11 @@ class FeatureConfig:
             raise ValueError("rows_per_file * history_len must stay below 2**31 (int32 list offsets)")
         if not 0.0 <= self.ctr_prior <= 1.0 or self.ctr_prior_weight < 0:
             raise ValueError("ctr_prior must be in [0, 1] and ctr_prior_weight >= 0")
+        if self.history_mode not in ("point_in_time", "other_engagements"):
+            raise ValueError(f"history_mode must be 'point_in_time' or 'other_engagements', got {self.history_mode!r}")
+        if self.history_mode == "other_engagements" and self.split_at is not None:
+            raise ValueError("history_mode 'other_engagements' samples each user's engagements from the whole log, "
+                             "future included: it is for random-split protocols, not with split_at (a time split)")  # fmt: skip
         cutoff, split_at = parse_ts(self.cutoff, "cutoff"), parse_ts(self.split_at, "split_at")
         if cutoff is not None and split_at is not None and split_at >= cutoff:
             raise ValueError(f"split_at ({self.split_at}) must be before cutoff ({self.cutoff})")
@@ -201,16 +223,14 @@ def build_features(
     )
     columns["item_logq"] = item_logq(item_code, engaged, np.arange(len(ts_us)) < n_train)
     columns["request"] = _request_hash(table["request_id"])
-    history = EventIndex(user_code[engaged], rank[engaged], n_ranks, values=columns["item_idx"][engaged])
+    histories = _histories(cfg, user_code, item_code, rank, n_ranks, engaged, columns["item_idx"])
     timer.lap("features")
 
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         vocabs.save(tmp / VOCAB_DIR)
         splits = {}
         for split, (start, stop) in bounds.items():
-            files = _write_split(tmp, split, table, columns, history, user_code, rank, start, stop, cfg, progress)
+            files = _write_split(tmp, split, table, columns, histories, start, stop, cfg, progress)
             splits[split] = {
                 "rows": stop - start,
                 "clicks": int(clicked[start:stop].sum()),
@@ -220,10 +240,6 @@ def build_features(
             }
         manifest = _manifest(log_dir, cfg, vocabs, splits, tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     timer.lap("write")
     return BuildResult(out_dir, manifest, timer.laps)
 
@@ -273,15 +289,23 @@ def _to_us(ts: dt.datetime) -> int:
     return pa.scalar(ts, TS_TYPE).cast(pa.int64()).as_py()
 
 
-def _write_split(out: Path, split: str, table: pa.Table, columns: dict, history: EventIndex,
-                 user_code: np.ndarray, rank: np.ndarray, start: int, stop: int, cfg: FeatureConfig,
-                 progress: bool) -> list[dict]:  # fmt: skip
+def _histories(cfg: FeatureConfig, user_code: np.ndarray, item_code: np.ndarray, rank: np.ndarray, n_ranks: int,
+               engaged: np.ndarray, item_idx: np.ndarray) -> Histories:  # fmt: skip
+    """The history lookup of ``cfg.history_mode``; materialised one output file at a time by the caller."""
+    if cfg.history_mode == "other_engagements":
+        return ProfileSampler(user_code, item_code, engaged, item_idx, cfg.history_len, cfg.history_seed).sample
+    index = EventIndex(user_code[engaged], rank[engaged], n_ranks, values=item_idx[engaged])
+    return lambda lo, hi: index.last_before(user_code[lo:hi], rank[lo:hi], cfg.history_len)
+
+
+def _write_split(out: Path, split: str, table: pa.Table, columns: dict, histories: Histories, start: int, stop: int,
+                 cfg: FeatureConfig, progress: bool) -> list[dict]:  # fmt: skip
     (out / split).mkdir()
     files = []
     chunks = range(start, stop, cfg.rows_per_file)
     for i, lo in enumerate(tqdm(chunks, desc=f"features {split}", unit="file", disable=not progress)):
         hi = min(lo + cfg.rows_per_file, stop)
-        offsets, values = history.last_before(user_code[lo:hi], rank[lo:hi], cfg.history_len)
+        offsets, values = histories(lo, hi)
         rows = table.slice(lo, hi - lo)
         arrays = {name: rows[name] for name in ("ts", "user_id", "item_id", "request_id", "position", "clicked",
                                                 "dwell_s", "shared", "hidden")}  # fmt: skip
@@ -297,11 +321,11 @@ def _write_split(out: Path, split: str, table: pa.Table, columns: dict, history:
 def _manifest(log_dir: Path, cfg: FeatureConfig, vocabs: Vocabularies, splits: dict, out: Path) -> dict:
     for split in splits.values():
         for f in split["files"]:
-            f["sha256"] = _sha256(out / f["path"])
+            f["sha256"] = sha256_file(out / f["path"])
     all_files = sorted(p for p in out.rglob("*") if p.is_file())
     content = hashlib.sha256()
     for p in all_files:
-        content.update(p.relative_to(out).as_posix().encode() + b"\0" + _sha256(p).encode())
+        content.update(p.relative_to(out).as_posix().encode() + b"\0" + sha256_file(p).encode())
     return {
         "schema_version": SCHEMA_VERSION,
         "source_log": str(log_dir.resolve()),
@@ -327,27 +351,8 @@ def log_hash(log_dir: Path) -> str:
     events = log_dir / EVENTS_DIR
     for p in sorted(events.rglob("*.parquet")):
         if not any(part.startswith(".") for part in p.relative_to(events).parts):  # skip in-flight writes
-            h.update(p.relative_to(events).as_posix().encode() + b"\0" + _sha256(p).encode())
+            h.update(p.relative_to(events).as_posix().encode() + b"\0" + sha256_file(p).encode())
     return h.hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written ``tmp`` folder to ``final``, replacing what was there (two renames)."""
-    if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(final)
 
 
 class _Timer:

@@ -39,10 +39,35 @@ def point_in_time_counters(
         imps = EventIndex(code, rank, n_ranks).count_before(code, rank)
         clicks = EventIndex(code[clicked], rank[clicked], n_ranks).count_before(code, rank)
         counts[f"{who}_impressions"], counts[f"{who}_clicks"] = imps, clicks
-    ctr = (counts["item_clicks"] + prior_weight * prior_ctr) / (counts["item_impressions"] + prior_weight)
-    out = {name: np.log1p(c).astype(np.float32) for name, c in counts.items()}
-    out["item_ctr"] = ctr.astype(np.float32)
+    out = {name: scale_counts(c) for name, c in counts.items()}
+    out["item_ctr"] = shrunk_ctr(counts["item_clicks"], counts["item_impressions"], prior_ctr, prior_weight)
     return {name: out[name] for name in COUNTER_COLUMNS}
+
+
+def scale_counts(counts: np.ndarray) -> np.ndarray:
+    """float32 ``log1p`` of impression/click counts: the scale every count counter is fed to models at.
+
+    Computed in float64 and rounded once, so training (``point_in_time_counters``), evaluation and
+    serving (``user_counters``, the serving item counters) give bit-identical inputs for a count.
+    """
+    return np.log1p(np.asarray(counts, dtype=np.float64)).astype(np.float32)
+
+
+def shrunk_ctr(clicks: np.ndarray, impressions: np.ndarray, prior_ctr: float, prior_weight: float) -> np.ndarray:
+    """float32 CTR shrunk towards ``prior_ctr`` by ``prior_weight`` pseudo-impressions:
+    ``(clicks + w * p) / (impressions + w)``, from raw (not log-scaled) counts.
+
+    Already in [0, 1], so it is not log-scaled; an item never shown gets ``prior_ctr`` (when w > 0).
+    """
+    clicks = np.asarray(clicks, dtype=np.float64)
+    impressions = np.asarray(impressions, dtype=np.float64)
+    return ((clicks + prior_weight * prior_ctr) / (impressions + prior_weight)).astype(np.float32)
+
+
+def user_counters(impressions: np.ndarray | int, clicks: np.ndarray | int) -> np.ndarray:
+    """The user counters (``user_impressions, user_clicks``, the leading ``COUNTER_COLUMNS``) of
+    raw counts, scaled as training scales them: ``[..., 2]`` float32 (``[2]`` for one user)."""
+    return scale_counts(np.stack([impressions, clicks], axis=-1))
 
 
 def item_age_hours(ts_us: np.ndarray, created_us: np.ndarray, created_valid: np.ndarray, item_code: np.ndarray) -> np.ndarray:

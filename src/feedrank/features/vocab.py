@@ -149,8 +149,21 @@ class Vocab:
         self.oov_hits += int(unseen.sum())
         if self.hash_buckets and unseen.any():
             rows = np.flatnonzero(unseen)
-            buckets = stable_hash(arr.take(pa.array(rows))) % np.uint64(self.hash_buckets)
-            idx[rows] = FIRST_ID + len(self.ids) + buckets.astype(np.int64)
+            idx[rows] = self.unknown_indices(arr.take(pa.array(rows)))
+        return idx
+
+    def unknown_indices(self, values: ArrayLike) -> np.ndarray:
+        """Indices of ids known to be *outside* ``ids``: each one's hash bucket
+        (``FIRST_ID + len(ids) + stable_hash(id) % hash_buckets``), or OOV without buckets; nulls
+        are OOV. The one home of the bucket rule: ``lookup`` applies it to its misses, and
+        ``feedrank.serving.state.VocabIndex`` (O(1) per id) to the single id it did not find.
+        Not counted in ``oov_hits``: the caller knows whether this is an evaluation."""
+        if not self.hash_buckets:
+            return np.full(len(values), OOV, dtype=np.int64)
+        arr = _as_string_array(values)
+        idx = FIRST_ID + len(self.ids) + (stable_hash(arr) % np.uint64(self.hash_buckets)).astype(np.int64)
+        if arr.null_count:
+            idx[np.asarray(arr.is_null())] = OOV
         return idx
 
     def to_json(self) -> dict:

@@ -23,11 +23,7 @@ Example::
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -39,6 +35,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feedrank.config import ConfigError, from_dict, to_dict
+from feedrank.fsutil import sha256_file, staged_dir
 from feedrank.index.build import ItemIndex, apply_search_params, build_index, check_ids
 from feedrank.index.config import IndexConfig
 from feedrank.index.recall import measure_recall, sample_queries
@@ -94,23 +91,12 @@ class RecallCheck:
     queries: int
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_index(index: ItemIndex, directory: str | Path, recall: RecallCheck | None = None) -> IndexManifest:
     """Write ``index`` to ``directory`` atomically (replacing an index already there) and return its manifest."""
     directory = Path(directory)
     if directory.exists() and not (directory / MANIFEST_FILE).is_file() and any(directory.iterdir()):
         raise IndexFileError(f"refusing to replace {directory}: it is not an index directory (no {MANIFEST_FILE})")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = directory.parent / f".{directory.name}.tmp-{uuid.uuid4().hex}"
-    tmp.mkdir()
-    try:
+    with staged_dir(directory) as tmp:
         faiss.write_index(index.faiss_index, str(tmp / INDEX_FILE))
         pq.write_table(pa.table({"item_id": pa.array(index.item_ids, pa.string())}), tmp / IDS_FILE)
         manifest = IndexManifest(
@@ -126,30 +112,10 @@ def save_index(index: ItemIndex, directory: str | Path, recall: RecallCheck | No
             recall_k=None if recall is None else recall.k,
             recall_queries=None if recall is None else recall.queries,
             config=index.cfg,
-            files={name: _sha256(tmp / name) for name in (INDEX_FILE, IDS_FILE)},
+            files={name: sha256_file(tmp / name) for name in (INDEX_FILE, IDS_FILE)},
         )
         (tmp / MANIFEST_FILE).write_text(json.dumps(to_dict(manifest), indent=2) + "\n")
-        _swap_in(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
-
-
-def _swap_in(new: Path, directory: Path) -> None:
-    """Rename ``new`` to ``directory``; an old ``directory`` is moved aside first and restored on failure."""
-    old = directory.parent / f".{directory.name}.old-{uuid.uuid4().hex}"
-    had_old = directory.exists()
-    if had_old:
-        os.rename(directory, old)
-    try:
-        os.rename(new, directory)
-    except BaseException:
-        if had_old:
-            os.rename(old, directory)
-        raise
-    if had_old:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def read_manifest(directory: str | Path) -> IndexManifest:
@@ -178,7 +144,7 @@ def load_index(directory: str | Path) -> ItemIndex:
         path = directory / name
         if not path.is_file():
             raise IndexFileError(f"{path} is missing (listed in {MANIFEST_FILE})")
-        if manifest.files.get(name) != _sha256(path):
+        if manifest.files.get(name) != sha256_file(path):
             raise IndexFileError(f"{path} does not match the sha256 in {MANIFEST_FILE} (changed or corrupt)")
     faiss_index = faiss.read_index(str(directory / INDEX_FILE))
     item_ids = pq.read_table(directory / IDS_FILE).column("item_id").to_numpy(zero_copy_only=False).astype(object)

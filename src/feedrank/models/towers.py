@@ -325,6 +325,9 @@ class ItemTower(nn.Module):
 class UserTower(nn.Module):
     """User ID + categorical features + counters + encoded history -> MLP -> unit vector.
 
+    ``id_dim=0`` drops the user-ID embedding (the ``user`` indices are still range-checked), for
+    setups where the user should be represented by what they did rather than memorised.
+
     The history arrives already embedded (``history_emb``), with the item tower's table: see the
     module docstring for why the table is shared. The tower reads only the *first* ``n_counters``
     columns of ``counters``, which must be user-side (the user's impression and click counts):
@@ -348,7 +351,7 @@ class UserTower(nn.Module):
     ):
         super().__init__()
         self.n_users, self.n_counters = n_users, n_counters
-        self.id_embedding = nn.Embedding(n_users, id_dim, padding_idx=0)
+        self.id_embedding = nn.Embedding(n_users, id_dim, padding_idx=0) if id_dim else None
         self.cats = CategoricalEmbeddings(cat_sizes, cat_dim)
         self.history_encoder = history_encoder
         self.mlp = mlp(id_dim + self.cats.out_dim + n_counters + history_dim, hidden, out_dim, dropout)
@@ -367,7 +370,8 @@ class UserTower(nn.Module):
             )
         if history_emb.shape[0] != user.shape[0]:
             raise ValueError(f"history has batch size {history_emb.shape[0]} but user has {user.shape[0]}")
-        context = torch.cat([self.id_embedding(user), self.cats(user_cats, "user_cats")], dim=-1)
+        cats = self.cats(user_cats, "user_cats")
+        context = cats if self.id_embedding is None else torch.cat([self.id_embedding(user), cats], dim=-1)
         pooled = self.history_encoder(history_emb, history_mask, context)
         user_counters = counters[:, : self.n_counters].to(context.dtype)
         x = torch.cat([context, user_counters, pooled.to(context.dtype)], dim=-1)

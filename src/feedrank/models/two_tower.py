@@ -43,6 +43,10 @@ class TwoTowerConfig:
     """Every setting of the retrieval model (YAML section ``two_tower``)."""
 
     dim: int = 64  # output vector size (what the ANN index stores)
+    # 0 = no user-ID embedding: the user is only their categorical features and history. For
+    # random-split benchmarks with a profile history (features.history_mode: other_engagements),
+    # where an ID embedding memorises the user's items and, next to a history without the target,
+    # tells the model which one is missing.
     user_id_dim: int = 32
     item_id_dim: int = 64  # also the width of the history encoder (the table is shared)
     cat_dim: int = 16  # per categorical column, users and items
@@ -71,10 +75,12 @@ class TwoTowerConfig:
     logq_correction: bool = True
 
     def validate(self) -> None:
-        for name in ("dim", "user_id_dim", "item_id_dim", "cat_dim", "n_layers", "n_heads",
+        for name in ("dim", "item_id_dim", "cat_dim", "n_layers", "n_heads",
                      "max_history_len", "num_negatives"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.user_id_dim < 0:
+            raise ValueError(f"user_id_dim must be >= 0 (0 = no user-ID embedding), got {self.user_id_dim}")
         if self.freshness_dim < 0:
             raise ValueError(f"freshness_dim must be >= 0 (0 = no item-age input), got {self.freshness_dim}")
         if any(width <= 0 for width in self.hidden):

@@ -56,15 +56,15 @@ from typing import Any
 import faiss
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 from torch import Tensor
 
-from feedrank.bundle import Bundle, catalogue_item_cats, lookup_quiet
-from feedrank.data.batch import Batch
+from feedrank.bundle import Bundle, catalogue_born_us, catalogue_item_cats, lookup_quiet
 from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform, validate
+from feedrank.data.user_batch import user_batch
 from feedrank.evaluate.retrieval import catalogue_vectors, popularity_scores
 from feedrank.features.build import FeatureConfig
+from feedrank.features.counters import scale_counts, shrunk_ctr, user_counters
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, PAD, USER_CAT_COLUMNS, Vocab
 from feedrank.index import IndexConfig, IndexFileError, ItemIndex, RecallBelowFloorError, build_index, load_index, publish
 from feedrank.models.ranker import ItemInputs, UserInputs
@@ -141,37 +141,14 @@ def vocab_strings(vocab: Vocab) -> np.ndarray:
     return np.array([None, None, *vocab.ids, *([None] * vocab.hash_buckets)], dtype=object)
 
 
-def one_user_batch(user: int, user_cats: np.ndarray, history: np.ndarray, counters: np.ndarray, n_item_cats: int) -> Batch:
-    """A one-row ``Batch`` with the user-side fields the user tower reads (item fields zero), as
-    ``feedrank.evaluate.retrieval.user_batches`` builds for many users; an empty history is one
-    masked padding slot (every encoder pools an all-False row to zeros)."""
-    width = max(1, len(history))
-    padded = torch.zeros(1, width, dtype=torch.long)
-    padded[0, : len(history)] = torch.from_numpy(history)
-    mask = torch.zeros(1, width, dtype=torch.bool)
-    mask[0, : len(history)] = True
-    zeros_i, zeros_f = torch.zeros(1, dtype=torch.long), torch.zeros(1)
-    return Batch(
-        user=torch.tensor([user]), user_cats=torch.from_numpy(user_cats)[None], history=padded, history_mask=mask,
-        item=zeros_i, item_cats=torch.zeros(1, n_item_cats, dtype=torch.long), item_age_h=zeros_f,
-        counters=torch.from_numpy(counters)[None], position=zeros_i, clicked=zeros_f, dwell_s=zeros_f,
-        shared=zeros_f, hidden=zeros_f, weight=torch.ones(1), item_logq=zeros_f, request=zeros_i,
-    )  # fmt: skip
-
-
-def user_counters(impressions: int, clicks: int) -> np.ndarray:
-    """The user counters as training scales them (``feedrank.features.counters``: log1p)."""
-    return np.log1p(np.array([impressions, clicks], dtype=np.float32))
-
-
 def item_counters(catalogue: pa.Table, features: FeatureConfig) -> np.ndarray:
     """[n_items, 3] float32 item counters of a bundle catalogue (training-window impressions and
-    clicks, log1p, and the CTR shrunk to ``features.ctr_prior`` as ``point_in_time_counters`` does),
-    static at serving: the item side of the ranker's inputs, computed once."""
-    imps = catalogue["train_impressions"].to_numpy().astype(np.float64)
-    clicks = catalogue["train_clicks"].to_numpy().astype(np.float64)
-    ctr = (clicks + features.ctr_prior_weight * features.ctr_prior) / (imps + features.ctr_prior_weight)
-    return np.stack([np.log1p(imps), np.log1p(clicks), ctr], axis=1).astype(np.float32)
+    clicks, scaled, and the CTR shrunk to ``features.ctr_prior``, by the functions
+    ``point_in_time_counters`` uses), static at serving: the item side of the ranker's inputs,
+    computed once."""
+    imps, clicks = catalogue["train_impressions"].to_numpy(), catalogue["train_clicks"].to_numpy()
+    ctr = shrunk_ctr(clicks, imps, features.ctr_prior, features.ctr_prior_weight)
+    return np.stack([scale_counts(imps), scale_counts(clicks), ctr], axis=1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,8 +183,7 @@ class CatalogueArrays:
         if rankable.size == 0:
             raise ValueError(f"{bundle.path}: the catalogue has no items to serve")
         raw = {c: vocab_strings(vocabs.item_cats[c])[cat[f"{c}_idx"].to_numpy()] for c in ITEM_CAT_COLUMNS}
-        born = pc.coalesce(cat["created_ts"], cat["first_seen_ts"]).cast(pa.int64())
-        born_us = born.fill_null(np.iinfo(np.int64).max).to_numpy().astype(np.int64)
+        born_us = catalogue_born_us(cat, missing=np.iinfo(np.int64).max)
         popularity = np.zeros(n, np.float32)
         popularity[rankable] = popularity_scores(cat, rankable) / rankable.size
         popular_rows = rankable[np.argsort(-popularity[rankable], kind="stable")]
@@ -419,10 +395,11 @@ class FeedService:
     def _tower_vector(self, view: UserView, known_user: bool) -> np.ndarray:
         """The two-tower user vector of ``view``'s state (``known_user`` False: the OOV id)."""
         history = view.history[-self.model.cfg.max_history_len :] if len(view.history) else view.history
-        batch = one_user_batch(
-            self.users(view.user_id) if known_user else OOV,
-            np.array([self.user_cats[c](view.cats[c]) for c in USER_CAT_COLUMNS], dtype=np.int64),
-            history, user_counters(view.impressions, view.clicks), len(ITEM_CAT_COLUMNS),
+        batch = user_batch(
+            np.array([self.users(view.user_id) if known_user else OOV], dtype=np.int64),
+            np.array([[self.user_cats[c](view.cats[c]) for c in USER_CAT_COLUMNS]], dtype=np.int64),
+            np.array([0, len(history)]), history, user_counters(view.impressions, view.clicks)[None],
+            len(ITEM_CAT_COLUMNS),
         )  # fmt: skip
         with torch.inference_mode():
             return self.model.user_vectors(batch)[0].numpy()

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import os
 import threading
 import time
 import uuid
@@ -54,7 +53,8 @@ from feedrank.bundle import lookup_quiet
 from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
 from feedrank.data.schema import EVENT_SCHEMA
 from feedrank.evaluate.retrieval import user_state
-from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab, stable_hash
+from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab
+from feedrank.fsutil import staged_file
 from feedrank.serving.config import EventLogConfig
 
 log = logging.getLogger(__name__)
@@ -82,14 +82,12 @@ class VocabIndex:
         return value in self._index
 
     def __call__(self, value: str | None) -> int:
-        """The index of ``value``: its own row, else its hash bucket, else OOV (as ``Vocab.lookup``)."""
-        idx = self._index.get(value) if value is not None else OOV
+        """The index of ``value``: its own row, else ``Vocab.unknown_indices`` (hash bucket or OOV),
+        as ``Vocab.lookup`` gives; a null is OOV without a hash."""
+        idx = self._index.get(value)
         if idx is not None:
             return idx
-        if self.vocab.hash_buckets:
-            bucket = stable_hash([value])[0] % np.uint64(self.vocab.hash_buckets)
-            return FIRST_ID + len(self.vocab.ids) + int(bucket)
-        return OOV
+        return OOV if value is None else int(self.vocab.unknown_indices([value])[0])
 
     def many(self, values: list[str | None]) -> np.ndarray:
         return np.fromiter((self(v) for v in values), dtype=np.int64, count=len(values))
@@ -354,22 +352,7 @@ class EventSink:
         return table.num_rows
 
     def _write_file(self, table: pa.Table, day: str) -> None:
-        folder = self.root / EVENTS_DIR / f"date={day}"
-        folder.mkdir(parents=True, exist_ok=True)
-        name = f"part-{uuid.uuid4().hex}.parquet"
-        tmp = folder / f".{name}.tmp"
-        pq.write_table(table, tmp)
-        if self.cfg.durable:
-            _fsync(tmp)
-        os.replace(tmp, folder / name)
-        if self.cfg.durable:
-            _fsync(folder)
+        final = self.root / EVENTS_DIR / f"date={day}" / f"part-{uuid.uuid4().hex}.parquet"
+        with staged_file(final, durable=self.cfg.durable) as tmp:
+            pq.write_table(table, tmp)
         self.files_written += 1
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -27,10 +27,8 @@ Example::
 
 from __future__ import annotations
 
-import os
 import random
 import re
-import secrets
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+from feedrank.fsutil import staged_file
 
 _NAME = re.compile(r"^ckpt_(\d+)\.pt$")
 
@@ -52,29 +52,13 @@ def checkpoint_path(directory: Path, step: int) -> Path:
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    """Write ``payload`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    # os.open rather than mkstemp: mkstemp creates 0600 files, checkpoints should follow the umask.
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    """Write ``payload`` to ``path`` atomically (temp file + fsync + os.replace + dir fsync).
 
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    The temp file is ``.<name>.<random>.tmp`` (``feedrank.fsutil.staged_file``), created with the
+    process umask like any file, which ``prune_checkpoints`` recognises as a leftover.
+    """
+    with staged_file(path, durable=True) as tmp:
+        torch.save(payload, tmp)
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

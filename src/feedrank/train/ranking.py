@@ -45,8 +45,6 @@ import dataclasses
 import functools
 import json
 import logging
-import shutil
-import uuid
 from dataclasses import dataclass, field
 from collections.abc import Sequence
 from pathlib import Path
@@ -81,10 +79,10 @@ from feedrank.features.build import (
     NotTrainableError,
     check_trainable,
     load_manifest,
-    replace_dir,
     split_files,
 )
 from feedrank.features.labels import LabelConfig, engagement_labels
+from feedrank.fsutil import staged_dir
 from feedrank.features.vocab import Vocabularies
 from feedrank.models.calibration import downsample_negatives
 from feedrank.models.ranker import Ranker, RankerConfig, ranker_loss
@@ -181,9 +179,7 @@ def sample_training_split(features_dir: Path, out_dir: Path, rate: float, seed: 
         done = {}
     if {k: done.get(k) for k in wanted} == wanted:
         return [out_dir / f["path"] for f in done["files"]]
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out_dir) as tmp:
         written = []
         for i, path in enumerate(tqdm(files, desc="sample negatives", unit="file", disable=not progress)):
             table = impression_rows(pq.read_table(path), exclude_prefixes)
@@ -191,10 +187,6 @@ def sample_training_split(features_dir: Path, out_dir: Path, rate: float, seed: 
             pq.write_table(table.filter(pa.array(keep)), tmp / path.name, row_group_size=manifest["config"]["row_group_size"])
             written.append({"path": path.name, "rows": int(keep.sum()), "impressions": table.num_rows})
         (tmp / SAMPLE_MANIFEST).write_text(json.dumps(wanted | {"files": written}, indent=2) + "\n")
-        replace_dir(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return [out_dir / f["path"] for f in written]
 
 
