@@ -50,7 +50,7 @@ from torch import nn
 
 import feedrank
 from feedrank.config import ConfigError, from_dict
-from feedrank.data.schema import TS_TYPE
+from feedrank.data.schema import TS_TYPE, to_epoch_us
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS
 from feedrank.features.counters import COUNTER_COLUMNS
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
@@ -210,7 +210,7 @@ def catalogue_age_hours(catalogue: pa.Table, at: dt.datetime) -> np.ndarray:
     The same rule as the feature builder's ``item_age_h``, so the item tower sees ages on the scale
     it was trained on; never negative; 0 for rows with neither (padding, OOV, buckets).
     """
-    at_us = pa.scalar(at, TS_TYPE).cast(pa.int64()).as_py()
+    at_us = to_epoch_us(at)
     return (np.maximum(at_us - catalogue_born_us(catalogue, missing=at_us), 0) / 3.6e9).astype(np.float32)
 
 

@@ -60,13 +60,24 @@ def _ragged_gather(starts: np.ndarray, lengths: np.ndarray) -> np.ndarray:
     return starts[row_of] + (np.arange(out_offsets[-1]) - out_offsets[row_of])
 
 
-def _pad(histories: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
-    values, starts, lengths = _list_parts(histories, max_len)
+def pad_ragged(flat: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``([B, L] int64, [B, L] bool mask)`` from rows laid end to end in ``flat``, row ``i`` being
+    the next ``lengths[i]`` values: right-padded with 0, ``L`` = the longest row but at least 1.
+
+    The one padding rule for histories, shared by ``collate`` (training, evaluation) and
+    ``feedrank.data.user_batch`` (user vectors offline and in serving), so a user's history reaches
+    the user tower in the same layout everywhere.
+    """
     width = max(1, int(lengths.max()) if len(lengths) else 1)
     mask = np.arange(width)[None, :] < lengths[:, None]
     padded = np.zeros(mask.shape, dtype=np.int64)
-    padded[mask] = values[_ragged_gather(starts, lengths)]  # row-major fill = each row in order
+    padded[mask] = flat  # row-major fill = each row in order
     return padded, mask
+
+
+def _pad(histories: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
+    values, starts, lengths = _list_parts(histories, max_len)
+    return pad_ragged(values[_ragged_gather(starts, lengths)], lengths)
 
 
 def pad_histories(histories: pa.Array | pa.ChunkedArray, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:

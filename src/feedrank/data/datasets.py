@@ -23,11 +23,14 @@ import hashlib
 import shutil
 import urllib.error
 import urllib.request
+import uuid
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
+
+from feedrank.fsutil import replace_dir
 
 _CHUNK = 1 << 20
 
@@ -153,24 +156,29 @@ def _verify(path: Path, archive: Archive) -> None:
 
 
 def _unpack(path: Path, dest: Path) -> Path:
-    """Unzip ``path`` into ``dest/<stem>/`` (archives without a top folder get one); returns it."""
+    """Unzip ``path`` into ``dest/<stem>/`` (archives without a top folder get one); returns it.
+
+    The archive is extracted whole into a hidden folder beside the target and swapped in with
+    ``replace_dir``, so a corrupt archive or an interrupted extraction leaves an earlier unpacked copy intact.
+    An archive with a top folder is unpacked with it and that folder is what gets swapped in,
+    which is why this uses ``replace_dir`` rather than ``staged_dir``.
+    """
     stem = path.name.removesuffix(".zip")
+    root = dest.resolve()
+    final = root / stem
+    tmp = root / f".{stem}.unpacking-{uuid.uuid4().hex[:12]}"
     try:
         with zipfile.ZipFile(path) as zf:
             names = zf.namelist()
-            root = dest.resolve()
             has_top = all(n == f"{stem}/" or n.startswith(f"{stem}/") for n in names)
-            into = root if has_top else root / stem
+            into = root if has_top else final
             for name in names:  # refuse entries that would escape their folder (zip slip)
                 if not (into / name).resolve().is_relative_to(into):
                     raise DownloadError(f"{path}: unsafe path {name!r} in archive; not unpacked")
-            tmp = root / f".{stem}.unpacking"
-            shutil.rmtree(tmp, ignore_errors=True)
             zf.extractall(tmp)
+        replace_dir(tmp / stem if has_top else tmp, final)
     except zipfile.BadZipFile as exc:
         raise DownloadError(f"{path}: not a valid zip archive ({exc})") from exc
-    final = root / stem
-    shutil.rmtree(final, ignore_errors=True)
-    (tmp / stem if has_top else tmp).replace(final)
-    shutil.rmtree(tmp, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return final

@@ -17,7 +17,6 @@ days written, days refused with their validation report, replaced days and skipp
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from feedrank.data.log import (
 )
 from feedrank.data.readers.common import ReadResult, denormalise, first_per_key
 from feedrank.data.schema import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, ValidationReport, conform, validate
+from feedrank.fsutil import staged_file
 
 MANIFEST_FILE = "manifest.json"
 _DAY_US = 86_400 * 1_000_000
@@ -94,9 +94,8 @@ def ingest(result: ReadResult, out_dir: str | Path, validate: bool = True, progr
         "ok": write.ok,
     }
     path = root / MANIFEST_FILE
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    tmp.write_text(json.dumps(manifest, indent=2) + "\n")
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(manifest, indent=2) + "\n")
     return IngestResult(write=write, manifest=manifest, manifest_path=path)
 
 

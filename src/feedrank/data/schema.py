@@ -13,6 +13,7 @@ positives (MovieLens ratings) write ``clicked=True`` rows with a synthetic ``req
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,6 +21,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 TS_TYPE = pa.timestamp("us", tz="UTC")
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+
+
+def to_epoch_us(ts: dt.datetime) -> int:
+    """Epoch microseconds of ``ts``: the integer a ``TS_TYPE`` value holds, to compare with ``ts``
+    columns cast to int64. Exact integer arithmetic (a float ``timestamp()`` can be off by one
+    microsecond); a naive datetime is taken as UTC, as pyarrow and ``parse_ts`` take it."""
+    if ts.tzinfo is None:
+        ts = ts.replace(tzinfo=dt.timezone.utc)
+    return (ts - _EPOCH) // dt.timedelta(microseconds=1)
 
 #: Columns that must never be null: they identify the impression.
 KEY_COLUMNS = ("user_id", "item_id", "ts", "request_id")

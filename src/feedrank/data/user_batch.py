@@ -8,8 +8,8 @@ is encoded the same way in both places. The item and label fields are zeros (wei
 that the object is a complete ``Batch``.
 
 Histories come as CSR (``history_offsets`` into a flat ``history``), the shape per-user state is
-kept in; they are right-padded as ``collate`` pads them: width = the longest history, at least 1,
-so a user without history is one all-False mask row, which every encoder pools to zeros.
+kept in; they are right-padded by ``collate``'s own ``pad_ragged``: width = the longest history, at
+least 1, so a user without history is one all-False mask row, which every encoder pools to zeros.
 
 Example::
 
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from feedrank.data.batch import Batch
+from feedrank.data.collate import pad_ragged
 
 
 def user_batch(
@@ -46,11 +47,7 @@ def user_batch(
     if len(user_cats) != b or len(counters) != b or len(history_offsets) != b + 1:
         raise ValueError(f"user_batch: {b} users but user_cats has {len(user_cats)} rows, counters "
                          f"{len(counters)} rows and history_offsets {len(history_offsets)} entries (expected {b + 1})")  # fmt: skip
-    lengths = np.diff(history_offsets)
-    width = max(1, int(lengths.max()) if b else 1)
-    mask = np.arange(width)[None, :] < lengths[:, None]
-    padded = np.zeros(mask.shape, dtype=np.int64)
-    padded[mask] = history[history_offsets[0] : history_offsets[-1]]
+    padded, mask = pad_ragged(history[history_offsets[0] : history_offsets[-1]], np.diff(history_offsets))
     zeros_i, zeros_f = torch.zeros(b, dtype=torch.long), torch.zeros(b)
     return Batch(
         user=torch.from_numpy(np.asarray(user, dtype=np.int64)), user_cats=torch.from_numpy(user_cats),

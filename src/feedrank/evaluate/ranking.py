@@ -82,6 +82,7 @@ from feedrank.evaluate.retrieval import popularity_scores
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, load_manifest, log_hash, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import FIRST_ID, Vocab, Vocabularies
+from feedrank.fsutil import staged_file
 from feedrank.models.calibration import correct_logit
 from feedrank.models.ranker import Ranker
 from feedrank.train.task import EVAL_DIR, ensure_features
@@ -382,13 +383,11 @@ class RankingResult:
     def write(self, eval_dir: str | Path) -> Path:
         """Write ``predictions.parquet`` and ``metrics.json`` to ``eval_dir`` (each atomically)."""
         out = Path(eval_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        tmp = out / f".{PREDICTIONS_FILE}.tmp"
-        pq.write_table(self.predictions, tmp)
-        tmp.replace(out / PREDICTIONS_FILE)
-        tmp = out / f".{METRICS_FILE}.tmp"
-        tmp.write_text(json.dumps(self.evaluation.metrics_file(), indent=2, allow_nan=False) + "\n")
-        return tmp.replace(out / METRICS_FILE)
+        with staged_file(out / PREDICTIONS_FILE) as tmp:
+            pq.write_table(self.predictions, tmp)
+        with staged_file(out / METRICS_FILE) as tmp:
+            tmp.write_text(json.dumps(self.evaluation.metrics_file(), indent=2, allow_nan=False) + "\n")
+        return out / METRICS_FILE
 
 
 def evaluate_ranker(

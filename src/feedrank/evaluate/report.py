@@ -61,6 +61,7 @@ from matplotlib.figure import Figure
 from feedrank.config import ConfigError, from_dict
 from feedrank.evaluate.bootstrap import BootstrapTable, bootstrap_models, get_metric, metric_or_nan
 from feedrank.evaluate.metrics import reliability_curve
+from feedrank.fsutil import staged_file
 
 PREDICTIONS = Path("eval/predictions.parquet")
 METRICS = Path("eval/metrics.json")
@@ -672,10 +673,9 @@ def render_html(report: Mapping[str, Any], metrics: MetricsFile, figures: Mappin
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    """Write via a temporary file so an interrupted run never leaves a half-written page."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+    """Write via a staged file so an interrupted run never leaves a half-written page."""
+    with staged_file(path) as tmp:
+        tmp.write_bytes(data)
 
 
 def write_report(

@@ -68,6 +68,7 @@ from tqdm import tqdm
 from feedrank.bundle import Bundle, load_bundle
 from feedrank.config import to_dict
 from feedrank.data.log import EVENTS_DIR, read_events, write_log
+from feedrank.data.schema import to_epoch_us
 from feedrank.data.world import Outcomes, World, load_world
 from feedrank.data.world.world import prefixed_ids
 from feedrank.experiment.analyze import Analysis, analyze
@@ -345,7 +346,7 @@ class OracleService:
         started = time.perf_counter()
         items = np.arange(self.world.n_items)
         user = self.world.user_index([user_id])[0]
-        age_h = self.world.item_age_h(items, _epoch_us(self.clock()))
+        age_h = self.world.item_age_h(items, to_epoch_us(self.clock()))
         p = self.world.true_affinity(user, items) * self.world.freshness(age_h)
         p[list(self.seen.get(user_id, ()))] = 0.0  # unpublished items already have p = 0 (freshness)
         with np.errstate(divide="ignore"):
@@ -527,10 +528,6 @@ def experiment_start(world: World, start: str | None) -> dt.datetime:
     return parse_start_time(start) if start is not None else world.config.start + dt.timedelta(days=world.config.days)
 
 
-def _epoch_us(t: dt.datetime) -> int:
-    return (t - _EPOCH) // dt.timedelta(microseconds=1)
-
-
 @dataclass
 class _Setup:
     """Everything checked and derived before a run writes anything."""
@@ -552,7 +549,7 @@ def _setup(world_dir: str | Path, arms: Mapping[str, ArmSpec | str], cfg: ABSimC
     cfg = dataclasses.replace(cfg, k=cfg.k or min(world.config.feed_size, cfg.serving.k_max))
     start = experiment_start(world, cfg.start)
     population = sample_population(world, cfg.users, cfg.seed)
-    return _Setup(world, loaded, cfg, start, population, draw_requests(world, population, cfg, _epoch_us(start)))
+    return _Setup(world, loaded, cfg, start, population, draw_requests(world, population, cfg, to_epoch_us(start)))
 
 
 def simulate_ab(

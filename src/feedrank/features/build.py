@@ -59,7 +59,7 @@ from tqdm import tqdm
 
 from feedrank.config import to_dict
 from feedrank.data.log import EVENTS_DIR, read_events
-from feedrank.data.schema import KEY_COLUMNS, TS_TYPE
+from feedrank.data.schema import KEY_COLUMNS, TS_TYPE, to_epoch_us
 from feedrank.features.counters import COUNTER_COLUMNS, item_age_hours, item_logq, point_in_time_counters
 from feedrank.features.history import EventIndex, dense_rank
 from feedrank.features.profile import ProfileSampler
@@ -202,7 +202,7 @@ def build_features(
 
     ts_us = table["ts"].cast(pa.int64()).to_numpy()
     split_at = parse_ts(cfg.split_at, "split_at")
-    n_train = len(ts_us) if split_at is None else int(np.searchsorted(ts_us, _to_us(split_at), side="left"))
+    n_train = len(ts_us) if split_at is None else int(np.searchsorted(ts_us, to_epoch_us(split_at), side="left"))
     if n_train == 0:
         raise FeatureBuildError(f"{log_dir}: no events before split_at {cfg.split_at}; first event at {table['ts'][0]}")
     bounds = {"train": (0, n_train)} | ({"test": (n_train, len(ts_us))} if split_at is not None else {})
@@ -283,10 +283,6 @@ def _request_hash(request_id: pa.ChunkedArray) -> np.ndarray:
     encoded = request_id.combine_chunks().dictionary_encode()
     hashes = (stable_hash(encoded.dictionary) >> np.uint64(1)).astype(np.int64)  # drop a bit: non-negative
     return hashes[encoded.indices.to_numpy()]
-
-
-def _to_us(ts: dt.datetime) -> int:
-    return pa.scalar(ts, TS_TYPE).cast(pa.int64()).as_py()
 
 
 def _histories(cfg: FeatureConfig, user_code: np.ndarray, item_code: np.ndarray, rank: np.ndarray, n_ranks: int,

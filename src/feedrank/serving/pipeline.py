@@ -60,7 +60,7 @@ import torch
 from torch import Tensor
 
 from feedrank.bundle import Bundle, catalogue_born_us, catalogue_item_cats, lookup_quiet
-from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform, validate
+from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform, to_epoch_us, validate
 from feedrank.data.user_batch import user_batch
 from feedrank.evaluate.retrieval import catalogue_vectors, popularity_scores
 from feedrank.features.build import FeatureConfig
@@ -72,7 +72,7 @@ from feedrank.serving.cache import RedisCache, UserVectorCache, make_cache
 from feedrank.serving.config import ServingConfig, parse_start_time
 from feedrank.serving.metrics import ServiceMetrics
 from feedrank.serving.rerank import Candidates, rerank
-from feedrank.serving.state import EventIn, EventSink, UserStore, UserView, VocabIndex, to_us
+from feedrank.serving.state import EventIn, EventSink, UserStore, UserView, VocabIndex
 
 log = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class FeedService:
         k = self.check_k(k)
         start = time.perf_counter()
         now = self.clock()
-        now_us = to_us(now)
+        now_us = to_epoch_us(now)
         timings: dict[str, float] = {}
         mark = start
 

@@ -51,21 +51,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from feedrank.bundle import lookup_quiet
 from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
-from feedrank.data.schema import EVENT_SCHEMA
+from feedrank.data.schema import EVENT_SCHEMA, to_epoch_us
 from feedrank.evaluate.retrieval import user_state
 from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab
 from feedrank.fsutil import staged_file
 from feedrank.serving.config import EventLogConfig
 
 log = logging.getLogger(__name__)
-
-_US = 1_000_000
-
-
-def to_us(ts: dt.datetime) -> int:
-    """Epoch microseconds of an aware datetime (the log's ``ts`` unit)."""
-    return int(round(ts.timestamp() * _US))
-
 
 # ------------------------------------------------------------------------------------------------
 # ids -> indices
@@ -181,7 +173,7 @@ class UserStore:
             seen=seen,
             impressions=state.impressions,
             clicks=state.clicks,
-            seeded_until_us=to_us(end) if end is not None else (last_us or 0) + 1,
+            seeded_until_us=to_epoch_us(end) if end is not None else (last_us or 0) + 1,
         )
         return cls(items, history_len, max_seen, snapshot)
 
@@ -191,7 +183,7 @@ class UserStore:
 
     def view(self, user_id: str, now: dt.datetime) -> UserView:
         """``user_id``'s state at ``now``: history strictly before ``now``; unknown users get an empty view."""
-        now_us = to_us(now)
+        now_us = to_epoch_us(now)
         with self._lock:
             record = self._overlay.get(user_id)
             if record is not None:

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from feedrank.config import to_dict
+from feedrank.fsutil import staged_file
 from feedrank.train import distributed as D
 from feedrank.train.checkpoint import (
     apply_state,
@@ -550,9 +551,8 @@ def _truncate_metrics(path: Path, step: int) -> None:
                 kept.append(line)
         except (json.JSONDecodeError, KeyError, TypeError):
             continue
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-    tmp.replace(path)
+    with staged_file(path) as tmp:
+        tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def _seed_everything(seed: int) -> None:
