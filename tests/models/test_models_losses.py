@@ -128,3 +128,19 @@ def test_sampler_bad_input():
         NegativeSampler(torch.zeros(5, 1, dtype=torch.long), "popularity", torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="unknown negative sampler 'zipf'"):
         NegativeSampler(torch.zeros(5, 1, dtype=torch.long), "zipf")
+
+
+def test_known_hits_are_masked_from_the_negatives():
+    """Column 1's item is a known positive of row 0's user from outside the batch: not a negative."""
+    logits = torch.tensor([[2.0, 1.0, 0.0], [0.5, 1.5, 0.0], [0.0, 0.3, 1.0]])
+    items = torch.tensor([10, 11, 12])
+    known = torch.zeros(3, 3, dtype=torch.bool)
+    known[0, 1] = True
+    per_row = torch.stack([
+        -torch.log_softmax(torch.tensor([2.0, 0.0]), 0)[0],  # row 0 without column 1
+        -torch.log_softmax(logits[1], 0)[1],
+        -torch.log_softmax(logits[2], 0)[2],
+    ])
+    assert in_batch_softmax_loss(logits, items, known_hits=known).item() == pytest.approx(per_row.mean().item(), abs=1e-6)
+    with pytest.raises(ValueError, match="known_hits must be"):
+        in_batch_softmax_loss(logits, items, known_hits=known[:2])

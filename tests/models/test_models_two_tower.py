@@ -10,7 +10,7 @@ from torch import nn
 
 from feedrank.config import ConfigError, from_dict
 from feedrank.models.losses import select_rows, two_tower_loss
-from feedrank.models.two_tower import TwoTowerConfig
+from feedrank.models.two_tower import TwoTower, TwoTowerConfig
 
 ENCODERS = [
     {"history_encoder": "mean"},
@@ -234,3 +234,17 @@ def test_bf16_autocast_forward_is_finite(make_model, batch):
         loss, _ = two_tower_loss(model, batch)
     assert torch.isfinite(loss)
     loss.backward()
+
+
+def test_known_positive_mask_marks_training_pairs_and_ignores_the_oov_user():
+    cfg = TwoTowerConfig(dim=8, user_id_dim=4, item_id_dim=8, cat_dim=2, freshness_dim=2, hidden=[8],
+                         history_encoder="mean", mask_known_positives=True)
+    model = TwoTower(cfg, n_users=6, n_items=9, user_cat_sizes=[3], item_cat_sizes=[3])
+    assert model.known_positive_mask(torch.tensor([2]), torch.tensor([3])) is None  # nothing attached yet
+    model.attach_known_positives(torch.tensor([2, 2, 3, 1]), torch.tensor([4, 5, 4, 7]))  # user 1 = OOV
+    mask = model.known_positive_mask(torch.tensor([2, 3, 1]), torch.tensor([5, 4, 7]))
+    assert mask.tolist() == [[True, True, False], [False, True, False], [False, False, False]]
+    off = TwoTower(TwoTowerConfig(dim=8, user_id_dim=4, item_id_dim=8, cat_dim=2, freshness_dim=2, hidden=[8]),
+                   n_users=6, n_items=9, user_cat_sizes=[3], item_cat_sizes=[3])
+    off.attach_known_positives(torch.tensor([2]), torch.tensor([4]))
+    assert off.known_positive_mask(torch.tensor([2]), torch.tensor([4])) is None  # the flag is off

@@ -55,6 +55,7 @@ def in_batch_softmax_loss(
     user_ids: Tensor | None = None,
     logq: Tensor | None = None,
     weight: Tensor | None = None,
+    known_hits: Tensor | None = None,
 ) -> Tensor:
     """Softmax cross-entropy where row i's positive is column i and the other columns are negatives.
 
@@ -64,7 +65,9 @@ def in_batch_softmax_loss(
 
     Accidental hits are removed from the negatives: a column j != i whose item is row i's positive
     item, or (when ``user_ids`` is given) whose row belongs to the same user (so item j is another
-    known positive of that user). The diagonal is never masked, so no row is all ``-inf``.
+    known positive of that user). ``known_hits`` [B, B] optionally names more: column j's item is
+    a known positive of row i's user from outside the batch (``TwoTower.known_positive_mask``). The
+    diagonal is never masked, so no row is all ``-inf``.
     """
     b = logits.shape[0]
     if logits.shape != (b, b) or item_ids.shape != (b,):
@@ -76,6 +79,10 @@ def in_batch_softmax_loss(
     hits = item_ids[:, None] == item_ids[None, :]
     if user_ids is not None:
         hits |= user_ids[:, None] == user_ids[None, :]
+    if known_hits is not None:
+        if known_hits.shape != (b, b):
+            raise ValueError(f"known_hits must be [B, B] = [{b}, {b}], got {tuple(known_hits.shape)}")
+        hits |= known_hits
     hits &= ~torch.eye(b, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(hits, float("-inf"))
     target = torch.arange(b, device=logits.device)
@@ -197,7 +204,8 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, d
     elif cfg.loss == "in_batch":
         logits = out.user @ out.item.T / out.temperature
         logq = batch.item_logq if cfg.logq_correction else None
-        loss = in_batch_softmax_loss(logits, batch.item, batch.user, logq, batch.weight)
+        known = unwrap(model).known_positive_mask(batch.user, batch.item)
+        loss = in_batch_softmax_loss(logits, batch.item, batch.user, logq, batch.weight, known)
     else:
         neg = out.negatives
         pos_logits = (out.user * out.item).sum(dim=-1) / out.temperature

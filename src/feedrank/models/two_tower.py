@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from feedrank.data.batch import Batch
+from feedrank.features.vocab import OOV
 from feedrank.models.attention import AttentionImpl
 from feedrank.models.losses import NegativeSampler, SamplerKind
 from feedrank.models.towers import (
@@ -73,6 +74,10 @@ class TwoTowerConfig:
     negative_sampler: SamplerKind = "uniform"
     popularity_power: float = 0.75
     logq_correction: bool = True
+    # in_batch: also mask in-batch negatives that are known positives of the row's user elsewhere in
+    # the training data (attach_known_positives). Matters when users engage with a large share of
+    # the catalogue (MovieLens): otherwise items the user liked are pushed away as negatives.
+    mask_known_positives: bool = False
 
     def validate(self) -> None:
         for name in ("dim", "item_id_dim", "cat_dim", "n_layers", "n_heads",
@@ -182,6 +187,7 @@ class TwoTower(nn.Module):
         )
         self.temperature = Temperature(cfg.temperature, cfg.learn_temperature, cfg.temperature_min, cfg.temperature_max)
         self.sampler: NegativeSampler | None = None
+        self.register_buffer("known_pairs", torch.empty(0, dtype=torch.long), persistent=False)
 
     def attach_catalogue(self, item_cats: Tensor, item_counts: Tensor | None = None) -> None:
         """Give the model the item catalogue it draws sampled-softmax negatives from.
@@ -196,6 +202,26 @@ class TwoTower(nn.Module):
             )
         device = self.item_tower.id_embedding.weight.device
         self.sampler = NegativeSampler(item_cats, self.cfg.negative_sampler, item_counts, self.cfg.popularity_power).to(device)
+
+    def attach_known_positives(self, user_idx: Tensor, item_idx: Tensor) -> None:
+        """Remember (user, item) training positives for ``known_positive_mask``.
+
+        Pairs of the out-of-vocabulary user are dropped: that index stands for many users, whose
+        positives are not each other's.
+        """
+        if user_idx.shape != item_idx.shape or user_idx.ndim != 1:
+            raise ValueError(f"user_idx and item_idx must be 1-D of one length, got {tuple(user_idx.shape)} and {tuple(item_idx.shape)}")
+        known = user_idx > OOV
+        keys = user_idx[known].long() * self.n_items + item_idx[known].long()
+        self.known_pairs = torch.unique(keys).to(self.known_pairs.device)  # sorted
+
+    def known_positive_mask(self, users: Tensor, items: Tensor) -> Tensor | None:
+        """[B, B] True where item j is a known positive of row i's user; None when not configured."""
+        if not self.cfg.mask_known_positives or self.known_pairs.numel() == 0:
+            return None
+        keys = users[:, None].long() * self.n_items + items[None, :].long()
+        pos = torch.searchsorted(self.known_pairs, keys).clamp_(max=self.known_pairs.numel() - 1)
+        return self.known_pairs[pos] == keys
 
     def user_vectors(self, batch: Batch) -> Tensor:
         """[B, dim] unit user vectors; needs only the user-side fields of ``batch``."""

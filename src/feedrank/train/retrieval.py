@@ -42,6 +42,8 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import torch
 
 from feedrank.bundle import Bundle, build_two_tower, catalogue_item_cats, load_bundle, save_bundle
@@ -125,6 +127,14 @@ class LabelWeights:
         return np.where(label == clicked, weight, 0.0).astype(np.float32)
 
 
+def training_positives(features_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(user_idx, item_idx) of the train split's engagements (clicked, not hidden)."""
+    columns = ["user_idx", "item_idx", "clicked", "hidden"]
+    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in split_files(features_dir, "train"))
+    table = table.filter(pc.and_(table["clicked"], pc.invert(table["hidden"])))
+    return torch.from_numpy(table["user_idx"].to_numpy()), torch.from_numpy(table["item_idx"].to_numpy())
+
+
 def train_retrieval(
     log_dir: str | Path, out_dir: str | Path, cfg: RetrievalRunConfig, resume: bool = False, progress: bool = True
 ) -> Bundle | None:
@@ -152,6 +162,8 @@ def train_retrieval(
         torch.manual_seed(cfg.train.seed)
         model = build_two_tower(to_dict(cfg), vocabs)
         model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()))
+        if cfg.two_tower.mask_known_positives:
+            model.attach_known_positives(*training_positives(features_dir))
         with Trainer(model, two_tower_loss, train_cfg) as trainer:
             if resume:
                 trainer.resume()
