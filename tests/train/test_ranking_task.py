@@ -46,21 +46,6 @@ def ranking_config(**sections) -> RankingRunConfig:
     return from_dict(RankingRunConfig, base)
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    simulate(WorldConfig(users=300, items=150, days=4, seed=1), out)
-    return out
-
-
 @pytest.fixture(scope="module")
 def two_tower(world, tmp_path_factory):
     torch.set_num_threads(1)

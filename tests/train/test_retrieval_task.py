@@ -3,7 +3,6 @@
 import datetime as dt
 import json
 
-import numpy as np
 import pyarrow as pa
 import pytest
 import torch
@@ -42,22 +41,6 @@ def run_config(**sections) -> RetrievalRunConfig:
     for name, values in sections.items():
         base[name] = {**base.get(name, {}), **values}
     return from_dict(RetrievalRunConfig, base)
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    simulate(WorldConfig(users=300, items=150, days=4, seed=1), out)
-    return out
 
 
 @pytest.fixture(scope="module")
