@@ -80,6 +80,19 @@ def test_sampled_softmax_logq_by_hand():
         sampled_softmax_loss(pos_logits, neg_logits, torch.tensor([3]), torch.tensor([4, 9]), pos_logq, None)
 
 
+def test_sampled_softmax_masks_known_hits():
+    """Row 0's negative 9 is a known positive of its user elsewhere in the data: not a negative."""
+    pos_logits = torch.tensor([2.0, 0.0])
+    neg_logits = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    known = torch.tensor([[False, True], [False, False]])
+    # row 0: log(1 + e^-2) (9 masked); row 1: log(1 + e^1 + e^0)
+    expected = (LN(1 + math.exp(-2)) + LN(1 + math.e + 1)) / 2
+    loss = sampled_softmax_loss(pos_logits, neg_logits, torch.tensor([3, 5]), torch.tensor([4, 9]), known_hits=known)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+    with pytest.raises(ValueError, match=r"known_hits must be \[B, K\] = \[2, 2\], got \(2, 1\)"):
+        sampled_softmax_loss(pos_logits, neg_logits, torch.tensor([3, 5]), torch.tensor([4, 9]), known_hits=known[:, :1])
+
+
 def test_bce_weighted_by_hand():
     loss = bce_loss(torch.tensor([0.0, 2.0]), torch.tensor([1.0, 0.0]), torch.tensor([1.0, 3.0]))
     # row 0: -log sigmoid(0) = log 2; row 1: -log(1 - sigmoid(2)) = log(1 + e^2)
@@ -119,6 +132,13 @@ def test_popularity_sampler_probabilities():
     freq = torch.bincount(sampler.sample(20000), minlength=5).float() / 20000
     assert freq[:2].sum() == 0
     torch.testing.assert_close(freq[2:], torch.tensor([4 / 14, 1 / 14, 9 / 14]), atol=0.02, rtol=0)
+
+
+def test_all_sampler_is_the_whole_catalogue_once_whatever_k():
+    sampler = NegativeSampler(torch.zeros(6, 1, dtype=torch.long), "all")
+    for k in (1, 4, 100):
+        assert sampler.sample(k).tolist() == [2, 3, 4, 5]
+    torch.testing.assert_close(sampler.log_q, torch.full((6,), LN(1 / 4)))  # uniform: the correction cancels
 
 
 def test_sampler_bad_input():

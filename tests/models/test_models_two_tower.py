@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ from feedrank.config import ConfigError, from_dict
 from feedrank.models.losses import select_rows, two_tower_loss
 from feedrank.models.two_tower import TwoTower, TwoTowerConfig
 
+LOG_UNIFORM = -math.log(38)  # the 'all' sampler's log q over the fixture's 38 real items
 ENCODERS = [
     {"history_encoder": "mean"},
     {"history_encoder": "attention", "attention_query": "user"},
@@ -180,6 +182,32 @@ def test_in_batch_loss_matches_the_pure_function(make_model, batch):
     u, v = model.user_vectors(pos), model.item_vectors(pos.item, pos.item_cats, pos.item_age_h)
     expected = in_batch_softmax_loss(u @ v.T / 0.05, pos.item, pos.user, pos.item_logq, pos.weight)
     torch.testing.assert_close(value, expected)
+
+
+@pytest.mark.parametrize("mask", [False, True], ids=["plain", "mask_known_positives"])
+def test_full_catalogue_softmax_matches_the_pure_function(make_model, batch, mask):
+    """Pins the sampled adapter with the ``all`` sampler: every real item a negative, and the
+    user's known positives (attach_known_positives) masked from them only when configured."""
+    from feedrank.models.losses import sampled_softmax_loss
+
+    model = make_model(loss="sampled", negative_sampler="all", freshness_dim=0, mask_known_positives=mask).eval()
+    model.attach_catalogue(torch.zeros(40, 3, dtype=torch.long))
+    pos = select_rows(batch, batch.clicked > 0)
+    other_item = (pos.item[0] + 1 - 2) % 38 + 2  # a real item that is not the row's own positive
+    model.attach_known_positives(pos.user[:1], other_item[None])
+    value, _ = two_tower_loss(model, batch)
+
+    catalogue = torch.arange(2, 40)
+    u = model.user_vectors(pos)
+    v = model.item_vectors(pos.item, pos.item_cats, pos.item_age_h)
+    neg = model.item_vectors(catalogue, torch.zeros(38, 3, dtype=torch.long), torch.zeros(38))
+    known = (pos.user[:, None] == pos.user[0]) & (catalogue[None, :] == other_item) if mask else None
+    expected = sampled_softmax_loss((u * v).sum(-1) / 0.05, u @ neg.T / 0.05, pos.item, catalogue,
+                                    torch.full((len(pos),), LOG_UNIFORM), torch.full((38,), LOG_UNIFORM),
+                                    pos.weight, known)
+    torch.testing.assert_close(value, expected)
+    unmasked = sampled_softmax_loss((u * v).sum(-1) / 0.05, u @ neg.T / 0.05, pos.item, catalogue, weight=pos.weight)
+    assert (value.item() < unmasked.item()) == mask  # masking a negative can only lower the loss
 
 
 def test_sampled_loss_needs_a_catalogue(make_model, batch):

@@ -9,7 +9,9 @@ on ``cfg.loss``:
   appear as in-batch negatives more often than they should, so their logits are corrected by
   ``- log q(item)`` (logQ correction): without it the model learns to push popular items down.
 - ``sampled``: softmax over ``num_negatives`` items drawn from the catalogue (uniform or by
-  popularity) and shared by the batch, with the sampler's own ``- log q``.
+  popularity) and shared by the batch, with the sampler's own ``- log q``; or, with the ``all``
+  sampler, over every item of the catalogue (the exact softmax, affordable for catalogues of a
+  few thousand items such as MovieLens).
 - ``bce``: pointwise binary cross-entropy on impressions, shown-but-not-clicked rows as negatives.
 
 The softmax losses only use clicked rows as (user, positive item) pairs.
@@ -34,7 +36,7 @@ from feedrank.data.batch import Batch
 if TYPE_CHECKING:
     from feedrank.models.two_tower import TwoTower
 
-SamplerKind = Literal["uniform", "popularity"]
+SamplerKind = Literal["uniform", "popularity", "all"]
 #: Index conventions from feedrank.data.batch: 0 = padding, 1 = out-of-vocabulary.
 FIRST_REAL_ID = 2
 
@@ -97,12 +99,14 @@ def sampled_softmax_loss(
     pos_logq: Tensor | None = None,
     neg_logq: Tensor | None = None,
     weight: Tensor | None = None,
+    known_hits: Tensor | None = None,
 ) -> Tensor:
     """Softmax of each row's positive against K shared sampled negatives.
 
     ``pos_logits`` [B], ``neg_logits`` [B, K], ``pos_ids`` [B], ``neg_ids`` [K]; ``pos_logq`` [B] and
     ``neg_logq`` [K] are the *sampler's* log-probabilities of those items (pass both or neither).
-    A sampled negative equal to the row's positive is masked out (an accidental hit).
+    A sampled negative equal to the row's positive is masked out (an accidental hit), and so is
+    every one ``known_hits`` [B, K] marks (a known positive of the row's user elsewhere in the data).
     """
     b, k = neg_logits.shape
     if pos_logits.shape != (b,) or pos_ids.shape != (b,) or neg_ids.shape != (k,):
@@ -115,7 +119,12 @@ def sampled_softmax_loss(
     if pos_logq is not None:
         pos_logits = pos_logits - pos_logq.to(pos_logits.dtype)
         neg_logits = neg_logits - neg_logq.to(neg_logits.dtype)[None, :]
-    neg_logits = neg_logits.masked_fill(pos_ids[:, None] == neg_ids[None, :], float("-inf"))
+    hits = pos_ids[:, None] == neg_ids[None, :]
+    if known_hits is not None:
+        if known_hits.shape != (b, k):
+            raise ValueError(f"known_hits must be [B, K] = [{b}, {k}], got {tuple(known_hits.shape)}")
+        hits |= known_hits
+    neg_logits = neg_logits.masked_fill(hits, float("-inf"))
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1).float()
     target = torch.zeros(b, dtype=torch.long, device=logits.device)
     return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight)
@@ -135,8 +144,10 @@ class NegativeSampler(nn.Module):
     Holds the catalogue's categorical features (``item_cats`` [n_items, n_cats], indexed by item
     index) because a sampled item must go through the item tower, which needs them. ``popularity``
     samples proportionally to ``(count + 1) ** power``: +1 so unseen items can still be drawn and
-    have a finite log q; power < 1 flattens the head (0.75 as in word2vec). Padding and OOV (ids 0
-    and 1) are never drawn; an OOV *positive* is corrected as if it were the rarest item.
+    have a finite log q; power < 1 flattens the head (0.75 as in word2vec). ``all`` draws nothing:
+    every real item is a negative once, whatever ``k`` (the exact softmax; its log q is uniform and
+    cancels). Padding and OOV (ids 0 and 1) are never drawn; an OOV *positive* is corrected as if
+    it were the rarest item.
 
     The buffers are not saved in ``state_dict``: they come from the feature pipeline, not training.
     """
@@ -152,10 +163,10 @@ class NegativeSampler(nn.Module):
             if item_counts.shape != (n_items,) or not bool((item_counts >= 0).all()):
                 raise ValueError(f"item_counts must be [{n_items}] non-negative counts, got {tuple(item_counts.shape)}")
             weights = (item_counts.double() + 1.0) ** power
-        elif kind == "uniform":
+        elif kind in ("uniform", "all"):
             weights = torch.ones(n_items, dtype=torch.float64)
         else:
-            raise ValueError(f"unknown negative sampler {kind!r}; choose 'uniform' or 'popularity'")
+            raise ValueError(f"unknown negative sampler {kind!r}; choose 'uniform', 'popularity' or 'all'")
         weights[:FIRST_REAL_ID] = 0.0
         probs = weights / weights.sum()
         log_q = probs.log()
@@ -166,7 +177,9 @@ class NegativeSampler(nn.Module):
         self.register_buffer("log_q", log_q.float(), persistent=False)
 
     def sample(self, k: int) -> Tensor:
-        """``k`` item indices drawn with replacement."""
+        """``k`` item indices drawn with replacement; every real item once for the ``all`` sampler."""
+        if self.kind == "all":
+            return torch.arange(FIRST_REAL_ID, self.probs.shape[0], device=self.probs.device)
         if self.kind == "uniform":
             return torch.randint(FIRST_REAL_ID, self.probs.shape[0], (k,), device=self.probs.device)
         return torch.multinomial(self.probs, k, replacement=True)
@@ -211,7 +224,8 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, d
         pos_logits = (out.user * out.item).sum(dim=-1) / out.temperature
         neg_logits = out.user @ neg.vectors.T / out.temperature
         pos_logq, neg_logq = (neg.pos_logq, neg.logq) if cfg.logq_correction else (None, None)
-        loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, batch.weight)
+        known = unwrap(model).known_positive_mask(batch.user, neg.ids)
+        loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, batch.weight, known)
     logs = {
         "loss": loss.detach(),
         "temperature": out.temperature.detach(),

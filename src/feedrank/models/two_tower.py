@@ -70,13 +70,13 @@ class TwoTowerConfig:
     temperature_min: float = 0.01  # bounds of a learned temperature
     temperature_max: float = 1.0
     loss: Literal["in_batch", "sampled", "bce"] = "in_batch"
-    num_negatives: int = 256  # sampled softmax
+    num_negatives: int = 256  # sampled softmax (ignored by the "all" sampler: the whole catalogue)
     negative_sampler: SamplerKind = "uniform"
     popularity_power: float = 0.75
     logq_correction: bool = True
-    # in_batch: also mask in-batch negatives that are known positives of the row's user elsewhere in
-    # the training data (attach_known_positives). Matters when users engage with a large share of
-    # the catalogue (MovieLens): otherwise items the user liked are pushed away as negatives.
+    # in_batch and sampled: also mask negatives that are known positives of the row's user elsewhere
+    # in the training data (attach_known_positives). Matters when users engage with a large share
+    # of the catalogue (MovieLens): otherwise items the user liked are pushed away as negatives.
     mask_known_positives: bool = False
 
     def validate(self) -> None:
@@ -216,7 +216,7 @@ class TwoTower(nn.Module):
         self.known_pairs = torch.unique(keys).to(self.known_pairs.device)  # sorted
 
     def known_positive_mask(self, users: Tensor, items: Tensor) -> Tensor | None:
-        """[B, B] True where item j is a known positive of row i's user; None when not configured."""
+        """[B, K] True where ``items[j]`` is a known positive of ``users[i]``; None when not configured."""
         if not self.cfg.mask_known_positives or self.known_pairs.numel() == 0:
             return None
         keys = users[:, None].long() * self.n_items + items[None, :].long()
