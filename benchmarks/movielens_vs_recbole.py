@@ -77,9 +77,9 @@ RANDOM_SPLIT = {"features.split_at": None, "features.history_len": 0}
 #: The two-tower's search space (dotted keys into the run config): trial 1 is the base config, then
 #: a seeded random sample of the rest of this grid, the rule of run_recbole.py's ``plan_trials``.
 SEARCH_SPACE: dict[str, list[Any]] = {
-    "train.lr": [5e-3, 1e-2],
-    "train.epochs": [40, 60],
-    "two_tower.temperature": [0.05, 0.1, 0.2],
+    "two_tower.temperature": [0.15, 0.2, 0.25],
+    "two_tower.dropout": [0.0, 0.2],
+    "train.epochs": [30, 60],
 }
 
 
