@@ -132,7 +132,7 @@ def training_positives(features_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     columns = ["user_idx", "item_idx", "clicked", "hidden"]
     table = pa.concat_tables(pq.read_table(f, columns=columns) for f in split_files(features_dir, "train"))
     table = table.filter(pc.and_(table["clicked"], pc.invert(table["hidden"])))
-    return torch.from_numpy(table["user_idx"].to_numpy()), torch.from_numpy(table["item_idx"].to_numpy())
+    return torch.tensor(table["user_idx"].to_numpy()), torch.tensor(table["item_idx"].to_numpy())  # copies: arrow buffers are read-only
 
 
 def train_retrieval(
