@@ -166,6 +166,7 @@ from feedrank.data.world import WorldConfig  # noqa: E402
 from feedrank.features.vocab import Vocabularies  # noqa: E402
 from feedrank.index import IndexConfig  # noqa: E402
 from feedrank.models.ranker import Ranker, RankerConfig  # noqa: E402
+from feedrank.serving.bus import EventBus  # noqa: E402
 from feedrank.serving.config import EventLogConfig, ServingConfig  # noqa: E402
 from feedrank.serving.demo import log_end  # noqa: E402
 from feedrank.serving.pipeline import FeedService  # noqa: E402
@@ -221,6 +222,12 @@ def serving_config(tmp_path: Path, **overrides) -> ServingConfig:
     return replace(base, **overrides)
 
 
+@pytest.fixture
+def shared_clock(serving_world) -> TickingClock:
+    """One clock for services that stand for the workers of one server (they read one wall clock)."""
+    return TickingClock(serving_world.start)
+
+
 @pytest.fixture(params=["memory", "redis"])
 def cache_backend(request) -> str:
     """The user-vector cache backend a pipeline/app test runs against (Redis: the shared server)."""
@@ -229,15 +236,17 @@ def cache_backend(request) -> str:
 
 @pytest.fixture
 def make_service(serving_world, tmp_path, request):
-    """``make_service(cache=None, ranker=True, log=True, **cfg_overrides)`` -> a FeedService with a
-    ``TickingClock`` from the end of the log; closed after the test."""
+    """``make_service(cache=None, ranker=True, log=True, clock=None, bus=None, **cfg_overrides)`` -> a
+    FeedService with a ``TickingClock`` from the end of the log (or ``clock``: services that stand
+    for workers of one server share one); closed after the test."""
     made: list[FeedService] = []
 
-    def make(cache: UserVectorCache | None = None, ranker: bool = True, log: bool = True, **overrides) -> FeedService:
+    def make(cache: UserVectorCache | None = None, ranker: bool = True, log: bool = True,
+             clock: TickingClock | None = None, bus: EventBus | None = None, **overrides) -> FeedService:  # fmt: skip
         service = FeedService(serving_world.two_tower, serving_config(tmp_path, **overrides),
                               ranker=serving_world.ranker if ranker else None,
                               log_dir=serving_world.log if log else None, cache=cache,
-                              clock=TickingClock(serving_world.start))  # fmt: skip
+                              clock=clock or TickingClock(serving_world.start), bus=bus)  # fmt: skip
         made.append(service)
         return service
 

@@ -4,6 +4,8 @@ Each test starts uvicorn in a fresh Python process (torch and FAISS imports: sec
 module is marked slow.
 """
 
+import time
+
 import httpx
 import pytest
 
@@ -47,3 +49,34 @@ def test_sigterm_shuts_down_cleanly_flushing_a_buffered_serving_log(serving_worl
     assert read_events(tmp_path / "log").num_rows == 1  # the shutdown flushed it
     with pytest.raises(httpx.TransportError):
         httpx.get(f"{server.url}/healthz", timeout=1.0)
+
+
+def test_two_workers_share_an_event_through_redis(serving_world, tmp_path, redis_url):
+    """Each uvicorn worker has its own user store: the event bus must bring a click posted to one
+    worker to the other, so no worker shows the clicked item again."""
+    settings = ServeSettings(bundle=str(serving_world.two_tower.path), log=str(serving_world.log),
+                             redis_url=redis_url, serving_log=str(tmp_path / "log"))  # fmt: skip
+    with ServerProcess(settings, tmp_path, workers=2) as server:
+        ready: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(ready) < 2 and time.monotonic() < deadline:  # fresh connections until both answer, subscribed
+            with httpx.Client() as client:
+                health = client.get(f"{server.url}/healthz").json()
+            if health["event_bus"]["subscribed"]:
+                ready.add(health["pid"])
+            time.sleep(0.05)
+        assert len(ready) == 2, "the second worker never answered"
+        user = most_active_user(serving_world.log)
+        item = httpx.get(f"{server.url}/feed", params={"user_id": user, "k": 5}).json()["items"][0]["item_id"]
+        assert httpx.post(f"{server.url}/events", json={"user_id": user, "item_id": item, "clicked": True}).status_code == 200
+        time.sleep(0.5)  # pub/sub delivery to the other worker takes milliseconds
+        answered: dict[int, dict] = {}
+        for _ in range(40):
+            with httpx.Client() as client:
+                feed = client.get(f"{server.url}/feed", params={"user_id": user, "k": 5}).json()
+                health = client.get(f"{server.url}/healthz").json()
+            assert item not in [i["item_id"] for i in feed["items"]]
+            answered[health["pid"]] = health["event_bus"]
+        # whichever worker answered knew the event: it took the POST or received it from the other
+        assert all(bus["published"] + bus["received"] == 1 for bus in answered.values()), answered
+    assert read_events(tmp_path / "log").num_rows == 1  # logged once, by the worker that took the POST

@@ -17,8 +17,8 @@ tower (counted as ``error`` in ``/metrics``).
 
 ``uvicorn`` starts the app through ``app_from_env`` (a factory, so each worker process builds its
 own service) with ``ServeSettings`` as JSON in ``FEEDRANK_SERVE_SETTINGS``; ``feedrank serve`` and
-``feedrank.serving.demo`` set it. Several workers share one Redis cache; see
-``feedrank.serving.state`` for what stays per worker.
+``feedrank.serving.demo`` set it. Several workers share one Redis cache and pass each other their
+accepted events over it (``feedrank.serving.bus``).
 
 Example::
 

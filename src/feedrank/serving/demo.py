@@ -45,8 +45,8 @@ def free_port() -> int:
 class ServerProcess:
     """``feedrank serve`` in a subprocess on 127.0.0.1; a context manager that waits for /healthz."""
 
-    def __init__(self, settings: ServeSettings, workdir: str | Path, startup_timeout_s: float = 300.0) -> None:
-        self.settings, self.workdir, self.timeout = settings, Path(workdir), startup_timeout_s
+    def __init__(self, settings: ServeSettings, workdir: str | Path, startup_timeout_s: float = 300.0, workers: int = 1) -> None:
+        self.settings, self.workdir, self.timeout, self.workers = settings, Path(workdir), startup_timeout_s, workers
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -57,7 +57,7 @@ class ServerProcess:
         with self.log_path.open("wb") as out:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "uvicorn", "feedrank.serving.app:app_from_env", "--factory",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"],
+                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning"],
                 env={**os.environ, **self.settings.to_env()}, stdout=out, stderr=subprocess.STDOUT,
             )  # fmt: skip
         deadline = time.monotonic() + self.timeout

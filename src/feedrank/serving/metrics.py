@@ -14,7 +14,8 @@ Exposed:
 - ``feedrank_feed_over_budget_total``: feeds slower than ``serving.latency_budget_ms``;
 - ``feedrank_cache_lookups_total{outcome}``: user-vector cache hit / miss / error;
 - ``feedrank_cache_hit_ratio``: hits / lookups since start;
-- ``feedrank_events_total{outcome}``: events accepted or rejected by ``POST /events``.
+- ``feedrank_events_total{outcome}``: events accepted or rejected by ``POST /events``, and
+  ``from_peers``: accepted by another worker and applied here (``feedrank.serving.bus``).
 """
 
 from __future__ import annotations
@@ -48,14 +49,14 @@ class ServiceMetrics:
         self.over_budget = Counter("feedrank_feed_over_budget", "Feeds slower than the latency budget", registry=r)
         self.cache_lookups = Counter("feedrank_cache_lookups", "User-vector cache lookups by outcome", ["outcome"], registry=r)
         self.cache_hit_ratio = Gauge("feedrank_cache_hit_ratio", "Cache hits / lookups since start", registry=r)
-        self.events = Counter("feedrank_events", "Events received by POST /events", ["outcome"], registry=r)
+        self.events = Counter("feedrank_events", "Events by outcome: this worker's POST /events, or from peers", ["outcome"], registry=r)
         for stage in STAGES:  # every series exists from the start (a 0 is information)
             self.stage_seconds.labels(stage)
         for path in PATHS:
             self.feed_requests.labels(path)
         for outcome in CACHE_OUTCOMES:
             self.cache_lookups.labels(outcome)
-        for outcome in ("accepted", "rejected"):
+        for outcome in ("accepted", "rejected", "from_peers"):
             self.events.labels(outcome)
         self._lock = threading.Lock()
         self._lookups = {outcome: 0 for outcome in CACHE_OUTCOMES}

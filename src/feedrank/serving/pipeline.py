@@ -27,7 +27,9 @@ serving log. The HTTP layer (``feedrank.serving.app``) only parses and formats.
 ``record_events(events)`` validates a POST's events (unknown item -> ``EventError``, nothing logged;
 the canonical schema's rules via ``feedrank.data.schema.validate``), appends them to the serving
 log, updates the user store and invalidates each user's cached vector, so the next feed recomputes
-it from the new history (and no longer shows the item just seen).
+it from the new history (and no longer shows the item just seen). With a Redis cache it also
+publishes them on the event bus (``feedrank.serving.bus``), and applies other workers' events the
+same way, so every worker's store sees every event.
 
 Item vectors and the index are a snapshot of the catalogue at startup: the item tower's freshness
 input ages with them until the next restart or index rebuild (``feedrank.index.needs_rebuild``).
@@ -45,6 +47,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+import os
 import threading
 import time
 import uuid
@@ -68,6 +71,7 @@ from feedrank.features.counters import scale_counts, shrunk_ctr, user_counters
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, PAD, USER_CAT_COLUMNS, Vocab
 from feedrank.index import IndexConfig, IndexFileError, ItemIndex, RecallBelowFloorError, build_index, load_index, publish
 from feedrank.models.ranker import ItemInputs, UserInputs
+from feedrank.serving.bus import EventBus
 from feedrank.serving.cache import RedisCache, UserVectorCache, make_cache
 from feedrank.serving.config import ServingConfig, parse_start_time
 from feedrank.serving.metrics import ServiceMetrics
@@ -286,6 +290,7 @@ class FeedService:
         log_dir: str | Path | None = None,
         cache: UserVectorCache | None = None,
         clock: Clock | None = None,
+        bus: EventBus | None = None,
     ) -> None:
         cfg.validate()
         if two_tower.kind != "two_tower":
@@ -315,6 +320,12 @@ class FeedService:
         )
         self.sink = EventSink(cfg.event_log)
         self.metrics = ServiceMetrics()
+        # Workers that share a Redis cache share their events too (feedrank.serving.bus).
+        if bus is None and cfg.cache.backend == "redis":
+            bus = EventBus(cfg.cache.url)
+        self.bus = bus
+        if bus is not None:
+            bus.start(self._apply_peer_events)
         self._cache_lock = threading.Lock()
         self.temperature = float(self.model.temperature())
         cold = UserView("", {c: None for c in USER_CAT_COLUMNS}, np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, False)
@@ -479,11 +490,33 @@ class FeedService:
             self.metrics.events.labels("rejected").inc(len(events))
             raise
         self.sink.write(table)
+        self._apply(table, rows)
+        self.metrics.events.labels("accepted").inc(table.num_rows)
+        if self.bus is not None:
+            self.bus.publish(table)
+        return table.num_rows
+
+    def _apply(self, table: pa.Table, rows: np.ndarray) -> None:
+        """Events into the user store, and their users' cached vectors out of the cache."""
         self.store.apply(table, rows)
         for user_id in dict.fromkeys(table["user_id"].to_pylist()):
             self.cache.invalidate(user_id)
-        self.metrics.events.labels("accepted").inc(table.num_rows)
-        return table.num_rows
+
+    def _apply_peer_events(self, table: pa.Table) -> None:
+        """Events another worker accepted and logged (``feedrank.serving.bus``): apply only.
+
+        A worker serving another two-tower version may not know every item: such rows are dropped
+        (logged), since an item outside this catalogue can be neither history nor a candidate here.
+        """
+        ids = table["item_id"].to_pylist()
+        rows = np.array([self.items(i) if self.items.known(i) else -1 for i in ids], np.int64)
+        known = rows >= 0
+        if not known.all():
+            log.warning("dropped %d events from another worker: items unknown to two-tower %s",
+                        int((~known).sum()), self.two_tower.version[:12])  # fmt: skip
+            table, rows = table.filter(pa.array(known)), rows[known]
+        self._apply(table, rows)
+        self.metrics.events.labels("from_peers").inc(table.num_rows)
 
     def _event_table(self, events: Sequence[EventIn]) -> tuple[pa.Table, np.ndarray]:
         if not events:
@@ -545,12 +578,19 @@ class FeedService:
                 **dataclasses.asdict(stats),
             },
             "users": len(self.store),
+            "event_bus": None if self.bus is None else {
+                "subscribed": self.bus.subscribed, "published": self.bus.published,
+                "publish_errors": self.bus.publish_errors, "received": self.bus.received, "dropped": self.bus.dropped,
+            },
+            "pid": os.getpid(),  # which worker answered (each uvicorn worker is one process)
             "event_log": {"dir": str(self.sink.root), "rows_written": self.sink.rows_written, "durable": self.cfg.event_log.durable},
             "clock": self.clock().isoformat(),
         }
 
     def close(self) -> None:
-        """Flush the serving log and release the cache (at shutdown)."""
+        """Stop the event bus, flush the serving log and release the cache (at shutdown)."""
+        if self.bus is not None:
+            self.bus.close()
         self.sink.close()
         self.cache.close()
 

@@ -16,13 +16,13 @@ Three parts, each with one job:
   name and renamed into place, so a reader never sees half a file (pyarrow datasets skip names
   starting with "."). Durability: see ``EventLogConfig``.
 
-**Limitation (chosen over reading the serving log through on every miss):** the store lives in one
-process. With several uvicorn workers each has its own, so an event updates the history and "seen"
-set of the worker that received it only. The cached *vector* is invalidated in the shared Redis, but
-the next worker to miss recomputes it from *its* state, which may not know the event, and caches
-that for ``cache.ttl_s``. So with several workers, route each user to one worker (sticky sessions on
-``user_id``) or run one worker per machine. The serving log on disk is complete either way (a
-canonical log: training reads it, and ``feedrank serve --log`` can seed from it after a restart).
+**Several workers:** the store lives in one process, so with several uvicorn workers each has its
+own. With the Redis cache backend, ``feedrank.serving.bus`` passes every accepted event to the other
+workers, which apply it here and drop the user's cached vector: the stores converge within
+milliseconds. Pub/sub delivers at most once, so a worker cut off from Redis misses events in
+memory until it restarts seeded from the serving log, where every event is (``feedrank serve
+--log`` pointed at it). With the
+memory cache there is no bus: run one worker, or route each user to one worker.
 
 Example::
 
