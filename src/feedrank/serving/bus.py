@@ -60,10 +60,12 @@ def decode_events(message: bytes) -> tuple[bytes, pa.Table]:
 class EventBus:
     """Publishes this worker's accepted events and delivers the other workers' to ``on_events``."""
 
-    def __init__(self, url: str, channel: str = CHANNEL, socket_timeout_s: float = 1.0, retry_s: float = 1.0):
+    def __init__(self, url: str, channel: str = CHANNEL, publish_timeout_s: float = 1.0, retry_s: float = 1.0):
+        """``publish_timeout_s`` bounds what a hung Redis adds to a POST; the listener has its own connection."""
         self.channel, self.retry_s = channel, retry_s
         self.token = uuid.uuid4().bytes
-        self._client = redis.Redis.from_url(url, socket_timeout=socket_timeout_s, socket_connect_timeout=socket_timeout_s)
+        self._publisher = redis.Redis.from_url(url, socket_timeout=publish_timeout_s, socket_connect_timeout=publish_timeout_s)
+        self._listener = redis.Redis.from_url(url, socket_timeout=1.0, socket_connect_timeout=1.0)
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
@@ -72,7 +74,7 @@ class EventBus:
     def publish(self, events: pa.Table) -> bool:
         """Send ``events`` to the other workers; False (logged, counted) when Redis failed."""
         try:
-            self._client.publish(self.channel, encode_events(self.token, events))
+            self._publisher.publish(self.channel, encode_events(self.token, events))
         except redis.RedisError as exc:
             self.publish_errors += 1
             log.warning("event bus: publishing %d events failed (%s); other workers miss them until restart", events.num_rows, exc)
@@ -98,7 +100,7 @@ class EventBus:
 
     def _listen(self, on_events: Callable[[pa.Table], None]) -> None:
         while not self._stop.is_set():
-            pubsub = self._client.pubsub(ignore_subscribe_messages=True)
+            pubsub = self._listener.pubsub(ignore_subscribe_messages=True)
             try:
                 pubsub.subscribe(self.channel)
                 self._subscribed.set()
@@ -134,4 +136,5 @@ class EventBus:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5.0)
-        self._client.close()
+        self._publisher.close()
+        self._listener.close()

@@ -322,7 +322,7 @@ class FeedService:
         self.metrics = ServiceMetrics()
         # Workers that share a Redis cache share their events too (feedrank.serving.bus).
         if bus is None and cfg.cache.backend == "redis":
-            bus = EventBus(cfg.cache.url)
+            bus = EventBus(cfg.cache.url, publish_timeout_s=cfg.cache.socket_timeout_s)
         self.bus = bus
         if bus is not None:
             bus.start(self._apply_peer_events)
