@@ -69,6 +69,7 @@ class EventBus:
         self._stop = threading.Event()
         self._subscribed = threading.Event()
         self._thread: threading.Thread | None = None
+        self._count_lock = threading.Lock()  # publish runs on the request threads, side by side
         self.published = self.publish_errors = self.received = self.dropped = 0
 
     def publish(self, events: pa.Table) -> bool:
@@ -76,10 +77,12 @@ class EventBus:
         try:
             self._publisher.publish(self.channel, encode_events(self.token, events))
         except redis.RedisError as exc:
-            self.publish_errors += 1
+            with self._count_lock:
+                self.publish_errors += 1
             log.warning("event bus: publishing %d events failed (%s); other workers miss them until restart", events.num_rows, exc)
             return False
-        self.published += 1
+        with self._count_lock:
+            self.published += 1
         return True
 
     def start(self, on_events: Callable[[pa.Table], None]) -> None:
