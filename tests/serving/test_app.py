@@ -3,11 +3,10 @@
 import json
 
 import pytest
-import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from feedrank.commands.serve import register
+from feedrank.cli import app
 from feedrank.serving.app import create_app
 from feedrank.serving.cache import RedisCache
 
@@ -153,25 +152,13 @@ def test_killing_redis_mid_test_still_serves_and_counts_errors(make_service, red
 
 
 # ------------------------------------------------------------------------------------------------
-# feedrank serve (through a local typer app until the lead wires it into feedrank.cli)
+# feedrank serve
 
 
-@pytest.fixture
-def cli():
-    app = typer.Typer()
-    register(app)
-
-    @app.callback()
-    def main() -> None:  # keep `serve` a subcommand
-        pass
-
-    return app
-
-
-def test_serve_dry_run_builds_the_service_and_prints_health(cli, serving_world, tmp_path):
+def test_serve_dry_run_builds_the_service_and_prints_health(serving_world, tmp_path):
     config = tmp_path / "serving.yaml"
     config.write_text(f"serving:\n  index: {{kind: flat}}\n  start_time: '{serving_world.start.isoformat()}'\n")
-    result = CliRunner().invoke(cli, ["serve", str(serving_world.two_tower.path), "--ranker", str(serving_world.ranker.path),
+    result = CliRunner().invoke(app, ["serve", str(serving_world.two_tower.path), "--ranker", str(serving_world.ranker.path),
                                       "--log", str(serving_world.log), "--config", str(config),
                                       "--serving-log", str(tmp_path / "slog"), "--dry-run"])  # fmt: skip
     assert result.exit_code == 0, result.output
@@ -181,10 +168,10 @@ def test_serve_dry_run_builds_the_service_and_prints_health(cli, serving_world, 
     assert health["index"]["kind"] == "flat" and health["event_log"]["dir"] == str(tmp_path / "slog")
 
 
-def test_serve_refuses_bad_inputs_with_exit_code_2(cli, serving_world, tmp_path):
-    result = CliRunner().invoke(cli, ["serve", str(tmp_path / "missing"), "--dry-run"])
+def test_serve_refuses_bad_inputs_with_exit_code_2(serving_world, tmp_path):
+    result = CliRunner().invoke(app, ["serve", str(tmp_path / "missing"), "--dry-run"])
     assert result.exit_code == 2 and "no such directory" in result.output
     config = tmp_path / "bad.yaml"
     config.write_text("serving:\n  ann_candidate: 5\n")
-    result = CliRunner().invoke(cli, ["serve", str(serving_world.two_tower.path), "--config", str(config), "--dry-run"])
+    result = CliRunner().invoke(app, ["serve", str(serving_world.two_tower.path), "--config", str(config), "--dry-run"])
     assert result.exit_code == 2 and "ann_candidate" in result.output

@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-import typer
 import yaml
 from typer.testing import CliRunner
 
-from feedrank.commands import evaluate, report, train
+from feedrank.cli import app
 from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig
 
@@ -28,20 +27,8 @@ RANKING = {
 }
 
 
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        pass
-
-    for group in (train, evaluate, report):
-        group.register(app)
-    return app
-
-
 def invoke(*args):
-    return CliRunner().invoke(make_app(), [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

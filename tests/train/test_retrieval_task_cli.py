@@ -4,11 +4,10 @@ import json
 
 import pytest
 import torch
-import typer
 import yaml
 from typer.testing import CliRunner
 
-from feedrank.commands import evaluate, features, train
+from feedrank.cli import app
 from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig
 
@@ -21,18 +20,6 @@ RUN = {
 }
 
 
-def make_app() -> typer.Typer:
-    app = typer.Typer()
-
-    @app.callback()
-    def main() -> None:
-        pass
-
-    for group in (train, evaluate, features):
-        group.register(app)
-    return app
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     torch.set_num_threads(1)
@@ -43,7 +30,7 @@ def setup(tmp_path_factory):
 
 
 def invoke(*args: str):
-    return CliRunner().invoke(make_app(), [str(a) for a in args])
+    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def test_train_then_evaluate(setup):
