@@ -61,6 +61,25 @@ def make_batch():
 
 
 @pytest.fixture
+def fit():
+    """``fit(model, loss_fn, batch, steps, lr=1e-2)`` -> the loss of each of ``steps`` Adam steps on
+    one batch (``loss_fn(model, batch) -> (loss, logs)``, as two_tower_loss and ranker_loss are)."""
+
+    def run(model, loss_fn, batch, steps: int, lr: float = 1e-2) -> list[float]:
+        opt = torch.optim.Adam(model.parameters(), lr=lr)
+        losses = []
+        for _ in range(steps):
+            loss, _ = loss_fn(model, batch)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        return losses
+
+    return run
+
+
+@pytest.fixture
 def make_model():
     """Build a TwoTower over this file's vocabulary sizes from config overrides."""
     from feedrank.models.two_tower import TwoTower, TwoTowerConfig

@@ -102,14 +102,9 @@ def test_serving_score_does_not_depend_on_position(batch, make_ranker):
     assert ranker_loss(model, labelled)[0] != ranker_loss(model, dataclasses.replace(labelled, position=moved.position))[0]
 
 
-def test_position_zero_is_the_reference_slot_and_stays_zero_after_training(batch, make_ranker):
+def test_position_zero_is_the_reference_slot_and_stays_zero_after_training(batch, make_ranker, fit):
     model = make_ranker()
-    opt = torch.optim.Adam(model.parameters(), lr=0.05)
-    for _ in range(3):
-        loss, _ = ranker_loss(model, with_labels(batch))
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    fit(model, ranker_loss, with_labels(batch), steps=3, lr=0.05)
     bias = model.position_bias.weight.squeeze(-1)
     assert bias[0] == 0.0
     assert bias[1:8].abs().sum() > 0  # positions seen in training moved
@@ -181,19 +176,12 @@ def test_negative_rate_upweights_non_clicked_rows_for_share_and_hide(batch, make
 
 
 @pytest.mark.parametrize("interaction", ["dcn", "dot"])
-def test_both_interactions_train_on_a_tiny_task(make_batch, interaction, make_ranker):
+def test_both_interactions_train_on_a_tiny_task(make_batch, interaction, make_ranker, fit):
     """Clicks depend on user x item parity: an interaction the model must learn."""
     batch = make_batch(b=64, seed=1)
     batch = dataclasses.replace(batch, clicked=((batch.user + batch.item) % 2 == 0).float())
     model = make_ranker(interaction=interaction, loss_weights=HeadWeights(click=1.0, dwell=0.0, share=0.0, hide=0.0))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    losses = []
-    for _ in range(60):
-        loss, _ = ranker_loss(model, batch)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = fit(model, ranker_loss, batch, steps=60)
     assert losses[-1] < 0.5 * losses[0]
 
 
