@@ -14,7 +14,6 @@ import random
 from pathlib import Path
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from feedrank.cli import app
@@ -63,7 +62,6 @@ def mind(tmp_path_factory):
 
 
 def test_ingest_train_and_evaluate_mind_with_the_shipped_config(mind):
-    torch.set_num_threads(1)
     run = lambda *args: CliRunner().invoke(app, [str(a) for a in args])  # noqa: E731
 
     result = run("ingest", "mind", mind / "MINDsmall_train", mind / "MINDsmall_dev", "--out", mind / "log")

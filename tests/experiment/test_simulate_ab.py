@@ -44,15 +44,6 @@ TT_CONFIG = {"two_tower": {"dim": 16, "user_id_dim": 8, "item_id_dim": 16, "cat_
 LOG_COLUMNS = ["user_id", "item_id", "ts", "position", "clicked", "dwell_s", "hidden"]
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """One request's tensors are tiny: intra-op threads only add contention on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def make_world(root: Path, users: int) -> tuple[Path, Bundle]:
     """A simulated world and an untrained (seeded) two-tower bundle over its log."""
     simulate(WorldConfig(users=users, items=150, days=3, seed=1), root / "log")

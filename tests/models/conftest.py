@@ -39,16 +39,6 @@ def random_batch(b: int = 8, length: int = 6, seed: int = 0, empty_rows: int = 1
     )
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """These tensors are tiny: on a shared, busy machine intra-op threads only add contention
-    (measured here: ~3 ms vs ~300 ms per training step with 2 threads under load)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.fixture
 def batch() -> Batch:
     return random_batch()

@@ -1,19 +1,9 @@
 """Fixtures shared by the training-task tests (retrieval and ranking)."""
 
 import pytest
-import torch
 
 from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig
-
-
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny tensors: intra-op threads only add contention on a shared machine."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(scope="module")

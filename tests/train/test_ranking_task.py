@@ -48,7 +48,6 @@ def ranking_config(**sections) -> RankingRunConfig:
 
 @pytest.fixture(scope="module")
 def two_tower(world, tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run")
     cfg = from_dict(RetrievalRunConfig, {
         "features": {"split_at": SPLIT, "history_len": 20},
@@ -61,7 +60,6 @@ def two_tower(world, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def trained(world, two_tower):
-    torch.set_num_threads(1)
     out, tt = two_tower
     manifest_mtime = (out / "features" / "manifest.json").stat().st_mtime_ns
     bundle = train_ranking(world, out, ranking_config(), two_tower_bundle=tt, progress=False)

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -33,7 +32,6 @@ def invoke(*args):
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli")
     simulate(WorldConfig(users=150, items=80, days=3, seed=2), root / "log")
     (root / "retrieval.yaml").write_text(yaml.safe_dump(RETRIEVAL))

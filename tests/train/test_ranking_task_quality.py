@@ -3,7 +3,6 @@ beats the two-tower alone and every baseline on AUC and NDCG@10 with a paired-bo
 of the difference above zero, and its corrected probabilities are calibrated (ECE < 0.02)."""
 
 import pytest
-import torch
 
 from feedrank.config import from_dict
 from feedrank.data.simulate import simulate
@@ -35,7 +34,6 @@ RANKING = {
 
 @pytest.mark.slow
 def test_ranker_beats_every_baseline_with_intervals_above_zero_and_is_calibrated(tmp_path):
-    torch.set_num_threads(1)
     simulate(from_dict(WorldConfig, WORLD), tmp_path / "log")
     result = run_pipeline(tmp_path / "log", tmp_path / "run", from_dict(RetrievalRunConfig, RETRIEVAL),
                           from_dict(RankingRunConfig, RANKING), progress=False)  # fmt: skip

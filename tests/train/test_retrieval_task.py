@@ -45,7 +45,6 @@ def run_config(**sections) -> RetrievalRunConfig:
 
 @pytest.fixture(scope="module")
 def trained(world, tmp_path_factory):
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("run")
     return out, train_retrieval(world, out, run_config(), progress=False)
 

@@ -3,7 +3,6 @@
 import json
 
 import pytest
-import torch
 import yaml
 from typer.testing import CliRunner
 
@@ -22,7 +21,6 @@ RUN = {
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("cli")
     simulate(WorldConfig(users=150, items=80, days=3, seed=2), root / "log")
     (root / "run.yaml").write_text(yaml.safe_dump(RUN))
