@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
     os.replace(tmp, out / "results.json")
 
     print(format_table(models))
-    print(f"popularity (test): " + " ".join(f"{m}={two_tower['test_popularity'][m]:.4f}" for m in METRICS))
+    print("popularity (test): " + " ".join(f"{m}={two_tower['test_popularity'][m]:.4f}" for m in METRICS))
     for name, result in models.items():
         print(format_trials(name, result))
     print(f"wall {results['wall_seconds']} s; results in {out / 'results.json'}")

@@ -7,7 +7,6 @@ item, only the same user's engagements, byte-identical builds) and for the defau
 
 from __future__ import annotations
 
-import datetime as dt
 from pathlib import Path
 
 import numpy as np
