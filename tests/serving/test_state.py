@@ -90,6 +90,7 @@ def test_vocab_index_matches_vocab_lookup_including_hash_buckets():
         values = ["a", "b", "new", "other", None]
         assert index.many(values).tolist() == vocab.lookup(values).tolist()
         assert index.known("a") and not index.known("new") and not index.known(None)
+        assert index.index_of("a") == index("a") and index.index_of("new") == index.index_of(None) == -1
     assert VocabIndex(Vocab("x", [], hash_buckets=3))("q") == 2 + int(stable_hash(["q"])[0] % np.uint64(3))
 
 

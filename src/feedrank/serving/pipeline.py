@@ -509,7 +509,7 @@ class FeedService:
         (logged), since an item outside this catalogue can be neither history nor a candidate here.
         """
         ids = table["item_id"].to_pylist()
-        rows = np.array([self.items(i) if self.items.known(i) else -1 for i in ids], np.int64)
+        rows = np.array([self.items.index_of(i) for i in ids], np.int64)
         known = rows >= 0
         if not known.all():
             log.warning("dropped %d events from another worker: items unknown to two-tower %s",
@@ -525,7 +525,7 @@ class FeedService:
             raise EventError(f"{len(events)} events in one request; at most {self.cfg.max_events_per_post}")
         rows = np.empty(len(events), np.int64)
         for i, event in enumerate(events):
-            row = self.items(event.item_id) if self.items.known(event.item_id) else -1
+            row = self.items.index_of(event.item_id)
             if row < 0 or not self.catalogue.item_ids[row]:
                 raise EventError(f"events[{i}].item_id: unknown item {event.item_id!r}: not in the catalogue of "
                                  f"two-tower model {self.two_tower.version[:12]}")  # fmt: skip

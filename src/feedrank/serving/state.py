@@ -73,6 +73,10 @@ class VocabIndex:
     def known(self, value: str | None) -> bool:
         return value in self._index
 
+    def index_of(self, value: str | None) -> int:
+        """The index of a known ``value``; -1 for any other (no hash bucket: the caller refuses it)."""
+        return self._index.get(value, -1)
+
     def __call__(self, value: str | None) -> int:
         """The index of ``value``: its own row, else ``Vocab.unknown_indices`` (hash bucket or OOV),
         as ``Vocab.lookup`` gives; a null is OOV without a hash."""
