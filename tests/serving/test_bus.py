@@ -43,7 +43,7 @@ def test_messages_round_trip_and_foreign_ones_are_refused():
 def workers(make_service, shared_clock, redis_url):
     """Two services, each with its own memory cache and its own bus on the shared Redis."""
     pair = [make_service(cache=MemoryCache(1000, 600), clock=shared_clock, bus=EventBus(redis_url)) for _ in range(2)]
-    assert all(w.bus.wait_subscribed(5.0) for w in pair)
+    assert all(eventually(lambda w=w: w.bus.subscribed) for w in pair)
     return pair
 
 
@@ -85,7 +85,7 @@ def test_peer_events_for_items_this_worker_does_not_know_are_dropped(workers):
 
 def test_a_redis_fault_never_fails_the_post(make_service, redis_server):
     worker = make_service(cache=MemoryCache(1000, 600), bus=EventBus(redis_server.url, retry_s=0.1))
-    assert worker.bus.wait_subscribed(5.0)
+    assert eventually(lambda: worker.bus.subscribed)
     user = most_active(worker)
     item = worker.catalogue.item_ids[worker.catalogue.rankable[0]]
     redis_server.stop()

@@ -94,12 +94,9 @@ class EventBus:
 
     @property
     def subscribed(self) -> bool:
-        """Whether the listener is subscribed now (False while Redis is unreachable)."""
+        """Whether the listener is subscribed now: False while starting or while Redis is
+        unreachable, when other workers' events are not delivered here."""
         return self._subscribed.is_set()
-
-    def wait_subscribed(self, timeout_s: float) -> bool:
-        """True once the listener is subscribed (events published before that are not delivered)."""
-        return self._subscribed.wait(timeout_s)
 
     def _listen(self, on_events: Callable[[pa.Table], None]) -> None:
         while not self._stop.is_set():
