@@ -1,0 +1,162 @@
+"""What every lab shares: where it writes, the data and models it measures, and its result.
+
+A lab is a module ``feedrank.labs.<name>`` with ``NAME``, ``TITLE`` and ``run(ctx) -> LabResult``.
+It measures on feedrank's own models and data: the demo world by default (simulated once per
+output folder and reused by every lab), or any canonical log given with ``--log``. Each lab writes
+its plots into ``ctx.out`` (``OUT/<name>/``); ``write_result`` adds ``result.json`` beside them, and
+the labs page (``OUT/index.html``) is built from those files.
+
+Example::
+
+    ctx = LabContext(root=Path("runs/labs"), name="attention", quick=True)
+    batches = ctx.batches(n=4, batch_size=256)          # real Batches from the demo world's train split
+    model = ctx.two_tower(history_encoder="transformer")
+    result = LabResult(name="attention", title="...", summary="...", tables=[...], figures={...})
+    write_result(ctx, result)                            # runs/labs/attention/result.json
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from feedrank.data.batch import Batch
+from feedrank.features.vocab import Vocabularies
+
+RESULT_FILE = "result.json"
+DATA_DIR = "_data"  # under the labs root: the world and its features, shared by every lab
+
+#: The demo world scaled for labs: the full demo world (configs/world_demo.yaml) and a quick one.
+WORLD_SIZES = {False: {"users": 10_000, "items": 4_000, "days": 7}, True: {"users": 2_000, "items": 1_000, "days": 7}}
+SPLIT_AT = "2024-01-07T00:00:00+00:00"  # the demo world's last day is the holdout
+DEMO_CONFIG = Path(__file__).parents[3] / "configs" / "demo.yaml"  # the two-tower the labs measure
+
+
+@dataclass
+class Table:
+    """A table a person reads: printed on the terminal and shown on the labs page."""
+
+    title: str
+    columns: list[str]
+    rows: list[list[Any]]
+
+
+@dataclass
+class LabResult:
+    """What a lab found. ``figures`` is the machine-readable record (``result.json``); ``summary``
+    is the argument a person takes away, with the numbers in it; ``plots`` are PNG names in ``ctx.out``."""
+
+    name: str
+    title: str
+    summary: str
+    tables: list[Table] = field(default_factory=list)
+    plots: list[str] = field(default_factory=list)
+    figures: dict[str, Any] = field(default_factory=dict)
+    device: str = "cpu"
+    quick: bool = False
+
+
+@dataclass
+class LabContext:
+    """One lab's run: its output folder, the data it measures on, the device and the size."""
+
+    root: Path  # the labs output folder (OUT); this lab writes into OUT/<name>
+    name: str
+    log: Path | None = None  # a canonical event log; None = the demo world, simulated under OUT/_data
+    device: str = "cpu"
+    quick: bool = False
+    seed: int = 0
+
+    @property
+    def out(self) -> Path:
+        path = self.root / self.name
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def world_log(self) -> Path:
+        """The log every lab measures on: ``--log``, else the demo world simulated once (per size)."""
+        if self.log is not None:
+            return self.log
+        from feedrank.data.simulate import SUMMARY_FILE, simulate
+        from feedrank.data.world import WorldConfig
+
+        path = self.root / DATA_DIR / ("world_quick" if self.quick else "world")
+        if not (path / SUMMARY_FILE).is_file():
+            simulate(WorldConfig(**WORLD_SIZES[self.quick], seed=self.seed), path, progress=False)
+        return path
+
+    def features_dir(self) -> Path:
+        """Point-in-time features of ``world_log()`` (train up to the last day, test on it), built once."""
+        from feedrank.features.build import FeatureConfig
+        from feedrank.train.task import ensure_features
+
+        path = self.world_log().parent / f"{self.world_log().name}_features"
+        ensure_features(self.world_log(), path, FeatureConfig(split_at=SPLIT_AT if self.log is None else None,
+                                                              history_len=50), progress=False)
+        return path
+
+    @cached_property
+    def vocabs(self) -> Vocabularies:
+        from feedrank.features.build import VOCAB_DIR
+
+        return Vocabularies.load(self.features_dir() / VOCAB_DIR)
+
+    def rows(self, n: int, split: str = "train") -> pa.Table:
+        """The last ``n`` example rows of ``split`` (fewer when the split is smaller): the latest rows
+        have the longest point-in-time histories, which is what the encoders are measured on."""
+        from feedrank.features.build import split_files
+
+        tables, total = [], 0
+        for file in reversed(split_files(self.features_dir(), split)):
+            tables.append(pq.read_table(file))
+            total += tables[-1].num_rows
+            if total >= n:
+                break
+        return pa.concat_tables(tables[::-1]).slice(max(0, total - n))
+
+    def batches(self, n: int, batch_size: int, max_history: int = 30, split: str = "train") -> list[Batch]:
+        """``n`` real Batches of ``batch_size`` rows (fewer when the split runs out); histories cut to
+        ``max_history`` (30: the demo two-tower's ``max_history_len``)."""
+        from feedrank.data.collate import Collator
+
+        rows = self.rows(n * batch_size, split)
+        collate = Collator(max_history=max_history)
+        return [collate(rows.slice(i, batch_size)) for i in range(0, rows.num_rows - batch_size + 1, batch_size)]
+
+    def two_tower(self, **overrides: Any):
+        """A fresh two-tower sized by this data's vocabularies: ``configs/demo.yaml``'s model plus
+        ``overrides`` (``TwoTowerConfig`` fields), seeded by ``ctx.seed``."""
+        import torch
+
+        from feedrank.bundle import build_two_tower
+        from feedrank.config import to_dict
+        from feedrank.train.retrieval import load_run_config
+
+        cfg = load_run_config(DEMO_CONFIG)
+        cfg = dataclasses.replace(cfg, two_tower=dataclasses.replace(cfg.two_tower, **overrides))
+        torch.manual_seed(self.seed)
+        return build_two_tower(to_dict(cfg), self.vocabs)
+
+
+def write_result(ctx: LabContext, result: LabResult) -> Path:
+    """``OUT/<name>/result.json``: the result as JSON (every figure, table and plot name)."""
+    from feedrank.fsutil import staged_file
+
+    path = ctx.out / RESULT_FILE
+    with staged_file(path) as tmp:
+        tmp.write_text(json.dumps(dataclasses.asdict(result), indent=2, default=str))
+    return path
+
+
+def read_result(path: Path) -> LabResult:
+    """A ``LabResult`` back from its ``result.json``."""
+    raw = json.loads(Path(path).read_text())
+    raw["tables"] = [Table(**t) for t in raw.get("tables", [])]
+    return LabResult(**raw)
