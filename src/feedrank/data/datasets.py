@@ -28,9 +28,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from tqdm import tqdm
-
 from feedrank.fsutil import replace_dir
+from feedrank.progress import progress as progress_bar
 
 _CHUNK = 1 << 20
 
@@ -122,7 +121,7 @@ def _fetch(url: str, target: Path, timeout: float, progress: bool, how_to: str) 
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response, part.open("wb") as out:
             size = int(response.headers.get("Content-Length") or 0) or None
-            with tqdm(total=size, unit="B", unit_scale=True, desc=target.name, disable=None if progress else True) as bar:
+            with progress_bar(total=size, desc=target.name, unit="B", unit_scale=True, enabled=progress) as bar:
                 while chunk := response.read(_CHUNK):
                     out.write(chunk)
                     bar.update(len(chunk))

@@ -24,7 +24,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
-from tqdm import tqdm
 
 from feedrank.data.log import (
     EVENTS_DIR,
@@ -40,6 +39,7 @@ from feedrank.data.log import (
 from feedrank.data.readers.common import ReadResult, denormalise, first_per_key
 from feedrank.data.schema import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, ValidationReport, conform, validate
 from feedrank.fsutil import staged_file
+from feedrank.progress import progress as progress_bar
 
 MANIFEST_FILE = "manifest.json"
 _DAY_US = 86_400 * 1_000_000
@@ -64,7 +64,7 @@ def ingest(result: ReadResult, out_dir: str | Path, validate: bool = True, progr
     root.mkdir(parents=True, exist_ok=True)
     existing = set(list_days(root))
     write = WriteResult()
-    for rows in tqdm(_rows_by_day(result.events), desc="writing days", unit="day", disable=None if progress else True):
+    for rows in progress_bar(_rows_by_day(result.events), desc="writing days", unit="day", enabled=progress):
         day = denormalise(result.events.take(pa.array(rows)), result.items, result.users)
         day = day.sort_by([("ts", "ascending"), ("request_id", "ascending"), ("position", "ascending")])
         part = write_log(root, day, check=validate)

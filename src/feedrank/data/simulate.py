@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-from tqdm import tqdm
 
 from feedrank.data.log import EVENTS_DIR, ITEMS_FILE, USERS_FILE, write_day, write_items, write_users
 from feedrank.data.world import LoggingPolicy, World, WorldConfig
 from feedrank.data.world.world import TRUTH_DIR, prefixed_ids
+from feedrank.progress import progress as progress_bar
 
 SUMMARY_FILE = "summary.json"
 _US_PER_DAY = 86_400 * 1_000_000
@@ -104,7 +104,7 @@ def simulate(cfg: WorldConfig, out_dir: str | Path, *, overwrite: bool = False, 
     policy = LoggingPolicy(world, np.random.default_rng([cfg.seed, _POLICY_STREAM]))
 
     tally = _Tally()
-    days = tqdm(range(cfg.days), desc="simulate", unit="day", disable=not progress)
+    days = progress_bar(range(cfg.days), desc="simulate", unit="day", enabled=progress)
     for day in days:
         rng = np.random.default_rng([cfg.seed, _LOG_STREAM, day])
         date = (cfg.start + dt.timedelta(days=day)).date().isoformat()

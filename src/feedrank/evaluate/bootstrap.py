@@ -50,9 +50,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
 from feedrank.evaluate import metrics as M
+from feedrank.progress import progress as progress_bar
 
 MetricFn = Callable[[np.ndarray, np.ndarray, np.ndarray], float]
 
@@ -450,7 +450,7 @@ def bootstrap_models(
     rng = np.random.default_rng(seed)
     replicates = np.empty((len(columns), len(resolved), n_resamples), dtype=np.float64)
     chunk = max(1, _CHUNK_CELLS // max(layout.n_clusters, layout.group_cluster.shape[0]))
-    with tqdm(total=n_resamples, desc="bootstrap", disable=not progress) as bar:
+    with progress_bar(total=n_resamples, desc="bootstrap", unit="resample", enabled=progress) as bar:
         for start in range(0, n_resamples, chunk):
             stop = min(start + chunk, n_resamples)
             cluster_counts = np.zeros((stop - start, layout.n_clusters))

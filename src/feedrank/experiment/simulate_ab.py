@@ -63,7 +63,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from feedrank.bundle import Bundle, load_bundle
 from feedrank.config import to_dict
@@ -76,6 +75,7 @@ from feedrank.experiment.assignment import assign, assign_index, normalise_weigh
 from feedrank.experiment.metrics import DEFAULT_GUARDRAILS, Guardrail, get_metric, user_metrics
 from feedrank.experiment.params import check_open_unit
 from feedrank.index import IndexConfig
+from feedrank.progress import progress as progress_bar
 from feedrank.serving.config import EventLogConfig, ServingConfig, parse_start_time
 from feedrank.serving.pipeline import FeedItem, FeedResponse, FeedService
 from feedrank.serving.state import EventIn
@@ -413,7 +413,7 @@ def serve(
     dwell = np.zeros((n, k), np.float32)
     latency = np.zeros(n)
     paths = np.empty(n, dtype=object)
-    for r in tqdm(range(n), desc=f"serve {name}", unit="req", disable=not progress):
+    for r in progress_bar(range(n), desc=f"serve {name}", unit="req", enabled=progress):
         user, ts_us = int(requests.user_idx[r]), int(requests.ts_us[r])
         clock.now = _EPOCH + dt.timedelta(microseconds=ts_us)
         user_id = f"u{user}"

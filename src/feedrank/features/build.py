@@ -55,7 +55,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from feedrank.config import to_dict
 from feedrank.data.log import EVENTS_DIR, read_events
@@ -65,6 +64,7 @@ from feedrank.features.history import EventIndex, dense_rank
 from feedrank.features.profile import ProfileSampler
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, USER_CAT_COLUMNS, Vocabularies, VocabSpec, stable_hash
 from feedrank.fsutil import sha256_file, staged_dir
+from feedrank.progress import progress as progress_bar
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
@@ -299,7 +299,7 @@ def _write_split(out: Path, split: str, table: pa.Table, columns: dict, historie
     (out / split).mkdir()
     files = []
     chunks = range(start, stop, cfg.rows_per_file)
-    for i, lo in enumerate(tqdm(chunks, desc=f"features {split}", unit="file", disable=not progress)):
+    for i, lo in enumerate(progress_bar(chunks, desc=f"features {split}", unit="file", enabled=progress)):
         hi = min(lo + cfg.rows_per_file, stop)
         offsets, values = histories(lo, hi)
         rows = table.slice(lo, hi - lo)

@@ -54,7 +54,6 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from tqdm import tqdm
 
 from feedrank.bundle import Bundle, build_ranker, load_bundle, save_bundle
 from feedrank.config import ConfigError, from_dict, load_yaml, to_dict
@@ -86,6 +85,7 @@ from feedrank.fsutil import staged_dir
 from feedrank.features.vocab import Vocabularies
 from feedrank.models.calibration import downsample_negatives
 from feedrank.models.ranker import Ranker, RankerConfig, ranker_loss
+from feedrank.progress import progress as progress_bar
 from feedrank.train import distributed as D
 from feedrank.train.checkpoint import load_checkpoint
 from feedrank.train.retrieval import RetrievalRunConfig, train_retrieval
@@ -181,7 +181,7 @@ def sample_training_split(features_dir: Path, out_dir: Path, rate: float, seed: 
         return [out_dir / f["path"] for f in done["files"]]
     with staged_dir(out_dir) as tmp:
         written = []
-        for i, path in enumerate(tqdm(files, desc="sample negatives", unit="file", disable=not progress)):
+        for i, path in enumerate(progress_bar(files, desc="sample negatives", unit="file", enabled=progress)):
             table = impression_rows(pq.read_table(path), exclude_prefixes)
             keep = downsample_negatives(table["clicked"].to_numpy(zero_copy_only=False), rate, np.random.default_rng([seed, i]))
             pq.write_table(table.filter(pa.array(keep)), tmp / path.name, row_group_size=manifest["config"]["row_group_size"])

@@ -50,10 +50,10 @@ from typing import Any, Literal
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
 from feedrank.config import to_dict
 from feedrank.fsutil import staged_file
+from feedrank.progress import progress as progress_bar
 from feedrank.train import distributed as D
 from feedrank.train.checkpoint import (
     apply_state,
@@ -503,8 +503,7 @@ class _Sinks:
 
     def __init__(self, out_dir: Path, cfg: TrainConfig, total: int | None, start_step: int, main: bool) -> None:
         self.last: dict[str, float] = {}
-        self.bar = tqdm(total=total, initial=start_step, unit="step", dynamic_ncols=True,
-                        disable=not (main and cfg.progress))
+        self.bar = progress_bar(total=total, initial=start_step, unit="step", enabled=main and cfg.progress)
         self.jsonl = None
         self.tb = None
         if main:
