@@ -14,12 +14,15 @@ from feedrank.cli import app
 from feedrank.data.datasets import DATASETS, Archive, DatasetSpec, DownloadError, download
 
 
-def _closed_port_url() -> str:
-    """An address on this machine where nothing listens: connecting is refused at once."""
+@pytest.fixture
+def closed_port_url():
+    """An address on this machine where nothing listens: connecting is refused at once.
+
+    The port stays bound (never listening) for the whole test, so no other process on the machine
+    can start listening on it meanwhile, as it could on a port picked and then released."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+        yield f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def _zip(path, entries: dict[str, str]):
@@ -54,8 +57,8 @@ def test_official_specs_have_published_checksums():
     assert [a.name for a in DATASETS["mind-small"].archives] == ["MINDsmall_train.zip", "MINDsmall_dev.zip"]
 
 
-def test_unreachable_host_fails_fast_with_instructions(tmp_path):
-    base = _closed_port_url()
+def test_unreachable_host_fails_fast_with_instructions(tmp_path, closed_port_url):
+    base = closed_port_url
     with pytest.raises(DownloadError) as exc:
         download("movielens-100k", tmp_path / "d", base_url=base, timeout=2)
     message = str(exc.value)
@@ -86,11 +89,11 @@ def test_checksum_mismatch_from_file_url(tmp_path):
     assert not (tmp_path / "d" / "ml-1m.zip").exists() and not (tmp_path / "d" / "ml-1m").exists()
 
 
-def test_archive_placed_by_hand_needs_no_network(tmp_path):
+def test_archive_placed_by_hand_needs_no_network(tmp_path, closed_port_url):
     dest = tmp_path / "d"
     dest.mkdir()
     md5 = _zip(dest / "ml-100k.zip", {"ml-100k/u.data": "1\t2\t3\t4\n"})
-    folders = download(_spec("ml-100k.zip", md5), dest, base_url=_closed_port_url())
+    folders = download(_spec("ml-100k.zip", md5), dest, base_url=closed_port_url)
     assert (folders[0] / "u.data").is_file()
 
 
@@ -106,8 +109,8 @@ def test_bad_zip_and_zip_slip_refused(tmp_path):
     assert not (tmp_path / "evil.txt").exists()
 
 
-def test_cli_download_unreachable_exit_2(tmp_path):
-    base = _closed_port_url()
+def test_cli_download_unreachable_exit_2(tmp_path, closed_port_url):
+    base = closed_port_url
     res = CliRunner().invoke(app, ["datasets", "download", "movielens-1m", "--dest", str(tmp_path), "--base-url", base, "--timeout", "2"])
     assert res.exit_code == 2 and f"{base}/ml-1m.zip" in res.output
     res = CliRunner().invoke(app, ["datasets", "download", "imagenet", "--dest", str(tmp_path)])

@@ -39,7 +39,8 @@ def chromium(page: Path, profile: Path, *args: str) -> subprocess.CompletedProce
         "--disable-background-networking", "--disable-component-update", "--disable-sync",
         f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *args, page.as_uri(),
     ]  # fmt: skip
-    return subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
+    # the timeout only bounds a hang: a launch takes seconds, but far longer on a loaded machine
+    return subprocess.run(command, capture_output=True, text=True, timeout=300, check=True)
 
 
 def console_lines(stderr: str) -> list[str]:

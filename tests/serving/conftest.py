@@ -4,7 +4,12 @@
 ``redis_server``: a private server for tests that kill, pause or restart it.
 ``cache_factory`` / ``cache``: parametrised over the memory and redis backends, so one test suite
 checks that both honour the same contract. ``cache_factory.advance(s)`` moves time forward: a fake
-clock for memory, a real sleep for redis (whose TTLs are kept by the server).
+clock for memory, a real sleep for redis (whose TTLs are kept by the server); ``cache_factory.clock()``
+reads the matching clock.
+
+Timeouts on the shared server are generous (``SOCKET_TIMEOUT_S``): on a loaded 2-core machine a
+loopback answer can take far longer than usual, and a timeout there would turn a hit into an
+error. Tests of a hung server set their own short timeout on a private server.
 
 Redis tests are skipped, with the reason, only when ``redis-server`` is not installed
 (``apt-get install redis-server``).
@@ -25,12 +30,17 @@ import redis
 from feedrank.serving.cache import MemoryCache, RedisCache, UserVectorCache
 
 REDIS_SERVER = shutil.which("redis-server")
+SOCKET_TIMEOUT_S = 10.0  # a healthy server answers in microseconds; only a hang guard
 
 
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+class PortTaken(RuntimeError):
+    """The port picked for redis-server was taken by another process before the server bound it."""
 
 
 class RedisServer:
@@ -45,24 +55,30 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
-    def start(self, timeout_s: float = 10.0) -> None:
-        log = (self.workdir / f"redis-{self.port}.log").open("ab")
-        self.proc = subprocess.Popen(
-            [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir)],
-            stdout=log, stderr=subprocess.STDOUT,
-        )
+    def start(self, timeout_s: float = 60.0) -> None:
+        log_path = self.workdir / f"redis-{self.port}.log"
+        with log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                 "--dir", str(self.workdir)],
+                stdout=log, stderr=subprocess.STDOUT,
+            )
         client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"redis-server exited with {self.proc.returncode}: "
-                                   f"{(self.workdir / f'redis-{self.port}.log').read_text()[-2000:]}")
-            try:
-                client.ping()
                 client.close()
+                tail = log_path.read_text(errors="replace")[-2000:]
+                kind = PortTaken if "Address already in use" in tail else RuntimeError
+                raise kind(f"redis-server exited with {self.proc.returncode}: {tail}")
+            try:
+                pid = client.info("server")["process_id"]
+                client.close()
+                if pid != self.proc.pid:  # another process's server answers on the port we picked
+                    self.stop()
+                    raise PortTaken(f"port {self.port} is served by process {pid}, not by our redis-server")
                 return
-            except redis.ConnectionError:
+            except (redis.ConnectionError, redis.TimeoutError):  # not listening yet, or slow to answer
                 if time.monotonic() > deadline:
                     self.stop()
                     raise RuntimeError(f"redis-server on port {self.port} did not answer PING within {timeout_s} s")
@@ -83,9 +99,18 @@ class RedisServer:
         self.proc.send_signal(signal.SIGCONT)
 
 
-def _started(workdir: Path) -> RedisServer:
+def _started(workdir: Path, attempts: int = 5) -> RedisServer:
+    """A started server on a free port. The port is free when picked but another process may bind
+    it before redis-server does (other test runs share the machine): then try a fresh port."""
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (apt-get install redis-server); Redis cache tests need a real server")
+    for _ in range(attempts - 1):
+        server = RedisServer(workdir)
+        try:
+            server.start()
+            return server
+        except PortTaken:
+            continue
     server = RedisServer(workdir)
     server.start()
     return server
@@ -125,7 +150,7 @@ class CacheFactory:
         if self.backend == "memory":
             cache = MemoryCache(max_items=max_items, ttl_s=ttl_s, clock=lambda: self.now)
         else:
-            cache = RedisCache(self.redis_url, ttl_s=ttl_s, socket_timeout=1.0)
+            cache = RedisCache(self.redis_url, ttl_s=ttl_s, socket_timeout=SOCKET_TIMEOUT_S)
         self.made.append(cache)
         return cache
 
@@ -134,6 +159,10 @@ class CacheFactory:
             self.now += seconds
         else:
             time.sleep(seconds)
+
+    def clock(self) -> float:
+        """Seconds on the clock the backend's TTLs follow (fake for memory, real for redis)."""
+        return self.now if self.backend == "memory" else time.monotonic()
 
 
 @pytest.fixture(params=["memory", "redis"])
@@ -261,7 +290,7 @@ def backend_cache(cache_backend, request) -> UserVectorCache:
     if cache_backend == "memory":
         cache: UserVectorCache = MemoryCache(max_items=1000, ttl_s=600)
     else:
-        cache = RedisCache(request.getfixturevalue("redis_url"), ttl_s=600, socket_timeout=1.0)
+        cache = RedisCache(request.getfixturevalue("redis_url"), ttl_s=600, socket_timeout=SOCKET_TIMEOUT_S)
     yield cache
     cache.close()
 

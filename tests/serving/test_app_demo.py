@@ -69,7 +69,17 @@ def test_two_workers_share_an_event_through_redis(serving_world, tmp_path, redis
         user = most_active_user(serving_world.log)
         item = httpx.get(f"{server.url}/feed", params={"user_id": user, "k": 5}).json()["items"][0]["item_id"]
         assert httpx.post(f"{server.url}/events", json={"user_id": user, "item_id": item, "clicked": True}).status_code == 200
-        time.sleep(0.5)  # pub/sub delivery to the other worker takes milliseconds
+        # pub/sub delivery takes milliseconds, but wait for it, not for a guessed time: until both
+        # workers have answered knowing the event (one took the POST, the other received it)
+        knowing: set[int] = set()
+        deadline = time.monotonic() + 120
+        while len(knowing) < 2 and time.monotonic() < deadline:
+            with httpx.Client() as client:  # a fresh connection: either worker may answer it
+                health = client.get(f"{server.url}/healthz").json()
+            if health["event_bus"]["published"] + health["event_bus"]["received"] == 1:
+                knowing.add(health["pid"])
+            time.sleep(0.05)
+        assert len(knowing) == 2, "the event never reached the other worker"
         answered: dict[int, dict] = {}
         for _ in range(40):
             with httpx.Client() as client:

@@ -54,8 +54,8 @@ def dataset() -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def make_data(micro: int, shards: int = 1, rank: int = 0, world: int = 1,
-              sleep_s: float = 0.0) -> Callable[[int], Iterator[dict[str, Tensor]]]:
+def make_data(micro: int, shards: int = 1, rank: int = 0,
+              world: int = 1) -> Callable[[int], Iterator[dict[str, Tensor]]]:
     """``data(epoch)`` for the trainer; ``len`` of an epoch is ``N_ROWS // (micro * shards)``."""
     if shards % world:
         raise ValueError(f"shards={shards} is not a multiple of world={world}")
@@ -67,10 +67,28 @@ def make_data(micro: int, shards: int = 1, rank: int = 0, world: int = 1,
         order = torch.randperm(N_ROWS, generator=torch.Generator().manual_seed(epoch))
         for start in range(0, N_ROWS - glob + 1, glob):
             idx = order[start + rank * per_proc: start + (rank + 1) * per_proc]
-            time.sleep(sleep_s)
             yield {"x": x[idx], "y": y[idx]}
 
     return data
+
+
+def hold_at(data: Callable[[int], Iterator[dict[str, Tensor]]], trainer: Trainer, step: int,
+            timeout_s: float = 600.0) -> Callable[[int], Iterator[dict[str, Tensor]]]:
+    """``data`` that, once ``step`` optimizer steps are done, hands out no batch until a stop is
+    requested (SIGTERM sets the trainer's flag). A preemption test's signal then always lands
+    mid-run, after exactly ``step`` logged steps, however slow or fast the machine: no sleeping
+    and hoping the signal comes in time. The run stops after step ``step + 1``."""
+
+    def held(epoch: int) -> Iterator[dict[str, Tensor]]:
+        for batch in data(epoch):
+            deadline = time.monotonic() + timeout_s
+            while trainer.state.step >= step and not trainer._stop_requested:  # the flag SIGTERM sets
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"held at step {step} for {timeout_s:.0f} s and no SIGTERM came")
+                time.sleep(0.01)
+            yield batch
+
+    return held
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategy", default="ddp")
     p.add_argument("--dropout", type=float, default=0.0)
     p.add_argument("--checkpoint-every", type=int, default=0)
-    p.add_argument("--sleep", type=float, default=0.0, help="seconds per batch (to be killable mid-run)")
+    p.add_argument("--hold-at", type=int, default=None, help="after this many steps, wait for SIGTERM")
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # identical reductions in every process: comparable to the last bit
@@ -94,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     })
     with Trainer(TinyMLP(args.dropout), mse_loss, cfg) as trainer:
         env = trainer.env
-        data = make_data(args.micro, args.shards, env.rank, env.world_size, args.sleep)
+        data = make_data(args.micro, args.shards, env.rank, env.world_size)
+        if args.hold_at is not None:
+            data = hold_at(data, trainer, args.hold_at)
         trainer.resume()
         result = trainer.fit(data)
         full = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True))

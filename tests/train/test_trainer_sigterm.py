@@ -14,6 +14,9 @@ from feedrank.train import PREEMPTED_EXIT_CODE, latest_checkpoint, load_checkpoi
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 ARGS = ["--steps", "16", "--dropout", "0.3", "--micro", "8", "--shards", "1", "--accum", "2"]
+HOLD = 3  # the victim waits for SIGTERM after this many steps, so the signal always lands mid-run
+# Deadlines only bound a failure: each Python process imports torch (tens of seconds when loaded).
+DEADLINE_S = 300
 
 
 def _losses(out: Path) -> list[float]:
@@ -24,25 +27,25 @@ def _losses(out: Path) -> list[float]:
 def test_sigterm_checkpoints_then_resume_matches_uninterrupted(tmp_path):
     ref, out = tmp_path / "ref", tmp_path / "killed"
     reference = subprocess.Popen([sys.executable, str(WORKER), "--out", str(ref), *ARGS])
-    victim = subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), "--sleep", "0.05", *ARGS])
+    victim = subprocess.Popen([sys.executable, str(WORKER), "--out", str(out), "--hold-at", str(HOLD), *ARGS])
     try:
-        deadline = time.monotonic() + 60
-        while not ((out / "metrics.jsonl").is_file() and len(_losses(out)) >= 3):
-            assert victim.poll() is None and time.monotonic() < deadline, "worker ended or never logged 3 steps"
+        deadline = time.monotonic() + DEADLINE_S
+        while not ((out / "metrics.jsonl").is_file() and len(_losses(out)) >= HOLD):
+            assert victim.poll() is None and time.monotonic() < deadline, f"worker ended or never logged {HOLD} steps"
             time.sleep(0.05)
         victim.send_signal(signal.SIGTERM)
-        assert victim.wait(timeout=60) == PREEMPTED_EXIT_CODE
-        assert reference.wait(timeout=60) == 0
+        assert victim.wait(timeout=DEADLINE_S) == PREEMPTED_EXIT_CODE
+        assert reference.wait(timeout=DEADLINE_S) == 0
     finally:
         for proc in (reference, victim):
             if proc.poll() is None:
                 proc.kill()
 
     stopped_at = load_checkpoint(latest_checkpoint(out / "checkpoints"))["step"]
-    assert 3 <= stopped_at < 16
+    assert stopped_at == HOLD + 1  # the step under way when the signal came, then a checkpoint
     assert len(_losses(out)) == stopped_at
 
-    resumed = subprocess.run([sys.executable, str(WORKER), "--out", str(out), *ARGS], timeout=60)
+    resumed = subprocess.run([sys.executable, str(WORKER), "--out", str(out), *ARGS], timeout=DEADLINE_S)
     assert resumed.returncode == 0
     assert _losses(out) == _losses(ref)
     want, got = torch.load(ref / "final_rank0.pt"), torch.load(out / "final_rank0.pt")
