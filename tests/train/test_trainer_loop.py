@@ -164,6 +164,29 @@ def test_mixed_precision_on_cpu(tmp_path, precision):
     assert (scaler.get("scale") is not None) == (precision == "fp16")
 
 
+def test_fp16_skipped_steps_and_the_loss_scale_are_reported(tmp_path, caplog):
+    """A loss whose fp16 gradients overflow at the GradScaler's initial scale (65536): each such step
+    is skipped and halves the scale. Before, nothing said so; now every record carries the scale and
+    the skipped steps (window and total), the result metrics too, and a warning names them."""
+    def big_loss(model, batch):
+        loss, logs = toy.mse_loss(model, batch)
+        return loss * 10.0, logs
+
+    with caplog.at_level("WARNING", logger="feedrank.train.trainer"):
+        with Trainer(toy.TinyMLP(), big_loss, _cfg(tmp_path, steps=12, log_every=4, precision="fp16")) as trainer:
+            result = trainer.fit(toy.make_data(micro=4))
+    records = [r for r in _metrics(tmp_path) if "loss" in r]
+    skipped = [r["skipped_steps"] for r in records]
+    total = result.metrics["skipped_steps_total"]
+    assert 0 < total == sum(skipped) < 12 and skipped[0] > 0  # overflowed at first, then trained
+    assert [r["skipped_steps_total"] for r in records] == [sum(skipped[: i + 1]) for i in range(len(skipped))]
+    assert result.metrics["loss_scale"] == 65536.0 / 2**total  # halved per skip; no growth within 2000 steps
+    assert load_checkpoint(result.checkpoint)["state"]["skipped_steps"] == total  # survives a resume
+    assert "GradScaler skipped" in caplog.text and f"{total} in all" in caplog.text
+    _train(tmp_path / "fp32", steps=2)
+    assert not {"loss_scale", "skipped_steps"} & set(_metrics(tmp_path / "fp32")[-1])
+
+
 def test_feedrank_batch_objects_are_moved_and_counted(tmp_path):
     def batches(epoch):
         g = torch.Generator().manual_seed(epoch)

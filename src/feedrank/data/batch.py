@@ -6,15 +6,34 @@ Index conventions (shared by features, collate and models):
 - Histories are right-padded to the longest history in the batch with index 0 and carry a boolean
   ``history_mask`` (True = real element). A user with no history has an all-False row, which every
   history encoder must handle (it pools to zeros, never NaN).
+
+Values are checked once, where a ``Batch`` is made (``feedrank.data.collate`` against
+``BatchLimits``), not in the models' ``forward``: a range check there reads a tensor value back to
+the host (a device sync every step) and stops ``torch.compile`` / ``torch.export`` from capturing
+the model as one graph.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class BatchLimits:
+    """The vocabulary sizes (padding and OOV included) a Batch's indices must stay below.
+
+    Example: ``BatchLimits(n_users=7630, n_items=3680, user_cat_sizes=(7, 10), item_cat_sizes=(42, 5, 14))``.
+    """
+
+    n_users: int
+    n_items: int  # also bounds the history
+    user_cat_sizes: Sequence[int]  # one per column of Batch.user_cats
+    item_cat_sizes: Sequence[int]  # one per column of Batch.item_cats
 
 
 @dataclass

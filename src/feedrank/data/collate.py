@@ -11,9 +11,16 @@ Histories are variable-length lists, oldest first. Two packings:
 
 Everything is vectorised over the Arrow list buffers; no per-row Python.
 
+``collate`` is where a ``Batch``'s values are checked (``check_values``), on the host, in NumPy,
+before any tensor exists: indices against the vocabulary sizes (``BatchLimits``; without them only
+``>= 0``), ages finite and ``>= 0``, counters finite, positions ``>= 0``. The models trust a Batch
+and check only shapes, so their ``forward`` never reads a value back from the device (a sync per
+check per step, and a graph break under ``torch.compile``).
+
 Example::
 
-    batch = Collator(max_history=20)(table.slice(0, 1024))   # a Batch of 1024 rows
+    limits = BatchLimits(n_users=100, n_items=500, user_cat_sizes=[7, 10], item_cat_sizes=[42, 5, 14])
+    batch = Collator(max_history=20, limits=limits)(table.slice(0, 1024))   # a Batch of 1024 rows
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from feedrank.data.batch import Batch
+from feedrank.data.batch import Batch, BatchLimits
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, USER_CAT_INDEX_COLUMNS
 from feedrank.features.counters import COUNTER_COLUMNS
 
@@ -37,6 +44,7 @@ BATCH_COLUMNS = (
 
 Rows = pa.Table | pa.RecordBatch
 WeightFn = Callable[[Rows], np.ndarray]
+KeepFn = Callable[[Rows], np.ndarray]
 
 
 def _list_parts(histories: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -121,15 +129,71 @@ def _pack(arrays: dict[str, np.ndarray], dtype: type) -> dict[str, torch.Tensor]
     return {name: flat[o : o + int(np.prod(shape))].view(shape) for name, (o, shape) in spans.items()}
 
 
-def collate(rows: Rows, max_history: int | None = None, weight: np.ndarray | WeightFn | None = None) -> Batch:
+def _check_index(name: str, values: np.ndarray, size: int | None) -> None:
+    lo, hi = (int(values.min()), int(values.max())) if values.size else (0, 0)
+    if lo < 0 or (size is not None and hi >= size):
+        bound = f"[0, {size})" if size is not None else "[0, ...)"
+        raise ValueError(f"{name} has indices outside the vocabulary {bound}: min {lo}, max {hi}")
+
+
+def check_values(ints: dict[str, np.ndarray], floats: dict[str, np.ndarray], limits: BatchLimits | None) -> None:
+    """Raise ``ValueError`` naming the first field whose values a model cannot take (module docstring).
+
+    ``ints`` / ``floats`` are the arrays ``collate`` packs (names as in ``Batch``). Cheap: a min/max
+    or an ``isfinite`` per column, on the host.
+    """
+    sizes: dict[str, int | None] = {"user": None, "item": None, "history": None}
+    user_cats: list[int | None] = [None] * ints["user_cats"].shape[1]
+    item_cats: list[int | None] = [None] * ints["item_cats"].shape[1]
+    if limits is not None:
+        sizes = {"user": limits.n_users, "item": limits.n_items, "history": limits.n_items}
+        for name, got, want in (("user_cats", user_cats, limits.user_cat_sizes), ("item_cats", item_cats, limits.item_cat_sizes)):
+            if len(got) != len(want):
+                raise ValueError(f"{name} has {len(got)} column(s) but the vocabularies have {len(want)}")
+        user_cats, item_cats = list(limits.user_cat_sizes), list(limits.item_cat_sizes)
+    for name, size in sizes.items():
+        _check_index(name, ints[name], size)
+    for name, column_sizes in (("user_cats", user_cats), ("item_cats", item_cats)):
+        for j, size in enumerate(column_sizes):
+            _check_index(f"{name}[:, {j}]", ints[name][:, j], size)
+    ages = floats["item_age_h"]
+    if not (np.isfinite(ages) & (ages >= 0)).all():
+        raise ValueError("item_age_h has negative, NaN or infinite values; ages must be finite hours >= 0")
+    if not np.isfinite(floats["counters"]).all():
+        raise ValueError("counters has NaN or infinite values")
+    if ints["position"].size and int(ints["position"].min()) < 0:
+        raise ValueError(f"position must be >= 0, got min {int(ints['position'].min())}")
+
+
+def collate(
+    rows: Rows,
+    max_history: int | None = None,
+    weight: np.ndarray | WeightFn | None = None,
+    limits: BatchLimits | None = None,
+    keep: KeepFn | None = None,
+) -> Batch:
     """Build a ``Batch`` from example rows; ``weight`` is an array or a function of the rows
-    (default 1.0 for every row). Raises ``ValueError`` naming a missing column or bad weight."""
+    (default 1.0 for every row); ``limits`` the vocabulary sizes the indices are checked against.
+
+    ``keep(rows)`` (optional) gives a bool mask of the rows to pack; the others are dropped here,
+    on the host, so the model never computes them. It is only an optimisation: the loss must
+    ignore the rows it drops (``two_tower_loss`` masks non-clicked rows itself), which is why a
+    batch where ``keep`` drops every row is packed whole rather than empty.
+
+    Raises ``ValueError`` naming a missing column, a bad weight or a bad value (``check_values``).
+    """
     missing = [c for c in BATCH_COLUMNS if c not in rows.column_names]
     if missing:
         raise ValueError(f"example rows lack column(s) {missing}; expected the EXAMPLE_SCHEMA of feedrank.features")
-    n = rows.num_rows
-    if n == 0:
+    if rows.num_rows == 0:
         raise ValueError("cannot collate an empty set of rows")
+    if keep is not None:
+        mask = np.asarray(keep(rows), dtype=bool)
+        if mask.shape != (rows.num_rows,):
+            raise ValueError(f"keep: expected {rows.num_rows} booleans, got shape {mask.shape}")
+        if mask.any() and not mask.all():
+            rows = rows.filter(pa.array(mask))
+    n = rows.num_rows
     w = np.ones(n, dtype=np.float32) if weight is None else np.asarray(weight(rows) if callable(weight) else weight, dtype=np.float32)
     if w.shape != (n,) or not np.isfinite(w).all():
         raise ValueError(f"weight: expected {n} finite values, got shape {w.shape}")
@@ -155,6 +219,7 @@ def collate(rows: Rows, max_history: int | None = None, weight: np.ndarray | Wei
         "weight": w,
         "item_logq": col("item_logq"),
     }
+    check_values(ints, floats, limits)
     return Batch(**_pack(ints, np.int64), **_pack(floats, np.float32), history_mask=torch.from_numpy(mask))
 
 
@@ -162,12 +227,14 @@ def collate(rows: Rows, max_history: int | None = None, weight: np.ndarray | Wei
 class Collator:
     """``collate`` with fixed settings, picklable, for ``DataLoader(collate_fn=...)``.
 
-    ``weight`` must be a module-level function (not a lambda) when DataLoader workers are used,
-    because the collator is pickled into each worker.
+    ``weight`` and ``keep`` must be module-level functions or picklable objects (not lambdas) when
+    DataLoader workers are used, because the collator is pickled into each worker.
     """
 
     max_history: int | None = None
     weight: WeightFn | None = None
+    limits: BatchLimits | None = None
+    keep: KeepFn | None = None
 
     def __call__(self, rows: Rows) -> Batch:
-        return collate(rows, self.max_history, self.weight)
+        return collate(rows, self.max_history, self.weight, self.limits, self.keep)

@@ -14,7 +14,12 @@ on ``cfg.loss``:
   few thousand items such as MovieLens).
 - ``bce``: pointwise binary cross-entropy on impressions, shown-but-not-clicked rows as negatives.
 
-The softmax losses only use clicked rows as (user, positive item) pairs.
+The softmax losses only use clicked rows as (user, positive item) pairs. They mask the other rows
+out rather than selecting the clicked ones (``batch[clicked > 0]``): a boolean selection has a
+data-dependent size, so it synchronises the device (``nonzero``) and changes the batch shape every
+step (a recompile under ``torch.compile``). The masks keep every shape fixed; the collator may still
+drop the non-clicked rows beforehand, on the host (``feedrank.data.collate``, ``keep``), to save
+their compute.
 
 Example::
 
@@ -58,12 +63,16 @@ def in_batch_softmax_loss(
     logq: Tensor | None = None,
     weight: Tensor | None = None,
     known_hits: Tensor | None = None,
+    positives: Tensor | None = None,
 ) -> Tensor:
     """Softmax cross-entropy where row i's positive is column i and the other columns are negatives.
 
     ``logits`` [B, B] = u_i . v_j / T; ``item_ids`` [B] the item of each column; ``logq`` [B] the
     log sampling probability of each column's item (subtracted from every logit of that column,
     positive included); ``user_ids`` [B] optional; ``weight`` [B] per-row example weights.
+    ``positives`` [B] bool (optional) names the rows that are (user, positive item) pairs; the
+    others take no part, neither as a row nor as a negative column: the loss equals the loss of
+    the sub-batch of positive rows, without selecting it (fixed shapes, no device sync).
 
     Accidental hits are removed from the negatives: a column j != i whose item is row i's positive
     item, or (when ``user_ids`` is given) whose row belongs to the same user (so item j is another
@@ -85,6 +94,11 @@ def in_batch_softmax_loss(
         if known_hits.shape != (b, b):
             raise ValueError(f"known_hits must be [B, B] = [{b}, {b}], got {tuple(known_hits.shape)}")
         hits |= known_hits
+    if positives is not None:
+        if positives.shape != (b,) or positives.dtype != torch.bool:
+            raise ValueError(f"positives must be a bool [B] = [{b}] mask, got {positives.dtype} {tuple(positives.shape)}")
+        hits |= ~positives[None, :]
+        weight = positives.to(logits.dtype) if weight is None else weight * positives
     hits &= ~torch.eye(b, dtype=torch.bool, device=logits.device)
     logits = logits.masked_fill(hits, float("-inf"))
     target = torch.arange(b, device=logits.device)
@@ -186,7 +200,11 @@ class NegativeSampler(nn.Module):
 
 
 def select_rows(batch: Batch, rows: Tensor) -> Batch:
-    """The sub-batch of ``rows`` (a bool mask or an index tensor) of every field."""
+    """The sub-batch of ``rows`` (a bool mask or an index tensor) of every field.
+
+    For evaluation and tests: a bool mask syncs the device (its result size is data-dependent),
+    so the training losses mask rows instead (module docstring).
+    """
     return Batch(**{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)})
 
 
@@ -205,11 +223,10 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, d
     """Trainer adapter: ``(loss, logs)`` for ``batch``, the loss chosen by ``model.cfg.loss``.
 
     ``logs`` holds detached 0-d tensors (loss, temperature, number of training pairs), so the
-    trainer decides when to pay for a device sync.
+    trainer decides when to pay for a device sync. The softmax losses train on the clicked rows
+    only, masked (module docstring); nothing here reads a value back to the host.
     """
     cfg = unwrap(model).cfg
-    if cfg.loss != "bce":
-        batch = select_rows(batch, batch.clicked > 0)
     out = model(batch)
     if cfg.loss == "bce":
         logits = (out.user * out.item).sum(dim=-1) / out.temperature
@@ -218,17 +235,19 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, d
         logits = out.user @ out.item.T / out.temperature
         logq = batch.item_logq if cfg.logq_correction else None
         known = unwrap(model).known_positive_mask(batch.user, batch.item)
-        loss = in_batch_softmax_loss(logits, batch.item, batch.user, logq, batch.weight, known)
+        loss = in_batch_softmax_loss(logits, batch.item, batch.user, logq, batch.weight, known, batch.clicked > 0)
     else:
         neg = out.negatives
         pos_logits = (out.user * out.item).sum(dim=-1) / out.temperature
         neg_logits = out.user @ neg.vectors.T / out.temperature
         pos_logq, neg_logq = (neg.pos_logq, neg.logq) if cfg.logq_correction else (None, None)
         known = unwrap(model).known_positive_mask(batch.user, neg.ids)
-        loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, batch.weight, known)
+        weight = batch.weight * (batch.clicked > 0)
+        loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, weight, known)
+    pairs = batch.weight.new_tensor(float(len(batch))) if cfg.loss == "bce" else (batch.clicked > 0).sum().float()
     logs = {
         "loss": loss.detach(),
         "temperature": out.temperature.detach(),
-        "pairs": torch.tensor(float(len(batch))),
+        "pairs": pairs,
     }
     return loss, logs

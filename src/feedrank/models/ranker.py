@@ -82,7 +82,6 @@ from feedrank.models.towers import (
     build_history_encoder,
     check_columns,
     check_history,
-    check_ids,
     mlp,
 )
 
@@ -190,13 +189,6 @@ class ItemInputs:
     vectors: Tensor | None = None  # [N, two_tower_dim] two-tower item vectors, if known
 
 
-def check_dense(name: str, x: Tensor, batch: int, n_cols: int) -> None:
-    """Raise unless ``x`` is [batch, n_cols] and finite (a NaN counter would poison every score)."""
-    check_columns(name, x, batch, n_cols)
-    if x.numel() and not bool(torch.isfinite(x).all()):
-        raise ValueError(f"{name} has NaN or infinite values")
-
-
 def dense_field(n_in: int, dim: int) -> nn.Sequential:
     """A small MLP that turns a few dense numbers into one field embedding (DLRM's bottom MLP)."""
     return nn.Sequential(nn.Linear(n_in, dim), nn.GELU(), nn.Linear(dim, dim))
@@ -217,7 +209,7 @@ class OptionalVector(nn.Module):
             vec = torch.zeros(batch, self.in_dim, device=device)
             present = torch.zeros(batch, 1, device=device)
         else:
-            check_dense(name, vec, batch, self.in_dim)
+            check_columns(name, vec, batch, self.in_dim)
             present = torch.ones(batch, 1, device=device)
             if self.training and self.dropout > 0:
                 present = (torch.rand(batch, 1, device=device) >= self.dropout).to(present.dtype)
@@ -230,6 +222,11 @@ class Ranker(nn.Module):
     Sizes are vocabulary sizes including padding (0) and OOV (1). ``Batch.counters`` must hold
     ``n_user_counters`` user-side columns followed by ``n_item_counters`` item-side ones (with
     ``feedrank.features.COUNTER_COLUMNS``: 2 and 3).
+
+    Only shapes are checked here. Values (indices in their vocabularies, finite ages >= 0 and
+    counters, positions >= 0) are checked where a Batch is made (``feedrank.data.collate``), and
+    serving builds them in range (vocabulary lookups, clamped ages): a value check in ``forward``
+    would sync the device every step and break the graph under ``torch.compile``.
     """
 
     def __init__(
@@ -285,15 +282,13 @@ class Ranker(nn.Module):
         if user.dim() != 1:
             raise ValueError(f"user must be [B], got {tuple(user.shape)}")
         b = user.shape[0]
-        check_ids("user", user, self.n_users)
         check_columns("user_cats", user_cats, b, len(self.user_cats.sizes))
         check_history(history, history_mask)
         if history.shape[0] != b:
             raise ValueError(f"history has batch size {history.shape[0]} but user has {b}")
-        check_ids("history", history, self.n_items)
-        check_dense("user counters", counters, b, self.n_user_counters)
+        check_columns("user counters", counters, b, self.n_user_counters)
         ident = self.user_id(user)
-        cats = self.user_cats(user_cats, "user_cats")
+        cats = self.user_cats(user_cats)
         pooled = self.history_encoder(self.item_id(history), history_mask, torch.cat([ident, cats], dim=-1))
         fields = [ident, *cats.split(self.cfg.dim, dim=-1), pooled.to(ident.dtype)]
         if self.user_counters is not None:
@@ -308,12 +303,9 @@ class Ranker(nn.Module):
         if item.dim() != 1 or item_age_h.shape != item.shape:
             raise ValueError(f"item {tuple(item.shape)} and item_age_h {tuple(item_age_h.shape)} must both be [N]")
         n = item.shape[0]
-        check_ids("item", item, self.n_items)
         check_columns("item_cats", item_cats, n, len(self.item_cats.sizes))
-        if item_age_h.numel() and not bool((item_age_h >= 0).all() & torch.isfinite(item_age_h).all()):
-            raise ValueError("item_age_h has negative, NaN or infinite values; ages must be finite hours >= 0")
-        check_dense("item counters", counters, n, self.n_item_counters)
-        cats = self.item_cats(item_cats, "item_cats")
+        check_columns("item counters", counters, n, self.n_item_counters)
+        cats = self.item_cats(item_cats)
         fields = [self.item_id(item), *cats.split(self.cfg.dim, dim=-1), self.freshness(torch.log1p(item_age_h.float())[:, None])]
         if self.item_counters is not None:
             fields.append(self.item_counters(counters.float()))
@@ -335,9 +327,8 @@ class Ranker(nn.Module):
         return {name: head(shared).squeeze(-1) for name, head in self.heads.items()}
 
     def position_logit(self, position: Tensor) -> Tensor:
-        """[B] position bias; positions beyond ``max_positions - 1`` share the last slot's bias."""
-        if position.numel() and int(position.min()) < 0:
-            raise ValueError(f"position must be >= 0, got min {int(position.min())}")
+        """[B] position bias of positions >= 0 (``collate`` checks); those beyond ``max_positions - 1``
+        share the last slot's bias."""
         return self.position_bias(position.clamp_max(self.cfg.max_positions - 1)).squeeze(-1)
 
     def batch_heads(self, batch: Batch, user_vec: Tensor | None = None, item_vec: Tensor | None = None) -> dict[str, Tensor]:

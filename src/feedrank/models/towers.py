@@ -39,7 +39,9 @@ Pooling = Literal["mean", "last"]
 
 
 # --------------------------------------------------------------------------------------------------
-# input checks (shapes are free to check; ID ranges cost one reduction each)
+# input checks: shapes and dtypes only. Values (index ranges, NaN ages) are checked where a Batch is
+# made (feedrank.data.collate): a value check here reads the device back to the host on every step
+# and breaks the graph under torch.compile / torch.export.
 
 
 def check_history(history: Tensor, mask: Tensor) -> None:
@@ -50,16 +52,6 @@ def check_history(history: Tensor, mask: Tensor) -> None:
         )
     if mask.dtype != torch.bool:
         raise ValueError(f"history_mask must be bool, got {mask.dtype}")
-
-
-def check_ids(name: str, ids: Tensor, size: int) -> None:
-    """Raise if an index tensor holds values outside ``[0, size)`` (an embedding would fail cryptically)."""
-    if ids.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{name} must be an integer index tensor, got {ids.dtype}")
-    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= size):
-        raise ValueError(
-            f"{name} has indices outside the vocabulary [0, {size}): min {int(ids.min())}, max {int(ids.max())}"
-        )
 
 
 def check_columns(name: str, x: Tensor, batch: int, n_cols: int) -> None:
@@ -264,10 +256,8 @@ class CategoricalEmbeddings(nn.Module):
         self.tables = nn.ModuleList(nn.Embedding(size, dim, padding_idx=0) for size in self.sizes)
         self.out_dim = dim * len(self.sizes)
 
-    def forward(self, cats: Tensor, name: str) -> Tensor:
+    def forward(self, cats: Tensor) -> Tensor:
         """``cats`` [B, n_columns] (shape checked by the caller, which knows B) -> [B, out_dim]."""
-        for j, size in enumerate(self.sizes):
-            check_ids(f"{name}[:, {j}]", cats[:, j], size)
         if not self.sizes:
             return cats.new_zeros((cats.shape[0], 0), dtype=torch.float32)
         return torch.cat([table(cats[:, j]) for j, table in enumerate(self.tables)], dim=-1)
@@ -308,14 +298,15 @@ class ItemTower(nn.Module):
         self.mlp = mlp(id_dim + self.cats.out_dim + freshness_dim, hidden, out_dim, dropout)
 
     def forward(self, item: Tensor, item_cats: Tensor, item_age_h: Tensor) -> Tensor:
-        """``item`` [N], ``item_cats`` [N, n_cats], ``item_age_h`` [N] hours -> [N, out_dim], unit norm."""
+        """``item`` [N], ``item_cats`` [N, n_cats], ``item_age_h`` [N] hours >= 0 -> [N, out_dim], unit norm.
+
+        Indices must be in their vocabularies and ages finite and >= 0: ``feedrank.data.collate``
+        checks that; only shapes are checked here (see the input checks above).
+        """
         if item.dim() != 1 or item_age_h.shape != item.shape:
             raise ValueError(f"item {tuple(item.shape)} and item_age_h {tuple(item_age_h.shape)} must both be [N]")
-        check_ids("item", item, self.n_items)
-        if item_age_h.numel() and not bool((item_age_h >= 0).all()):  # also false for NaN
-            raise ValueError("item_age_h has negative or NaN values; ages must be hours >= 0")
         check_columns("item_cats", item_cats, item.shape[0], len(self.cats.sizes))
-        parts = [self.id_embedding(item), self.cats(item_cats, "item_cats")]
+        parts = [self.id_embedding(item), self.cats(item_cats)]
         if self.freshness is not None:
             parts.append(self.freshness(torch.log1p(item_age_h.float()).unsqueeze(-1)))
         x = torch.cat(parts, dim=-1)
@@ -325,8 +316,8 @@ class ItemTower(nn.Module):
 class UserTower(nn.Module):
     """User ID + categorical features + counters + encoded history -> MLP -> unit vector.
 
-    ``id_dim=0`` drops the user-ID embedding (the ``user`` indices are still range-checked), for
-    setups where the user should be represented by what they did rather than memorised.
+    ``id_dim=0`` drops the user-ID embedding (``collate`` still range-checks the ``user`` indices),
+    for setups where the user should be represented by what they did rather than memorised.
 
     The history arrives already embedded (``history_emb``), with the item tower's table: see the
     module docstring for why the table is shared. The tower reads only the *first* ``n_counters``
@@ -362,7 +353,6 @@ class UserTower(nn.Module):
         """``user`` [B], ``user_cats`` [B, n_cats], ``counters`` [B, >= n_counters], ``history_emb`` [B, L, D]."""
         if user.dim() != 1:
             raise ValueError(f"user must be [B], got {tuple(user.shape)}")
-        check_ids("user", user, self.n_users)
         check_columns("user_cats", user_cats, user.shape[0], len(self.cats.sizes))
         if counters.dim() != 2 or counters.shape[0] != user.shape[0] or counters.shape[1] < self.n_counters:
             raise ValueError(
@@ -370,7 +360,7 @@ class UserTower(nn.Module):
             )
         if history_emb.shape[0] != user.shape[0]:
             raise ValueError(f"history has batch size {history_emb.shape[0]} but user has {user.shape[0]}")
-        cats = self.cats(user_cats, "user_cats")
+        cats = self.cats(user_cats)
         context = cats if self.id_embedding is None else torch.cat([self.id_embedding(user), cats], dim=-1)
         pooled = self.history_encoder(history_emb, history_mask, context)
         user_counters = counters[:, : self.n_counters].to(context.dtype)

@@ -35,7 +35,6 @@ from feedrank.models.towers import (
     UserTower,
     build_history_encoder,
     check_history,
-    check_ids,
 )
 
 
@@ -145,6 +144,20 @@ class TwoTowerOutput:
     negatives: SampledNegatives | None  # only when cfg.loss == "sampled"
 
 
+def draw_rows(mask: Tensor, k: int) -> Tensor:
+    """``k`` indices drawn uniformly with replacement from the True positions of ``mask`` [B].
+
+    Fixed-shape and sync-free (no ``nonzero``, no count read back to the host): the j-th True
+    position is where the running count first exceeds j. All False gives ``B - 1`` (B >= 1).
+
+    >>> draw_rows(torch.tensor([False, True, False, True]), 5)   # values in {1, 3}
+    """
+    count = mask.cumsum(0)
+    n_true = count[-1:]
+    j = torch.minimum((torch.rand(k, device=mask.device) * n_true).long(), (n_true - 1).clamp_min(0))
+    return torch.searchsorted(count, j, right=True).clamp_max(mask.shape[0] - 1)
+
+
 class TwoTower(nn.Module):
     """User tower + item tower sharing the item ID embedding table (see feedrank.models.towers).
 
@@ -226,7 +239,6 @@ class TwoTower(nn.Module):
     def user_vectors(self, batch: Batch) -> Tensor:
         """[B, dim] unit user vectors; needs only the user-side fields of ``batch``."""
         check_history(batch.history, batch.history_mask)
-        check_ids("history", batch.history, self.n_items)
         history_emb = self.item_tower.id_embedding(batch.history)  # the shared table
         return self.user_tower(batch.user, batch.user_cats, batch.counters, history_emb, batch.history_mask)
 
@@ -250,10 +262,10 @@ class TwoTower(nn.Module):
         if self.sampler is None:
             raise RuntimeError("loss='sampled' needs the item catalogue: call model.attach_catalogue(item_cats, item_counts)")
         ids = self.sampler.sample(self.cfg.num_negatives)
-        # Negatives take ages drawn from this batch's items, so freshness carries no signal that
-        # would separate sampled negatives from positives by construction.
+        # Negatives take ages drawn from this batch's positives (its clicked rows), so freshness
+        # carries no signal that would separate sampled negatives from positives by construction.
         if len(batch):
-            ages = batch.item_age_h[torch.randint(len(batch), (ids.shape[0],), device=ids.device)]
+            ages = batch.item_age_h[draw_rows(batch.clicked > 0, ids.shape[0])]
         else:
             ages = torch.zeros(ids.shape[0], device=ids.device)
         vectors = self.item_vectors(ids, self.sampler.item_cats[ids], ages)

@@ -94,6 +94,7 @@ from feedrank.train.task import (
     FEATURES_DIR,
     LoaderConfig,
     Preempted,
+    batch_limits,
     ensure_features,
     epoch_batches,
     require_fresh_run,
@@ -286,7 +287,7 @@ def train_ranking(
         with Trainer(model, functools.partial(ranker_loss, two_tower=frozen), train_cfg) as trainer:
             if resume:
                 trainer.resume()
-            collator = Collator(max_history=cfg.ranker.max_history_len, weight=weights)
+            collator = Collator(max_history=cfg.ranker.max_history_len, weight=weights, limits=batch_limits(vocabs))
             result = trainer.fit(epoch_batches(files, cfg.loader, collator, trainer))
         if result.status == "preempted":
             raise Preempted(result.checkpoint)

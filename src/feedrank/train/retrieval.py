@@ -62,6 +62,7 @@ from feedrank.train.task import (
     FEATURES_DIR,
     LoaderConfig,
     Preempted,
+    batch_limits,
     ensure_features,
     epoch_batches,
     require_fresh_run,
@@ -127,6 +128,13 @@ class LabelWeights:
         return np.where(label == clicked, weight, 0.0).astype(np.float32)
 
 
+def clicked_rows(rows: pa.Table | pa.RecordBatch) -> np.ndarray:
+    """Collator ``keep`` hook of the softmax losses, which train on clicked rows only: dropping the
+    others on the host saves the towers their compute (about 12x fewer rows at the demo's 8% CTR)
+    and keeps the step free of device syncs (the loss masks them anyway)."""
+    return rows.column("clicked").to_numpy(zero_copy_only=False).astype(bool)
+
+
 def training_positives(features_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(user_idx, item_idx) of the train split's engagements (clicked, not hidden)."""
     columns = ["user_idx", "item_idx", "clicked", "hidden"]
@@ -167,7 +175,8 @@ def train_retrieval(
         with Trainer(model, two_tower_loss, train_cfg) as trainer:
             if resume:
                 trainer.resume()
-            collator = Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels))
+            collator = Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels),
+                                limits=batch_limits(vocabs), keep=None if cfg.two_tower.loss == "bce" else clicked_rows)
             data = epoch_batches(split_files(features_dir, "train"), cfg.loader, collator, trainer)
             result = trainer.fit(data)
         if result.status == "preempted":

@@ -32,6 +32,7 @@ import pyarrow as pa
 
 from feedrank.bundle import build_catalogue
 from feedrank.config import to_dict
+from feedrank.data.batch import BatchLimits
 from feedrank.data.collate import BATCH_COLUMNS, Collator
 from feedrank.data.log import read_events
 from feedrank.data.stream import ParquetStream, make_loader
@@ -100,6 +101,11 @@ def training_catalogue(log_dir: str | Path, vocabs: Vocabularies, cfg: FeatureCo
     events = read_events(log_dir, columns=["item_id", "ts", "clicked", "created_ts", *ITEM_CAT_COLUMNS],
                          end=min(ends) if ends else None)  # fmt: skip
     return build_catalogue(events, vocabs)
+
+
+def batch_limits(vocabs: Vocabularies) -> BatchLimits:
+    """The vocabulary sizes the collator checks every training Batch's indices against."""
+    return BatchLimits(vocabs.n_users, vocabs.n_items, vocabs.user_cat_sizes, vocabs.item_cat_sizes)
 
 
 @dataclass

@@ -19,6 +19,12 @@ every step sees the same number of examples. Per step: AdamW on a warmup + cosin
 learning rate that is a pure function of the step (so the "scheduler state" is just ``step``),
 optional bf16/fp16 autocast (fp16 with a GradScaler), gradient clipping after unscaling.
 
+No step reads a value back from the device: the loss, the logs, the non-finite flag and fp16's
+skipped steps accumulate as device tensors, and only a metrics record (every ``log_every`` steps)
+or a checkpoint synchronises (``tests/train/test_host_syncs.py`` counts them). Under fp16 each
+record carries the loss scale and the steps the GradScaler skipped (inf/NaN gradients), with a
+warning when there were any: a skipped step changes no weight, so it must not pass unseen.
+
 Example::
 
     cfg = from_dict(TrainConfig, {"steps": 1000, "lr": 3e-3, "out_dir": "runs/demo"})
@@ -149,6 +155,7 @@ class TrainState:
     epoch: int = 0  # epoch being consumed
     batches_in_epoch: int = 0  # micro-batches of data(epoch) already consumed (by this rank)
     examples: int = 0  # examples seen by this rank
+    skipped_steps: int = 0  # fp16: optimizer steps the GradScaler skipped, as of the last metrics record
 
 
 @dataclass
@@ -195,6 +202,7 @@ class _Window:
     def reset(self) -> None:
         self.loss: Tensor | float = 0.0
         self.logs: dict[str, Tensor | float] = {}
+        self.skipped: Tensor | float = 0.0  # fp16 steps skipped in the window
         self.micro = 0
         self.examples = 0
         self.started = time.perf_counter()
@@ -334,7 +342,9 @@ class Trainer:
                     continue
                 done = total is not None and state.step + 1 >= total
                 log_now = done or (state.step + 1) % cfg.log_every == 0
-                grad_norm = self._optimizer_step(lr_at(state.step, cfg, total), need_norm=log_now)
+                grad_norm, skipped = self._optimizer_step(lr_at(state.step, cfg, total), need_norm=log_now)
+                if skipped is not None:
+                    window.skipped = window.skipped + skipped
                 state.step += 1
                 stop = D.any_rank(self.env, self._stop_requested)
                 if log_now or stop:
@@ -419,8 +429,9 @@ class Trainer:
             self._checked_loss_fn = True
         return out[0].reshape(()), out[1]
 
-    def _optimizer_step(self, lr: float, need_norm: bool) -> Tensor | None:
-        """One AdamW update; returns the pre-clip gradient norm when clipping or when asked."""
+    def _optimizer_step(self, lr: float, need_norm: bool) -> tuple[Tensor | None, Tensor | None]:
+        """One AdamW update; returns the pre-clip gradient norm (when clipping or when asked) and,
+        under fp16, a 0-d device tensor that is 1 when the GradScaler skipped the update."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.unscale_(self.optimizer)  # clip and measure true gradients, not fp16-scaled ones
@@ -430,10 +441,14 @@ class Trainer:
             norm = nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
         elif need_norm:
             norm = nn.utils.get_total_norm([p.grad for p in params])
+        # The scale as a device tensor (get_scale() would sync): update() lowers it exactly when
+        # the step was skipped (inf/NaN gradients; backoff_factor < 1) and raises it otherwise or keeps it.
+        scale = self.scaler._get_scale_async().clone() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)  # skips the update if fp16 gradients overflowed
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        skipped = None if scale is None else (self.scaler._get_scale_async() < scale).float()
+        return norm, skipped
 
     def _raise_if_nonfinite(self) -> None:
         """Fail (on every rank together) before a NaN/inf loss reaches a log line or a checkpoint."""
@@ -447,7 +462,13 @@ class Trainer:
         keys = sorted(window.logs)
         local = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.env.device)
                              for v in (window.loss, *(window.logs[k] for k in keys))])
-        values = D.mean_across_ranks(self.env, local / window.micro).tolist()
+        local = local / window.micro
+        fp16 = self.scaler.is_enabled()
+        if fp16:  # every rank skips the same steps (the all-reduced gradients are the same)
+            extra = [window.skipped, self.scaler._get_scale_async()]
+            local = torch.cat([local, torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.env.device)
+                                                   for v in extra])])
+        values = D.mean_across_ranks(self.env, local).tolist()  # the one sync of a logging step
         elapsed = max(time.perf_counter() - window.started, 1e-9)
         record: dict[str, float] = {
             "step": self.state.step,
@@ -460,6 +481,13 @@ class Trainer:
         if grad_norm is not None:
             full = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm  # FSDP DTensor
             record["grad_norm"] = float(full)
+        if fp16:
+            skipped, scale = round(values[-2]), values[-1]
+            self.state.skipped_steps += skipped
+            record |= {"loss_scale": scale, "skipped_steps": skipped, "skipped_steps_total": self.state.skipped_steps}
+            if skipped:
+                log.warning("fp16: the GradScaler skipped %d update(s) in the steps up to %d (inf/NaN gradients; "
+                            "%d in all); loss scale now %g", skipped, self.state.step, self.state.skipped_steps, scale)
         window.reset()
         sinks.write(record)
 
