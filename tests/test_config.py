@@ -73,3 +73,17 @@ def test_load_yaml_sections_and_errors(tmp_path):
     path.write_text("run: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_yaml(Run, path)
+
+
+def test_train_config_setting_epochs_unsets_the_steps_default(tmp_path):
+    from feedrank.train.trainer import DEFAULT_STEPS, TrainConfig
+
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  epochs: 3\n")
+    cfg = load_yaml(TrainConfig, path, section="train")
+    assert (cfg.steps, cfg.epochs) == (None, 3)
+    assert from_dict(TrainConfig, to_dict(cfg)) == cfg  # a saved config loads back the same
+    assert (from_dict(TrainConfig, {}).steps, from_dict(TrainConfig, {}).epochs) == (DEFAULT_STEPS, None)
+    assert (from_dict(TrainConfig, {"steps": 5}).steps, from_dict(TrainConfig, {"steps": 5}).epochs) == (5, None)
+    with pytest.raises(ConfigError, match="exactly one of 'steps' and 'epochs'"):
+        from_dict(TrainConfig, {"steps": 5, "epochs": 1})

@@ -60,8 +60,6 @@ def test_mind_split_prefix_and_items(tmp_path, rfx):
         ("2\tU2\t11/15/2019 1:05:00 PM\tN1-1", "expected 5 .* fields, found: 4$"),
         ("2\tU2\t11/15/2019 1:05:00 PM\t\tN2-0 N12-x", "N12-x"),
         ("2\tU2\t2019-11-15 13:05\t\tN2-0", "time not in MIND format"),
-        ("2\tU2\t11/15/2019 1:05:00 PM\t\tN9-1", "N9"),
-        ("2\tU2\t11/15/2019 1:05:00 PM\tN9\tN1-1", "N9"),
     ],
 )
 def test_mind_bad_line_names_file_and_line(tmp_path, rfx, line, message):
@@ -72,6 +70,21 @@ def test_mind_bad_line_names_file_and_line(tmp_path, rfx, line, message):
     assert exc.value.line == 2
 
 
+def test_mind_news_ids_missing_from_news_tsv_are_kept_without_metadata(tmp_path, rfx):
+    # Real MIND subsets name news that news.tsv lacks, in impressions (N9) and histories (N8).
+    behaviors = [rfx.MIND_BEHAVIORS[0], "2\tU2\t11/15/2019 1:05:00 PM\tN8\tN9-1 N1-0", rfx.MIND_BEHAVIORS[2]]
+    result = read_mind(rfx.write_mind(tmp_path / "s", behaviors=behaviors))
+    assert result.skipped_rows == 0 and {"N8", "N9"} <= set(result.events["item_id"].to_pylist())
+    done = ingest(result, tmp_path / "log")
+    assert done.ok
+    assert done.run["items_without_metadata"] == 2 and done.run["items_without_metadata_examples"] == ["N8", "N9"]
+    assert done.run["rows_without_item_metadata"] == 2
+    items = {r["item_id"]: r for r in read_items(tmp_path / "log").to_pylist()}
+    assert items["N9"]["category"] is None and items["N9"]["title"] is None and items["N1"]["category"] == "sports"
+    clicked = _rows(read_events(tmp_path / "log"), "s-2")[0]
+    assert (clicked["item_id"], clicked["clicked"], clicked["category"]) == ("N9", True, None)
+
+
 def test_mind_skip_bad_rows_counts_and_drops_whole_lines(tmp_path, rfx):
     behaviors = [rfx.MIND_BEHAVIORS[0], "2\tU2\t11/15/2019 1:05:00 PM\t\tN2-0 N12-x", rfx.MIND_BEHAVIORS[2], "4\tU3\tnot a time\t\tN1-0"]
     result = read_mind(rfx.write_mind(tmp_path / "s", behaviors=behaviors), skip_bad_rows=True)
@@ -79,7 +92,7 @@ def test_mind_skip_bad_rows_counts_and_drops_whole_lines(tmp_path, rfx):
     assert "behaviors.tsv:2" in result.skip_examples[0] or "behaviors.tsv:2" in result.skip_examples[1]
     assert set(pc.unique(result.events["user_id"]).to_pylist()) == {"U1"}  # no half of line 2 kept
     done = ingest(result, tmp_path / "log")
-    assert done.manifest["skipped_rows"] == 2 and done.manifest["rows_written"] == 5
+    assert done.run["skipped_rows"] == 2 and done.run["rows_written"] == 5
 
 
 def test_mind_empty_and_missing_files(tmp_path, rfx):

@@ -37,7 +37,7 @@ def test_ml100k_round_trip(tmp_path, rfx):
 
 def test_ml1m_round_trip(tmp_path, rfx):
     done = ingest(read_movielens(rfx.write_ml1m(tmp_path / "ml-1m")), tmp_path / "log")
-    assert done.ok and done.manifest["rows_written"] == 3
+    assert done.ok and done.run["rows_written"] == 3
     rows = _by_key(read_events(tmp_path / "log"))
     assert rows[("1", "661")]["category"] == "Animation"  # "Animation|Children's|Musical"
     assert rows[("1", "661")]["ts"] == dt.datetime(2000, 12, 31, 22, 35, 9, tzinfo=UTC)

@@ -101,7 +101,7 @@ def test_csv_skip_bad_rows_counts(tmp_path):
     result = read_tabular(path, MAP, skip_bad_rows=True)
     assert result.skipped_rows == 2
     assert sorted(result.events["item_id"].to_pylist()) == ["a1", "a1"]
-    assert ingest(result, tmp_path / "log").manifest["skipped_rows"] == 2
+    assert ingest(result, tmp_path / "log").run["skipped_rows"] == 2
 
 
 def test_empty_header_only_and_missing(tmp_path):
@@ -138,4 +138,4 @@ def test_invalid_days_refused_earlier_partitions_intact(tmp_path):
     assert list_days(log) == ["2024-01-01", "2024-01-02"]
     kept = read_events(log).to_pylist()
     assert [(r["user_id"], r["item_id"], r["dwell_s"]) for r in kept] == [("u0", "a0", 2.0), ("u1", "a1", 5.0)]
-    assert done.manifest["refused_days"]["2024-01-03"]["violations"][0]["rule"] == "negative dwell_s"
+    assert done.run["refused_days"]["2024-01-03"]["violations"][0]["rule"] == "negative dwell_s"

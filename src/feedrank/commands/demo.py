@@ -11,16 +11,9 @@ import shutil
 from pathlib import Path
 
 import typer
-from rich.console import Console
 
 from feedrank.commands.simulate import summary_table
 from feedrank.commands.train import metrics_table, ranking_tables, run_cli
-from feedrank.config import load_yaml
-from feedrank.data.simulate import SUMMARY_FILE, simulate
-from feedrank.data.world import WorldConfig
-from feedrank.serving.demo import demo_requests
-from feedrank.train.ranking import load_ranking_config, run_pipeline
-from feedrank.train.retrieval import load_run_config
 
 CONFIGS = Path("configs")
 
@@ -32,6 +25,15 @@ def demo_command(
     ranking: Path = typer.Option(CONFIGS / "ranking_demo.yaml", "--ranking", help="Ranker run config YAML."),
 ) -> None:
     """Simulate the demo world, train retrieval and ranking, write the report, and query the service."""
+    from rich.console import Console
+
+    from feedrank.config import load_yaml
+    from feedrank.data.simulate import SUMMARY_FILE, simulate
+    from feedrank.data.world import WorldConfig
+    from feedrank.serving.demo import demo_requests
+    from feedrank.train.ranking import load_ranking_config, run_pipeline
+    from feedrank.train.retrieval import load_run_config
+
     console = Console()
     retrieval_cfg, ranking_cfg = run_cli(lambda: (load_run_config(retrieval), load_ranking_config(ranking)))
     log_dir = out / "log"

@@ -14,14 +14,8 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from feedrank.bundle import BundleError, load_bundle
-from feedrank.commands.train import USER_ERRORS, metrics_table, ranking_tables, run_cli
-from feedrank.evaluate import ranking
-from feedrank.evaluate.retrieval import evaluate_bundle
-from feedrank.train.ranking import compare_label_weightings, load_ranking_config
+from feedrank.commands.train import metrics_table, ranking_tables, run_cli
 
 evaluate_app = typer.Typer(help="Evaluate a saved model bundle on a log.", no_args_is_help=True)
 
@@ -49,11 +43,16 @@ def retrieval_command(
     max_users: Optional[int] = typer.Option(None, "--max-users", help="Evaluate a random sample of this many users."),
 ) -> None:
     """Full-catalogue top-k of the bundle's model against popularity on the log's holdout."""
+    from rich.console import Console
+
+    from feedrank.bundle import BundleError, load_bundle
+    from feedrank.evaluate.retrieval import evaluate_bundle
+
     ks = parse_ks(k) if k is not None else None
     # A bad bundle, an unparsable cut or an empty holdout (ValueError) is the user's to fix.
     result = run_cli(
         lambda: evaluate_bundle(load_bundle(bundle_dir), log, split_at=split_at, ks=ks, out_dir=out, max_users=max_users),
-        errors=(*USER_ERRORS, BundleError, ValueError),
+        also=(BundleError, ValueError),
     )
     doc = result.metrics_file()
     console = Console()
@@ -74,11 +73,15 @@ def ranking_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory for eval/ (default: the folder holding BUNDLE)."),
 ) -> None:
     """Rank the holdout impressions (MIND protocol) against random, popularity, recency and two-tower baselines."""
-    errors = (*USER_ERRORS, BundleError, ValueError)
+    from rich.console import Console
+
+    from feedrank.bundle import BundleError, load_bundle
+    from feedrank.evaluate import ranking
+
     result = run_cli(
         lambda: ranking.evaluate_bundle(load_bundle(bundle_dir), log, out,
                                         against=None if against is None else load_bundle(against), progress=True),
-        errors=errors,
+        also=(BundleError, ValueError),
     )  # fmt: skip
     console = Console()
     doc = result.evaluation.metrics_file()
@@ -100,9 +103,15 @@ def weights_command(
     two_tower: Optional[Path] = typer.Option(None, "--two-tower", help="Two-tower bundle feeding both rankers."),
 ) -> None:
     """Train the ranker under two label weightings and compare them on the holdout (paired bootstrap)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from feedrank.bundle import BundleError
+    from feedrank.train.ranking import compare_label_weightings, load_ranking_config
+
     cfg_a, cfg_b = run_cli(lambda: (load_ranking_config(config_a), load_ranking_config(config_b)))
     result = run_cli(lambda: compare_label_weightings(cfg_a, cfg_b, log, out, two_tower_bundle=two_tower),
-                     errors=(*USER_ERRORS, BundleError, ValueError))  # fmt: skip
+                     also=(BundleError, ValueError))  # fmt: skip
     table = Table(title=f"B ({config_b}) against A ({config_a}) on the holdout: delta = B - A [95% CI]")
     for column in ("metric", "A", "B", "delta [CI]", "p"):
         table.add_column(column, justify="left" if column == "metric" else "right")

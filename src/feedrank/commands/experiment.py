@@ -14,21 +14,21 @@ import datetime as dt
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
-import pyarrow as pa
-import pyarrow.csv as pacsv
-import pyarrow.parquet as pq
 import typer
 
 from feedrank.config import ConfigError, load_yaml
-from feedrank.experiment.analyze import analyze
-from feedrank.experiment.metrics import METRICS, get_metric, user_table_from_log
-from feedrank.experiment.params import parse_fraction
-from feedrank.experiment.power import Design, MetricModel, estimate_from_users, proportion_metric
-from feedrank.experiment.rollout import RolloutConfig, build_plan
-from feedrank.experiment.simulate_ab import ABSimConfig, parse_oracle, simulate_ab
-from feedrank.serving.pipeline import set_threads
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from feedrank.experiment.power import MetricModel
+    from feedrank.experiment.rollout import RolloutConfig
+
+#: The names of ``feedrank.experiment.metrics.METRICS``, spelled out so that ``--help`` can list
+#: them without loading pyarrow; ``tests/test_cli_startup.py`` checks that the two agree.
+METRIC_NAMES = ("ctr", "time_spent", "clicks_per_user", "hide_rate", "publisher_hhi")
 
 experiment_app = typer.Typer(help="Plan and analyse online A/B experiments.", no_args_is_help=True)
 
@@ -61,12 +61,18 @@ def _date(text: str | None, name: str) -> dt.datetime | None:
 
 
 def _load_config(path: Path | None) -> RolloutConfig:
+    from feedrank.experiment.rollout import RolloutConfig
+
     return RolloutConfig() if path is None else load_yaml(RolloutConfig, path, section="rollout")
 
 
 def _metric_from_args(
     name: str, baseline: str | None, sd: float | None, per_user: float | None, deff: float
 ) -> MetricModel:
+    from feedrank.experiment.metrics import get_metric
+    from feedrank.experiment.params import parse_fraction
+    from feedrank.experiment.power import MetricModel, proportion_metric
+
     metric = get_metric(name)
     if baseline is None:
         raise ValueError("--baseline is required (or estimate it with --from-log)")
@@ -83,7 +89,7 @@ def _metric_from_args(
 
 @experiment_app.command("plan")
 def plan_command(
-    metric: str = typer.Option(..., help=f"Primary metric: {', '.join(METRICS)}."),
+    metric: str = typer.Option(..., help=f"Primary metric: {', '.join(METRIC_NAMES)}."),
     mde: str = typer.Option(..., help="Minimum detectable effect, relative to baseline: '0.5%' or 0.005."),
     daily_users: float = typer.Option(..., help="Distinct users newly eligible per day."),
     traffic: str = typer.Option(..., help="Share of users in the experiment (both arms): '5%' or 0.05."),
@@ -106,6 +112,11 @@ def plan_command(
     out: Optional[Path] = typer.Option(None, help="Also write the JSON plan here."),
 ) -> None:
     """Sample size, duration and the staged rollout plan for one primary metric."""
+    from feedrank.experiment.metrics import user_table_from_log
+    from feedrank.experiment.params import parse_fraction
+    from feedrank.experiment.power import Design, estimate_from_users
+    from feedrank.experiment.rollout import build_plan
+
     try:
         design = Design(alpha, power, "one-sided" if one_sided else "two-sided", ratio)
         if from_log is not None:
@@ -131,6 +142,10 @@ def plan_command(
 
 
 def _read_assignment(path: Path) -> pa.Table:
+    import pyarrow as pa
+    import pyarrow.csv as pacsv
+    import pyarrow.parquet as pq
+
     if not path.is_file():
         raise FileNotFoundError(f"assignment file not found: {path}")
     if path.suffix == ".parquet":
@@ -149,7 +164,7 @@ def analyze_command(
     assignment: Optional[Path] = typer.Option(None, help="Or a .parquet/.csv file with user_id,arm columns."),
     weights: Optional[str] = typer.Option(None, help="Planned split, e.g. 50,50 (default equal)."),
     control: Optional[str] = typer.Option(None, help="Control arm (default: the first of --arms)."),
-    metrics: str = typer.Option("ctr,time_spent", help=f"Comma-separated, first is primary: {', '.join(METRICS)}."),
+    metrics: str = typer.Option("ctr,time_spent", help=f"Comma-separated, first is primary: {', '.join(METRIC_NAMES)}."),
     pre_end: Optional[str] = typer.Option(None, help="Events before this date (YYYY-MM-DD) are the CUPED pre-period."),
     alpha: float = typer.Option(0.05, help="Significance level."),
     sequential_tau: Optional[str] = typer.Option(None, help="Add always-valid p-values; effect scale, e.g. '2%'."),
@@ -159,6 +174,10 @@ def analyze_command(
     out: Optional[Path] = typer.Option(None, help="Also write the JSON result here."),
 ) -> None:
     """Analyse an A/B test on a canonical log: lifts, CIs, guardrails, SRM and a summary."""
+    from feedrank.experiment.analyze import analyze
+    from feedrank.experiment.metrics import user_table_from_log
+    from feedrank.experiment.params import parse_fraction
+
     try:
         arm_names = [a.strip() for a in arms.split(",") if a.strip()]
         split = None
@@ -197,6 +216,8 @@ def analyze_command(
 
 def _arm(text: str) -> tuple[str, tuple[str, str | None] | str]:
     """``NAME=BUNDLE[,RANKER]`` or ``NAME=oracle[:NOISE]`` -> (name, arm spec)."""
+    from feedrank.experiment.simulate_ab import parse_oracle
+
     name, sep, spec = text.partition("=")
     name, spec = name.strip(), spec.strip()
     if not sep or not name or not spec:
@@ -228,6 +249,9 @@ def ab_command(
     progress: bool = typer.Option(False, "--progress", help="Show a progress bar per arm."),
 ) -> None:
     """Simulated A/B test: arms served by real feed services, users played by the synthetic world."""
+    from feedrank.experiment.simulate_ab import ABSimConfig, simulate_ab
+    from feedrank.serving.pipeline import set_threads
+
     try:
         cfg = ABSimConfig() if config is None else load_yaml(ABSimConfig, config, section="ab")
         overrides = {"users": users, "days": days, "salt": salt, "seed": seed}

@@ -13,18 +13,25 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-import typer
-import yaml
+from typing import TYPE_CHECKING
 
-from feedrank.commands.train import USER_ERRORS, run_cli
-from feedrank.config import load_yaml
-from feedrank.features.build import FeatureConfig, build_features
+import typer
+
+from feedrank.commands.train import run_cli
+
+if TYPE_CHECKING:
+    from feedrank.features.build import FeatureConfig
 
 features_app = typer.Typer(help="Point-in-time training examples from an event log.", no_args_is_help=True)
 
 
 def load_feature_config(path: Path | None) -> FeatureConfig:
     """``FeatureConfig`` from a run config's ``features`` section, or from a features-only file."""
+    import yaml
+
+    from feedrank.config import load_yaml
+    from feedrank.features.build import FeatureConfig
+
     if path is None:
         return FeatureConfig()
     data = yaml.safe_load(path.read_text()) if path.is_file() else None
@@ -39,8 +46,12 @@ def build_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with a 'features' section (or only feature keys)."),
 ) -> None:
     """Build examples, vocabularies and manifest.json for LOG into OUT."""
+    import yaml
+
+    from feedrank.features.build import build_features
+
     result = run_cli(lambda: build_features(log, out, load_feature_config(config), progress=True),
-                     errors=(*USER_ERRORS, yaml.YAMLError))
+                     also=(yaml.YAMLError,))
     m = result.manifest
     for split, stats in m["splits"].items():
         oov = ", ".join(f"{k} {v}" for k, v in stats["oov"].items() if v)

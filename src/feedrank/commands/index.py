@@ -18,24 +18,15 @@ from dataclasses import replace
 from datetime import datetime, timezone
 from enum import Enum
 from pathlib import Path
-from typing import Optional, get_args
+from typing import TYPE_CHECKING, Optional, get_args
 
-import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import typer
 
 from feedrank.config import ConfigError, load_yaml, to_dict
-from feedrank.index import (
-    IndexConfig,
-    RecallBelowFloorError,
-    build_and_publish,
-    check_recall,
-    load_index,
-    needs_rebuild,
-    read_manifest,
-)
-from feedrank.index.config import IndexKind
+from feedrank.index.config import IndexConfig, IndexKind
+
+if TYPE_CHECKING:
+    import numpy as np
 
 Kind = Enum("Kind", {k: k for k in get_args(IndexKind)}, type=str)
 
@@ -56,6 +47,8 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 def read_vectors(path: Path) -> np.ndarray:
     """A ``.npy`` array of vectors (shape and values are checked by the index itself)."""
+    import numpy as np
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
@@ -66,6 +59,10 @@ def read_vectors(path: Path) -> np.ndarray:
 
 def read_item_ids(path: Path) -> np.ndarray:
     """Item ids from a ``.txt`` file (one per line) or a ``.parquet`` file (string column ``item_id``)."""
+    import numpy as np
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".txt":
@@ -100,6 +97,8 @@ def build_command(
     as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
 ) -> None:
     """Build an index over item vectors and publish it if its recall reaches the floor."""
+    from feedrank.index.store import RecallBelowFloorError, build_and_publish
+
     try:
         cfg = IndexConfig() if config is None else load_yaml(IndexConfig, config, section="index")
         cfg = cfg if kind is None else replace(cfg, kind=kind.value)
@@ -135,6 +134,9 @@ def check_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Load an index, verify its files, re-measure recall and say whether it needs a rebuild."""
+    from feedrank.index.policy import needs_rebuild
+    from feedrank.index.store import check_recall, load_index, read_manifest
+
     try:
         manifest = read_manifest(directory)
         index = load_index(directory)

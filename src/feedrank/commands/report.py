@@ -9,8 +9,6 @@ from typing import Optional
 
 import typer
 
-from feedrank.evaluate.report import write_report
-
 
 def report_command(
     run_dir: Path = typer.Argument(
@@ -23,6 +21,8 @@ def report_command(
     seed: int = typer.Option(0, "--seed", help="Seed of the bootstrap."),
 ) -> None:
     """Write a self-contained HTML report (metrics with intervals, comparisons, curves, calibration)."""
+    from feedrank.evaluate.report import write_report
+
     try:
         path = write_report(run_dir, out, n_resamples=resamples, seed=seed, progress=True)
     except (FileNotFoundError, ValueError) as exc:

@@ -1,7 +1,13 @@
 """`feedrank serve`: start the feed service (uvicorn) over a two-tower bundle and an optional ranker.
 
 Exit codes: 0 clean shutdown (or ``--dry-run`` passed); 2 the inputs could not be used (missing
-bundle, bad config); uvicorn's own code otherwise.
+bundle, bad config); 3 the app failed to start; uvicorn's own code otherwise.
+
+At start it prints the URL it serves on (``--port 0`` picks a free port; the URL names it). With
+``--workers N`` a supervisor pings each worker; one that does not answer within
+``--healthcheck-timeout`` seconds is killed and replaced, and every replaced worker is logged with
+why (no answer, exit status or signal). Workers load the models before they serve, so on a busy
+machine give them time: the default, 30 s, is six times uvicorn's.
 
 Example::
 
@@ -19,11 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-import uvicorn
 
-from feedrank.bundle import BundleError
-from feedrank.config import ConfigError
-from feedrank.serving.app import ServeSettings, build_service, serving_config
+APP_FACTORY = "feedrank.serving.app:app_from_env"
+DEFAULT_HEALTHCHECK_TIMEOUT_S = 30
 
 
 def serve_command(
@@ -34,11 +38,20 @@ def serve_command(
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
     workers: int = typer.Option(1, "--workers", min=1, help="uvicorn worker processes (each loads the models)."),
+    healthcheck_timeout: int = typer.Option(
+        DEFAULT_HEALTHCHECK_TIMEOUT_S, "--healthcheck-timeout", min=1,
+        help="With --workers > 1: seconds a worker may take to answer the supervisor's ping (also while "
+             "it starts) before it is killed and replaced.",
+    ),  # fmt: skip
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help="Use Redis at this URL for the user-vector cache."),
     serving_log: Optional[Path] = typer.Option(None, "--serving-log", help="Where POST /events rows go (overrides the config)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build the service once, print its health report and exit."),
 ) -> None:
     """Serve GET /feed, POST /events, /healthz and /metrics."""
+    from feedrank.bundle import BundleError
+    from feedrank.config import ConfigError
+    from feedrank.serving.app import ServeSettings, build_service, serving_config
+
     settings = ServeSettings(
         bundle=str(bundle), ranker=None if ranker is None else str(ranker), log=None if log is None else str(log),
         config=None if config is None else str(config), redis_url=redis_url,
@@ -58,7 +71,16 @@ def serve_command(
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
     os.environ.update(settings.to_env())  # uvicorn workers inherit the environment
-    uvicorn.run("feedrank.serving.app:app_from_env", factory=True, host=host, port=port, workers=workers)
+    import uvicorn
+
+    from feedrank.serving.supervisor import serve
+
+    server_config = uvicorn.Config(APP_FACTORY, factory=True, host=host, port=port, workers=workers,
+                                   timeout_worker_healthcheck=healthcheck_timeout)  # fmt: skip
+    announce = f"{workers} workers, health-check timeout {healthcheck_timeout} s" if workers > 1 else "1 worker"
+    started = serve(server_config, lambda url: typer.echo(f"feedrank serve: {url} ({announce}); try {url}/healthz"))
+    if not started:
+        raise typer.Exit(3)
 
 
 def register(app: typer.Typer) -> None:

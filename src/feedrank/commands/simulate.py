@@ -4,15 +4,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from feedrank.config import ConfigError, from_dict, load_yaml, to_dict
-from feedrank.data.simulate import SUMMARY_FILE, SimulationSummary, simulate
-from feedrank.data.world import WorldConfig
+if TYPE_CHECKING:
+    from rich.table import Table
+
+    from feedrank.data.simulate import SimulationSummary
 
 
 def simulate_command(
@@ -25,6 +24,12 @@ def simulate_command(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a simulation already in --out."),
 ) -> None:
     """Simulate a news-feed world and stream its event log to --out."""
+    from rich.console import Console
+
+    from feedrank.config import ConfigError, from_dict, load_yaml, to_dict
+    from feedrank.data.simulate import SUMMARY_FILE, simulate
+    from feedrank.data.world import WorldConfig
+
     console = Console(stderr=True)
     overrides = {k: v for k, v in dict(users=users, items=items, days=days, seed=seed).items() if v is not None}
     try:
@@ -42,6 +47,9 @@ def simulate_command(
 
 
 def summary_table(summary: SimulationSummary, path: Path) -> Table:
+    """The simulation summary as a two-column table (``path``: where summary.json was written)."""
+    from rich.table import Table
+
     table = Table(title=f"simulated log ({path})")
     table.add_column("metric")
     table.add_column("value", justify="right")

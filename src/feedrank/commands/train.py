@@ -10,26 +10,21 @@ Example::
         --two-tower runs/demo/bundle
 
 A new task adds its function to ``train_app`` with ``@train_app.command(...)``; ``run_cli`` gives it
-the same error handling.
+the same error handling. Like every command module, this one imports torch and pyarrow only inside
+the commands, so that ``feedrank --help`` does not load them.
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Optional, TypeVar
+from typing import TYPE_CHECKING, Any, Optional, TypeVar
 
 import typer
-from rich.console import Console
-from rich.table import Table
 
-from feedrank.bundle import BundleError
-from feedrank.config import ConfigError
-from feedrank.features.build import FeatureBuildError, NotTrainableError
-from feedrank.train.ranking import load_ranking_config, train_ranking
-from feedrank.train.retrieval import load_run_config, train_retrieval
-from feedrank.train.task import Preempted
-from feedrank.train.trainer import PREEMPTED_EXIT_CODE
+if TYPE_CHECKING:
+    from rich.table import Table
 
 train_app = typer.Typer(
     help="Train a model on an event log; writes RUN_DIR/{features,train/<task>,eval} and its bundle "
@@ -37,26 +32,40 @@ train_app = typer.Typer(
     no_args_is_help=True,
 )
 
-#: Errors a user can fix (config, data, paths): reported on one line, exit status 2.
-USER_ERRORS = (ConfigError, NotTrainableError, FeatureBuildError, FileNotFoundError, FileExistsError)
-
 T = TypeVar("T")
 
 
-def run_cli(task: Callable[[], T], errors: tuple[type[Exception], ...] = USER_ERRORS) -> T:
-    """Run ``task``; an error of ``errors`` exits 2 with ``error: <message>``, a preemption exits 75."""
+def user_errors() -> tuple[type[Exception], ...]:
+    """Errors a user can fix (config, data, paths): reported on one line, exit status 2."""
+    from feedrank.config import ConfigError
+    from feedrank.features.build import FeatureBuildError, NotTrainableError
+
+    return (ConfigError, NotTrainableError, FeatureBuildError, FileNotFoundError, FileExistsError)
+
+
+def run_cli(task: Callable[[], T], also: tuple[type[Exception], ...] = ()) -> T:
+    """Run ``task``; a user error (``user_errors()`` or ``also``) exits 2 with ``error: <message>``,
+    a preemption exits 75."""
     try:
         return task()
-    except errors as exc:
+    except (*user_errors(), *also) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
-    except Preempted as exc:
+    except Exception as exc:
+        # Only a loaded trainer can be preempted; importing it here would load torch for nothing.
+        task_module = sys.modules.get("feedrank.train.task")
+        if task_module is None or not isinstance(exc, task_module.Preempted):
+            raise
+        from feedrank.train.trainer import PREEMPTED_EXIT_CODE
+
         typer.echo(str(exc), err=True)
         raise typer.Exit(PREEMPTED_EXIT_CODE) from exc
 
 
 def metrics_table(title: str, models: dict[str, dict[str, dict]], ks: list[int]) -> Table:
     """Model-by-metric table of a ``metrics.json`` document's ``models`` section."""
+    from rich.table import Table
+
     table = Table(title=title)
     table.add_column("metric")
     for name in models:
@@ -78,6 +87,8 @@ def _cell(cell: dict[str, Any] | None) -> str:
 
 def ranking_tables(doc: dict[str, Any]) -> tuple[Table, Table]:
     """(metric by model, comparisons) of a ranking ``metrics.json`` document, values with their CIs."""
+    from rich.table import Table
+
     models = doc["models"]
     table = Table(title="holdout impressions: value [95% CI]")
     table.add_column("metric")
@@ -108,9 +119,14 @@ def ranking_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in RUN_DIR/train/ranking."),
 ) -> None:
     """Train the multi-task ranker, evaluate it against the baselines on the holdout, and save a bundle."""
+    from rich.console import Console
+
+    from feedrank.bundle import BundleError
+    from feedrank.train.ranking import load_ranking_config, train_ranking
+
     cfg = run_cli(lambda: load_ranking_config(config))
     bundle = run_cli(lambda: train_ranking(log, out, cfg, two_tower_bundle=two_tower, resume=resume),
-                     errors=(*USER_ERRORS, BundleError, ValueError))  # fmt: skip
+                     also=(BundleError, ValueError))  # fmt: skip
     if bundle is None:  # a non-zero torchrun rank: rank 0 reports
         return
     console = Console()
@@ -133,6 +149,10 @@ def retrieval_command(
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in RUN_DIR/train."),
 ) -> None:
     """Train the two-tower retrieval model, evaluate it against popularity, and save a bundle."""
+    from rich.console import Console
+
+    from feedrank.train.retrieval import load_run_config, train_retrieval
+
     cfg = run_cli(lambda: load_run_config(config))
     bundle = run_cli(lambda: train_retrieval(log, out, cfg, resume=resume))
     if bundle is None:  # a non-zero torchrun rank: rank 0 reports

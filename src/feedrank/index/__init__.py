@@ -1,40 +1,30 @@
 """Approximate nearest-neighbour item index (FAISS): build, search, recall gate, save/load, rebuild policy.
 
 ``build_and_publish`` is the whole offline job (embed the catalogue elsewhere, hand the vectors
-here); serving calls ``load_index`` then ``ItemIndex.search``.
+here); serving calls ``load_index`` then ``ItemIndex.search``. The names below are imported on
+first use, so ``feedrank.index.config`` (the typed settings, which the CLI needs for ``--help``)
+loads without FAISS.
 """
 
-from feedrank.index.build import IndexInputError, ItemIndex, build_index
-from feedrank.index.config import IndexConfig, RebuildPolicy
-from feedrank.index.policy import needs_rebuild
-from feedrank.index.recall import measure_recall
-from feedrank.index.store import (
-    IndexFileError,
-    IndexManifest,
-    RecallBelowFloorError,
-    build_and_publish,
-    check_recall,
-    load_index,
-    publish,
-    read_manifest,
-    save_index,
-)
+from feedrank._lazy import lazy_exports
 
-__all__ = [
-    "IndexConfig",
-    "IndexFileError",
-    "IndexInputError",
-    "IndexManifest",
-    "ItemIndex",
-    "RebuildPolicy",
-    "RecallBelowFloorError",
-    "build_and_publish",
-    "build_index",
-    "check_recall",
-    "load_index",
-    "measure_recall",
-    "needs_rebuild",
-    "publish",
-    "read_manifest",
-    "save_index",
-]
+_EXPORTS = {
+    "IndexConfig": "config",
+    "RebuildPolicy": "config",
+    "IndexInputError": "build",
+    "ItemIndex": "build",
+    "build_index": "build",
+    "needs_rebuild": "policy",
+    "measure_recall": "recall",
+    "IndexFileError": "store",
+    "IndexManifest": "store",
+    "RecallBelowFloorError": "store",
+    "build_and_publish": "store",
+    "check_recall": "store",
+    "load_index": "store",
+    "publish": "store",
+    "read_manifest": "store",
+    "save_index": "store",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)
+__all__ = sorted(_EXPORTS)

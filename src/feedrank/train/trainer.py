@@ -84,11 +84,15 @@ DataFn = Callable[[int], Iterable[Any]]
 EvalFn = Callable[[nn.Module], Mapping[str, float]]
 
 
+DEFAULT_STEPS = 1000
+
+
 @dataclass
 class TrainConfig:
-    """How to train; model- and data-agnostic. Exactly one of ``steps`` / ``epochs`` is set."""
+    """How to train; model- and data-agnostic. Exactly one of ``steps`` / ``epochs`` is set: set
+    one and the other stays unset; set neither and ``steps`` is ``DEFAULT_STEPS``."""
 
-    steps: int | None = 1000  # optimizer steps (not micro-batches)
+    steps: int | None = None  # optimizer steps (not micro-batches); DEFAULT_STEPS when epochs is unset too
     epochs: int | None = None  # alternative to steps; cosine then needs len(data(0))
     lr: float = 1e-3  # peak learning rate
     min_lr_ratio: float = 0.1  # cosine decays to lr * min_lr_ratio
@@ -113,10 +117,13 @@ class TrainConfig:
     progress: bool = True
     out_dir: str = "runs/train"
 
+    def __post_init__(self) -> None:
+        if self.steps is None and self.epochs is None:
+            self.steps = DEFAULT_STEPS
+
     def validate(self) -> None:
-        if (self.steps is None) == (self.epochs is None):
-            raise ValueError("set exactly one of 'steps' and 'epochs' (steps defaults to 1000: "
-                             "write 'steps: null' beside 'epochs')")
+        if self.steps is not None and self.epochs is not None:
+            raise ValueError("set exactly one of 'steps' and 'epochs', not both")
         positive = {"steps": self.steps, "epochs": self.epochs, "lr": self.lr, "grad_accum_steps": self.grad_accum_steps,
                     "log_every": self.log_every, "keep_checkpoints": self.keep_checkpoints,
                     "bucket_cap_mb": self.bucket_cap_mb, "clip_grad_norm": self.clip_grad_norm}

@@ -243,8 +243,7 @@ def denormalise(events: pa.Table, items: pa.Table, users: pa.Table | None) -> pa
 
     A left join that keeps the event order: each event looks up its item's row by id (a hash
     lookup into the catalogue, then a gather). An event whose item is missing from the catalogue
-    keeps null metadata (readers flag unknown items earlier; this only happens for hand-built
-    tables).
+    keeps null metadata (MIND allows such items; see ``items_without_metadata``).
     """
     table = events
     lookups = [(items, "item_id", _ITEM_META)] + ([(users, "user_id", _USER_META)] if users is not None else [])
@@ -253,6 +252,13 @@ def denormalise(events: pa.Table, items: pa.Table, users: pa.Table | None) -> pa
         for name, col in zip(columns, meta.select(columns).take(rows).columns):
             table = table.append_column(name, col)
     return conform(table)
+
+
+def items_without_metadata(item_ids: pa.Array | pa.ChunkedArray, items: pa.Table) -> pa.Array:
+    """The distinct ids of ``item_ids`` that the catalogue ``items`` lacks, sorted."""
+    distinct = pc.unique(item_ids)
+    missing = distinct.filter(pc.invert(pc.is_in(distinct, value_set=items["item_id"].combine_chunks())))
+    return pc.take(missing, pc.sort_indices(missing))
 
 
 def combine(results: list[ReadResult]) -> ReadResult:

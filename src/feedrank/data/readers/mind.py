@@ -9,7 +9,9 @@ title_entities \\t abstract_entities``.
 Mapping choices (MIND has no publisher, item type, creation time, dwell or user metadata):
 
 - Each impression token is one row: ``request_id = "<split>-<impression_id>"`` (the split defaults
-  to the directory name, so train and dev, whose impression ids both start at 1, never collide),
+  to the directory name, so train and dev, whose impression ids both start at 1, never collide;
+  ``feedrank.data.readers.read_many`` names folders that share a name by their distinct path
+  suffixes, ``a/train`` and ``b/train``),
   ``position`` = index of the token in the impression list, ``clicked`` from the suffix,
   ``dwell_s = 0``.
 - Items: ``category`` = MIND category (``sports``), ``item_type`` = MIND subcategory
@@ -22,6 +24,9 @@ Mapping choices (MIND has no publisher, item type, creation time, dwell or user 
   their order, oldest first, but not their times). Point-in-time features therefore see them as
   the user's past and never as future information. The history is taken from the user's earliest
   impression line; MIND repeats the same pre-window history on every line of a user.
+- News ids in impressions or histories that ``news.tsv`` lacks are kept: real MIND subsets and
+  partial dumps have them. Those items have no metadata (null category, title, publisher); ingest
+  adds them to the catalogue as such and counts them in its manifest (``items_without_metadata``).
 - The MIND test split (impressions without ``-0``/``-1`` labels) is not supported: its tokens are
   reported as bad impression tokens.
 """
@@ -37,7 +42,6 @@ import pyarrow.compute as pc
 from feedrank.data.readers.common import (
     ReadResult,
     RowErrors,
-    flag_unknown,
     positions,
     prefixed,
     read_lines,
@@ -79,11 +83,9 @@ def read_mind(path: str | Path, split: str | None = None, skip_bad_rows: bool = 
             errors.flag(b["_line"].to_numpy()[empty], f"empty {name}")
 
     shown = _impressions(b, split, errors)
-    flag_unknown(shown["item_id"], items["item_id"], shown["_line"], errors, f"news id in impressions (not in {news_path.name})")
     # History comes from each user's earliest line that is still good, so a skipped bad line
     # does not take the user's history with it.
     history = _history(b.filter(errors.keep(b["_line"])), split, errors)
-    flag_unknown(history["item_id"], items["item_id"], history["_line"], errors, f"news id in history (not in {news_path.name})")
 
     events = pa.concat_tables([shown, history])
     events = events.filter(errors.keep(events["_line"])).drop_columns(["_line"])

@@ -1,0 +1,89 @@
+"""Run the uvicorn server for ``feedrank serve``: one process, or a supervisor over N workers that
+says why a worker died.
+
+uvicorn's own supervisor (``uvicorn.supervisors.Multiprocess``) pings every worker each half
+second; a worker that does not answer within ``timeout_worker_healthcheck`` seconds is killed and
+replaced, and a worker that exited is replaced, both with the same line ``Child process [pid]
+died``. A worker that is slow to start (importing torch on a loaded machine) and a worker that
+crashed therefore looked alike, and a health-check timeout shorter than the start-up time killed
+and respawned workers forever without saying so. ``WorkerSupervisor`` keeps uvicorn's policy and
+logs, for each replaced worker, whether it stopped answering (and was killed after how long) or
+exited on its own (with which status or signal).
+
+Example::
+
+    config = uvicorn.Config("feedrank.serving.app:app_from_env", factory=True, workers=2,
+                            timeout_worker_healthcheck=30)
+    serve(config, lambda url: print(f"serving on {url}"))
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+from collections.abc import Callable
+
+import uvicorn
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess
+
+logger = logging.getLogger("uvicorn.error")
+
+
+def describe_exit(exitcode: int | None) -> str:
+    """A worker's exit status in words: ``exited with status 1``, ``was killed by signal SIGSEGV``."""
+    if exitcode is None:
+        return "is still running"
+    if exitcode < 0:
+        try:
+            name = signal.Signals(-exitcode).name
+        except ValueError:
+            name = str(-exitcode)
+        hint = " (the out-of-memory killer sends SIGKILL: check the kernel log)" if -exitcode == signal.SIGKILL else ""
+        return f"was killed by signal {name}{hint}"
+    if exitcode == STARTUP_FAILURE:
+        return f"exited with status {exitcode} (start-up failure: the app could not be loaded; see its traceback above)"
+    return f"exited with status {exitcode}"
+
+
+class WorkerSupervisor(Multiprocess):
+    """uvicorn's multi-process supervisor, plus one log line per replaced worker saying why."""
+
+    def keep_subprocess_alive(self) -> None:
+        before = [(p, p.process.is_alive()) for p in self.processes]
+        super().keep_subprocess_alive()
+        replaced = {id(p) for p in self.processes}
+        for process, was_running in before:
+            if id(process) in replaced:
+                continue
+            if was_running:
+                # Still running but silent: the supervisor killed it after one health-check timeout.
+                why = (f"did not answer the health check within {self.config.timeout_worker_healthcheck} s and "
+                       "was killed (slow start-up or a hung worker; raise --healthcheck-timeout if it was "
+                       "still starting)")  # fmt: skip
+            else:
+                why = describe_exit(process.exitcode)
+            logger.warning("Worker [%s] %s", process.pid, why)
+
+
+def url_of(sock: socket.socket, scheme: str = "http") -> str:
+    """The URL a bound socket serves on (its real port, also when the port asked for was 0)."""
+    host, port = sock.getsockname()[:2]
+    return f"{scheme}://[{host}]:{port}" if sock.family == socket.AF_INET6 else f"{scheme}://{host}:{port}"
+
+
+def serve(config: uvicorn.Config, on_bound: Callable[[str], None]) -> bool:
+    """Bind ``config``'s socket, call ``on_bound(url)``, then serve until shut down.
+
+    One worker runs in this process; more run under ``WorkerSupervisor``. Returns whether the
+    server started (False: the app failed to load in the single-process case).
+    """
+    sock = config.bind_socket()
+    on_bound(url_of(sock, "https" if config.is_ssl else "http"))
+    if config.workers > 1:
+        WorkerSupervisor(config, sockets=[sock]).run()
+        return True
+    server = uvicorn.Server(config)
+    server.run(sockets=[sock])
+    return server.started
