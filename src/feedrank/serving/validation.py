@@ -39,7 +39,7 @@ def check_id(value: str) -> str:
     if not value.strip():
         raise ValueError("must not be empty or blank")
     if _FORBIDDEN.search(value):
-        raise ValueError("must not contain control characters (NUL, CR, LF, TAB, ...)")
+        raise ValueError("must not contain control characters or line separators (NUL, CR, LF, TAB, U+2028, ...)")
     if value != value.strip():
         raise ValueError("must not start or end with whitespace")
     return value
