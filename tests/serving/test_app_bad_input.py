@@ -167,3 +167,35 @@ def test_bad_input_is_refused_briefly_and_the_server_still_serves(case, serve):
     assert other.get("/feed", params={"user_id": "u1", "k": 3}).status_code == 200
     posted = other.post("/events", json=world.event(clicked=True, dwell_s=3.5, ts=world.ts(seconds=-1)))
     assert posted.status_code == 200 and posted.json() == {"accepted": 1}
+
+
+def test_the_strict_rules_still_accept_every_good_edge(serve):
+    service, app = serve({})
+    client = TestClient(app, raise_server_exceptions=False)
+    w = World(str(service.catalogue.item_ids[service.catalogue.rankable[0]]), service.clock())
+    naive = (w.now - dt.timedelta(hours=1)).replace(tzinfo=None).isoformat()  # naive: taken as UTC
+    batch = [w.event(dwell_s=86_400.0, clicked=True, shared=False, hidden=False), w.event(dwell_s=7, clicked=True, ts=w.ts(seconds=-5)),
+             w.event(ts=w.ts(seconds=240)), w.event(ts=w.ts(days=-6)), w.event(ts=naive),
+             w.event(user_id="ユーザー 1", request_id="r-1", position=2**31 - 1), w.event(user_id="u" * 256)]  # fmt: skip
+    response = client.post("/events", content=json.dumps(batch), headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert response.status_code == 200 and response.json() == {"accepted": len(batch)}, response.text
+
+
+def test_refusals_are_counted_in_metrics(serve):
+    _, app = serve({"auth": AuthConfig(api_key_env=KEY_ENV)})
+    client = TestClient(app, raise_server_exceptions=False, headers={"X-API-Key": KEY})
+    client.post("/events", content="[" * 100 + "]" * 100, headers=JSON)  # 422, unreadable: one event
+    client.post("/events", content="{}", headers={"content-type": "text/plain"})  # 415: one event
+    client.post("/events", json=[{"user_id": "u1", "item_id": "i", "clicked": "yes"}] * 5)  # 422: five events
+    client.post("/events", json={"user_id": "u1", "item_id": "no-such-item"})  # 422 from the pipeline: one event
+    client.post("/events", json={"user_id": "u1", "item_id": "i"}, headers={"X-API-Key": "guess"})  # 401: not an event
+    client.get("/feed", params={"user_id": "u\x00"})
+    client.get("/no-such-route")  # a 404: not counted (its path would be a label)
+    text = client.get("/metrics").text
+    assert 'feedrank_events_total{outcome="rejected"} 8.0' in text
+    assert 'feedrank_http_refused_total{route="/events",status="422"} 3.0' in text
+    assert 'feedrank_http_refused_total{route="/events",status="415"} 1.0' in text
+    assert 'feedrank_http_refused_total{route="/events",status="401"} 1.0' in text
+    assert 'feedrank_http_refused_total{route="/feed",status="422"} 1.0' in text
+    assert 'feedrank_http_refused_total{route="/feed",status="429"} 0.0' in text
+    assert "no-such-route" not in text
