@@ -3,6 +3,7 @@ echo the input, nothing logged, and a server that still serves a feed and a good
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 from collections.abc import Callable
@@ -199,3 +200,26 @@ def test_refusals_are_counted_in_metrics(serve):
     assert 'feedrank_http_refused_total{route="/feed",status="422"} 1.0' in text
     assert 'feedrank_http_refused_total{route="/feed",status="429"} 0.0' in text
     assert "no-such-route" not in text
+
+
+def test_a_client_that_goes_away_mid_body_ends_as_a_400_not_a_crash(serve):
+    """Driven at the ASGI level: the body's second message is a disconnect (``TestClient`` cannot send one)."""
+    _, app = serve({})
+    received = iter([{"type": "http.request", "body": b'[{"user_id": ', "more_body": True}, {"type": "http.disconnect"}])
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return next(received)
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/events", "raw_path": b"/events", "query_string": b"", "root_path": "",
+             "headers": [(b"host", b"testserver"), (b"content-type", b"application/json")],
+             "client": ("127.0.0.1", 5000), "server": ("testserver", 80)}  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    assert sent[0]["type"] == "http.response.start" and sent[0]["status"] == 400
+    text = TestClient(app).get("/metrics").text
+    assert 'feedrank_http_refused_total{route="/events",status="400"} 1.0' in text
+    assert 'feedrank_events_total{outcome="rejected"} 1.0' in text

@@ -12,6 +12,7 @@ Routes::
 
 Limits of ``POST /events``, checked in this order, each refusal a short message naming the problem:
 
+- 400: a client that disconnects before sending the whole body (counted, nobody reads it);
 - 413: a body over ``serving.max_body_bytes`` (before reading it when the client declares its
   length, while streaming when it does not) or more than ``serving.max_events_per_post`` events;
 - 422: a body that is not UTF-8 JSON (``NaN`` and ``Infinity`` are not JSON), nests deeper than
@@ -68,6 +69,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import AfterValidator, TypeAdapter, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from feedrank.bundle import load_bundle
 from feedrank.config import from_dict, load_yaml
@@ -106,7 +108,7 @@ def create_app(service: FeedService) -> FastAPI:
     keys = ApiKeyCheck.from_config(cfg.auth)
     limiter = RateLimiter.from_config(cfg.rate_limit)
 
-    def access(request: Request) -> None:
+    async def access(request: Request) -> None:
         """401 / 429 before anything else of the request is read."""
         if keys is not None and not keys.allows(request.headers.get(cfg.auth.header)):
             raise HTTPException(401, detail=f"missing or wrong API key in header {cfg.auth.header}")
@@ -135,7 +137,7 @@ def create_app(service: FeedService) -> FastAPI:
 
     @app.get("/feed", dependencies=guarded)
     def feed(
-        user_id: Annotated[str, Query(min_length=1), AfterValidator(check_id)],
+        user_id: Annotated[str, Query(description="a user id (feedrank.serving.validation.check_id)"), AfterValidator(check_id)],
         k: int = Query(cfg.k_default, ge=1, le=cfg.k_max, description=f"items to return, 1..{cfg.k_max}"),
     ) -> Response:
         result = service.feed(user_id, k)
@@ -197,10 +199,13 @@ async def _read_json(request: Request, limit: int, max_depth: int) -> object:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"body of {short(declared, 20)} bytes is over the limit of {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+    except ClientDisconnect as exc:  # nobody reads the answer, but the request ends as a 4xx, not a crash
+        raise HTTPException(400, detail="the client went away before sending the whole body") from exc
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -17,10 +17,11 @@ Exposed:
   ``sum(rate(feedrank_cache_lookups_total{outcome="hit"}[5m])) / sum(rate(feedrank_cache_lookups_total[5m]))``;
 - ``feedrank_events_total{outcome}``: events accepted or rejected by ``POST /events``, and
   ``from_peers``: accepted by another worker and applied here (``feedrank.serving.bus``).
-  ``rejected`` counts every event of a refused POST (413, 415, 422); a body that could not be read
-  as events (not JSON, too large, wrong content type) counts as one;
+  ``rejected`` counts every event of a refused POST (400, 413, 415, 422); a body that could not be
+  read as events (cut short, not JSON, too large, wrong content type) counts as one;
 - ``feedrank_http_refused_total{route,status}``: requests to ``/feed`` and ``/events`` answered
-  with a 4xx by the HTTP boundary (401 no or wrong API key, 413, 415, 422, 429 rate limited).
+  with a 4xx by the HTTP boundary (400 body cut short, 401 no or wrong API key, 413, 415, 422,
+  429 rate limited).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ STAGES = ("user", "ann", "rank", "rerank")
 CACHE_OUTCOMES = ("hit", "miss", "error")
 PATHS = ("cached", "tower", "cold_start")
 # the 4xx each route can answer with (``feedrank.serving.app``)
-REFUSALS = {"/feed": (401, 422, 429), "/events": (401, 413, 415, 422, 429)}
+REFUSALS = {"/feed": (401, 422, 429), "/events": (400, 401, 413, 415, 422, 429)}
 
 # Serving latencies live between a fraction of a millisecond and a few hundred.
 _BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.2, 0.5, 1.0, 2.5)
