@@ -197,9 +197,11 @@ def users_for(n: int, args: argparse.Namespace, rng: np.random.Generator) -> lis
 
 
 def cache_ratio(client: httpx.Client) -> float:
+    """Hits / lookups since the server started, from ``feedrank_cache_lookups_total{outcome}``."""
     text = client.get("/metrics").text
-    match = re.search(r"^feedrank_cache_hit_ratio (\S+)$", text, re.M)
-    return float(match.group(1)) if match else float("nan")
+    counts = {m.group(1): float(m.group(2)) for m in re.finditer(r'^feedrank_cache_lookups_total\{outcome="(\w+)"\} (\S+)$', text, re.M)}
+    total = sum(counts.values())
+    return counts.get("hit", 0.0) / total if total else float("nan")
 
 
 def drive(url: str, args: argparse.Namespace, seed: int) -> dict:

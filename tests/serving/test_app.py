@@ -82,7 +82,7 @@ def test_oversized_bodies_are_413(client):
         for _ in range(limit // 1000 + 2):
             yield b" " * 1000
 
-    assert client.post("/events", content=chunks()).status_code == 413
+    assert client.post("/events", content=chunks(), headers={"content-type": "application/json"}).status_code == 413
     many = [{"user_id": "u", "item_id": "i"}] * (client.service.cfg.max_events_per_post + 1)
     response = client.post("/events", json=many)
     assert response.status_code == 413 and "at most" in response.json()["detail"]
@@ -128,7 +128,7 @@ def test_metrics_expose_stage_histograms_and_counters(client):
     assert "feedrank_feed_seconds_count 3.0" in text
     assert 'feedrank_cache_lookups_total{outcome="hit"} 1.0' in text
     assert 'feedrank_cache_lookups_total{outcome="miss"} 2.0' in text
-    assert "feedrank_cache_hit_ratio 0.333" in text
+    assert "feedrank_cache_hit_ratio" not in text  # a ratio since start: Prometheus takes the rate of the counters
     assert "feedrank_cold_start_total 1.0" in text
     assert 'feedrank_events_total{outcome="rejected"} 1.0' in text
 

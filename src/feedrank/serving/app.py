@@ -4,13 +4,39 @@ Routes::
 
     GET  /feed?user_id=U&k=20   the feed; stage timings in the ``Server-Timing`` header; an unknown
                                 user gets the cold-start feed (200, never 404); k outside
-                                [1, serving.k_max] -> 422
-    POST /events                one event object or a list of them (``EventIn``); a body over
-                                ``serving.max_body_bytes`` or more than ``max_events_per_post``
-                                events -> 413; malformed JSON or a bad field -> 422 naming it
-                                (``events[2].dwell_s: ...``); an unknown item -> 422, nothing logged
+                                [1, serving.k_max] or a user id that is not an id -> 422
+    POST /events                one event object or a list of them (``EventIn``), sent as
+                                ``Content-Type: application/json`` (else 415); see "Limits"
     GET  /healthz               model versions, index kind and size, cache backend status
     GET  /metrics               Prometheus text format (``feedrank.serving.metrics``)
+
+Limits of ``POST /events``, checked in this order, each refusal a short message naming the problem:
+
+- 400: a client that disconnects before sending the whole body (counted, nobody reads it);
+- 413: a body over ``serving.max_body_bytes`` (before reading it when the client declares its
+  length, while streaming when it does not) or more than ``serving.max_events_per_post`` events;
+- 422: a body that is not UTF-8 JSON (``NaN`` and ``Infinity`` are not JSON), nests deeper than
+  ``serving.limits.max_json_depth`` (counted before parsing, so a 2 KB ``[[[[...]]]]`` never
+  reaches a recursive parser), or is neither an object nor a list;
+- 422: a field that breaks ``EventIn``'s rules: strict JSON types (``"clicked": "yes"`` is refused),
+  ids per ``feedrank.serving.validation.check_id`` (1..256 characters, not blank, no control
+  characters), ``dwell_s`` finite in [0, ``serving.limits.max_dwell_s``] (24 h), ``ts`` an ISO-8601
+  string within ``serving.limits.max_future_s`` (5 min) ahead and ``max_past_days`` (7) behind the
+  service clock; an unknown item; nothing of a refused POST is logged.
+
+Error bodies never echo the input: a 422 lists the first error (``{"field": "events[2].dwell_s",
+"msg": ...}``) and how many more there were, every message cut short (a body stays under 300
+bytes). Refusals are counted in ``/metrics`` (``feedrank_http_refused_total{route,status}``, and
+the events of a refused POST in ``feedrank_events_total{outcome="rejected"}``).
+
+Access (``feedrank.serving.access``), both off by default, on ``/feed`` and ``/events`` only
+(``/healthz`` and ``/metrics`` stay open for probes and scrapers):
+
+- ``serving.auth.api_key_env``: the environment variable holding an API key; requests without the
+  key in ``serving.auth.header`` (``X-API-Key``) -> 401;
+- ``serving.rate_limit``: a token bucket per client address (``burst`` at once, ``rate_per_s`` on
+  average); over it -> 429 with ``Retry-After``. Off suits the default loopback bind; turn both on
+  before exposing the port.
 
 A cache fault never becomes a 500: the cache swallows it and the feed is computed from the user
 tower (counted as ``error`` in ``/metrics``).
@@ -30,24 +56,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Annotated
 
-from fastapi import FastAPI, HTTPException, Query, Request, Response
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
-from pydantic import TypeAdapter, ValidationError
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import AfterValidator, TypeAdapter, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from feedrank.bundle import load_bundle
 from feedrank.config import from_dict, load_yaml
+from feedrank.serving.access import ApiKeyCheck, RateLimiter
 from feedrank.serving.config import ServingConfig
 from feedrank.serving.metrics import CONTENT_TYPE
 from feedrank.serving.pipeline import EventError, FeedService, set_threads
 from feedrank.serving.state import EventIn
+from feedrank.serving.validation import EventContext, check_id, json_depth, short
 
 SETTINGS_ENV = "FEEDRANK_SERVE_SETTINGS"
 _EVENTS = TypeAdapter(list[EventIn])
+_DETAIL_BYTES = 160  # a string detail
+_FIELD_BYTES, _MSG_BYTES = 48, 100  # one entry of a 422's list
 
 
 class PayloadTooLarge(HTTPException):
@@ -56,7 +92,10 @@ class PayloadTooLarge(HTTPException):
 
 
 def create_app(service: FeedService) -> FastAPI:
-    """The FastAPI app over ``service``; the service is closed (log flushed) at shutdown."""
+    """The FastAPI app over ``service``; the service is closed (log flushed) at shutdown.
+
+    Raises ``ValueError`` when ``serving.auth`` names an API key variable that is unset.
+    """
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -66,10 +105,39 @@ def create_app(service: FeedService) -> FastAPI:
     app = FastAPI(title="feedrank", lifespan=lifespan)
     app.state.service = service
     cfg = service.cfg
+    keys = ApiKeyCheck.from_config(cfg.auth)
+    limiter = RateLimiter.from_config(cfg.rate_limit)
 
-    @app.get("/feed")
+    async def access(request: Request) -> None:
+        """401 / 429 before anything else of the request is read."""
+        if keys is not None and not keys.allows(request.headers.get(cfg.auth.header)):
+            raise HTTPException(401, detail=f"missing or wrong API key in header {cfg.auth.header}")
+        if limiter is not None:
+            wait = limiter.wait_s(request.client.host if request.client else "unknown")
+            if wait > 0:
+                raise HTTPException(429, detail=f"rate limit of {cfg.rate_limit.rate_per_s:g} requests/s exceeded; "
+                                                f"retry in {wait:.2f} s", headers={"Retry-After": str(math.ceil(wait))})  # fmt: skip
+
+    guarded = [Depends(access)]
+
+    @app.exception_handler(StarletteHTTPException)
+    async def refused(request: Request, exc: StarletteHTTPException) -> Response:
+        service.metrics.observe_refusal(_route(request), exc.status_code)
+        detail = short(exc.detail, _DETAIL_BYTES) if isinstance(exc.detail, str) else exc.detail
+        return JSONResponse({"detail": detail}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_query(request: Request, exc: RequestValidationError) -> Response:
+        """FastAPI's 422 without the input and context it would echo (a 100 KB user id)."""
+        service.metrics.observe_refusal(_route(request), 422)
+        errors = list(exc.errors())
+        first = errors[0]
+        detail = [{"loc": [short(str(part), _FIELD_BYTES) for part in first["loc"]], "msg": _message(first)}]
+        return JSONResponse({"detail": detail + _more(errors)}, status_code=422)
+
+    @app.get("/feed", dependencies=guarded)
     def feed(
-        user_id: str = Query(..., min_length=1, max_length=256),
+        user_id: Annotated[str, Query(description="a user id (feedrank.serving.validation.check_id)"), AfterValidator(check_id)],
         k: int = Query(cfg.k_default, ge=1, le=cfg.k_max, description=f"items to return, 1..{cfg.k_max}"),
     ) -> Response:
         result = service.feed(user_id, k)
@@ -77,18 +145,25 @@ def create_app(service: FeedService) -> FastAPI:
         return Response(json.dumps(result.to_dict()), media_type="application/json",
                         headers={"Server-Timing": result.server_timing()})
 
-    @app.post("/events")
+    @app.post("/events", dependencies=guarded)
     async def events(request: Request) -> dict:
-        payload = await _read_json(request, cfg.max_body_bytes)
-        items = payload if isinstance(payload, list) else [payload]
-        if len(items) > cfg.max_events_per_post:
-            raise PayloadTooLarge(f"{len(items)} events in one request; at most {cfg.max_events_per_post}")
+        count = 1  # a body that cannot be read as events counts as one rejected event
         try:
-            parsed = _EVENTS.validate_python(items)
-        except ValidationError as exc:
-            raise HTTPException(422, detail=_describe(exc, single=not isinstance(payload, list))) from exc
+            _require_json(request)
+            payload = await _read_json(request, cfg.max_body_bytes, cfg.limits.max_json_depth)
+            items = payload if isinstance(payload, list) else [payload]
+            count = len(items)
+            if count > cfg.max_events_per_post:
+                raise PayloadTooLarge(f"{count} events in one request; at most {cfg.max_events_per_post}")
+            try:
+                parsed = _EVENTS.validate_python(items, context=EventContext(service.clock(), cfg.limits))
+            except ValidationError as exc:
+                raise HTTPException(422, detail=_describe(exc, single=not isinstance(payload, list))) from exc
+        except HTTPException:
+            service.metrics.events.labels("rejected").inc(count)
+            raise
         try:
-            accepted = await run_in_threadpool(service.record_events, parsed)
+            accepted = await run_in_threadpool(service.record_events, parsed)  # counts its own rejections
         except EventError as exc:
             raise HTTPException(422, detail=str(exc)) from exc
         return {"accepted": accepted}
@@ -104,35 +179,71 @@ def create_app(service: FeedService) -> FastAPI:
     return app
 
 
-async def _read_json(request: Request, limit: int) -> object:
+def _route(request: Request) -> str:
+    """The matched route's path (``/events``), "" when none matched (a 404)."""
+    return getattr(request.scope.get("route"), "path", "")
+
+
+def _require_json(request: Request) -> None:
+    media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if media != "application/json":
+        got = repr(short(media, 40)) if media else "no Content-Type"
+        raise HTTPException(415, detail=f"POST /events takes Content-Type: application/json, got {got}")
+
+
+async def _read_json(request: Request, limit: int, max_depth: int) -> object:
     """The body as JSON, refusing (413) more than ``limit`` bytes before reading them when the
-    client declares its length, and while streaming when it does not (chunked uploads)."""
+    client declares its length, and while streaming when it does not (chunked uploads); refusing
+    (422) a body nested deeper than ``max_depth`` before parsing it."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise PayloadTooLarge(f"body of {declared} bytes is over the limit of {limit} bytes")
+        raise PayloadTooLarge(f"body of {short(declared, 20)} bytes is over the limit of {limit} bytes")
     body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
     try:
-        payload = json.loads(body)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise PayloadTooLarge(f"body is over the limit of {limit} bytes")
+    except ClientDisconnect as exc:  # nobody reads the answer, but the request ends as a 4xx, not a crash
+        raise HTTPException(400, detail="the client went away before sending the whole body") from exc
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise HTTPException(422, detail=f"body is not valid JSON: not UTF-8 at byte {exc.start}") from exc
+    depth = json_depth(bytes(body))
+    if depth > max_depth:
+        raise HTTPException(422, detail=f"body nests {depth} levels deep; at most {max_depth} (a list of event objects is 2)")
+    try:
+        payload = json.loads(text, parse_constant=_not_json)
+    except RecursionError as exc:  # a last resort: max_json_depth is set above the parser's limit
+        raise HTTPException(422, detail="body nests too deeply to parse") from exc
+    except ValueError as exc:  # JSONDecodeError, NaN/Infinity, an integer of over 4300 digits
         raise HTTPException(422, detail=f"body is not valid JSON: {exc}") from exc
     if not isinstance(payload, (dict, list)):
         raise HTTPException(422, detail=f"body must be an event object or a list of them, got {type(payload).__name__}")
     return payload
 
 
+def _not_json(constant: str) -> None:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
 def _describe(exc: ValidationError, single: bool) -> list[dict]:
-    """Pydantic's errors with a readable location (``dwell_s`` or ``events[2].dwell_s``)."""
-    out = []
-    for error in exc.errors(include_url=False, include_input=False):
-        index, *fields = error["loc"]
-        event = "" if single else f"events[{index}]"
-        where = ".".join([event, *map(str, fields)]).strip(".") or "body"
-        out.append({"field": where, "msg": error["msg"]})
-    return out
+    """The first of pydantic's errors with a readable location (``dwell_s`` or ``events[2].dwell_s``),
+    and how many more there were; never the input."""
+    errors = exc.errors(include_url=False, include_input=False, include_context=False)
+    index, *fields = errors[0]["loc"]
+    event = "" if single else f"events[{index}]"
+    where = ".".join([event, *map(str, fields)]).strip(".") or "body"
+    return [{"field": short(where, _FIELD_BYTES), "msg": _message(errors[0])}, *_more(errors)]
+
+
+def _message(error: dict) -> str:
+    return short(error["msg"].removeprefix("Value error, "), _MSG_BYTES)
+
+
+def _more(errors: list) -> list[dict]:
+    return [{"field": "…", "msg": f"and {len(errors) - 1} more errors"}] if len(errors) > 1 else []
 
 
 # ------------------------------------------------------------------------------------------------

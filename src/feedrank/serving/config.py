@@ -16,6 +16,9 @@ Example YAML::
       index: {kind: hnsw, ef_search: 128}
       rerank: {mmr_lambda: 0.8, per_publisher_cap: 3}
       cold_start: {model_weight: 1.0, popular_weight: 0.5, fresh_weight: 0.3}
+      limits: {max_dwell_s: 86400, max_future_s: 300, max_past_days: 7, max_json_depth: 8}
+      auth: {api_key_env: FEEDRANK_API_KEY}          # default null: no API key
+      rate_limit: {enabled: true, rate_per_s: 50, burst: 100}   # default off
 """
 
 from __future__ import annotations
@@ -86,6 +89,80 @@ class EventLogConfig:
             raise ValueError(f"flush_interval_s must be > 0, got {self.flush_interval_s}")
 
 
+# ------------------------------------------------------------------------------------------------
+# the HTTP boundary (feedrank.serving.app): request limits, API key, rate limit
+
+
+@dataclass
+class RequestLimits:
+    """What ``POST /events`` accepts beyond the field types (``feedrank.serving.validation``).
+
+    ``max_dwell_s``: the longest dwell an event may report (default 24 h; longer is a client bug,
+    not a reader). ``ts`` must lie within ``[now - max_past_days, now + max_future_s]`` of the
+    service clock (``start_time`` or the wall clock): a small allowance for client clock skew
+    ahead, a late-delivery window behind, so a bad client clock never writes a ``date=9999-12-31``
+    partition. ``max_json_depth``: bodies nested deeper are refused before they are parsed (an
+    event list is depth 2).
+    """
+
+    max_dwell_s: float = 86_400.0
+    max_future_s: float = 300.0
+    max_past_days: float = 7.0
+    max_json_depth: int = 8
+
+    def validate(self) -> None:
+        for name in ("max_dwell_s", "max_future_s", "max_past_days"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be finite and >= 0, got {value}")
+        if self.max_json_depth < 2:
+            raise ValueError(f"max_json_depth must be >= 2 (a list of event objects), got {self.max_json_depth}")
+
+
+@dataclass
+class AuthConfig:
+    """Optional API key on ``GET /feed`` and ``POST /events`` (``feedrank.serving.access``).
+
+    Off by default (``api_key_env: null``). Set ``api_key_env`` to the name of an environment
+    variable holding the key (the key itself stays out of YAML files and ``/healthz``); requests
+    must then send it in the ``header`` header, compared in constant time, else 401.
+    ``/healthz`` and ``/metrics`` stay open for probes and scrapers.
+    """
+
+    api_key_env: str | None = None
+    header: str = "X-API-Key"
+
+    def validate(self) -> None:
+        if self.api_key_env is not None and not self.api_key_env:
+            raise ValueError("api_key_env must name an environment variable (or be null: no API key)")
+        if not self.header:
+            raise ValueError("header must be a non-empty header name")
+
+
+@dataclass
+class RateLimitConfig:
+    """Optional per-client token bucket on ``GET /feed`` and ``POST /events`` (``feedrank.serving.access``).
+
+    Off by default (``enabled: false``), which suits the default loopback bind (``--host
+    127.0.0.1``); turn it on when the server is reachable from other hosts. Each client address
+    (the socket peer: behind a proxy that is the proxy, so limit there instead) may make ``burst``
+    requests at once and ``rate_per_s`` a second on average; over that -> 429 with
+    ``Retry-After``. At most ``max_clients`` buckets are kept (least recently seen dropped first).
+    """
+
+    enabled: bool = False
+    rate_per_s: float = 50.0
+    burst: int = 100
+    max_clients: int = 100_000
+
+    def validate(self) -> None:
+        if not (math.isfinite(self.rate_per_s) and self.rate_per_s > 0):
+            raise ValueError(f"rate_per_s must be finite and > 0, got {self.rate_per_s}")
+        for name in ("burst", "max_clients"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+
+
 @dataclass
 class ServingConfig:
     """Every setting of ``feedrank serve`` (YAML section ``serving``).
@@ -116,6 +193,10 @@ class ServingConfig:
     rerank: RerankConfig = field(default_factory=RerankConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
     event_log: EventLogConfig = field(default_factory=EventLogConfig)
+    # the HTTP boundary
+    limits: RequestLimits = field(default_factory=RequestLimits)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    rate_limit: RateLimitConfig = field(default_factory=RateLimitConfig)
 
     def validate(self) -> None:
         for name in ("ann_candidates", "k_default", "k_max", "max_events_per_post", "max_body_bytes", "torch_threads"):
@@ -131,6 +212,8 @@ class ServingConfig:
         if self.start_time is not None:
             parse_start_time(self.start_time)
         for part in (self.cache, self.index, self.rerank, self.cold_start, self.event_log):
+            part.validate()
+        for part in (self.limits, self.auth, self.rate_limit):
             part.validate()
 
 

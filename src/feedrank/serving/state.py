@@ -47,7 +47,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from feedrank.bundle import lookup_quiet
 from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
@@ -56,6 +56,7 @@ from feedrank.evaluate.retrieval import user_state
 from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab
 from feedrank.fsutil import staged_file
 from feedrank.serving.config import EventLogConfig
+from feedrank.serving.validation import check_dwell, check_id, check_ts
 
 log = logging.getLogger(__name__)
 
@@ -275,19 +276,48 @@ class EventIn(BaseModel):
     ``ts`` defaults to the server's clock, ``request_id`` to one id per POST, ``position`` to 0.
     Item and user metadata are not sent: the service fills them from the catalogue and the store,
     so the serving log is as self-contained as any other canonical log.
+
+    Strict at the boundary: booleans are JSON ``true``/``false`` only (not ``"yes"``, ``1``),
+    ``position`` an integer, ``dwell_s`` a finite number >= 0, ``ts`` an ISO-8601 string (a
+    number is refused: seconds or milliseconds would be a guess); ids follow
+    ``feedrank.serving.validation.check_id``. Validated with an ``EventContext`` (what
+    ``POST /events`` does), ``ts`` must also lie in the window of server time and ``dwell_s``
+    under the maximum that ``serving.limits`` set.
     """
 
     model_config = ConfigDict(extra="forbid")
 
-    user_id: str = Field(min_length=1, max_length=256)
-    item_id: str = Field(min_length=1, max_length=256)
+    user_id: str = Field(strict=True)
+    item_id: str = Field(strict=True)
     ts: dt.datetime | None = None
-    clicked: bool = False
-    dwell_s: float = Field(0.0, ge=0, allow_inf_nan=False)
-    shared: bool = False
-    hidden: bool = False
-    request_id: str | None = Field(None, min_length=1, max_length=256)
-    position: int = Field(0, ge=0, le=2**31 - 1)
+    clicked: bool = Field(False, strict=True)
+    dwell_s: float = Field(0.0, ge=0, allow_inf_nan=False, strict=True)
+    shared: bool = Field(False, strict=True)
+    hidden: bool = Field(False, strict=True)
+    request_id: str | None = Field(None, strict=True)
+    position: int = Field(0, ge=0, le=2**31 - 1, strict=True)
+
+    @field_validator("user_id", "item_id", "request_id")
+    @classmethod
+    def _id(cls, value: str | None) -> str | None:
+        return None if value is None else check_id(value)
+
+    @field_validator("ts", mode="before")
+    @classmethod
+    def _ts_is_text(cls, value: object) -> object:
+        if value is None or isinstance(value, (str, dt.datetime)):
+            return value
+        raise ValueError(f"must be an ISO-8601 string such as '2024-05-01T12:00:00Z', got {type(value).__name__}")
+
+    @field_validator("ts")
+    @classmethod
+    def _ts_window(cls, value: dt.datetime | None, info: ValidationInfo) -> dt.datetime | None:
+        return None if value is None else check_ts(value, info.context)
+
+    @field_validator("dwell_s")
+    @classmethod
+    def _dwell_bound(cls, value: float, info: ValidationInfo) -> float:
+        return check_dwell(value, info.context)
 
 
 class EventSink:
