@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from feedrank.commands import demo, evaluate, experiment, features, index, ingest, report, serve, simulate, train
+from feedrank.commands import demo, evaluate, experiment, features, index, ingest, lab, report, serve, simulate, train
 
 app = typer.Typer(
     name="feedrank",
@@ -19,7 +19,7 @@ def main() -> None:
     """Keeps ``feedrank`` a command group even while only one command is registered."""
 
 
-for group in (simulate, ingest, features, train, evaluate, report, index, serve, experiment, demo):
+for group in (simulate, ingest, features, train, evaluate, report, index, serve, experiment, demo, lab):
     group.register(app)
 
 
