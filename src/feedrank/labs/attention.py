@@ -27,6 +27,7 @@ decision is printed from the lift and the added p99.
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import shutil
 from collections import Counter
 from dataclasses import dataclass
@@ -86,11 +87,13 @@ def forward_backward(attn: MultiHeadAttention, impl: str, x: Tensor, mask: Tenso
 
 
 def tolerance_ratio(a: Tensor, b: Tensor) -> float:
-    """max |a - b| / (atol + rtol |b|) with atol = rtol = TOLERANCE: <= 1 is ``allclose`` at 1e-5.
+    """max |a - b| / (TOLERANCE * max(1, max |b|)): <= 1 is agreement to 1e-5.
 
-    Relative as well as absolute: a parameter gradient sums over B x n positions, so its fp32
-    rounding grows with its size; an absolute 1e-5 alone would fail on rounding, not on a bug."""
-    return float(((a - b).abs() / (TOLERANCE + TOLERANCE * b.abs())).max())
+    Absolute for tensors of scale <= 1 (outputs, input gradients), relative to the tensor's largest
+    value above that: a weight gradient sums B x n products (8,000 at n = 1000), its entries reach
+    ~100, and SDPA's fused kernel sums them in another order, so they differ by ~3e-5 absolute
+    while the relative difference is ~5e-7: fp32 rounding, not a bug."""
+    return float((a - b).abs().max() / (TOLERANCE * max(1.0, float(b.abs().max()))))
 
 
 def agreement(attn: MultiHeadAttention, x: Tensor, mask: Tensor) -> dict[str, dict[str, float]]:
@@ -142,7 +145,8 @@ class KernelRun:
     nxn_bytes: int  # one fp32 [B, H, n, n] attention matrix, for scale
 
 
-def measure(attn: MultiHeadAttention, impl: str, x: Tensor, mask: Tensor, reps: int, device: str) -> KernelRun:
+def measure(attn: MultiHeadAttention, impl: str, x: Tensor, mask: Tensor, reps: int, device: str,
+            budget_s: float | None = None) -> KernelRun:  # fmt: skip
     attn.impl = impl
     b, n = mask.shape
     grad_out = torch.ones_like(x)
@@ -159,7 +163,7 @@ def measure(attn: MultiHeadAttention, impl: str, x: Tensor, mask: Tensor, reps: 
     saved_nxn = sum(nbytes for nbytes, shapes in saved.storages if any(s[-2:] == (n, n) for s in shapes))
     with OpTrace() as trace:
         step()
-    return KernelRun(impl, b, n, median_seconds(step, reps, device=device) * 1000.0, saved.bytes, saved_nxn,
+    return KernelRun(impl, b, n, median_seconds(step, reps, warmup=0, device=device, budget_s=budget_s) * 1000.0, saved.bytes, saved_nxn,
                      trace.copies, trace.copy_bytes, trace.largest, b * attn.n_heads * n * n * 4)  # fmt: skip
 
 
@@ -198,7 +202,9 @@ def feed_latencies(ctx: LabContext, bundles: dict[str, Any], n_requests: int) ->
     from feedrank.serving.config import EventLogConfig, ServingConfig
     from feedrank.serving.pipeline import FeedService, set_threads
 
-    users = list(dict.fromkeys(read_events(ctx.world_log(), columns=["user_id"])["user_id"].to_pylist()))
+    split_at = dt.datetime.fromisoformat(ctx.split_at())
+    seen = read_events(ctx.world_log(), columns=["user_id"], end=split_at)  # users with a history at serving time
+    users = list(dict.fromkeys(seen["user_id"].to_pylist()))
     warmup = min(10, len(users) // 4)
     threads = (torch.get_num_threads(), faiss.omp_get_max_threads())
     services: dict[str, FeedService] = {}
@@ -260,10 +266,10 @@ def _plots(ctx: LabContext, runs: list[KernelRun]) -> list[str]:
     for key, ylabel, file in (("ms", "forward+backward ms", "time_vs_length.png"),
                               ("saved_bytes", "bytes saved for backward", "saved_bytes_vs_length.png")):  # fmt: skip
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for impl in ATTENTION_IMPLS:
-            for batch in sorted({r.batch for r in runs}):
+        for impl, style in zip(ATTENTION_IMPLS, ("-", "--", ":")):  # einsum and matmul often overlap
+            for batch, marker in zip(sorted({r.batch for r in runs}), "os^v"):
                 pts = sorted((r.length, getattr(r, key)) for r in runs if r.impl == impl and r.batch == batch)
-                ax.plot(*zip(*pts), marker="o", label=f"{impl}, batch {batch}")
+                ax.plot(*zip(*pts), linestyle=style, marker=marker, label=f"{impl}, batch {batch}")
         ax.set(xscale="log", yscale="log", xlabel="history length n", ylabel=ylabel, title=f"{ylabel} vs history length")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
@@ -296,7 +302,7 @@ def _layout_summary(runs: list[KernelRun], diffs: dict[str, dict[str, dict[str, 
               for impl in at}  # fmt: skip
     return (
         f"The three kernels {'agree' if worst <= 1 else 'DISAGREE'}: the worst forward or gradient error against "
-        f"einsum is {worst:.2f}x the tolerance (|a - b| <= {TOLERANCE:g} + {TOLERANCE:g} |b|, fp32). "
+        f"einsum is {worst:.2f}x the tolerance (max |a - b| <= {TOLERANCE:g} max(1, max |b|) per tensor, fp32). "
         f"At n = {big.length}, batch {big.batch}, one fp32 attention matrix [B, H, n, n] is {_mb(big.nxn_bytes)} MB: "
         + "; ".join(kernel(at[i]) for i in ATTENTION_IMPLS) + ". "
         "Why: the heads are a transposed view of the projections ([B, n, H, d] -> [B, H, n, d]); bmm needs "
@@ -318,6 +324,7 @@ def run(ctx: LabContext) -> LabResult:
     lengths = ctx.scaled(full=[50, 200, 1000], quick=[50, 200, 1000], tiny=[8, 16])
     batches = ctx.scaled(full=[8, 32], quick=[2, 8], tiny=[2, 3])
     reps = ctx.scaled(full=10, quick=3, tiny=1)
+    budget_s = ctx.scaled(full=3.0, quick=1.0)  # per measurement: the n = 1000 points get fewer reps
 
     # agreement: a real padded batch (with empty histories, if any) and every measured size
     real = ctx.batches(n=1, batch_size=ctx.scaled(256, 64, 16), max_history=30)[0]
@@ -333,7 +340,7 @@ def run(ctx: LabContext) -> LabResult:
             mask = mask.to(ctx.device)
             if batch == batches[0]:
                 diffs[f"n={length}, batch {batch}"] = agreement(attn, x, mask)
-            runs += [measure(attn, impl, x, mask, reps, ctx.device) for impl in ATTENTION_IMPLS]
+            runs += [measure(attn, impl, x, mask, reps, ctx.device, budget_s) for impl in ATTENTION_IMPLS]
     agree = all(per["ratio"] <= 1.0 for d in diffs.values() for per in d.values())
 
     bundles = train_encoders(ctx)

@@ -227,8 +227,11 @@ class SavedTensors:
         return max((nbytes for nbytes, _ in self._storages.values()), default=0)
 
 
-def median_seconds(fn: Any, reps: int, warmup: int = 1, device: str = "cpu") -> float:
-    """Median wall time of ``fn()`` over ``reps`` runs after ``warmup`` (CUDA: synchronised)."""
+def median_seconds(fn: Any, reps: int, warmup: int = 1, device: str = "cpu", budget_s: float | None = None) -> float:
+    """Median wall time of ``fn()`` over ``reps`` runs after ``warmup`` (CUDA: synchronised).
+
+    ``budget_s``: stop adding reps once they have taken that long (at least one always runs), so
+    a sweep's largest sizes do not dominate a lab's run time."""
     import statistics
     import time
 
@@ -238,8 +241,8 @@ def median_seconds(fn: Any, reps: int, warmup: int = 1, device: str = "cpu") -> 
     for _ in range(warmup):
         fn()
     sync()
-    times = []
-    for _ in range(max(1, reps)):
+    times: list[float] = []
+    while len(times) < max(1, reps) and (budget_s is None or not times or sum(times) < budget_s):
         start = time.perf_counter()
         fn()
         sync()
