@@ -13,9 +13,8 @@ then measures at several history lengths and batch sizes:
 - what the layout costs: contiguous copies (``aten::clone`` / ``copy_`` calls and bytes, counted
   with a ``TorchDispatchMode`` over forward and backward) and the largest tensor any op produced.
 
-Histories longer than the demo world's (50) are real histories of consecutive train rows joined
-end to end: the items and their embeddings are real, the lengths are what a long-lived user has.
-A quarter of each odd row is padding, so the mask path is always measured.
+Inputs are ``ctx.long_histories``: real train histories joined end to end to any length (the demo
+world's are at most 50), a quarter of every other row padded, so the mask path is always measured.
 
 Part 2, the product question. Two two-towers are trained briefly on the lab's world with
 ``train_retrieval`` (the demo config; mean pooling vs a 1-layer transformer encoder), their holdout
@@ -51,19 +50,6 @@ ENCODERS = ("mean", "transformer")
 
 # ------------------------------------------------------------------------------------------------
 # inputs
-
-
-def long_histories(ctx: LabContext, batch_size: int, length: int) -> tuple[Tensor, Tensor]:
-    """``[B, length]`` item indices and mask: real train histories joined end to end (see the module
-    docstring); odd rows have their last quarter padded."""
-    batches = ctx.batches(n=4, batch_size=256, max_history=50)
-    pool = torch.cat([b.history[b.history_mask] for b in batches])
-    if pool.numel() == 0:
-        raise ValueError(f"{ctx.world_log()}: the train split has no histories to build attention inputs from")
-    history = torch.from_numpy(np.resize(pool.numpy(), batch_size * length)).view(batch_size, length)
-    mask = torch.ones(batch_size, length, dtype=torch.bool)
-    mask[1::2, length - length // 4 :] = False
-    return history.masked_fill(~mask, 0), mask
 
 
 def attention_block(ctx: LabContext) -> tuple[MultiHeadAttention, torch.nn.Embedding]:
@@ -334,7 +320,7 @@ def run(ctx: LabContext) -> LabResult:
     runs = []
     for length in lengths:
         for batch in batches:
-            history, mask = long_histories(ctx, batch, length)
+            history, mask = ctx.long_histories(batch, length)
             with torch.no_grad():
                 x = table(history.to(ctx.device))
             mask = mask.to(ctx.device)

@@ -161,6 +161,21 @@ class LabContext:
         collate = Collator(max_history=max_history)
         return [collate(rows.slice(i, batch_size)) for i in range(0, rows.num_rows - batch_size + 1, batch_size)]
 
+    def long_histories(self, batch_size: int, length: int):
+        """``[B, length]`` item indices and their bool mask for sequence-length sweeps: the real
+        histories of the train split's latest rows joined end to end (a long-lived user's length,
+        real items), the last quarter of every other row padded so masking is always exercised."""
+        import numpy as np
+        import torch
+
+        pool = torch.cat([b.history[b.history_mask] for b in self.batches(n=4, batch_size=256, max_history=50)])
+        if pool.numel() == 0:
+            raise ValueError(f"{self.world_log()}: the train split has no histories to build long histories from")
+        history = torch.from_numpy(np.resize(pool.numpy(), batch_size * length)).view(batch_size, length)
+        mask = torch.ones(batch_size, length, dtype=torch.bool)
+        mask[1::2, length - length // 4 :] = False
+        return history.masked_fill(~mask, 0), mask
+
     def two_tower(self, **overrides: Any):
         """A fresh two-tower sized by this data's vocabularies: ``configs/demo.yaml``'s model plus
         ``overrides`` (``TwoTowerConfig`` fields), seeded by ``ctx.seed``."""

@@ -34,7 +34,6 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint as torch_checkpoint
 
-from feedrank.labs.attention import long_histories
 from feedrank.labs.base import LabContext, LabResult, SavedTensors, Table, median_seconds
 
 NAME = "checkpointing"
@@ -182,7 +181,7 @@ class Run:
 
 
 def measure(ctx: LabContext, length: int, batch: int, reps: int, budget_s: float | None = None) -> list[Run]:
-    history, mask = long_histories(ctx, batch, length)
+    history, mask = ctx.long_histories(batch, length)
     history, mask = history.to(ctx.device), mask.to(ctx.device)
     runs, reference = [], None
     for policy in POLICIES:
@@ -208,7 +207,7 @@ def measure(ctx: LabContext, length: int, batch: int, reps: int, budget_s: float
 
 def builtin_diff(ctx: LabContext, length: int, batch: int) -> float:
     """Max |grad difference| between the model's own grad_checkpointing and the lab's 'every layer'."""
-    history, mask = long_histories(ctx, batch, length)
+    history, mask = ctx.long_histories(batch, length)
     ours, table = build_encoder(ctx, length, "every layer", METHODS[0])
     theirs, _ = build_encoder(ctx, length, builtin=True)
     with torch.no_grad():
