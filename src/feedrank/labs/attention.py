@@ -148,9 +148,10 @@ def measure(attn: MultiHeadAttention, impl: str, x: Tensor, mask: Tensor, reps: 
     out.backward(grad_out)
     saved_nxn = sum(nbytes for nbytes, shapes in saved.storages if any(s[-2:] == (n, n) for s in shapes))
     with OpTrace() as trace:
-        step()
-    return KernelRun(impl, b, n, median_seconds(step, reps, warmup=0, device=device, budget_s=budget_s) * 1000.0, saved.bytes, saved_nxn,
-                     trace.copies, trace.copy_bytes, trace.largest, b * attn.n_heads * n * n * 4)  # fmt: skip
+        step()  # also the timing's warm-up
+    ms = median_seconds(step, reps, warmup=0, device=device, budget_s=budget_s) * 1000.0
+    return KernelRun(impl, b, n, ms, saved.bytes, saved_nxn, trace.copies, trace.copy_bytes, trace.largest,
+                     b * attn.n_heads * n * n * 4)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
