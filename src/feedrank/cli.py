@@ -26,11 +26,12 @@ COMMAND_GROUPS = (
     "serve",
     "experiment",
     "demo",
+    "lab",
 )
 
 app = typer.Typer(
     name="feedrank",
-    help="feedrank: simulate or ingest feed logs, train, evaluate, index, serve and experiment.",
+    help="feedrank: simulate or ingest feed logs, train, evaluate, index, serve, experiment and measure (labs).",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )

@@ -35,6 +35,7 @@ DATA_DIR = "_data"  # under the labs root: the world and its features, shared by
 
 #: The demo world scaled for labs: the full demo world (configs/world_demo.yaml) and a quick one.
 WORLD_SIZES = {False: {"users": 10_000, "items": 4_000, "days": 7}, True: {"users": 2_000, "items": 1_000, "days": 7}}
+TINY_WORLD = {"users": 300, "items": 200, "days": 7}  # tests only (LabContext.tiny): every code path, in seconds
 SPLIT_AT = "2024-01-07T00:00:00+00:00"  # the demo world's last day is the holdout
 DEMO_CONFIG = Path(__file__).parents[3] / "configs" / "demo.yaml"  # the two-tower the labs measure
 
@@ -61,6 +62,7 @@ class LabResult:
     figures: dict[str, Any] = field(default_factory=dict)
     device: str = "cpu"
     quick: bool = False
+    elapsed_s: float | None = None  # set by feedrank.labs.run_lab: the lab's wall time
 
 
 @dataclass
@@ -73,6 +75,20 @@ class LabContext:
     device: str = "cpu"
     quick: bool = False
     seed: int = 0
+    tiny: bool = False  # tests only: the tiny world and each lab's smallest sizes; implies quick
+
+    def __post_init__(self) -> None:
+        self.root = Path(self.root)
+        if self.tiny:
+            self.quick = True
+
+    def scaled(self, full: Any, quick: Any, tiny: Any = None) -> Any:
+        """A size by run mode: ``full``, ``quick`` (``--quick``), or ``tiny`` (tests; ``quick`` if None).
+
+        Example: ``lengths = ctx.scaled(full=[50, 200, 1000], quick=[50, 200, 500], tiny=[8, 16])``."""
+        if self.tiny and tiny is not None:
+            return tiny
+        return quick if self.quick else full
 
     @property
     def out(self) -> Path:
@@ -87,10 +103,26 @@ class LabContext:
         from feedrank.data.simulate import SUMMARY_FILE, simulate
         from feedrank.data.world import WorldConfig
 
-        path = self.root / DATA_DIR / ("world_quick" if self.quick else "world")
+        path = self.root / DATA_DIR / ("world_tiny" if self.tiny else "world_quick" if self.quick else "world")
         if not (path / SUMMARY_FILE).is_file():
-            simulate(WorldConfig(**WORLD_SIZES[self.quick], seed=self.seed), path, progress=False)
+            sizes = TINY_WORLD if self.tiny else WORLD_SIZES[self.quick]
+            simulate(WorldConfig(**sizes, seed=self.seed), path, progress=False)
         return path
+
+    def split_at(self) -> str:
+        """The holdout boundary: the demo world's last day, or the start (UTC) of ``--log``'s last day."""
+        if self.log is None:
+            return SPLIT_AT
+        import datetime as dt
+
+        import pyarrow.compute as pc
+
+        from feedrank.data.log import read_events
+
+        last = pc.max(read_events(self.log, columns=["ts"])["ts"]).as_py()
+        if last is None:
+            raise ValueError(f"{self.log}: the log has no events")
+        return dt.datetime.combine(last.date(), dt.time(), tzinfo=dt.timezone.utc).isoformat()
 
     def features_dir(self) -> Path:
         """Point-in-time features of ``world_log()`` (train up to the last day, test on it), built once."""
@@ -98,8 +130,7 @@ class LabContext:
         from feedrank.train.task import ensure_features
 
         path = self.world_log().parent / f"{self.world_log().name}_features"
-        ensure_features(self.world_log(), path, FeatureConfig(split_at=SPLIT_AT if self.log is None else None,
-                                                              history_len=50), progress=False)
+        ensure_features(self.world_log(), path, FeatureConfig(split_at=self.split_at(), history_len=50), progress=False)
         return path
 
     @cached_property
@@ -130,6 +161,21 @@ class LabContext:
         collate = Collator(max_history=max_history)
         return [collate(rows.slice(i, batch_size)) for i in range(0, rows.num_rows - batch_size + 1, batch_size)]
 
+    def long_histories(self, batch_size: int, length: int):
+        """``[B, length]`` item indices and their bool mask for sequence-length sweeps: the real
+        histories of the train split's latest rows joined end to end (a long-lived user's length,
+        real items), the last quarter of every other row padded so masking is always exercised."""
+        import numpy as np
+        import torch
+
+        pool = torch.cat([b.history[b.history_mask] for b in self.batches(n=4, batch_size=256, max_history=50)])
+        if pool.numel() == 0:
+            raise ValueError(f"{self.world_log()}: the train split has no histories to build long histories from")
+        history = torch.from_numpy(np.resize(pool.numpy(), batch_size * length)).view(batch_size, length)
+        mask = torch.ones(batch_size, length, dtype=torch.bool)
+        mask[1::2, length - length // 4 :] = False
+        return history.masked_fill(~mask, 0), mask
+
     def two_tower(self, **overrides: Any):
         """A fresh two-tower sized by this data's vocabularies: ``configs/demo.yaml``'s model plus
         ``overrides`` (``TwoTowerConfig`` fields), seeded by ``ctx.seed``."""
@@ -143,6 +189,80 @@ class LabContext:
         cfg = dataclasses.replace(cfg, two_tower=dataclasses.replace(cfg.two_tower, **overrides))
         torch.manual_seed(self.seed)
         return build_two_tower(to_dict(cfg), self.vocabs)
+
+
+class SavedTensors:
+    """Exact bytes autograd saves for backward, as unique storages (``saved_tensors_hooks``).
+
+    Two saved tensors that share a storage (a view and its base, one tensor saved by two ops) count
+    once; storages in ``exclude`` (the weights, the input: memory that exists anyway) not at all.
+    Non-reentrant ``torch.utils.checkpoint`` saves its inputs through these hooks too, so the count
+    of a checkpointed region is what it really keeps. Tensors saved without storage (sparse,
+    functional wrappers) raise, rather than silently counting zero.
+
+    Example::
+
+        with SavedTensors(exclude=model.parameters()) as saved:
+            loss = model(x).sum()
+        saved.bytes, saved.largest          # then loss.backward() as usual
+    """
+
+    def __init__(self, exclude: Any = ()) -> None:
+        self._exclude = {t.untyped_storage().data_ptr() for t in exclude}
+        self._storages: dict[int, tuple[int, list[tuple[int, ...]]]] = {}  # data_ptr -> (nbytes, shapes saved)
+        self._hooks: Any = None
+
+    def _pack(self, t: Any) -> Any:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in self._exclude:
+            self._storages.setdefault(storage.data_ptr(), (storage.nbytes(), []))[1].append(tuple(t.shape))
+        return t
+
+    @property
+    def storages(self) -> list[tuple[int, list[tuple[int, ...]]]]:
+        """Each unique saved storage: its bytes and the shapes of the tensors saved from it."""
+        return list(self._storages.values())
+
+    def __enter__(self) -> SavedTensors:
+        import torch
+
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(nbytes for nbytes, _ in self._storages.values())
+
+    @property
+    def largest(self) -> int:
+        return max((nbytes for nbytes, _ in self._storages.values()), default=0)
+
+
+def median_seconds(fn: Any, reps: int, warmup: int = 1, device: str = "cpu", budget_s: float | None = None) -> float:
+    """Median wall time of ``fn()`` over ``reps`` runs after ``warmup`` (CUDA: synchronised).
+
+    ``budget_s``: stop adding reps once they have taken that long (at least one always runs), so
+    a sweep's largest sizes do not dominate a lab's run time."""
+    import statistics
+    import time
+
+    import torch
+
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times: list[float] = []
+    while len(times) < max(1, reps) and (budget_s is None or not times or sum(times) < budget_s):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def write_result(ctx: LabContext, result: LabResult) -> Path:
