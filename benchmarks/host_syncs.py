@@ -1,8 +1,12 @@
 """Host syncs per training step, graph breaks, recompiles and ``torch.export`` of the demo models.
 
 On the demo world's real batches (``feedrank.labs.base.LabContext``: simulated once under
-``--root``), with the demo configs' two-tower (``configs/demo.yaml``, in-batch, sampled and BCE
-losses) and ranker (``configs/ranking_demo.yaml``, fed by a frozen two-tower):
+``--root``), collated as the training tasks collate them (vocabulary checks; the softmax losses'
+batches keep only clicked rows, ``feedrank.train.retrieval.clicked_rows``), with the demo configs'
+two-tower (``configs/demo.yaml``, in-batch, sampled and BCE losses) and ranker
+(``configs/ranking_demo.yaml``, fed by a frozen two-tower). ``two_tower/in_batch_masked`` is the
+in-batch two-tower on whole batches (the loss masks the non-clicked rows): what keeping only the
+clicked rows on the host saves.
 
 - syncs: ``feedrank.train.syncs.SyncCounter`` over ``--steps`` steps of the real ``Trainer``
   (``log_every`` = steps, so only the last step logs), per step and by op;
@@ -32,11 +36,14 @@ from torch._dynamo.utils import counters
 
 from feedrank.bundle import build_ranker
 from feedrank.config import from_dict, load_yaml, to_dict
+from feedrank.data.collate import Collator
 from feedrank.labs.base import LabContext
 from feedrank.models.losses import two_tower_loss
 from feedrank.models.ranker import ranker_loss
 from feedrank.train.ranking import RankingRunConfig
+from feedrank.train.retrieval import clicked_rows
 from feedrank.train.syncs import SyncCounter
+from feedrank.train.task import batch_limits
 from feedrank.train.trainer import Trainer, TrainConfig
 
 RANKING_CONFIG = Path(__file__).parents[1] / "configs" / "ranking_demo.yaml"
@@ -58,11 +65,12 @@ def models(ctx: LabContext) -> dict:
         torch.manual_seed(0)
         return build_ranker(to_dict(rcfg), ctx.vocabs)
 
-    return {
-        "two_tower/in_batch": (functools.partial(two_tower, "in_batch"), two_tower_loss),
-        "two_tower/sampled": (functools.partial(two_tower, "sampled"), two_tower_loss),
-        "two_tower/bce": (functools.partial(two_tower, "bce"), two_tower_loss),
-        "ranker": (ranker, functools.partial(ranker_loss, two_tower=frozen)),
+    return {  # name -> (model factory, loss_fn, batches of clicked rows only)
+        "two_tower/in_batch": (functools.partial(two_tower, "in_batch"), two_tower_loss, True),
+        "two_tower/in_batch_masked": (functools.partial(two_tower, "in_batch"), two_tower_loss, False),
+        "two_tower/sampled": (functools.partial(two_tower, "sampled"), two_tower_loss, True),
+        "two_tower/bce": (functools.partial(two_tower, "bce"), two_tower_loss, False),
+        "ranker": (ranker, functools.partial(ranker_loss, two_tower=frozen), False),
     }
 
 
@@ -132,11 +140,19 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=1024)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1: steadiest on a shared machine)")
     args = p.parse_args()
+    torch.set_num_threads(args.threads)
     ctx = LabContext(root=Path(args.root), name="host_syncs")
-    batches = ctx.batches(n=args.steps, batch_size=args.batch)
+    rows = ctx.rows(args.steps * args.batch)
+    limits = batch_limits(ctx.vocabs)
+    collated = {clicked: [Collator(max_history=30, limits=limits, keep=clicked_rows if clicked else None)(
+        rows.slice(i, args.batch)) for i in range(0, rows.num_rows - args.batch + 1, args.batch)]
+        for clicked in (False, True)}  # fmt: skip
+    batches = collated[False]
     result: dict = {"steps": len(batches), "batch": args.batch, "threads": torch.get_num_threads(), "models": {}}
-    for name, (factory, loss_fn) in models(ctx).items():
+    for name, (factory, loss_fn, clicked) in models(ctx).items():
+        batches = collated[clicked]
         _, counter = fit(factory(), loss_fn, batches, count=True)
         ms = min(fit(factory(), loss_fn, batches, count=False)[0] for _ in range(args.repeats)) * 1e3
         result["models"][name] = {"syncs": counter.total, "syncs_per_step": counter.total / len(batches),
@@ -144,7 +160,7 @@ def main() -> None:
                                   "compile_eager": recompiles(factory, loss_fn, batches)}
         print(f"{name:20s} syncs {counter.total:4d} ({counter.total / len(batches):5.2f}/step) {dict(counter.by_op)}"
               f"  {ms:7.1f} ms/step  compile(eager): {result['models'][name]['compile_eager']}")
-    result |= graph_breaks(ctx, batches[0])
+    result |= graph_breaks(ctx, collated[False][0])
     for name, figures in result["graph_breaks"].items():
         print(f"graph breaks {name:11s}: {figures['graph_breaks']}  {figures['reasons']}")
     for name, status in result["export"].items():

@@ -164,3 +164,26 @@ def test_known_hits_are_masked_from_the_negatives():
     assert in_batch_softmax_loss(logits, items, known_hits=known).item() == pytest.approx(per_row.mean().item(), abs=1e-6)
     with pytest.raises(ValueError, match="known_hits must be"):
         in_batch_softmax_loss(logits, items, known_hits=known[:2])
+
+
+def test_in_batch_positives_mask_equals_the_sub_batch_of_positive_rows():
+    """The masked formulation (fixed shapes, no sync) gives the loss and the gradient of selecting
+    the positive rows first: they take no part as rows nor as negative columns."""
+    g = torch.Generator().manual_seed(0)
+    b = 7
+    logits = torch.randn(b, b, generator=g, requires_grad=True)
+    items, users = torch.tensor([2, 3, 3, 4, 5, 6, 2]), torch.tensor([2, 2, 3, 4, 5, 6, 7])
+    logq, weight = -torch.rand(b, generator=g), torch.rand(b, generator=g) + 0.5
+    known = torch.rand(b, b, generator=g) < 0.2
+    positives = torch.tensor([True, False, True, True, False, True, False])
+    masked = in_batch_softmax_loss(logits, items, users, logq, weight, known, positives)
+    (grad_masked,) = torch.autograd.grad(masked, logits)
+    rows = positives.nonzero().squeeze(1)
+    sub = in_batch_softmax_loss(logits[rows][:, rows], items[rows], users[rows], logq[rows], weight[rows],
+                                known[rows][:, rows])
+    (grad_sub,) = torch.autograd.grad(sub, logits)
+    torch.testing.assert_close(masked, sub)
+    torch.testing.assert_close(grad_masked, grad_sub)
+    assert in_batch_softmax_loss(logits, items, positives=torch.zeros(b, dtype=torch.bool)).item() == 0.0
+    with pytest.raises(ValueError, match=r"positives must be a bool \[B\] = \[7\] mask"):
+        in_batch_softmax_loss(logits, items, positives=positives.float())

@@ -256,3 +256,15 @@ def test_known_positive_mask_marks_training_pairs_and_ignores_the_oov_user():
                    n_users=6, n_items=9, user_cat_sizes=[3], item_cat_sizes=[3])
     off.attach_known_positives(torch.tensor([2]), torch.tensor([4]))
     assert off.known_positive_mask(torch.tensor([2]), torch.tensor([4])) is None  # the flag is off
+
+
+def test_draw_rows_draws_only_true_rows_uniformly():
+    from feedrank.models.two_tower import draw_rows
+
+    mask = torch.tensor([False, True, False, True, True, False])
+    drawn = draw_rows(mask, 6000)
+    counts = torch.bincount(drawn, minlength=6)
+    assert counts[~mask].sum() == 0
+    assert (counts[mask] - 2000).abs().max() < 200  # 6000 draws over 3 rows: sd ~37
+    assert draw_rows(torch.zeros(4, dtype=torch.bool), 3).tolist() == [3, 3, 3]  # no positives: any row (weight 0)
+    assert draw_rows(torch.tensor([True]), 2).tolist() == [0, 0]

@@ -18,9 +18,11 @@ from feedrank.evaluate.report import load_metrics
 from feedrank.features import FeatureBuildError, NotTrainableError, split_files
 from feedrank.features.labels import LabelConfig
 from feedrank.train.checkpoint import latest_checkpoint, load_checkpoint
+from feedrank.models.losses import two_tower_loss
 from feedrank.train.retrieval import (
     LabelWeights,
     RetrievalRunConfig,
+    clicked_rows,
     ensure_features,
     load_run_config,
     train_retrieval,
@@ -69,6 +71,21 @@ def test_train_writes_a_bundle_whose_model_scores_like_the_trained_weights(train
 def pq_rows(features_dir, n):
     stream = ParquetStream(split_files(features_dir, "train"), n, columns=BATCH_COLUMNS)
     return next(iter(stream))
+
+
+@pytest.mark.parametrize("loss", ["in_batch", "sampled"])
+def test_keeping_only_clicked_rows_leaves_the_softmax_losses_unchanged(trained, loss):
+    """The task's collator drops non-clicked rows on the host (clicked_rows): only an optimisation,
+    since the loss masks them out of a whole batch to the same value."""
+    out, bundle = trained
+    table = pq_rows(out / "features", 256)
+    whole, kept = Collator(max_history=20)(table), Collator(max_history=20, keep=clicked_rows)(table)
+    assert 0 < len(kept) < len(whole) and bool(kept.clicked.all())
+    cfg = dict(bundle.config, two_tower={**bundle.config["two_tower"], "loss": loss, "negative_sampler": "all",
+                                         "freshness_dim": 0})  # no age draw: the two calls' RNG states differ
+    model = build_two_tower(cfg, bundle.vocabs).eval()
+    model.attach_catalogue(torch.zeros(bundle.vocabs.n_items, len(bundle.vocabs.item_cat_sizes), dtype=torch.long))
+    torch.testing.assert_close(two_tower_loss(model, kept)[0], two_tower_loss(model, whole)[0])
 
 
 def test_evaluation_is_saved_in_the_report_schema_with_oov_counts(trained):
