@@ -152,13 +152,19 @@ class LabContext:
                 break
         return pa.concat_tables(tables[::-1]).slice(max(0, total - n))
 
-    def batches(self, n: int, batch_size: int, max_history: int = 30, split: str = "train") -> list[Batch]:
-        """``n`` real Batches of ``batch_size`` rows (fewer when the split runs out); histories cut to
-        ``max_history`` (30: the demo two-tower's ``max_history_len``)."""
+    def batches(self, n: int, batch_size: int, max_history: int = 30, split: str = "train",
+                clicked_only: bool = False) -> list[Batch]:  # fmt: skip
+        """``n`` real Batches of ``batch_size`` rows (fewer when the split runs out), collated as
+        training does: checked against the vocabularies, histories cut to ``max_history`` (30: the
+        demo two-tower's ``max_history_len``). ``clicked_only`` packs only the clicked rows of each
+        slice, as the retrieval task does for its softmax losses (the rows they train on)."""
         from feedrank.data.collate import Collator
+        from feedrank.train.retrieval import clicked_rows
+        from feedrank.train.task import batch_limits
 
         rows = self.rows(n * batch_size, split)
-        collate = Collator(max_history=max_history)
+        collate = Collator(max_history=max_history, limits=batch_limits(self.vocabs),
+                           keep=clicked_rows if clicked_only else None)
         return [collate(rows.slice(i, batch_size)) for i in range(0, rows.num_rows - batch_size + 1, batch_size)]
 
     def long_histories(self, batch_size: int, length: int):
