@@ -75,3 +75,12 @@ def test_healthz_and_metrics_stay_open_with_an_api_key(make_service, monkeypatch
     assert client.get("/healthz").status_code == 200 and client.get("/metrics").status_code == 200
     assert client.get("/feed", params={"user_id": "u1"}).status_code == 401
     assert client.get("/feed", params={"user_id": "u1"}, headers={"X-API-Key": "abc"}).status_code == 200
+
+
+def test_wrong_keys_spend_the_rate_limit_too(make_service, monkeypatch):
+    monkeypatch.setenv("FEEDRANK_TEST_KEY", "abc")
+    service = make_service(auth=AuthConfig(api_key_env="FEEDRANK_TEST_KEY"),
+                           rate_limit=RateLimitConfig(enabled=True, rate_per_s=0.001, burst=2))  # fmt: skip
+    client = TestClient(create_app(service))
+    statuses = [client.get("/feed", params={"user_id": "u1"}, headers={"X-API-Key": f"guess{i}"}).status_code for i in range(3)]
+    assert statuses == [401, 401, 429]

@@ -109,14 +109,15 @@ def create_app(service: FeedService) -> FastAPI:
     limiter = RateLimiter.from_config(cfg.rate_limit)
 
     async def access(request: Request) -> None:
-        """401 / 429 before anything else of the request is read."""
-        if keys is not None and not keys.allows(request.headers.get(cfg.auth.header)):
-            raise HTTPException(401, detail=f"missing or wrong API key in header {cfg.auth.header}")
+        """429 / 401 before anything else of the request is read; the rate limit first, so guessing
+        keys is rate limited too."""
         if limiter is not None:
             wait = limiter.wait_s(request.client.host if request.client else "unknown")
             if wait > 0:
                 raise HTTPException(429, detail=f"rate limit of {cfg.rate_limit.rate_per_s:g} requests/s exceeded; "
                                                 f"retry in {wait:.2f} s", headers={"Retry-After": str(math.ceil(wait))})  # fmt: skip
+        if keys is not None and not keys.allows(request.headers.get(cfg.auth.header)):
+            raise HTTPException(401, detail=f"missing or wrong API key in header {cfg.auth.header}")
 
     guarded = [Depends(access)]
 

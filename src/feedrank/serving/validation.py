@@ -92,24 +92,29 @@ _OPEN[[ord("]"), ord("}")]] = -1
 def json_depth(body: bytes) -> int:
     """The deepest nesting of arrays and objects in ``body``, brackets inside strings not counted.
 
-    Vectorised over the bytes (a few ms for 1 MB), no recursion. A quote is a string delimiter
-    unless an odd run of backslashes precedes it. On text that is not JSON the figure may be off,
-    which does not matter: ``json.loads`` refuses such text anyway.
+    Vectorised over the bytes, no recursion (5-25 ms for 1 MB on the shared 2-core machine, the lower end without backslashes).
+    A quote is a string delimiter unless an odd run of backslashes precedes it. On text that is
+    not JSON the figure may be off, which does not matter: ``json.loads`` refuses such text anyway.
     """
     b = np.frombuffer(body, np.uint8)
     if len(b) == 0:
         return 0
-    positions = np.arange(len(b))
-    not_backslash = b != ord("\\")
-    last_other = np.maximum.accumulate(np.where(not_backslash, positions, -1))
-    # backslashes in the run that ends just before each byte
-    run_before = np.empty(len(b), np.int64)
-    run_before[0] = 0
-    run_before[1:] = positions[:-1] - last_other[:-1]
-    quote = (b == ord('"')) & (run_before % 2 == 0)
-    outside = np.cumsum(quote) % 2 == 0  # a closing quote is outside, an opening one inside: neither is a bracket
-    delta = np.where(outside, _OPEN[b], 0).astype(np.int32)
-    return max(int(np.cumsum(delta).max()), 0)
+    quote = b == ord('"')
+    if b"\\" in body:
+        quote &= _even_backslashes_before(b)
+    inside = (np.cumsum(quote, dtype=np.int32) & 1).astype(bool)  # an opening quote is inside, a closing one not
+    delta = _OPEN[b]
+    delta[inside] = 0
+    return max(int(np.cumsum(delta, dtype=np.int32).max()), 0)
+
+
+def _even_backslashes_before(b: np.ndarray) -> np.ndarray:
+    """For each byte: is the run of backslashes just before it of even length (zero included)?"""
+    positions = np.arange(len(b), dtype=np.int32)
+    last_other = np.maximum.accumulate(np.where(b != ord("\\"), positions, -1))
+    even = np.ones(len(b), bool)
+    even[1:] = (positions[:-1] - last_other[:-1]) % 2 == 0
+    return even
 
 
 def short(message: str, limit: int = _MAX_MESSAGE) -> str:
