@@ -49,3 +49,15 @@ def test_serve_prints_its_url_and_serves_with_two_workers(serving_world, tmp_pat
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("host, warned", [("127.0.0.1", False), ("::1", False), ("localhost", False),
+                                          ("0.0.0.0", True), ("10.1.2.3", True)])  # fmt: skip
+def test_serve_warns_when_it_listens_beyond_loopback_without_an_api_key(serving_world, host, warned):
+    from typer.testing import CliRunner
+
+    from feedrank.cli import app
+
+    result = CliRunner().invoke(app, ["serve", str(serving_world.two_tower.path), "--host", host, "--dry-run"])
+    assert result.exit_code == 0, result.output
+    assert ("with no API key" in result.output) == warned

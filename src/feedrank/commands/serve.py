@@ -61,7 +61,10 @@ def serve_command(
         for path in (bundle, ranker, log):
             if path is not None and not path.is_dir():
                 raise FileNotFoundError(f"{path}: no such directory")
-        serving_config(settings)  # fail here, once, rather than in every worker
+        cfg = serving_config(settings)  # fail here, once, rather than in every worker
+        if not _loopback(host) and cfg.auth.api_key_env is None:
+            typer.echo(f"warning: serving on {host} with no API key: anyone who can reach it may post events "
+                       "(set serving.auth.api_key_env, and consider serving.rate_limit)", err=True)
         if dry_run:
             service = build_service(settings)
             typer.echo(json.dumps(service.health(), indent=2))
@@ -81,6 +84,18 @@ def serve_command(
     started = serve(server_config, lambda url: typer.echo(f"feedrank serve: {url} ({announce}); try {url}/healthz"))
     if not started:
         raise typer.Exit(3)
+
+
+def _loopback(host: str) -> bool:
+    """Whether ``host`` is reachable only from this machine (the default 127.0.0.1, ::1, localhost)."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def register(app: typer.Typer) -> None:
