@@ -14,6 +14,10 @@ from feedrank.serving.app import ServeSettings
 from feedrank.serving.demo import ServerProcess, demo_requests, most_active_user
 
 pytestmark = pytest.mark.slow
+# httpx's default 5 s is a short fuse on a loaded 2-core machine where the other worker may still be
+# importing torch; these bound a hang, they are not latency targets
+TIMEOUT_S = 60.0
+DEADLINE_S = 300.0  # for the second worker to come up (ServerProcess waits as long for the first)
 
 
 def test_demo_requests_shows_warm_cold_and_the_effect_of_an_event(serving_world, tmp_path):
@@ -42,8 +46,10 @@ def test_sigterm_shuts_down_cleanly_flushing_a_buffered_serving_log(serving_worl
     config.write_text("serving:\n  index: {kind: flat}\n  event_log: {durable: false, flush_interval_s: 3600}\n")
     settings = ServeSettings(bundle=str(serving_world.two_tower.path), config=str(config), serving_log=str(tmp_path / "log"))
     with ServerProcess(settings, tmp_path) as server:
-        item = httpx.get(f"{server.url}/feed", params={"user_id": "x", "k": 1}).json()["items"][0]["item_id"]
-        assert httpx.post(f"{server.url}/events", json={"user_id": "x", "item_id": item}).status_code == 200
+        feed = httpx.get(f"{server.url}/feed", params={"user_id": "x", "k": 1}, timeout=TIMEOUT_S).json()
+        item = feed["items"][0]["item_id"]
+        event = {"user_id": "x", "item_id": item}
+        assert httpx.post(f"{server.url}/events", json=event, timeout=TIMEOUT_S).status_code == 200
         assert not list((tmp_path / "log").rglob("part-*.parquet"))  # buffered, not yet written
     assert server.proc.returncode in (0, -15)  # uvicorn re-raises the SIGTERM it handled
     assert read_events(tmp_path / "log").num_rows == 1  # the shutdown flushed it
@@ -58,23 +64,25 @@ def test_two_workers_share_an_event_through_redis(serving_world, tmp_path, redis
                              redis_url=redis_url, serving_log=str(tmp_path / "log"))  # fmt: skip
     with ServerProcess(settings, tmp_path, workers=2) as server:
         ready: set[int] = set()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + DEADLINE_S
         while len(ready) < 2 and time.monotonic() < deadline:  # fresh connections until both answer, subscribed
-            with httpx.Client() as client:
+            with httpx.Client(timeout=TIMEOUT_S) as client:
                 health = client.get(f"{server.url}/healthz").json()
             if health["event_bus"]["subscribed"]:
                 ready.add(health["pid"])
             time.sleep(0.05)
         assert len(ready) == 2, "the second worker never answered"
         user = most_active_user(serving_world.log)
-        item = httpx.get(f"{server.url}/feed", params={"user_id": user, "k": 5}).json()["items"][0]["item_id"]
-        assert httpx.post(f"{server.url}/events", json={"user_id": user, "item_id": item, "clicked": True}).status_code == 200
+        feed = httpx.get(f"{server.url}/feed", params={"user_id": user, "k": 5}, timeout=TIMEOUT_S).json()
+        item = feed["items"][0]["item_id"]
+        event = {"user_id": user, "item_id": item, "clicked": True}
+        assert httpx.post(f"{server.url}/events", json=event, timeout=TIMEOUT_S).status_code == 200
         # pub/sub delivery takes milliseconds, but wait for it, not for a guessed time: until both
         # workers have answered knowing the event (one took the POST, the other received it)
         knowing: set[int] = set()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + DEADLINE_S
         while len(knowing) < 2 and time.monotonic() < deadline:
-            with httpx.Client() as client:  # a fresh connection: either worker may answer it
+            with httpx.Client(timeout=TIMEOUT_S) as client:  # a fresh connection: either worker may answer it
                 health = client.get(f"{server.url}/healthz").json()
             if health["event_bus"]["published"] + health["event_bus"]["received"] == 1:
                 knowing.add(health["pid"])
@@ -82,7 +90,7 @@ def test_two_workers_share_an_event_through_redis(serving_world, tmp_path, redis
         assert len(knowing) == 2, "the event never reached the other worker"
         answered: dict[int, dict] = {}
         for _ in range(40):
-            with httpx.Client() as client:
+            with httpx.Client(timeout=TIMEOUT_S) as client:
                 feed = client.get(f"{server.url}/feed", params={"user_id": user, "k": 5}).json()
                 health = client.get(f"{server.url}/healthz").json()
             assert item not in [i["item_id"] for i in feed["items"]]

@@ -538,7 +538,7 @@ class _Sinks:
 
     def __init__(self, out_dir: Path, cfg: TrainConfig, total: int | None, start_step: int, main: bool) -> None:
         self.last: dict[str, float] = {}
-        self.bar = progress_bar(total=total, initial=start_step, unit="step", enabled=main and cfg.progress)
+        self.bar = progress_bar(total=total, desc="train", unit="step", initial=start_step, enabled=main and cfg.progress)
         self.jsonl = None
         self.tb = None
         if main:
