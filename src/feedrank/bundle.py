@@ -53,6 +53,7 @@ from feedrank.config import ConfigError, from_dict
 from feedrank.data.schema import TS_TYPE, to_epoch_us
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS
 from feedrank.features.counters import COUNTER_COLUMNS
+from feedrank.features.user_state import latest_rows
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
 from feedrank.fsutil import staged_dir
 from feedrank.models.ranker import Ranker, RankerConfig
@@ -176,18 +177,6 @@ def build_catalogue(events: pa.Table, vocabs: Vocabularies) -> pa.Table:
         },
         schema=CATALOGUE_SCHEMA,
     )
-
-
-def latest_rows(group: np.ndarray, ts: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each group code in ``[0, n_groups)``: the row holding its latest ``ts`` (0 where the
-    group has no row) and whether it has one. Equal timestamps: the later row wins."""
-    order = np.lexsort((np.arange(len(ts)), ts, group))
-    last = order[np.r_[group[order][1:] != group[order][:-1], True]] if len(order) else order
-    has_row = np.zeros(n_groups, dtype=bool)
-    has_row[group[last]] = True
-    row_of = np.zeros(n_groups, dtype=np.int64)
-    row_of[group[last]] = last
-    return row_of, has_row
 
 
 def lookup_quiet(vocab: Vocab, values: pa.ChunkedArray) -> np.ndarray:

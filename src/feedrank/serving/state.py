@@ -52,7 +52,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from feedrank.bundle import lookup_quiet
 from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
 from feedrank.data.schema import EVENT_SCHEMA, to_epoch_us
-from feedrank.evaluate.retrieval import user_state
+from feedrank.features.user_state import user_state
 from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab
 from feedrank.fsutil import staged_file
 from feedrank.serving.config import EventLogConfig
@@ -154,7 +154,7 @@ class UserStore:
                  end: dt.datetime | None = None) -> UserStore:  # fmt: skip
         """Seed from the canonical log at ``log_dir``, reading only rows before ``end``.
 
-        History follows the training rule (``feedrank.evaluate.retrieval.user_state``: the last
+        History follows the training rule (``feedrank.features.user_state.user_state``: the last
         ``history_len`` items ``clicked and not hidden``); "seen" is every item shown, the most
         recent ``max_seen`` impressions per user. Items outside the vocabulary are kept in the
         history as OOV / hash-bucket indices (as in training) and left out of "seen" (they can
