@@ -1,6 +1,7 @@
 """The user store (seeded from a log, updated by events), id lookups and the serving log sink."""
 
 import datetime as dt
+import itertools
 import time
 
 import numpy as np
@@ -12,7 +13,7 @@ from feedrank.data.log import read_events, write_log
 from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform
 from feedrank.features.vocab import OOV, Vocab, stable_hash
 from feedrank.serving.config import EventLogConfig
-from feedrank.serving.state import EventIn, EventSink, UserStore, VocabIndex
+from feedrank.serving.state import EVENT_ID, SERVING_LOG_SCHEMA, EventIn, EventSink, UserStore, VocabIndex
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
 h = lambda hours: T0 + dt.timedelta(hours=hours)  # noqa: E731
@@ -27,6 +28,15 @@ def events(rows: list[tuple]) -> pa.Table:
         "request_id": [f"r{i}" for i in range(len(rows))], "clicked": list(clicked), "hidden": list(hidden),
         "country": list(country),
     })).cast(EVENT_SCHEMA)  # fmt: skip
+
+
+_IDS = itertools.count()
+
+
+def served(rows: list[tuple], ids: list[str] | None = None) -> pa.Table:
+    """``events(rows)`` as serving-log rows: fresh event ids unless ``ids`` are given."""
+    ids = ids if ids is not None else [f"e{next(_IDS)}" for _ in rows]
+    return events(rows).append_column(SERVING_LOG_SCHEMA.field(EVENT_ID), pa.array(ids, pa.string()))
 
 
 LOG = [
@@ -67,7 +77,7 @@ def test_seeding_reads_only_rows_before_end_and_bounds_seen(log_dir):
 
 def test_events_update_the_user_and_history_is_strictly_before_now(log_dir):
     store = UserStore.from_log(log_dir, ITEMS, history_len=3, max_seen=3, end=h(24))
-    new = events([("u1", "b", 30, True, False, None), ("u3", "a", 31, False, False, None)])
+    new = served([("u1", "b", 30, True, False, None), ("u3", "a", 31, False, False, None)])
     store.apply(new, np.array([3, 2]))
     assert store.view("u1", h(30)).history.tolist() == [OOV, 5]  # ts == now is not before now
     view = store.view("u1", h(30.5))
@@ -107,8 +117,8 @@ def test_event_model_names_the_bad_field():
 
 def test_durable_sink_writes_one_file_per_write_readable_by_read_events(tmp_path):
     sink = EventSink(EventLogConfig(dir=str(tmp_path), durable=True))
-    sink.write(events([("u1", "a", 1, True, False, "DE"), ("u1", "b", 30, False, False, "DE")]))  # two days
-    sink.write(events([("u2", "c", 2, False, False, None)]))
+    sink.write(served([("u1", "a", 1, True, False, "DE"), ("u1", "b", 30, False, False, "DE")]))  # two days
+    sink.write(served([("u2", "c", 2, False, False, None)]))
     files = sorted(p.relative_to(tmp_path).parts[1] for p in (tmp_path / "events").glob("date=*/part-*.parquet"))
     assert files == ["date=2024-01-01", "date=2024-01-01", "date=2024-01-02"]
     assert not list(tmp_path.rglob(".*.tmp"))
@@ -119,14 +129,14 @@ def test_durable_sink_writes_one_file_per_write_readable_by_read_events(tmp_path
 def test_buffered_sink_flushes_on_size_on_time_and_at_close(tmp_path):
     sink = EventSink(EventLogConfig(dir=str(tmp_path), durable=False, flush_rows=3, flush_interval_s=0.2))
     count = lambda: len(list((tmp_path / "events").glob("date=*/part-*.parquet")))  # noqa: E731
-    sink.write(events([("u1", "a", 1, True, False, None)] * 1))
+    sink.write(served([("u1", "a", 1, True, False, None)] * 1))
     assert count() == 0  # buffered
     deadline = time.monotonic() + 5
     while count() == 0 and time.monotonic() < deadline:  # the timer flushes within ~flush_interval_s
         time.sleep(0.05)
     assert count() == 1
-    sink.write(events([("u1", "a", 2, True, False, None), ("u2", "b", 2, False, False, None), ("u3", "c", 2, False, False, None)]))
+    sink.write(served([("u1", "a", 2, True, False, None), ("u2", "b", 2, False, False, None), ("u3", "c", 2, False, False, None)]))
     assert count() == 2  # 3 rows reached flush_rows
-    sink.write(events([("u4", "d", 3, False, False, None)]))
+    sink.write(served([("u4", "d", 3, False, False, None)]))
     sink.close()
     assert count() == 3 and read_events(tmp_path).num_rows == 5
