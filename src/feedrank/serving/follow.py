@@ -84,7 +84,7 @@ class LogFollower:
 
     def _new_files(self) -> list[Path]:
         try:
-            days = sorted(e for e in os.scandir(self.events_dir) if e.is_dir() and e.name.startswith("date="))
+            days = sorted((e for e in os.scandir(self.events_dir) if e.is_dir() and e.name.startswith("date=")), key=lambda e: e.name)
         except FileNotFoundError:
             return []
         found = []

@@ -200,11 +200,12 @@ class _Snapshot:
     impressions: np.ndarray
     clicks: np.ndarray
     seeded_until_us: int  # every seeded row is strictly before this
+    latest_us: int  # the latest seeded row's time: when a seeded history item is taken to have happened
 
     @classmethod
     def empty(cls) -> _Snapshot:
         zero = np.zeros(1, np.int64)
-        return cls({}, {c: [] for c in USER_CAT_COLUMNS}, zero, zero[:0], zero, zero[:0], zero[:0], zero[:0], 0)
+        return cls({}, {c: [] for c in USER_CAT_COLUMNS}, zero, zero[:0], zero, zero[:0], zero[:0], zero[:0], 0, 0)
 
 
 _SEED_COLUMNS = ["user_id", "item_id", "ts", "clicked", "hidden", *USER_CAT_COLUMNS]
@@ -259,6 +260,7 @@ class UserStore:
             impressions=state.impressions,
             clicks=state.clicks,
             seeded_until_us=to_epoch_us(end) if end is not None else (last_us or 0) + 1,
+            latest_us=last_us or 0,
         )
         return cls(items, history_len, max_seen, snapshot, max_live_users)
 
@@ -384,8 +386,9 @@ class UserStore:
         row = snap.row_of.get(user_id)
         if row is None:
             return _Record({c: None for c in USER_CAT_COLUMNS}, [], OrderedDict(), 0, 0)
-        # The snapshot keeps no per-item times: its items are stamped "just before the seed cut".
-        stamp = snap.seeded_until_us - 1
+        # The snapshot keeps no per-item times: its items are stamped with the seeding log's last
+        # time, so a live event after it sorts after them however late the service started.
+        stamp = snap.latest_us
         hist = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]].tolist()
         seen = snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]].tolist()
         return _Record({c: snap.cats[c][row] for c in USER_CAT_COLUMNS}, [(stamp, h) for h in hist],
