@@ -116,13 +116,13 @@ class UserView:
     stored: bool  # False: the store has nothing on this user (no log rows, no live events)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
     """A user touched by live events: mutable, bounded; an LRU entry of ``UserStore``'s overlay."""
 
-    cats: dict[str, str | None]
+    cats: tuple[str | None, ...]  # in USER_CAT_COLUMNS order
     engaged: list[tuple[int, int]]  # (ts_us, item index), sorted by time, at most history_len
-    seen: OrderedDict[int, None]  # item index, most recently shown last, at most max_seen
+    seen: dict[int, None]  # item index, most recently shown last (dicts keep insertion order), at most max_seen
     impressions: int
     clicks: int
     ids: set[int] = field(default_factory=set)  # id_hash of every live event applied: the dedupe key
@@ -282,7 +282,7 @@ class UserStore:
             record = self._live(user_id)
             if record is not None:
                 history = [item for ts, item in record.engaged if ts < now_us][-self.history_len :]
-                return UserView(user_id, dict(record.cats), np.asarray(history, np.int64),
+                return UserView(user_id, dict(zip(USER_CAT_COLUMNS, record.cats)), np.asarray(history, np.int64),
                                 np.fromiter(record.seen, np.int64, len(record.seen)), record.impressions,
                                 record.clicks, True)  # fmt: skip
         snap = self._snapshot
@@ -346,7 +346,7 @@ class UserStore:
         record.seen.pop(item, None)
         record.seen[item] = None
         if len(record.seen) > self.max_seen:
-            record.seen.popitem(last=False)
+            del record.seen[next(iter(record.seen))]
         if flags & _Journal.ENGAGED and self.history_len:
             insort(record.engaged, (ts_us, item))
             del record.engaged[: -self.history_len]
@@ -385,14 +385,14 @@ class UserStore:
         snap = self._snapshot
         row = snap.row_of.get(user_id)
         if row is None:
-            return _Record({c: None for c in USER_CAT_COLUMNS}, [], OrderedDict(), 0, 0)
+            return _Record((None,) * len(USER_CAT_COLUMNS), [], {}, 0, 0)
         # The snapshot keeps no per-item times: its items are stamped with the seeding log's last
         # time, so a live event after it sorts after them however late the service started.
         stamp = snap.latest_us
         hist = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]].tolist()
         seen = snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]].tolist()
-        return _Record({c: snap.cats[c][row] for c in USER_CAT_COLUMNS}, [(stamp, h) for h in hist],
-                       OrderedDict.fromkeys(seen), int(snap.impressions[row]), int(snap.clicks[row]))  # fmt: skip
+        return _Record(tuple(snap.cats[c][row] for c in USER_CAT_COLUMNS), [(stamp, h) for h in hist],
+                       dict.fromkeys(seen), int(snap.impressions[row]), int(snap.clicks[row]))  # fmt: skip
 
 
 def _recent_items(events: pa.Table, users: pa.Array, items: Vocab, max_seen: int) -> tuple[np.ndarray, np.ndarray]:
