@@ -27,9 +27,13 @@ serving log. The HTTP layer (``feedrank.serving.app``) only parses and formats.
 ``record_events(events)`` validates a POST's events (unknown item -> ``EventError``, nothing logged;
 the canonical schema's rules via ``feedrank.data.schema.validate``), appends them to the serving
 log, updates the user store and invalidates each user's cached vector, so the next feed recomputes
-it from the new history (and no longer shows the item just seen). With a Redis cache it also
-publishes them on the event bus (``feedrank.serving.bus``), and applies other workers' events the
-same way, so every worker's store sees every event.
+it from the new history (and no longer shows the item just seen); a retried event (same
+``event_id``) is acknowledged, not applied twice. At construction the service replays the serving
+log into the store, then reads the log files other workers write every
+``store.catch_up_interval_s`` (``feedrank.serving.follow``): the log is the source of truth, so a
+restart forgets nothing and every worker's store converges on every accepted event. With a Redis
+cache it also publishes events on the event bus (``feedrank.serving.bus``), the millisecond fast
+path, and applies other workers' events the same way.
 
 Item vectors and the index are a snapshot of the catalogue at startup: the item tower's freshness
 input ages with them until the next restart or index rebuild (``feedrank.index.needs_rebuild``).

@@ -7,28 +7,31 @@ Three parts, each with one job:
   slow per request; this keeps one dict per vocabulary for the life of the process.
 - ``UserStore``: each user's recent engagements (the user tower's history), the items they were
   already shown ("seen"), their impression/click counts and categorical attributes. It is a
-  columnar *snapshot* seeded from the canonical log (immutable, vectorised to build) plus an
-  *overlay* of users touched by live events (a small record each, created from the snapshot on the
-  user's first event). Item ids are held as two-tower vocabulary indices.
+  columnar *snapshot* seeded from the canonical log (immutable, vectorised to build), a *journal*
+  of every live event applied (columnar, 37 bytes an event) and an *overlay* of records of users
+  touched by live events (an LRU of at most ``max_live_users``; a record is built from the
+  snapshot plus the user's journal rows, by the same rule live events use, so eviction loses
+  nothing). Each live event carries an id: the store applies each ``(user, event_id)`` once, so
+  retries, replays and a second delivery are harmless. Item ids are held as two-tower vocabulary
+  indices.
 - ``EventSink``: the append-only serving log, in the canonical layout
-  (``DIR/events/date=YYYY-MM-DD/part-<uuid>.parquet``) so ``feedrank.data.log.read_events`` reads it
-  like any other log and the next training run can use it. Each file is written under a hidden
-  name and renamed into place, so a reader never sees half a file (pyarrow datasets skip names
-  starting with "."). Durability: see ``EventLogConfig``.
+  (``DIR/events/date=YYYY-MM-DD/part-<uuid>.parquet``, ``SERVING_LOG_SCHEMA``: the canonical
+  columns plus ``event_id``) so ``feedrank.data.log.read_events`` reads it like any other log and
+  the next training run can use it. Each file is written under a hidden name, locked, and renamed
+  into place, so a reader never sees half a file (pyarrow datasets skip names starting with ".");
+  a temporary file a killed writer left is removed at the next start. Durability: see
+  ``EventLogConfig``.
 
-**Several workers:** the store lives in one process, so with several uvicorn workers each has its
-own. With the Redis cache backend, ``feedrank.serving.bus`` passes every accepted event to the other
-workers, which apply it here and drop the user's cached vector: the stores converge within
-milliseconds. Pub/sub delivers at most once, so a worker cut off from Redis misses events in
-memory until it restarts seeded from the serving log, where every event is (``feedrank serve
---log`` pointed at it). With the
-memory cache there is no bus: run one worker, or route each user to one worker.
+**The serving log is the source of truth.** At startup the service replays it into the store, and
+every worker keeps reading the files other workers write (``feedrank.serving.follow``), so a
+restart forgets nothing accepted and workers converge whatever Redis did; the Redis event bus
+(``feedrank.serving.bus``) is only the millisecond fast path between workers.
 
 Example::
 
     store = UserStore.from_log("runs/demo/log", vocabs.items, history_len=50, max_seen=2000, end=now)
     view = store.view("u17", now)          # UserView(history=array([...]), seen=..., clicks=3, ...)
-    store.apply(events_table, item_idx)    # after POST /events
+    store.apply(events_table, item_idx)    # after POST /events: which rows were new (by event_id)
 """
 
 from __future__ import annotations
