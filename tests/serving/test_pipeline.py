@@ -8,6 +8,7 @@ import pytest
 
 from feedrank.data.log import read_events
 from feedrank.index import load_index, read_manifest, save_index
+from feedrank.serving.cache import MemoryCache
 from feedrank.serving.config import EventLogConfig, StoreConfig
 from feedrank.serving.pipeline import EventError, FeedRequestError, FeedService, make_clock
 from feedrank.serving.rerank import RerankConfig
@@ -260,3 +261,27 @@ def test_workers_converge_through_the_shared_log_without_a_bus(make_service, sha
 def test_the_seeding_log_cannot_be_the_serving_log(make_service, serving_world):
     with pytest.raises(ValueError, match="same folder"):
         make_service(event_log=EventLogConfig(dir=str(serving_world.log)))
+
+
+class FlakyCache(MemoryCache):
+    """A memory cache whose invalidations fail while ``down`` (a Redis that is paused)."""
+
+    down = False
+
+    def invalidate(self, user_id: str) -> bool:
+        return False if self.down else super().invalidate(user_id)
+
+
+def test_a_failed_invalidation_keeps_the_stale_vector_out_of_feeds(make_service):
+    cache = FlakyCache(1000, 600)
+    service = make_service(cache=cache)
+    user = warm_user(service)
+    clicked = service.feed(user, k=10).items[0].item_id
+    cache.down = True
+    service.record_events([EventIn(user_id=user, item_id=clicked, clicked=True)])
+    assert cache.get(user) is not None  # the old vector is still cached
+    after = service.feed(user, k=10)
+    assert (after.path, after.cache) == ("tower", "error")  # recomputed from the new state, not the stale hit
+    cache.down = False
+    assert service.feed(user, k=10).cache == "miss"  # the retried invalidation succeeded
+    assert service.feed(user, k=10).cache == "hit"

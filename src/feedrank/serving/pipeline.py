@@ -318,6 +318,9 @@ class FeedService:
         self.user_cats = {c: VocabIndex(v) for c, v in two_tower.vocabs.user_cats.items()}
         self.ranker = RankerInputs.build(ranker, two_tower) if ranker is not None else None
         self.cache = cache if cache is not None else make_cache(cfg.cache)
+        # Users whose cached vector could not be invalidated (Redis down or paused): a hit for them
+        # may predate their last event, so their feeds skip the cache until an invalidate succeeds.
+        self._stale: set[str] = set()
         if log_dir is not None and Path(log_dir).resolve() == Path(cfg.event_log.dir).resolve():
             raise ValueError(f"the seeding log and serving.event_log.dir are the same folder ({log_dir}): the serving "
                              "log is replayed on top of the seeding log, so every served event would count twice")  # fmt: skip
@@ -379,13 +382,15 @@ class FeedService:
             mark = t
 
         view = self.store.view(user_id, now)
-        vector, cache_outcome = self._cached_vector(user_id)
+        stale = user_id in self._stale and not self._invalidate(user_id)
+        vector, cache_outcome = (None, "error") if stale else self._cached_vector(user_id)
         if vector is not None:
             path = "cached"
         elif view.stored or self.users.known(user_id):
             path = "tower"
             vector = self._tower_vector(view, known_user=True)
-            self.cache.set(user_id, vector)
+            if not stale:
+                self.cache.set(user_id, vector)
         else:
             path, vector = "cold_start", self.default_vector
         lap("user")
@@ -523,8 +528,16 @@ class FeedService:
         how many were new to the store (the others were applied before: bus, log, retry)."""
         applied = self.store.apply(table, rows)
         for user_id in dict.fromkeys(table["user_id"].filter(pa.array(applied)).to_pylist()):
-            self.cache.invalidate(user_id)
+            self._invalidate(user_id)
         return int(applied.sum())
+
+    def _invalidate(self, user_id: str) -> bool:
+        """Drop ``user_id``'s cached vector; remember the user as stale while that fails."""
+        if self.cache.invalidate(user_id):
+            self._stale.discard(user_id)
+            return True
+        self._stale.add(user_id)
+        return False
 
     def _apply_peer_events(self, table: pa.Table) -> None:
         """Events another worker accepted and logged, delivered by the bus (``feedrank.serving.bus``)."""
