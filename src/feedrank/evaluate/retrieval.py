@@ -61,7 +61,7 @@ from feedrank.data.user_batch import user_batch
 from feedrank.evaluate.metrics import topk_metrics
 from feedrank.features.build import parse_ts
 from feedrank.features.counters import user_counters
-from feedrank.features.user_state import UserState, as_strings, user_state
+from feedrank.features.user_state import UserState, user_state
 from feedrank.features.vocab import FIRST_ID, USER_CAT_COLUMNS, Vocab, Vocabularies
 from feedrank.fsutil import staged_file
 

@@ -50,7 +50,7 @@ def user_state(events: pa.Table, users: pa.Array, history_len: int, fallback: pa
     cut, from their earliest row in ``fallback`` (e.g. the test period: request-time attributes
     such as country are known when the request arrives).
     """
-    users = as_strings(users)
+    users = _strings(users)
     n = len(users)
     rows = events.filter(pc.is_in(events["user_id"], value_set=users))
     code = pc.index_in(rows["user_id"], value_set=users).to_numpy().astype(np.int64)
@@ -72,9 +72,9 @@ def user_state(events: pa.Table, users: pa.Array, history_len: int, fallback: pa
         cats = {c: pc.if_else(pa.array(use), _take_where(fb[c], first, use), v) for c, v in cats.items()}
     return UserState(
         user_id=users,
-        user_cats={c: as_strings(v) for c, v in cats.items()},
+        user_cats={c: _strings(v) for c, v in cats.items()},
         history_offsets=offsets,
-        history_items=as_strings(rows["item_id"].take(pa.array(history_rows, pa.int64()))),
+        history_items=_strings(rows["item_id"].take(pa.array(history_rows, pa.int64()))),
         impressions=np.bincount(code, minlength=n).astype(np.int64),
         clicks=np.bincount(code[clicked], minlength=n).astype(np.int64),
     )
@@ -83,7 +83,7 @@ def user_state(events: pa.Table, users: pa.Array, history_len: int, fallback: pa
 def _take_where(column: pa.ChunkedArray, rows: np.ndarray, valid: np.ndarray) -> pa.Array:
     """``column[rows]`` where ``valid``, null elsewhere (``rows`` is only read where valid)."""
     picked = column.take(pa.array(np.where(valid, rows, 0))) if len(column) else pa.nulls(len(rows), pa.string())
-    return as_strings(pc.if_else(pa.array(valid), picked, pa.nulls(len(rows), pa.string())))
+    return _strings(pc.if_else(pa.array(valid), picked, pa.nulls(len(rows), pa.string())))
 
 
 def latest_rows(group: np.ndarray, ts: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,7 +98,7 @@ def latest_rows(group: np.ndarray, ts: np.ndarray, n_groups: int) -> tuple[np.nd
     return row_of, has_row
 
 
-def as_strings(values: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa.Array:
+def _strings(values: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa.Array:
     """``values`` as one string Array (a chunked column combined, a Python list converted)."""
     arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
     arr = arr if isinstance(arr, pa.Array) else pa.array(list(arr), pa.string())
