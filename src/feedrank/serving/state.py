@@ -8,7 +8,7 @@ Three parts, each with one job:
 - ``UserStore``: each user's recent engagements (the user tower's history), the items they were
   already shown ("seen"), their impression/click counts and categorical attributes. It is a
   columnar *snapshot* seeded from the canonical log (immutable, vectorised to build), a *journal*
-  of every live event applied (columnar, 37 bytes an event) and an *overlay* of records of users
+  of every live event applied (columnar, 29 bytes an event) and an *overlay* of records of users
   touched by live events (an LRU of at most ``max_live_users``; a record is built from the
   snapshot plus the user's journal rows, by the same rule live events use, so eviction loses
   nothing). Each live event carries an id: the store applies each ``(user, event_id)`` once, so
@@ -147,8 +147,8 @@ class _Journal:
     29 bytes an event (item, time, flags, id hash, the row of the user's previous event) plus a dict
     entry and an int64 per user. A user's rows are chained newest to oldest through ``prev``, so a
     rebuild reads only that user's rows. The journal holds what the serving log holds (since the
-    start, and what was replayed from it), so it grows with the log, 25x more compactly than
-    records; a restart folds it away (compact the serving log into the seeding log offline).
+    start, and what was replayed from it), so it grows with the log, about 35x more compactly than
+    records; compacting the serving log into the seeding log offline folds it into the snapshot.
     """
 
     _COLUMNS = {"item": np.int32, "ts": np.int64, "flags": np.uint8, "idh": np.int64, "prev": np.int64}
