@@ -242,3 +242,13 @@ def test_follower_reads_each_new_file_once_and_skips_marked_ones(tmp_path):
     assert (follower.files_read, follower.rows_read) == (3, 3)
     mine.close()
     theirs.close()
+
+
+def test_follower_skips_a_damaged_file_and_reads_the_rest(tmp_path):
+    sink = EventSink(EventLogConfig(dir=str(tmp_path)))
+    sink.write(served([("u1", "a", 1, True, False, None)], ids=["good"]))
+    (tmp_path / "events" / "date=2024-01-01" / "part-damaged.parquet").write_bytes(b"not parquet")
+    follower = LogFollower(tmp_path)
+    assert follower.poll()[EVENT_ID].to_pylist() == ["good"]
+    assert follower.unreadable == 1 and follower.poll() is None  # logged once, not retried forever
+    sink.close()

@@ -36,7 +36,7 @@ from pathlib import Path
 import pyarrow as pa
 
 from feedrank.data.log import EVENTS_DIR
-from feedrank.serving.state import SERVING_LOG_SCHEMA, read_log_file
+from feedrank.serving.state import read_log_file, read_log_files
 
 log = logging.getLogger(__name__)
 
@@ -64,23 +64,30 @@ class LogFollower:
     def poll(self) -> pa.Table | None:
         """The rows of every file that appeared since the last poll (None when there is none)."""
         with self._lock:
-            tables = []
-            for path in self._new_files():
-                try:
-                    tables.append(read_log_file(path))
-                except FileNotFoundError:  # compacted away meanwhile: its rows are elsewhere
-                    pass
-                except (OSError, pa.ArrowException, ValueError) as exc:
-                    self.unreadable += 1
-                    log.error("serving log: cannot read %s (%s); skipped", path, exc)
-                self._known.add(path.name)
-            self.files_read += len(tables)
+            paths = self._new_files()
+            try:
+                table = read_log_files(paths) if paths else None
+            except (OSError, pa.ArrowException, ValueError):  # one bad or vanished file: find it, keep the rest
+                table = self._read_one_by_one(paths)
+            self._known.update(p.name for p in paths)
+            self.files_read += len(paths)
             self.last_poll = time.time()
-            if not tables:
+            if table is None or table.num_rows == 0:
                 return None
-            table = pa.concat_tables(tables).cast(SERVING_LOG_SCHEMA)
             self.rows_read += table.num_rows
             return table
+
+    def _read_one_by_one(self, paths: list[Path]) -> pa.Table | None:
+        tables = []
+        for path in paths:
+            try:
+                tables.append(read_log_file(path))
+            except FileNotFoundError:  # compacted away meanwhile: its rows are elsewhere
+                pass
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                self.unreadable += 1
+                log.error("serving log: cannot read %s (%s); skipped", path, exc)
+        return pa.concat_tables(tables) if tables else None
 
     def _new_files(self) -> list[Path]:
         try:

@@ -46,13 +46,14 @@ import time
 import uuid
 from bisect import insort
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -557,9 +558,24 @@ def remove_stale_temp_files(root: str | Path, older_than: float) -> int:
     return removed
 
 
+def read_log_files(paths: Sequence[Path]) -> pa.Table:
+    """Serving-log files as one ``SERVING_LOG_SCHEMA`` table, read by one pyarrow scan (threads,
+    readahead: several times faster than a file at a time when a durable log has one file per
+    POST). A file written before events had ids gets ``<file name>#<row>``: stable, so replaying it
+    twice still applies it once."""
+    loose = pa.schema([f.with_nullable(True) for f in SERVING_LOG_SCHEMA])
+    batches, rows_of = [], dict.fromkeys(map(str, paths), 0)
+    for tagged in ds.dataset(list(rows_of), format="parquet", schema=loose).scanner().scan_batches():
+        batch, path = tagged.record_batch, tagged.fragment.path
+        first, rows_of[path] = rows_of[path], rows_of[path] + batch.num_rows
+        ids = batch.column(EVENT_ID)
+        if ids.null_count:
+            legacy = pa.array([f"{Path(path).name}#{i}" for i in range(first, first + batch.num_rows)], pa.string())
+            batch = batch.set_column(batch.schema.get_field_index(EVENT_ID), EVENT_ID, pc.coalesce(ids, legacy))
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=loose).cast(SERVING_LOG_SCHEMA)
+
+
 def read_log_file(path: Path) -> pa.Table:
-    """One serving-log file as ``SERVING_LOG_SCHEMA`` rows. A file written before events had ids
-    gets ``<file name>#<row>``: stable, so replaying it twice still applies it once."""
-    table = pq.read_table(path)
-    ids = table[EVENT_ID] if EVENT_ID in table.column_names else pa.array([f"{path.name}#{i}" for i in range(table.num_rows)], pa.string())
-    return conform(table).cast(EVENT_SCHEMA).append_column(SERVING_LOG_SCHEMA.field(EVENT_ID), ids)
+    """One serving-log file (``read_log_files``)."""
+    return read_log_files([path])
