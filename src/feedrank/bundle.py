@@ -235,6 +235,27 @@ class Bundle:
         return self.meta.get("metrics", {})
 
 
+def catalogue_vectors(model: nn.Module, catalogue: pa.Table, at: dt.datetime, rows: np.ndarray,
+                      chunk: int = 8192) -> torch.Tensor:  # fmt: skip
+    """[len(rows), dim] item vectors of catalogue ``rows`` (item indices) at time ``at``: eval mode,
+    no gradients, in chunks (the item tower's activations for a large catalogue at once are big)."""
+    cats, ages = catalogue_item_cats(catalogue), torch.from_numpy(catalogue_age_hours(catalogue, at))
+    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model.item_vectors(part, cats[part], ages[part]) for part in idx.split(chunk)])
+
+
+def popularity_scores(catalogue: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """[len(rows)] float32 popularity score of catalogue ``rows``: distinct values ordering by training
+    clicks, then training impressions, then vocabulary index (so no ties, and a deterministic list)."""
+    clicks = catalogue["train_clicks"].to_numpy()[rows]
+    imps = catalogue["train_impressions"].to_numpy()[rows]
+    position = np.empty(len(rows), dtype=np.int64)
+    position[np.lexsort((rows, -imps, -clicks))] = np.arange(len(rows))
+    return (len(rows) - position).astype(np.float32)
+
+
 def content_version(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> str:
     """sha256 over the weights (name, dtype, shape, bytes, in name order) and the canonical config."""
     h = hashlib.sha256()

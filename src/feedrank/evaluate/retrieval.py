@@ -54,7 +54,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_age_hours, catalogue_item_cats, lookup_quiet
+from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_vectors, lookup_quiet, popularity_scores
 from feedrank.data.batch import Batch
 from feedrank.data.log import read_events
 from feedrank.data.user_batch import user_batch
@@ -200,27 +200,6 @@ def _csr(rows: np.ndarray, items: np.ndarray, n_rows: int) -> tuple[np.ndarray, 
     order = np.lexsort((items, rows))
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
     return indptr, items[order]
-
-
-def catalogue_vectors(model: nn.Module, catalogue: pa.Table, at: dt.datetime, rows: np.ndarray,
-                      chunk: int = 8192) -> Tensor:  # fmt: skip
-    """[len(rows), dim] item vectors of catalogue ``rows`` (item indices) at time ``at``: eval mode,
-    no gradients, in chunks (the item tower's activations for a large catalogue at once are big)."""
-    cats, ages = catalogue_item_cats(catalogue), torch.from_numpy(catalogue_age_hours(catalogue, at))
-    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model.item_vectors(part, cats[part], ages[part]) for part in idx.split(chunk)])
-
-
-def popularity_scores(catalogue: pa.Table, rows: np.ndarray) -> np.ndarray:
-    """[len(rows)] float32 popularity score of catalogue ``rows``: distinct values ordering by training
-    clicks, then training impressions, then vocabulary index (so no ties, and a deterministic list)."""
-    clicks = catalogue["train_clicks"].to_numpy()[rows]
-    imps = catalogue["train_impressions"].to_numpy()[rows]
-    position = np.empty(len(rows), dtype=np.int64)
-    position[np.lexsort((rows, -imps, -clicks))] = np.arange(len(rows))
-    return (len(rows) - position).astype(np.float32)
 
 
 def user_batches(users: UserState, vocabs: Vocabularies, chunk: int = 1024) -> Iterator[tuple[int, Batch]]:

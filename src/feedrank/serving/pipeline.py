@@ -66,10 +66,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from feedrank.bundle import Bundle, catalogue_born_us, catalogue_item_cats, lookup_quiet
+from feedrank.bundle import Bundle, catalogue_born_us, catalogue_item_cats, catalogue_vectors, lookup_quiet, popularity_scores
 from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform, to_epoch_us, validate
 from feedrank.data.user_batch import user_batch
-from feedrank.evaluate.retrieval import catalogue_vectors, popularity_scores
 from feedrank.features.build import FeatureConfig
 from feedrank.features.counters import scale_counts, shrunk_ctr, user_counters
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, PAD, USER_CAT_COLUMNS, Vocab
