@@ -186,7 +186,7 @@ def test_evicted_users_are_rebuilt_exactly_from_the_journal(log_dir):
         a, b = bounded.view(user, h(100)), unbounded.view(user, h(100))
         assert (a.impressions, a.clicks, a.history.tolist(), a.seen.tolist(), a.cats, a.stored) == \
                (b.impressions, b.clicks, b.history.tolist(), b.seen.tolist(), b.cats, b.stored), user  # fmt: skip
-    assert len(bounded) == len(unbounded) == 4
+    assert len(bounded) == len(unbounded) == 4 and bounded.stats()["live_users"] == 1  # views rebuild, within the bound
     replay = served(rows[:4], ids=["e0", "e1", "e2", "e3"])  # evicted users still refuse their old ids
     assert not bounded.apply(replay, item_idx[:4]).any()
     with pytest.raises(ValueError, match="max_live_users"):

@@ -14,7 +14,10 @@ within that interval even with Redis gone, and within milliseconds over the bus 
 
 Cost: a poll lists only the day folders whose mtime moved (a folder's mtime changes when a file is
 renamed into it; one whose mtime is under a second older than the last listing is listed again, as
-coarse timestamps can hide a second file landing in the same tick), then reads the new files.
+coarse timestamps can hide a second file landing in the same tick), then reads the new files in
+one pyarrow scan. A durable log has one file per POST: a busy day folder is listed on every poll,
+and the startup replay opens every file (about 1-5 ms each), so compact the serving log offline,
+or use ``event_log.durable: false`` (fewer, larger files).
 
 Example::
 

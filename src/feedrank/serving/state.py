@@ -284,6 +284,7 @@ class UserStore:
         now_us = to_epoch_us(now)
         with self._lock:
             record = self._live(user_id)
+            self._evict()  # the record stays valid here even if the rebuild pushed it past the bound
             if record is not None:
                 history = [item for ts, item in record.engaged if ts < now_us][-self.history_len :]
                 return UserView(user_id, dict(zip(USER_CAT_COLUMNS, record.cats)), np.asarray(history, np.int64),
