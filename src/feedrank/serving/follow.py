@@ -54,6 +54,7 @@ class LogFollower:
         self._known: set[str] = set()
         self._listed: dict[str, tuple[int, int]] = {}  # day folder -> (its mtime, when listed), ns
         self._lock = threading.Lock()  # one poll at a time: startup replay, the thread, tests
+        self._known_lock = threading.Lock()  # held only briefly: ``mark`` runs inside a POST
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.files_read = self.rows_read = self.unreadable = 0
@@ -61,7 +62,7 @@ class LogFollower:
 
     def mark(self, path: Path) -> None:
         """``path`` is applied already (this worker wrote it): never read it."""
-        with self._lock:
+        with self._known_lock:
             self._known.add(path.name)
 
     def poll(self) -> pa.Table | None:
@@ -72,7 +73,8 @@ class LogFollower:
                 table = read_log_files(paths) if paths else None
             except (OSError, pa.ArrowException, ValueError):  # one bad or vanished file: find it, keep the rest
                 table = self._read_one_by_one(paths)
-            self._known.update(p.name for p in paths)
+            with self._known_lock:
+                self._known.update(p.name for p in paths)
             self.files_read += len(paths)
             self.last_poll = time.time()
             if table is None or table.num_rows == 0:
@@ -104,9 +106,9 @@ class LogFollower:
             if listed is not None and listed[0] == mtime and listed[1] - mtime > _SETTLE_NS:
                 continue
             self._listed[day.name] = (mtime, time.time_ns())  # before listing: a later file moves mtime again
-            for entry in sorted(os.scandir(day.path), key=lambda e: e.name):
-                if entry.name.startswith("part-") and entry.name.endswith(".parquet") and entry.name not in self._known:
-                    found.append(Path(entry.path))
+            names = sorted(e.name for e in os.scandir(day.path) if e.name.startswith("part-") and e.name.endswith(".parquet"))
+            with self._known_lock:
+                found += [Path(day.path) / name for name in names if name not in self._known]
         return found
 
     def start(self, on_rows: Callable[[pa.Table], None], interval_s: float) -> None:
