@@ -53,6 +53,7 @@ from feedrank.config import ConfigError, from_dict
 from feedrank.data.schema import TS_TYPE, to_epoch_us
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS
 from feedrank.features.counters import COUNTER_COLUMNS
+from feedrank.features.user_state import latest_rows
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
 from feedrank.fsutil import staged_dir
 from feedrank.models.ranker import Ranker, RankerConfig
@@ -178,18 +179,6 @@ def build_catalogue(events: pa.Table, vocabs: Vocabularies) -> pa.Table:
     )
 
 
-def latest_rows(group: np.ndarray, ts: np.ndarray, n_groups: int) -> tuple[np.ndarray, np.ndarray]:
-    """For each group code in ``[0, n_groups)``: the row holding its latest ``ts`` (0 where the
-    group has no row) and whether it has one. Equal timestamps: the later row wins."""
-    order = np.lexsort((np.arange(len(ts)), ts, group))
-    last = order[np.r_[group[order][1:] != group[order][:-1], True]] if len(order) else order
-    has_row = np.zeros(n_groups, dtype=bool)
-    has_row[group[last]] = True
-    row_of = np.zeros(n_groups, dtype=np.int64)
-    row_of[group[last]] = last
-    return row_of, has_row
-
-
 def lookup_quiet(vocab: Vocab, values: pa.ChunkedArray) -> np.ndarray:
     """``vocab.lookup`` that leaves ``oov_hits`` alone: building a catalogue is not an evaluation."""
     hits = vocab.oov_hits
@@ -244,6 +233,27 @@ class Bundle:
     @property
     def metrics(self) -> dict[str, Any]:
         return self.meta.get("metrics", {})
+
+
+def catalogue_vectors(model: nn.Module, catalogue: pa.Table, at: dt.datetime, rows: np.ndarray,
+                      chunk: int = 8192) -> torch.Tensor:  # fmt: skip
+    """[len(rows), dim] item vectors of catalogue ``rows`` (item indices) at time ``at``: eval mode,
+    no gradients, in chunks (the item tower's activations for a large catalogue at once are big)."""
+    cats, ages = catalogue_item_cats(catalogue), torch.from_numpy(catalogue_age_hours(catalogue, at))
+    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([model.item_vectors(part, cats[part], ages[part]) for part in idx.split(chunk)])
+
+
+def popularity_scores(catalogue: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """[len(rows)] float32 popularity score of catalogue ``rows``: distinct values ordering by training
+    clicks, then training impressions, then vocabulary index (so no ties, and a deterministic list)."""
+    clicks = catalogue["train_clicks"].to_numpy()[rows]
+    imps = catalogue["train_impressions"].to_numpy()[rows]
+    position = np.empty(len(rows), dtype=np.int64)
+    position[np.lexsort((rows, -imps, -clicks))] = np.arange(len(rows))
+    return (len(rows) - position).astype(np.float32)
 
 
 def content_version(state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> str:

@@ -9,6 +9,9 @@ import pytest
 
 from feedrank.data.log import read_events
 from feedrank.index import load_index, read_manifest, save_index
+from feedrank.serving.cache import MemoryCache
+from feedrank.serving.config import EventLogConfig, StoreConfig
+from feedrank.serving.follow import LogFollower
 from feedrank.serving.pipeline import EventError, FeedRequestError, FeedService, make_clock
 from feedrank.serving.rerank import RerankConfig
 from feedrank.serving.state import EventIn
@@ -214,3 +217,77 @@ def test_bad_bundles_are_refused(serving_world, serving_cfg):
         [5, 5], [5, 5, 5], 2, 3))  # fmt: skip
     with pytest.raises(ValueError, match="two-tower vectors of dim 7"):
         FeedService(serving_world.two_tower, cfg, ranker=bad)
+
+
+def test_a_restart_replays_the_serving_log_once(make_service, shared_clock):
+    first = make_service(clock=shared_clock)
+    user = warm_user(first)
+    clicked = first.feed(user, k=10).items[0].item_id
+    first.record_events([EventIn(user_id=user, item_id=clicked, clicked=True, dwell_s=5.0)])
+    state = first.store.view(user, shared_clock())
+    first.close()  # or killed: the event was on disk before record_events returned
+    second = make_service(clock=shared_clock)  # same serving log
+    assert second.replayed == 1
+    assert clicked not in [i.item_id for i in second.feed(user, k=10).items]
+    again = second.store.view(user, shared_clock())
+    assert (again.impressions, again.clicks, again.history.tolist(), sorted(again.seen.tolist())) == \
+           (state.impressions, state.clicks, state.history.tolist(), sorted(state.seen.tolist()))  # fmt: skip
+    assert second._catch_up() == 0  # nothing new: replaying is idempotent
+    everything = LogFollower(second.cfg.event_log.dir).poll()  # even applying every file again
+    assert second._apply_foreign(everything, "a test") == 0
+    assert second.store.view(user, shared_clock()).impressions == state.impressions
+
+
+def test_a_retried_event_id_is_logged_and_applied_once(make_service, tmp_path):
+    service = make_service()
+    user = warm_user(service)
+    item = service.catalogue.item_ids[service.catalogue.rankable[0]]
+    before = service.store.view(user, service.clock()).impressions
+    event = EventIn(user_id=user, item_id=item, clicked=True, event_id="client-42")
+    assert service.record_events([event]) == 1
+    assert service.record_events([event]) == 1  # the response was lost, the client retried
+    assert service.store.view(user, service.clock()).impressions == before + 1
+    assert read_events(tmp_path / "serving_log").num_rows == 1
+    assert service.metrics.events.labels("duplicate")._value.get() == 1
+
+
+def test_workers_converge_through_the_shared_log_without_a_bus(make_service, shared_clock):
+    a = make_service(clock=shared_clock)
+    b = make_service(clock=shared_clock, store=StoreConfig(catch_up_interval_s=0.05))
+    user = warm_user(a)
+    clicked = b.feed(user, k=10).items[0].item_id
+    a.record_events([EventIn(user_id=user, item_id=clicked, clicked=True)])
+    deadline = time.monotonic() + 30
+    while b.metrics.events.labels("from_log")._value.get() < 1 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert clicked not in [i.item_id for i in b.feed(user, k=10).items]
+    assert b.store.view(user, shared_clock()).impressions == a.store.view(user, shared_clock()).impressions
+
+
+def test_the_seeding_log_cannot_be_the_serving_log(make_service, serving_world):
+    with pytest.raises(ValueError, match="same folder"):
+        make_service(event_log=EventLogConfig(dir=str(serving_world.log)))
+
+
+class FlakyCache(MemoryCache):
+    """A memory cache whose invalidations fail while ``down`` (a Redis that is paused)."""
+
+    down = False
+
+    def invalidate(self, user_id: str) -> bool:
+        return False if self.down else super().invalidate(user_id)
+
+
+def test_a_failed_invalidation_keeps_the_stale_vector_out_of_feeds(make_service):
+    cache = FlakyCache(1000, 600)
+    service = make_service(cache=cache)
+    user = warm_user(service)
+    clicked = service.feed(user, k=10).items[0].item_id
+    cache.down = True
+    service.record_events([EventIn(user_id=user, item_id=clicked, clicked=True)])
+    assert cache.get(user) is not None  # the old vector is still cached
+    after = service.feed(user, k=10)
+    assert (after.path, after.cache) == ("tower", "error")  # recomputed from the new state, not the stale hit
+    cache.down = False
+    assert service.feed(user, k=10).cache == "miss"  # the retried invalidation succeeded
+    assert service.feed(user, k=10).cache == "hit"

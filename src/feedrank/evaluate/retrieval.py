@@ -54,35 +54,20 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_age_hours, catalogue_item_cats, latest_rows, lookup_quiet
+from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_vectors, lookup_quiet, popularity_scores
 from feedrank.data.batch import Batch
 from feedrank.data.log import read_events
 from feedrank.data.user_batch import user_batch
 from feedrank.evaluate.metrics import topk_metrics
 from feedrank.features.build import parse_ts
 from feedrank.features.counters import user_counters
-from feedrank.features.history import EventIndex, dense_rank
+from feedrank.features.user_state import UserState, user_state
 from feedrank.features.vocab import FIRST_ID, USER_CAT_COLUMNS, Vocab, Vocabularies
 from feedrank.fsutil import staged_file
 
 DEFAULT_KS = (10, 50, 100)
 METRICS_FILE = "metrics.json"
 _STATE_COLUMNS = ["user_id", "item_id", "ts", "clicked", "hidden", *USER_CAT_COLUMNS]
-
-
-@dataclass
-class UserState:
-    """What the system knew about each evaluation user at the cut; raw ids, one row per user."""
-
-    user_id: pa.Array  # [U] string
-    user_cats: dict[str, pa.Array]  # USER_CAT_COLUMNS -> [U] raw values (null = unknown)
-    history_offsets: np.ndarray  # [U + 1] int64: user u's history is history_items[off[u]:off[u+1]]
-    history_items: pa.Array  # [M] string item ids, oldest first
-    impressions: np.ndarray  # [U] int64 impressions before the cut
-    clicks: np.ndarray  # [U] int64 clicks before the cut
-
-    def __len__(self) -> int:
-        return len(self.user_id)
 
 
 @dataclass
@@ -120,51 +105,6 @@ class RetrievalEvaluation:
 
 # ------------------------------------------------------------------------------------------------
 # inputs
-
-
-def user_state(events: pa.Table, users: pa.Array, history_len: int, fallback: pa.Table | None = None) -> UserState:
-    """Each of ``users``' state from ``events`` (canonical-schema rows, all before the cut).
-
-    ``events`` needs ``user_id, item_id, ts, clicked, hidden`` and the user categorical columns.
-    History = the last ``history_len`` engaged (``clicked and not hidden``) items, oldest first;
-    categorical features come from the user's latest row, or, for a user with no row before the
-    cut, from their earliest row in ``fallback`` (e.g. the test period: request-time attributes
-    such as country are known when the request arrives).
-    """
-    users = _strings(users)
-    n = len(users)
-    rows = events.filter(pc.is_in(events["user_id"], value_set=users))
-    code = pc.index_in(rows["user_id"], value_set=users).to_numpy().astype(np.int64)
-    ts = rows["ts"].cast(pa.int64()).to_numpy()
-    clicked = rows["clicked"].to_numpy(zero_copy_only=False)
-    engaged = clicked & ~rows["hidden"].to_numpy(zero_copy_only=False)
-
-    rank, n_ranks = dense_rank(ts)
-    history = EventIndex(code[engaged], rank[engaged], max(n_ranks, 1), values=np.flatnonzero(engaged))
-    offsets, history_rows = history.last_before(np.arange(n), np.full(n, max(n_ranks, 1)), history_len)
-
-    latest, has_row = latest_rows(code, ts, n)
-    cats = {c: _take_where(rows[c], latest, has_row) for c in USER_CAT_COLUMNS}
-    if fallback is not None and not has_row.all():
-        fb = fallback.filter(pc.is_in(fallback["user_id"], value_set=users))
-        fb_code = pc.index_in(fb["user_id"], value_set=users).to_numpy().astype(np.int64)
-        first, fb_has = latest_rows(fb_code, -fb["ts"].cast(pa.int64()).to_numpy(), n)
-        use = ~has_row & fb_has
-        cats = {c: pc.if_else(pa.array(use), _take_where(fb[c], first, use), v) for c, v in cats.items()}
-    return UserState(
-        user_id=users,
-        user_cats={c: _strings(v) for c, v in cats.items()},
-        history_offsets=offsets,
-        history_items=_strings(rows["item_id"].take(pa.array(history_rows, pa.int64()))),
-        impressions=np.bincount(code, minlength=n).astype(np.int64),
-        clicks=np.bincount(code[clicked], minlength=n).astype(np.int64),
-    )
-
-
-def _take_where(column: pa.ChunkedArray, rows: np.ndarray, valid: np.ndarray) -> pa.Array:
-    """``column[rows]`` where ``valid``, null elsewhere (``rows`` is only read where valid)."""
-    picked = column.take(pa.array(np.where(valid, rows, 0))) if len(column) else pa.nulls(len(rows), pa.string())
-    return _strings(pc.if_else(pa.array(valid), picked, pa.nulls(len(rows), pa.string())))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -239,12 +179,6 @@ def evaluate_ranking(
                                counts=counts, split_at=at.isoformat())
 
 
-def _strings(values: pa.Array | pa.ChunkedArray | Sequence[str]) -> pa.Array:
-    arr = values.combine_chunks() if isinstance(values, pa.ChunkedArray) else values
-    arr = arr if isinstance(arr, pa.Array) else pa.array(list(arr), pa.string())
-    return arr.cast(pa.string())
-
-
 def _known(vocab: Vocab, ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
     """(is a vocabulary id, index) per id; hashed and OOV ids are not known."""
     idx = lookup_quiet(vocab, ids)
@@ -266,27 +200,6 @@ def _csr(rows: np.ndarray, items: np.ndarray, n_rows: int) -> tuple[np.ndarray, 
     order = np.lexsort((items, rows))
     indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
     return indptr, items[order]
-
-
-def catalogue_vectors(model: nn.Module, catalogue: pa.Table, at: dt.datetime, rows: np.ndarray,
-                      chunk: int = 8192) -> Tensor:  # fmt: skip
-    """[len(rows), dim] item vectors of catalogue ``rows`` (item indices) at time ``at``: eval mode,
-    no gradients, in chunks (the item tower's activations for a large catalogue at once are big)."""
-    cats, ages = catalogue_item_cats(catalogue), torch.from_numpy(catalogue_age_hours(catalogue, at))
-    idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-    model.eval()
-    with torch.no_grad():
-        return torch.cat([model.item_vectors(part, cats[part], ages[part]) for part in idx.split(chunk)])
-
-
-def popularity_scores(catalogue: pa.Table, rows: np.ndarray) -> np.ndarray:
-    """[len(rows)] float32 popularity score of catalogue ``rows``: distinct values ordering by training
-    clicks, then training impressions, then vocabulary index (so no ties, and a deterministic list)."""
-    clicks = catalogue["train_clicks"].to_numpy()[rows]
-    imps = catalogue["train_impressions"].to_numpy()[rows]
-    position = np.empty(len(rows), dtype=np.int64)
-    position[np.lexsort((rows, -imps, -clicks))] = np.arange(len(rows))
-    return (len(rows) - position).astype(np.float32)
 
 
 def user_batches(users: UserState, vocabs: Vocabularies, chunk: int = 1024) -> Iterator[tuple[int, Batch]]:

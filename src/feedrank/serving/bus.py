@@ -1,17 +1,17 @@
-"""Accepted events, passed between serving workers over Redis pub/sub.
+"""Accepted events, passed between serving workers over Redis pub/sub: the fast path.
 
-Why: each uvicorn worker keeps its own ``UserStore`` (histories, "seen" sets, counts). Without
-this, an event updated only the worker that received it, and another worker would recompute the
-user's vector from a history that lacks the event and cache that. With it, the receiving worker
-applies and logs the event, then publishes the accepted rows; every other worker applies them to
-its own store and drops the user's cached vector, so a vector computed from the old state in the
-meantime (a few milliseconds) does not outlive the message.
+Why: each uvicorn worker keeps its own ``UserStore`` (histories, "seen" sets, counts). The
+receiving worker applies and logs an event, then publishes the accepted rows; every other worker
+applies them to its own store and drops the user's cached vector within milliseconds, so a vector
+computed from the old state in the meantime does not outlive the message.
 
 Only the receiving worker writes the serving log, so the log on disk has each event once.
-Delivery is Redis pub/sub's: at most once, to the workers subscribed at the time. A worker that
-was disconnected (Redis down, or still starting) misses those events in memory; they are still in
-the serving log, which seeds the store at the next start. Publishing never fails a POST: a Redis
-fault is logged and counted, and the event stays accepted.
+Delivery is Redis pub/sub's: at most once, to the workers subscribed at the time. That is enough
+because the bus is not what guarantees convergence: the shared serving log is
+(``feedrank.serving.follow``). A worker that missed a message (Redis down, paused, or the worker
+still starting) reads the event from the log within ``store.catch_up_interval_s``, and one that
+gets it both ways applies it once (the store dedupes by event id, which the rows carry).
+Publishing never fails a POST: a Redis fault is logged and counted, and the event stays accepted.
 
 Message: the sender's 16-byte worker token, then the events as one Arrow IPC stream.
 
@@ -79,7 +79,7 @@ class EventBus:
         except redis.RedisError as exc:
             with self._count_lock:
                 self.publish_errors += 1
-            log.warning("event bus: publishing %d events failed (%s); other workers miss them until restart", events.num_rows, exc)
+            log.warning("event bus: publishing %d events failed (%s); other workers read them from the serving log", events.num_rows, exc)
             return False
         with self._count_lock:
             self.published += 1

@@ -138,8 +138,11 @@ class UserVectorCache(ABC):
         """``set`` for several users in one round trip."""
 
     @abstractmethod
-    def invalidate(self, user_id: str) -> None:
-        """Forget ``user_id``'s vector (their behaviour changed), for every reader of this cache."""
+    def invalidate(self, user_id: str) -> bool:
+        """Forget ``user_id``'s vector (their behaviour changed), for every reader of this cache.
+
+        False when the backend could not be reached: the old vector may still be there, and the
+        caller must not trust a hit for this user until an ``invalidate`` succeeds."""
 
     @abstractmethod
     def close(self) -> None:
@@ -191,10 +194,11 @@ class MemoryCache(UserVectorCache):
             while len(self._entries) > self.max_items:
                 self._entries.popitem(last=False)
 
-    def invalidate(self, user_id: str) -> None:
+    def invalidate(self, user_id: str) -> bool:
         key = check_user_id(user_id)
         with self._lock:
             self._entries.pop(key, None)
+        return True
 
     def close(self) -> None:
         with self._lock:
@@ -346,9 +350,9 @@ class RedisCache(UserVectorCache):
 
         self._call("set", write, 1)
 
-    def invalidate(self, user_id: str) -> None:
+    def invalidate(self, user_id: str) -> bool:
         key = self.prefix + check_user_id(user_id)
-        self._call("invalidate", lambda: self._client.delete(key), 1)
+        return self._call("invalidate", lambda: self._client.delete(key), 1)[0]
 
     def close(self) -> None:
         try:

@@ -16,6 +16,8 @@ Example YAML::
       index: {kind: hnsw, ef_search: 128}
       rerank: {mmr_lambda: 0.8, per_publisher_cap: 3}
       cold_start: {model_weight: 1.0, popular_weight: 0.5, fresh_weight: 0.3}
+      event_log: {dir: serving_log, durable: true}
+      store: {max_live_users: 100000, catch_up_interval_s: 1.0}
       limits: {max_dwell_s: 86400, max_future_s: 300, max_past_days: 7, max_json_depth: 8}
       auth: {api_key_env: FEEDRANK_API_KEY}          # default null: no API key
       rate_limit: {enabled: true, rate_per_s: 50, burst: 100}   # default off
@@ -164,6 +166,28 @@ class RateLimitConfig:
 
 
 @dataclass
+class StoreConfig:
+    """How the per-worker user store stays bounded and in step with the serving log
+    (``feedrank.serving.state.UserStore``, ``feedrank.serving.follow``).
+
+    ``max_live_users``: records of users touched by live events kept in memory (LRU); an evicted
+    user is rebuilt from the seeded snapshot and the store's compact journal of live events on the
+    next touch, so eviction loses nothing. ``catch_up_interval_s``: how often a worker reads the
+    serving-log files it has not applied yet (other workers' events, including those the Redis
+    event bus could not deliver); the whole log is replayed once at startup.
+    """
+
+    max_live_users: int = 100_000
+    catch_up_interval_s: float = 1.0
+
+    def validate(self) -> None:
+        if self.max_live_users < 1:
+            raise ValueError(f"max_live_users must be >= 1, got {self.max_live_users}")
+        if not (math.isfinite(self.catch_up_interval_s) and self.catch_up_interval_s > 0):
+            raise ValueError(f"catch_up_interval_s must be finite and > 0, got {self.catch_up_interval_s}")
+
+
+@dataclass
 class ServingConfig:
     """Every setting of ``feedrank serve`` (YAML section ``serving``).
 
@@ -193,6 +217,7 @@ class ServingConfig:
     rerank: RerankConfig = field(default_factory=RerankConfig)
     cold_start: ColdStartConfig = field(default_factory=ColdStartConfig)
     event_log: EventLogConfig = field(default_factory=EventLogConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
     # the HTTP boundary
     limits: RequestLimits = field(default_factory=RequestLimits)
     auth: AuthConfig = field(default_factory=AuthConfig)
@@ -211,7 +236,7 @@ class ServingConfig:
             raise ValueError(f"latency_budget_ms must be > 0, got {self.latency_budget_ms}")
         if self.start_time is not None:
             parse_start_time(self.start_time)
-        for part in (self.cache, self.index, self.rerank, self.cold_start, self.event_log):
+        for part in (self.cache, self.index, self.rerank, self.cold_start, self.event_log, self.store):
             part.validate()
         for part in (self.limits, self.auth, self.rate_limit):
             part.validate()

@@ -88,6 +88,13 @@ class ServerProcess:
             self.proc.kill()
             self.proc.wait(timeout=10)
 
+    def kill(self) -> None:
+        """SIGKILL the server (a crash: nothing is flushed, no shutdown hook runs); with several
+        workers only the master dies here: kill each worker by the ``pid`` its /healthz reports."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=30)
+
     def log_tail(self, chars: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-chars:] if self.log_path.exists() else ""
 

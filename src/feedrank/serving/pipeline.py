@@ -27,9 +27,13 @@ serving log. The HTTP layer (``feedrank.serving.app``) only parses and formats.
 ``record_events(events)`` validates a POST's events (unknown item -> ``EventError``, nothing logged;
 the canonical schema's rules via ``feedrank.data.schema.validate``), appends them to the serving
 log, updates the user store and invalidates each user's cached vector, so the next feed recomputes
-it from the new history (and no longer shows the item just seen). With a Redis cache it also
-publishes them on the event bus (``feedrank.serving.bus``), and applies other workers' events the
-same way, so every worker's store sees every event.
+it from the new history (and no longer shows the item just seen); a retried event (same
+``event_id``) is acknowledged, not applied twice. At construction the service replays the serving
+log into the store, then reads the log files other workers write every
+``store.catch_up_interval_s`` (``feedrank.serving.follow``): the log is the source of truth, so a
+restart forgets nothing and every worker's store converges on every accepted event. With a Redis
+cache it also publishes events on the event bus (``feedrank.serving.bus``), the millisecond fast
+path, and applies other workers' events the same way.
 
 Item vectors and the index are a snapshot of the catalogue at startup: the item tower's freshness
 input ages with them until the next restart or index rebuild (``feedrank.index.needs_rebuild``).
@@ -62,10 +66,9 @@ import pyarrow as pa
 import torch
 from torch import Tensor
 
-from feedrank.bundle import Bundle, catalogue_born_us, catalogue_item_cats, lookup_quiet
+from feedrank.bundle import Bundle, catalogue_born_us, catalogue_item_cats, catalogue_vectors, lookup_quiet, popularity_scores
 from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform, to_epoch_us, validate
 from feedrank.data.user_batch import user_batch
-from feedrank.evaluate.retrieval import catalogue_vectors, popularity_scores
 from feedrank.features.build import FeatureConfig
 from feedrank.features.counters import scale_counts, shrunk_ctr, user_counters
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, PAD, USER_CAT_COLUMNS, Vocab
@@ -76,7 +79,8 @@ from feedrank.serving.cache import RedisCache, UserVectorCache, make_cache
 from feedrank.serving.config import ServingConfig, parse_start_time
 from feedrank.serving.metrics import ServiceMetrics
 from feedrank.serving.rerank import Candidates, rerank
-from feedrank.serving.state import EventIn, EventSink, UserStore, UserView, VocabIndex
+from feedrank.serving.follow import LogFollower
+from feedrank.serving.state import EVENT_ID, SERVING_LOG_SCHEMA, EventIn, EventSink, UserStore, UserView, VocabIndex
 
 log = logging.getLogger(__name__)
 
@@ -313,14 +317,27 @@ class FeedService:
         self.user_cats = {c: VocabIndex(v) for c, v in two_tower.vocabs.user_cats.items()}
         self.ranker = RankerInputs.build(ranker, two_tower) if ranker is not None else None
         self.cache = cache if cache is not None else make_cache(cfg.cache)
+        # Users whose cached vector could not be invalidated (Redis down or paused): a hit for them
+        # may predate their last event, so their feeds skip the cache until an invalidate succeeds.
+        self._stale: set[str] = set()
+        if log_dir is not None and Path(log_dir).resolve() == Path(cfg.event_log.dir).resolve():
+            raise ValueError(f"the seeding log and serving.event_log.dir are the same folder ({log_dir}): the serving "
+                             "log is replayed on top of the seeding log, so every served event would count twice")  # fmt: skip
+        max_live = cfg.store.max_live_users
         self.store = (
-            UserStore.from_log(log_dir, two_tower.vocabs.items, cfg.history_len, cfg.max_seen, end=started)
+            UserStore.from_log(log_dir, two_tower.vocabs.items, cfg.history_len, cfg.max_seen, end=started, max_live_users=max_live)
             if log_dir is not None
-            else UserStore(two_tower.vocabs.items, cfg.history_len, cfg.max_seen)
+            else UserStore(two_tower.vocabs.items, cfg.history_len, cfg.max_seen, max_live_users=max_live)
         )
-        self.sink = EventSink(cfg.event_log)
         self.metrics = ServiceMetrics()
-        # Workers that share a Redis cache share their events too (feedrank.serving.bus).
+        # The serving log is the source of truth: replay it now (a restart forgets nothing that was
+        # accepted), then catch up on the files other workers write (feedrank.serving.follow).
+        self.follower = LogFollower(cfg.event_log.dir)
+        self.sink = EventSink(cfg.event_log, on_written=self.follower.mark)
+        self.replayed = self._catch_up()
+        self.follower.start(self._apply_from_log, cfg.store.catch_up_interval_s)
+        # Workers that share a Redis cache also pass events over Redis: milliseconds instead of the
+        # catch-up interval (feedrank.serving.bus).
         if bus is None and cfg.cache.backend == "redis":
             bus = EventBus(cfg.cache.url, publish_timeout_s=cfg.cache.socket_timeout_s)
         self.bus = bus
@@ -364,13 +381,15 @@ class FeedService:
             mark = t
 
         view = self.store.view(user_id, now)
-        vector, cache_outcome = self._cached_vector(user_id)
+        stale = user_id in self._stale and not self._invalidate(user_id)
+        vector, cache_outcome = (None, "error") if stale else self._cached_vector(user_id)
         if vector is not None:
             path = "cached"
         elif view.stored or self.users.known(user_id):
             path = "tower"
             vector = self._tower_vector(view, known_user=True)
-            self.cache.set(user_id, vector)
+            if not stale:
+                self.cache.set(user_id, vector)
         else:
             path, vector = "cold_start", self.default_vector
         lap("user")
@@ -482,41 +501,75 @@ class FeedService:
     def record_events(self, events: Sequence[EventIn]) -> int:
         """Validate, log and apply one POST's events (all or none); returns how many were accepted.
 
-        Raises ``EventError`` naming the first offending event (by position) or schema rule.
+        An event whose ``(user_id, event_id)`` this worker already applied (a retried POST) is
+        accepted again without being logged or applied twice. Raises ``EventError`` naming the
+        first offending event (by position) or schema rule.
         """
         try:
             table, rows = self._event_table(events)
         except EventError:
             self.metrics.events.labels("rejected").inc(len(events))
             raise
-        self.sink.write(table)
-        self._apply(table, rows)
-        self.metrics.events.labels("accepted").inc(table.num_rows)
-        if self.bus is not None:
-            self.bus.publish(table)
-        return table.num_rows
+        fresh = self.store.unapplied(table)
+        if not fresh.all():
+            self.metrics.events.labels("duplicate").inc(int((~fresh).sum()))
+            table, rows = table.filter(pa.array(fresh)), rows[fresh]
+        if table.num_rows:
+            self.sink.write(table)
+            self._apply(table, rows)
+            self.metrics.events.labels("accepted").inc(table.num_rows)
+            if self.bus is not None:
+                self.bus.publish(table)
+        return len(events)
 
-    def _apply(self, table: pa.Table, rows: np.ndarray) -> None:
-        """Events into the user store, and their users' cached vectors out of the cache."""
-        self.store.apply(table, rows)
-        for user_id in dict.fromkeys(table["user_id"].to_pylist()):
-            self.cache.invalidate(user_id)
+    def _apply(self, table: pa.Table, rows: np.ndarray) -> int:
+        """Events into the user store, and their users' cached vectors out of the cache; returns
+        how many were new to the store (the others were applied before: bus, log, retry)."""
+        applied = self.store.apply(table, rows)
+        for user_id in dict.fromkeys(table["user_id"].filter(pa.array(applied)).to_pylist()):
+            self._invalidate(user_id)
+        return int(applied.sum())
+
+    def _invalidate(self, user_id: str) -> bool:
+        """Drop ``user_id``'s cached vector; remember the user as stale while that fails."""
+        if self.cache.invalidate(user_id):
+            self._stale.discard(user_id)
+            return True
+        self._stale.add(user_id)
+        return False
 
     def _apply_peer_events(self, table: pa.Table) -> None:
-        """Events another worker accepted and logged (``feedrank.serving.bus``): apply only.
+        """Events another worker accepted and logged, delivered by the bus (``feedrank.serving.bus``)."""
+        self.metrics.events.labels("from_peers").inc(self._apply_foreign(table, "another worker"))
 
-        A worker serving another two-tower version may not know every item: such rows are dropped
-        (logged), since an item outside this catalogue can be neither history nor a candidate here.
+    def _apply_from_log(self, table: pa.Table) -> None:
+        """Serving-log rows this worker had not applied (``feedrank.serving.follow``)."""
+        self.metrics.events.labels("from_log").inc(self._apply_foreign(table, "the serving log"))
+
+    def _catch_up(self) -> int:
+        """Apply the serving-log files not applied yet, now; returns the events new to the store."""
+        table = self.follower.poll()
+        if table is None:
+            return 0
+        applied = self._apply_foreign(table, "the serving log")
+        self.metrics.events.labels("from_log").inc(applied)
+        return applied
+
+    def _apply_foreign(self, table: pa.Table, source: str) -> int:
+        """Apply events that were validated and logged elsewhere; returns how many were new.
+
+        Events for items this two-tower version does not know (a worker serving another version,
+        a log written before a model change) are dropped (logged): an item outside this catalogue
+        can be neither history nor a candidate here.
         """
         ids = table["item_id"].to_pylist()
         rows = np.array([self.items.index_of(i) for i in ids], np.int64)
         known = rows >= 0
         if not known.all():
-            log.warning("dropped %d events from another worker: items unknown to two-tower %s",
-                        int((~known).sum()), self.two_tower.version[:12])  # fmt: skip
+            log.warning("dropped %d events from %s: items unknown to two-tower %s",
+                        int((~known).sum()), source, self.two_tower.version[:12])  # fmt: skip
             table, rows = table.filter(pa.array(known)), rows[known]
-        self._apply(table, rows)
-        self.metrics.events.labels("from_peers").inc(table.num_rows)
+        return self._apply(table, rows) if table.num_rows else 0
 
     def _event_table(self, events: Sequence[EventIn]) -> tuple[pa.Table, np.ndarray]:
         if not events:
@@ -559,7 +612,8 @@ class FeedService:
         report = validate(table)
         if not report.ok:
             raise EventError("; ".join(str(v) for v in report.violations))
-        return table.cast(EVENT_SCHEMA), rows
+        event_ids = pa.array([e.event_id or uuid.uuid4().hex for e in events], pa.string())
+        return table.cast(EVENT_SCHEMA).append_column(SERVING_LOG_SCHEMA.field(EVENT_ID), event_ids), rows
 
     # ---------------------------------------------------------------------------------- admin
 
@@ -578,6 +632,10 @@ class FeedService:
                 **dataclasses.asdict(stats),
             },
             "users": len(self.store),
+            "store": self.store.stats(),
+            "catch_up": {"replayed_at_start": self.replayed, "files_read": self.follower.files_read,
+                         "rows_read": self.follower.rows_read, "unreadable": self.follower.unreadable,
+                         "last_poll_age_s": None if self.follower.last_poll is None else time.time() - self.follower.last_poll},  # fmt: skip
             "event_bus": None if self.bus is None else {
                 "subscribed": self.bus.subscribed, "published": self.bus.published,
                 "publish_errors": self.bus.publish_errors, "received": self.bus.received, "dropped": self.bus.dropped,
@@ -588,9 +646,10 @@ class FeedService:
         }
 
     def close(self) -> None:
-        """Stop the event bus, flush the serving log and release the cache (at shutdown)."""
+        """Stop the event bus and the catch-up, flush the serving log and release the cache (at shutdown)."""
         if self.bus is not None:
             self.bus.close()
+        self.follower.close()
         self.sink.close()
         self.cache.close()
 

@@ -7,58 +7,72 @@ Three parts, each with one job:
   slow per request; this keeps one dict per vocabulary for the life of the process.
 - ``UserStore``: each user's recent engagements (the user tower's history), the items they were
   already shown ("seen"), their impression/click counts and categorical attributes. It is a
-  columnar *snapshot* seeded from the canonical log (immutable, vectorised to build) plus an
-  *overlay* of users touched by live events (a small record each, created from the snapshot on the
-  user's first event). Item ids are held as two-tower vocabulary indices.
+  columnar *snapshot* seeded from the canonical log (immutable, vectorised to build), a *journal*
+  of every live event applied (columnar, 29 bytes an event) and an *overlay* of records of users
+  touched by live events (an LRU of at most ``max_live_users``; a record is built from the
+  snapshot plus the user's journal rows, by the same rule live events use, so eviction loses
+  nothing). Each live event carries an id: the store applies each ``(user, event_id)`` once, so
+  retries, replays and a second delivery are harmless. Item ids are held as two-tower vocabulary
+  indices.
 - ``EventSink``: the append-only serving log, in the canonical layout
-  (``DIR/events/date=YYYY-MM-DD/part-<uuid>.parquet``) so ``feedrank.data.log.read_events`` reads it
-  like any other log and the next training run can use it. Each file is written under a hidden
-  name and renamed into place, so a reader never sees half a file (pyarrow datasets skip names
-  starting with "."). Durability: see ``EventLogConfig``.
+  (``DIR/events/date=YYYY-MM-DD/part-<uuid>.parquet``, ``SERVING_LOG_SCHEMA``: the canonical
+  columns plus ``event_id``) so ``feedrank.data.log.read_events`` reads it like any other log and
+  the next training run can use it. Each file is written under a hidden name, locked, and renamed
+  into place, so a reader never sees half a file (pyarrow datasets skip names starting with ".");
+  a temporary file a killed writer left is removed at the next start. Durability: see
+  ``EventLogConfig``.
 
-**Several workers:** the store lives in one process, so with several uvicorn workers each has its
-own. With the Redis cache backend, ``feedrank.serving.bus`` passes every accepted event to the other
-workers, which apply it here and drop the user's cached vector: the stores converge within
-milliseconds. Pub/sub delivers at most once, so a worker cut off from Redis misses events in
-memory until it restarts seeded from the serving log, where every event is (``feedrank serve
---log`` pointed at it). With the
-memory cache there is no bus: run one worker, or route each user to one worker.
+**The serving log is the source of truth.** At startup the service replays it into the store, and
+every worker keeps reading the files other workers write (``feedrank.serving.follow``), so a
+restart forgets nothing accepted and workers converge whatever Redis did; the Redis event bus
+(``feedrank.serving.bus``) is only the millisecond fast path between workers.
 
 Example::
 
     store = UserStore.from_log("runs/demo/log", vocabs.items, history_len=50, max_seen=2000, end=now)
     view = store.view("u17", now)          # UserView(history=array([...]), seen=..., clicks=3, ...)
-    store.apply(events_table, item_idx)    # after POST /events
+    store.apply(events_table, item_idx)    # after POST /events: which rows were new (by event_id)
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
+import hashlib
 import logging
+import os
 import threading
 import time
 import uuid
 from bisect import insort
 from collections import OrderedDict
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from feedrank.bundle import lookup_quiet
 from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
-from feedrank.data.schema import EVENT_SCHEMA, to_epoch_us
-from feedrank.evaluate.retrieval import user_state
+from feedrank.data.schema import EVENT_SCHEMA, conform, to_epoch_us
+from feedrank.features.user_state import user_state
 from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab
 from feedrank.fsutil import staged_file
 from feedrank.serving.config import EventLogConfig
 from feedrank.serving.validation import check_dwell, check_id, check_ts
 
 log = logging.getLogger(__name__)
+
+EVENT_ID = "event_id"
+#: The serving log's rows: the canonical ``EVENT_SCHEMA`` plus each event's id, the key that makes
+#: replays and retries idempotent. ``read_events`` opens a log with ``EVENT_SCHEMA`` and so reads the
+#: serving log like any other canonical log (the extra column is not read).
+SERVING_LOG_SCHEMA = EVENT_SCHEMA.append(pa.field(EVENT_ID, pa.string(), nullable=False))
 
 # ------------------------------------------------------------------------------------------------
 # ids -> indices
@@ -107,15 +121,75 @@ class UserView:
     stored: bool  # False: the store has nothing on this user (no log rows, no live events)
 
 
-@dataclass
+@dataclass(slots=True)
 class _Record:
-    """A user touched by live events: mutable, bounded."""
+    """A user touched by live events: mutable, bounded; an LRU entry of ``UserStore``'s overlay."""
 
-    cats: dict[str, str | None]
+    cats: tuple[str | None, ...]  # in USER_CAT_COLUMNS order
     engaged: list[tuple[int, int]]  # (ts_us, item index), sorted by time, at most history_len
-    seen: OrderedDict[int, None]  # item index, most recently shown last, at most max_seen
+    seen: dict[int, None]  # item index, most recently shown last (dicts keep insertion order), at most max_seen
     impressions: int
     clicks: int
+    ids: set[int] = field(default_factory=set)  # id_hash of every live event applied: the dedupe key
+
+
+def id_hash(event_id: str) -> int:
+    """64-bit hash of an event id: what the store keeps to refuse a second copy of an event.
+
+    Ids are compared per user, so a false "duplicate" needs two of one user's ids to collide in 64
+    bits (about 1e-8 for a user with a million events).
+    """
+    return int.from_bytes(hashlib.blake2b(event_id.encode(), digest_size=8).digest(), "little", signed=True)
+
+
+class _Journal:
+    """Every live event the store applied, columnar and append-only: what an evicted user's record
+    is rebuilt from, so evicting loses nothing.
+
+    29 bytes an event (item, time, flags, id hash, the row of the user's previous event) plus a dict
+    entry and an int64 per user. A user's rows are chained newest to oldest through ``prev``, so a
+    rebuild reads only that user's rows. The journal holds what the serving log holds (since the
+    start, and what was replayed from it), so it grows with the log, about 35x more compactly than
+    records; compacting the serving log into the seeding log offline folds it into the snapshot.
+    """
+
+    _COLUMNS = {"item": np.int32, "ts": np.int64, "flags": np.uint8, "idh": np.int64, "prev": np.int64}
+    CLICKED, ENGAGED = 1, 2
+
+    def __init__(self, capacity: int = 1024) -> None:
+        self.n = 0
+        self.cols = {name: np.empty(capacity, dtype) for name, dtype in self._COLUMNS.items()}
+        self.code_of: dict[str, int] = {}
+        self.last = np.empty(capacity, np.int64)  # per user code: their newest row
+
+    def code(self, user_id: str) -> int:
+        code = self.code_of.get(user_id)
+        if code is None:
+            code = self.code_of[user_id] = len(self.code_of)
+            if code == len(self.last):
+                self.last = np.concatenate([self.last, np.empty(len(self.last), np.int64)])
+            self.last[code] = -1
+        return code
+
+    def append(self, code: int, item: int, ts: int, flags: int, idh: int) -> None:
+        if self.n == len(self.cols["item"]):
+            self.cols = {name: np.concatenate([col, np.empty_like(col)]) for name, col in self.cols.items()}
+        row, c = self.n, self.cols
+        c["item"][row], c["ts"][row], c["flags"][row], c["idh"][row] = item, ts, flags, idh
+        c["prev"][row] = self.last[code]
+        self.last[code] = row
+        self.n += 1
+
+    def rows_of(self, code: int) -> list[int]:
+        """The user's rows, oldest first (the order they were applied in)."""
+        rows, row, prev = [], int(self.last[code]), self.cols["prev"]
+        while row >= 0:
+            rows.append(row)
+            row = int(prev[row])
+        return rows[::-1]
+
+    def nbytes(self) -> int:
+        return sum(col[: self.n].nbytes for col in self.cols.values()) + self.last[: len(self.code_of)].nbytes
 
 
 @dataclass
@@ -131,31 +205,43 @@ class _Snapshot:
     impressions: np.ndarray
     clicks: np.ndarray
     seeded_until_us: int  # every seeded row is strictly before this
+    latest_us: int  # the latest seeded row's time: when a seeded history item is taken to have happened
 
     @classmethod
     def empty(cls) -> _Snapshot:
         zero = np.zeros(1, np.int64)
-        return cls({}, {c: [] for c in USER_CAT_COLUMNS}, zero, zero[:0], zero, zero[:0], zero[:0], zero[:0], 0)
+        return cls({}, {c: [] for c in USER_CAT_COLUMNS}, zero, zero[:0], zero, zero[:0], zero[:0], zero[:0], 0, 0)
 
 
 _SEED_COLUMNS = ["user_id", "item_id", "ts", "clicked", "hidden", *USER_CAT_COLUMNS]
 
 
 class UserStore:
-    """Histories, seen items, counts and attributes per user; see the module docstring. Thread-safe."""
+    """Histories, seen items, counts and attributes per user; see the module docstring. Thread-safe.
 
-    def __init__(self, items: Vocab, history_len: int, max_seen: int, snapshot: _Snapshot | None = None) -> None:
+    ``max_live_users`` bounds the overlay (records of users touched by live events, LRU); an
+    evicted user's record is rebuilt from the snapshot and the journal on their next touch.
+    """
+
+    def __init__(self, items: Vocab, history_len: int, max_seen: int, snapshot: _Snapshot | None = None,
+                 max_live_users: int = 100_000) -> None:  # fmt: skip
+        if max_live_users < 1:
+            raise ValueError(f"max_live_users must be >= 1, got {max_live_users}")
         self.items, self.history_len, self.max_seen = items, history_len, max_seen
+        self.max_live_users = max_live_users
         self._snapshot = snapshot or _Snapshot.empty()
-        self._overlay: dict[str, _Record] = {}
+        self._overlay: OrderedDict[str, _Record] = OrderedDict()
+        self._journal = _Journal()
+        self._new_users = 0  # users with live events and no snapshot row
+        self.rebuilt = 0  # records rebuilt after an eviction
         self._lock = threading.Lock()
 
     @classmethod
     def from_log(cls, log_dir: str | Path, items: Vocab, history_len: int, max_seen: int,
-                 end: dt.datetime | None = None) -> UserStore:  # fmt: skip
+                 end: dt.datetime | None = None, max_live_users: int = 100_000) -> UserStore:  # fmt: skip
         """Seed from the canonical log at ``log_dir``, reading only rows before ``end``.
 
-        History follows the training rule (``feedrank.evaluate.retrieval.user_state``: the last
+        History follows the training rule (``feedrank.features.user_state.user_state``: the last
         ``history_len`` items ``clicked and not hidden``); "seen" is every item shown, the most
         recent ``max_seen`` impressions per user. Items outside the vocabulary are kept in the
         history as OOV / hash-bucket indices (as in training) and left out of "seen" (they can
@@ -179,21 +265,30 @@ class UserStore:
             impressions=state.impressions,
             clicks=state.clicks,
             seeded_until_us=to_epoch_us(end) if end is not None else (last_us or 0) + 1,
+            latest_us=last_us or 0,
         )
-        return cls(items, history_len, max_seen, snapshot)
+        return cls(items, history_len, max_seen, snapshot, max_live_users)
 
     def __len__(self) -> int:
         with self._lock:
-            return len(self._snapshot.row_of) + sum(u not in self._snapshot.row_of for u in self._overlay)
+            return len(self._snapshot.row_of) + self._new_users
+
+    def stats(self) -> dict[str, int]:
+        """What ``/healthz`` shows of the store: users, the live overlay, the journal."""
+        with self._lock:
+            return {"users": len(self._snapshot.row_of) + self._new_users, "live_users": len(self._overlay),
+                    "max_live_users": self.max_live_users, "journal_events": self._journal.n,
+                    "journal_bytes": self._journal.nbytes(), "rebuilt": self.rebuilt}  # fmt: skip
 
     def view(self, user_id: str, now: dt.datetime) -> UserView:
         """``user_id``'s state at ``now``: history strictly before ``now``; unknown users get an empty view."""
         now_us = to_epoch_us(now)
         with self._lock:
-            record = self._overlay.get(user_id)
+            record = self._live(user_id)
+            self._evict()  # the record stays valid here even if the rebuild pushed it past the bound
             if record is not None:
                 history = [item for ts, item in record.engaged if ts < now_us][-self.history_len :]
-                return UserView(user_id, dict(record.cats), np.asarray(history, np.int64),
+                return UserView(user_id, dict(zip(USER_CAT_COLUMNS, record.cats)), np.asarray(history, np.int64),
                                 np.fromiter(record.seen, np.int64, len(record.seen)), record.impressions,
                                 record.clicks, True)  # fmt: skip
         snap = self._snapshot
@@ -207,45 +302,103 @@ class UserStore:
                         snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]],
                         int(snap.impressions[row]), int(snap.clicks[row]), True)  # fmt: skip
 
-    def apply(self, events: pa.Table, item_idx: np.ndarray) -> None:
-        """Add validated canonical-schema ``events`` (``item_idx``: their two-tower item indices)."""
+    def apply(self, events: pa.Table, item_idx: np.ndarray) -> np.ndarray:
+        """Add validated serving-log rows (``SERVING_LOG_SCHEMA``; ``item_idx``: their two-tower item
+        indices); returns which rows were new. A row whose ``event_id`` this user already has is a
+        retry or a second delivery (bus, replay) and changes nothing: applying twice is applying once.
+        """
         users = events["user_id"].to_pylist()
+        hashes = [id_hash(i) for i in events[EVENT_ID].to_pylist()]
         ts = events["ts"].cast(pa.int64()).to_numpy()
         clicked = events["clicked"].to_numpy(zero_copy_only=False)
         engaged = clicked & ~events["hidden"].to_numpy(zero_copy_only=False)
+        flags = clicked * _Journal.CLICKED + engaged * _Journal.ENGAGED
         order = np.argsort(ts, kind="stable")  # "seen" keeps the most recent last
+        applied = np.zeros(len(users), dtype=bool)
         with self._lock:
             for i in order.tolist():  # one POST's events: at most max_events_per_post
-                record = self._record(users[i])
-                record.impressions += 1
-                record.clicks += int(clicked[i])
-                item = int(item_idx[i])
-                record.seen.pop(item, None)
-                record.seen[item] = None
-                if len(record.seen) > self.max_seen:
-                    record.seen.popitem(last=False)
-                if engaged[i] and self.history_len:
-                    insort(record.engaged, (int(ts[i]), item))
-                    del record.engaged[: -self.history_len]
+                user = users[i]
+                record = self._live(user) or self._adopt(user, self._seeded(user))
+                if hashes[i] in record.ids:
+                    continue
+                applied[i] = True
+                item, flag = int(item_idx[i]), int(flags[i])
+                self._journal.append(self._journal.code(user), item, int(ts[i]), flag, hashes[i])
+                self._add(record, item, int(ts[i]), flag, hashes[i])
+            self._evict()
+        return applied
 
-    def _record(self, user_id: str) -> _Record:
-        """The overlay record of ``user_id``, created from the snapshot on first use (lock held)."""
+    def unapplied(self, events: pa.Table) -> np.ndarray:
+        """Which rows' ``(user_id, event_id)`` the store has not applied yet (nor an earlier row of
+        ``events``): a POST retried after a lost response is not logged twice."""
+        users = events["user_id"].to_pylist()
+        hashes = [id_hash(i) for i in events[EVENT_ID].to_pylist()]
+        fresh = np.ones(len(users), dtype=bool)
+        batch: set[tuple[str, int]] = set()
+        with self._lock:
+            for i, (user, idh) in enumerate(zip(users, hashes)):
+                record = self._live(user)
+                if (user, idh) in batch or (record is not None and idh in record.ids):
+                    fresh[i] = False
+                batch.add((user, idh))
+            self._evict()
+        return fresh
+
+    def _add(self, record: _Record, item: int, ts_us: int, flags: int, idh: int) -> None:
+        """One event into ``record``: the only rule, for live events and rebuilds alike (lock held)."""
+        record.ids.add(idh)
+        record.impressions += 1
+        record.clicks += bool(flags & _Journal.CLICKED)
+        record.seen.pop(item, None)
+        record.seen[item] = None
+        if len(record.seen) > self.max_seen:
+            del record.seen[next(iter(record.seen))]
+        if flags & _Journal.ENGAGED and self.history_len:
+            insort(record.engaged, (ts_us, item))
+            del record.engaged[: -self.history_len]
+
+    def _live(self, user_id: str) -> _Record | None:
+        """The overlay record of ``user_id`` (now the most recently used), rebuilt from the snapshot
+        and the journal if it was evicted; None for a user without live events (lock held)."""
         record = self._overlay.get(user_id)
         if record is not None:
+            self._overlay.move_to_end(user_id)
             return record
+        code = self._journal.code_of.get(user_id)
+        if code is None:
+            return None
+        record = self._seeded(user_id)
+        cols = self._journal.cols
+        for row in self._journal.rows_of(code):
+            self._add(record, int(cols["item"][row]), int(cols["ts"][row]), int(cols["flags"][row]), int(cols["idh"][row]))
+        self.rebuilt += 1
+        return self._adopt(user_id, record)
+
+    def _adopt(self, user_id: str, record: _Record) -> _Record:
+        """Put ``record`` in the overlay as the most recently used (eviction waits for ``_evict``)."""
+        if user_id not in self._journal.code_of and user_id not in self._snapshot.row_of:
+            self._new_users += 1
+            self._journal.code(user_id)
+        self._overlay[user_id] = record
+        return record
+
+    def _evict(self) -> None:
+        while len(self._overlay) > self.max_live_users:
+            self._overlay.popitem(last=False)
+
+    def _seeded(self, user_id: str) -> _Record:
+        """A fresh record of ``user_id`` holding only the snapshot's state (lock held)."""
         snap = self._snapshot
         row = snap.row_of.get(user_id)
         if row is None:
-            record = _Record({c: None for c in USER_CAT_COLUMNS}, [], OrderedDict(), 0, 0)
-        else:
-            # The snapshot keeps no per-item times: its items are stamped "just before the seed cut".
-            stamp = snap.seeded_until_us - 1
-            hist = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]].tolist()
-            seen = snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]].tolist()
-            record = _Record({c: snap.cats[c][row] for c in USER_CAT_COLUMNS}, [(stamp, h) for h in hist],
-                             OrderedDict.fromkeys(seen), int(snap.impressions[row]), int(snap.clicks[row]))  # fmt: skip
-        self._overlay[user_id] = record
-        return record
+            return _Record((None,) * len(USER_CAT_COLUMNS), [], {}, 0, 0)
+        # The snapshot keeps no per-item times: its items are stamped with the seeding log's last
+        # time, so a live event after it sorts after them however late the service started.
+        stamp = snap.latest_us
+        hist = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]].tolist()
+        seen = snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]].tolist()
+        return _Record(tuple(snap.cats[c][row] for c in USER_CAT_COLUMNS), [(stamp, h) for h in hist],
+                       dict.fromkeys(seen), int(snap.impressions[row]), int(snap.clicks[row]))  # fmt: skip
 
 
 def _recent_items(events: pa.Table, users: pa.Array, items: Vocab, max_seen: int) -> tuple[np.ndarray, np.ndarray]:
@@ -273,7 +426,9 @@ def _recent_items(events: pa.Table, users: pa.Array, items: Vocab, max_seen: int
 class EventIn(BaseModel):
     """One ``POST /events`` item: the canonical event schema's feedback columns (``EVENT_SCHEMA``).
 
-    ``ts`` defaults to the server's clock, ``request_id`` to one id per POST, ``position`` to 0.
+    ``ts`` defaults to the server's clock, ``request_id`` to one id per POST, ``position`` to 0,
+    ``event_id`` to a fresh uuid: a client that may retry a POST sends its own ``event_id`` (unique
+    per user), and a retry of an event already accepted is acknowledged without being applied twice.
     Item and user metadata are not sent: the service fills them from the catalogue and the store,
     so the serving log is as self-contained as any other canonical log.
 
@@ -296,8 +451,9 @@ class EventIn(BaseModel):
     hidden: bool = Field(False, strict=True)
     request_id: str | None = Field(None, strict=True)
     position: int = Field(0, ge=0, le=2**31 - 1, strict=True)
+    event_id: str | None = Field(None, strict=True)
 
-    @field_validator("user_id", "item_id", "request_id")
+    @field_validator("user_id", "item_id", "request_id", "event_id")
     @classmethod
     def _id(cls, value: str | None) -> str | None:
         return None if value is None else check_id(value)
@@ -321,12 +477,22 @@ class EventIn(BaseModel):
 
 
 class EventSink:
-    """The append-only serving log (module docstring); ``write`` is thread-safe."""
+    """The append-only serving log (module docstring); ``write`` is thread-safe.
 
-    def __init__(self, cfg: EventLogConfig) -> None:
+    ``on_written(path)`` is called with each file once it is in place (the catch-up reader marks
+    this worker's own files as applied). At construction, hidden temporary files that a killed
+    writer left behind (``.part-*.tmp``) are removed: those not locked by a live writer and older
+    than this sink (every writer holds an ``flock`` on its temporary file until it is renamed).
+    """
+
+    def __init__(self, cfg: EventLogConfig, on_written: Callable[[Path], None] | None = None) -> None:
         self.cfg = cfg
         self.root = Path(cfg.dir)
+        self.on_written = on_written
         (self.root / EVENTS_DIR).mkdir(parents=True, exist_ok=True)
+        self.stale_removed = remove_stale_temp_files(self.root, older_than=time.time())
+        if self.stale_removed:
+            log.warning("serving log %s: removed %d temporary files left by an interrupted write", self.root, self.stale_removed)
         self._lock = threading.Lock()
         self._buffer: list[pa.Table] = []
         self._buffered_rows = 0
@@ -340,9 +506,9 @@ class EventSink:
             self._timer.start()
 
     def write(self, events: pa.Table) -> None:
-        """Append ``EVENT_SCHEMA`` rows; returns once they are on disk when ``durable``."""
+        """Append ``SERVING_LOG_SCHEMA`` rows; returns once they are on disk when ``durable``."""
         with self._lock:
-            self._buffer.append(events.cast(EVENT_SCHEMA))
+            self._buffer.append(events.cast(SERVING_LOG_SCHEMA))
             self._buffered_rows += events.num_rows
             self._oldest = self._oldest if self._oldest is not None else time.monotonic()
             if self.cfg.durable or self._buffered_rows >= self.cfg.flush_rows:
@@ -379,6 +545,68 @@ class EventSink:
 
     def _write_file(self, table: pa.Table, day: str) -> None:
         final = self.root / EVENTS_DIR / f"date={day}" / f"part-{uuid.uuid4().hex}.parquet"
-        with staged_file(final, durable=self.cfg.durable) as tmp:
-            pq.write_table(table, tmp)
+        fd = None
+        try:
+            with staged_file(final, durable=self.cfg.durable) as tmp:
+                # The lock tells remove_stale_temp_files of another process that this file is alive.
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT, 0o644)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                pq.write_table(table, tmp)
+        finally:
+            if fd is not None:
+                os.close(fd)
         self.files_written += 1
+        if self.on_written is not None:
+            self.on_written(final)
+
+
+#: What ``feedrank.fsutil.staged_file`` names a serving-log file while it is written.
+TEMP_PATTERN = ".part-*.parquet.*.tmp"
+
+
+def remove_stale_temp_files(root: str | Path, older_than: float) -> int:
+    """Delete the serving log's temporary files last modified before ``older_than`` (epoch
+    seconds) that no process holds locked; returns how many. A ``kill -9`` between writing a file
+    and renaming it leaves one behind; readers never see them (hidden names), but they pile up."""
+    removed = 0
+    for path in (Path(root) / EVENTS_DIR).glob(f"date=*/{TEMP_PATTERN}"):
+        try:
+            if path.stat().st_mtime >= older_than:
+                continue
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:  # renamed or removed meanwhile
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # a live writer holds it
+            os.close(fd)
+            continue
+        try:
+            path.unlink(missing_ok=True)
+            removed += 1
+        finally:
+            os.close(fd)
+    return removed
+
+
+def read_log_files(paths: Sequence[Path]) -> pa.Table:
+    """Serving-log files as one ``SERVING_LOG_SCHEMA`` table, read by one pyarrow scan (threads,
+    readahead: several times faster than a file at a time when a durable log has one file per
+    POST). A file written before events had ids gets ``<file name>#<row>``: stable, so replaying it
+    twice still applies it once."""
+    loose = pa.schema([f.with_nullable(True) for f in SERVING_LOG_SCHEMA])
+    batches, rows_of = [], dict.fromkeys(map(str, paths), 0)
+    for tagged in ds.dataset(list(rows_of), format="parquet", schema=loose).scanner().scan_batches():
+        batch, path = tagged.record_batch, tagged.fragment.path
+        first, rows_of[path] = rows_of[path], rows_of[path] + batch.num_rows
+        ids = batch.column(EVENT_ID)
+        if ids.null_count:
+            legacy = pa.array([f"{Path(path).name}#{i}" for i in range(first, first + batch.num_rows)], pa.string())
+            batch = batch.set_column(batch.schema.get_field_index(EVENT_ID), EVENT_ID, pc.coalesce(ids, legacy))
+        batches.append(batch)
+    return pa.Table.from_batches(batches, schema=loose).cast(SERVING_LOG_SCHEMA)
+
+
+def read_log_file(path: Path) -> pa.Table:
+    """One serving-log file (``read_log_files``)."""
+    return read_log_files([path])
