@@ -1,8 +1,10 @@
 """The serving part of ``feedrank demo``: start the real server, make a few calls, return what to print.
 
-``ServerProcess`` runs ``uvicorn feedrank.serving.app:app_from_env`` in a subprocess on a free
-loopback port (the same entry point as ``feedrank serve``) and stops it with SIGTERM, so the service
-shuts down cleanly (serving log flushed). ``benchmarks/serving_latency.py`` drives it too.
+``ServerProcess`` runs ``feedrank serve`` itself (the same command line a user types, with its
+worker supervisor and health-check timeout) in a subprocess on a free loopback port, and stops it
+with SIGTERM, so the service shuts down cleanly (serving log flushed). The port stays the same
+across a restart of one ``ServerProcess``, as a restarted production server's would.
+``benchmarks/serving_latency.py`` and ``benchmarks/faults.py`` drive it too.
 
 ``demo_requests`` asks for the feed of a warm user (the most active one in the log) and of a user
 the service has never seen (cold start), posts a click of the warm user on their top item, asks for
@@ -17,7 +19,6 @@ Example::
 from __future__ import annotations
 
 import datetime as dt
-import os
 import socket
 import subprocess
 import sys
@@ -34,6 +35,20 @@ from feedrank.config import to_dict
 from feedrank.data.log import read_events
 from feedrank.serving.app import ServeSettings
 from feedrank.serving.config import EventLogConfig, ServingConfig
+
+
+HEALTHCHECK_TIMEOUT_S = 120  # generous: a worker loads its models while the supervisor pings it
+
+
+def serve_argv(settings: ServeSettings, port: int, workers: int, healthcheck_timeout_s: float) -> list[str]:
+    """The ``feedrank serve`` command line of ``settings`` on 127.0.0.1:``port``."""
+    argv = [sys.executable, "-m", "feedrank.cli", "serve", settings.bundle, "--host", "127.0.0.1", "--port", str(port),
+            "--workers", str(workers), "--healthcheck-timeout", str(max(1, round(healthcheck_timeout_s)))]  # fmt: skip
+    for flag, value in (("--ranker", settings.ranker), ("--log", settings.log), ("--config", settings.config),
+                        ("--redis-url", settings.redis_url), ("--serving-log", settings.serving_log)):  # fmt: skip
+        if value is not None:
+            argv += [flag, value]
+    return argv
 
 
 def free_port() -> int:
@@ -55,11 +70,8 @@ class ServerProcess:
     def __enter__(self) -> ServerProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("wb") as out:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "uvicorn", "feedrank.serving.app:app_from_env", "--factory",
-                 "--host", "127.0.0.1", "--port", str(self.port), "--workers", str(self.workers), "--log-level", "warning"],
-                env={**os.environ, **self.settings.to_env()}, stdout=out, stderr=subprocess.STDOUT,
-            )  # fmt: skip
+            self.proc = subprocess.Popen(serve_argv(self.settings, self.port, self.workers, HEALTHCHECK_TIMEOUT_S),
+                                         stdout=out, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + self.timeout
         while True:
             if self.proc.poll() is not None:

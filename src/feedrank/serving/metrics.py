@@ -15,8 +15,11 @@ Exposed:
 - ``feedrank_cache_lookups_total{outcome}``: user-vector cache hit / miss / error. There is no
   ratio gauge (one since start hides a cache that just went cold): let Prometheus take the rate,
   ``sum(rate(feedrank_cache_lookups_total{outcome="hit"}[5m])) / sum(rate(feedrank_cache_lookups_total[5m]))``;
-- ``feedrank_events_total{outcome}``: events accepted or rejected by ``POST /events``, and
-  ``from_peers``: accepted by another worker and applied here (``feedrank.serving.bus``).
+- ``feedrank_events_total{outcome}``: events accepted or rejected by ``POST /events``;
+  ``duplicate``: a retried ``event_id`` acknowledged but not applied again; ``from_peers``:
+  accepted by another worker and applied here over Redis (``feedrank.serving.bus``); ``from_log``:
+  applied from the serving log (the startup replay and the catch-up of other workers' files,
+  ``feedrank.serving.follow``).
   ``rejected`` counts every event of a refused POST (400, 413, 415, 422); a body that could not be
   read as events (cut short, not JSON, too large, wrong content type) counts as one;
 - ``feedrank_http_refused_total{route,status}``: requests to ``/feed`` and ``/events`` answered
