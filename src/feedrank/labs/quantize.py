@@ -22,10 +22,10 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -77,10 +77,8 @@ def latencies(models: dict[str, nn.Module], user: UserInputs, items: ItemInputs,
     """p50 / p90 wall time (ms) of each model's ``score_candidates(user, items)`` on ``threads``
     intra-op threads. The models take turns call by call, so load from other processes on a shared
     machine hits them all alike instead of whichever happened to run during a busy second."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
     times: dict[str, list[float]] = {name: [] for name in models}
-    try:
+    with precision.intra_op_threads(threads):
         with torch.inference_mode():
             for m in models.values():
                 for _ in range(3):
@@ -90,9 +88,8 @@ def latencies(models: dict[str, nn.Module], user: UserInputs, items: ItemInputs,
                     t = time.perf_counter()
                     m.score_candidates(user, items)
                     times[name].append(time.perf_counter() - t)
-    finally:
-        torch.set_num_threads(before)
-    return {name: {"p50": 1e3 * statistics.median(t), "p90": 1e3 * float(np.quantile(t, 0.9))} for name, t in times.items()}
+    return {name: {"min": 1e3 * min(t), "p50": 1e3 * statistics.median(t), "p90": 1e3 * float(np.quantile(t, 0.9))}
+            for name, t in times.items()}  # fmt: skip
 
 
 @torch.no_grad()
@@ -113,16 +110,11 @@ def op_table(model: nn.Module, user: UserInputs, items: ItemInputs, calls: int, 
     per-call totals: all ops, and the int8 path's quantize/dequantize/qparams and int8 GEMM ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        with torch.inference_mode():
-            model.score_candidates(user, items)
-            with profile(activities=[ProfilerActivity.CPU]) as prof:
-                for _ in range(calls):
-                    model.score_candidates(user, items)
-    finally:
-        torch.set_num_threads(before)
+    with precision.intra_op_threads(1), torch.inference_mode():
+        model.score_candidates(user, items)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(calls):
+                model.score_candidates(user, items)
     events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
     rows = [[e.key, round(e.count / calls, 1), round(e.self_cpu_time_total / calls, 1)] for e in events[:top]]
     quant = [e for e in events if any(k in e.key for k in ("quantize", "qparams", "linear_dynamic", "dequant"))]
@@ -157,7 +149,7 @@ def _plot(ctx: LabContext, sweep: dict[str, dict[int, float]]) -> str:
         ax.plot(ns, [points[n] for n in ns], "o-", label=name)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set(title="score_candidates latency (p50, 1 thread) by candidate count", xlabel="candidates", ylabel="ms")
+    ax.set(title="score_candidates latency (min over calls, 1 thread) by candidate count", xlabel="candidates", ylabel="ms")
     ax.legend()
     fig.tight_layout()
     fig.savefig(ctx.out / "latency_by_candidates.png", dpi=110)
@@ -169,7 +161,8 @@ def run(ctx: LabContext) -> LabResult:
     steps, batch_size, n_holdout, reps = (30, 512, 3, 20) if ctx.quick else (300, 1024, 20, 200)
     train_batches, holdout = precision.split_batches(ctx, steps, n_holdout, batch_size)
     task = next(t for t in precision.tasks(ctx) if t.name == "ranker")
-    fp32 = precision.train(ctx, task, "fp32", train_batches, holdout, steps).model.cpu().eval()
+    with precision.intra_op_threads(precision.CPU_THREADS) if ctx.device == "cpu" else contextlib.nullcontext():
+        fp32 = precision.train(ctx, task, "fp32", train_batches, holdout, steps).model.cpu().eval()
     user, items = candidates(holdout, N_CANDIDATES)
 
     models = {name: quantize_ranker(fp32, mode, min_params) for name, (mode, min_params) in VARIANTS.items()}
@@ -186,7 +179,7 @@ def run(ctx: LabContext) -> LabResult:
     for n in counts:
         u, it = candidates(holdout, n)
         for name, t in latencies({k: models[k] for k in swept}, u, it, max(5, reps * 500 // (3 * n)), 1).items():
-            sweep[name][n] = t["p50"]
+            sweep[name][n] = t["min"]
     # Packed int8 weights are engine-specific: quantize under each engine, time under it.
     engines = {}
     for engine in (e for e in ("x86", "fbgemm", "qnnpack", "onednn") if e in torch.backends.quantized.supported_engines):
@@ -196,7 +189,7 @@ def run(ctx: LabContext) -> LabResult:
 
     base = quality["fp32"]
     rows = [[name, VARIANTS[name][0], f"{size[name] / 1e6:.3f}", f"{size[name] / size['fp32']:.2f}",
-             round(latency[name]["p50"], 2), round(latency[name]["p90"], 2),
+             round(latency[name]["min"], 2), round(latency[name]["p50"], 2), round(latency[name]["p90"], 2),
              round(quality[name]["auc"], 4), f"{quality[name]['auc'] - base['auc']:+.4f}",
              round(quality[name]["ndcg@10"], 4), f"{quality[name]['ndcg@10'] - base['ndcg@10']:+.4f}",
              "pass" if passes[name] else "FAIL"] for name in models]  # fmt: skip
@@ -208,11 +201,11 @@ def run(ctx: LabContext) -> LabResult:
         "variants": {name: {"mode": VARIANTS[name][0], "min_linear_params": VARIANTS[name][1], "bytes": size[name],
                             "latency_ms": latency[name], **quality[name],
                             "passes": passes[name]} for name in models},
-        "threads_p50_ms": {str(t): {k: v["p50"] for k, v in r.items()} for t, r in threaded.items()},
+        "threads_min_ms": {str(t): {k: v["min"] for k, v in r.items()} for t, r in threaded.items()},
         "profile": {name: totals for name, (_, totals) in ops.items()},
         "latency_by_candidates_ms": {name: {str(n): v for n, v in points.items()} for name, points in sweep.items()},
-        "engines_int8_linear_all_p50_ms": {e: t[e]["p50"] for e, t in engines.items()},
-        "engines_fp32_p50_ms": {e: t["fp32"]["p50"] for e, t in engines.items()},
+        "engines_int8_linear_all_min_ms": {e: t[e]["min"] for e, t in engines.items()},
+        "engines_fp32_min_ms": {e: t["fp32"]["min"] for e, t in engines.items()},
     }  # fmt: skip
     return LabResult(
         name=NAME, title=TITLE, summary=_summary(figures, base), plots=[plot], figures=figures, device=ctx.device,
@@ -220,16 +213,16 @@ def run(ctx: LabContext) -> LabResult:
         tables=[
             Table(f"Variants: bytes, {N_CANDIDATES}-candidate score_candidates latency (CPU), holdout quality "
                   f"(tolerance: AUC drop <= {TOLERANCE['auc']}, NDCG@10 drop <= {TOLERANCE['ndcg@10']})",
-                  ["variant", "mode", "MB", "x fp32", "p50 ms (1 thread)", "p90 ms (1 thread)",
+                  ["variant", "mode", "MB", "x fp32", "min ms", "p50 ms", "p90 ms",
                    "AUC", "dAUC", "NDCG@10", "dNDCG@10", "tolerance"], rows),
             Table(f"Top ops per score_candidates call ({N_CANDIDATES} candidates, 1 thread, torch.profiler)",
                   ["variant", "op", "calls/call", "self us/call"], op_rows),
-            Table("Latency p50 (ms, 1 thread) by candidate count", ["candidates", *swept, "int8_linear_all / fp32"], sweep_rows),
-            Table(f"Intra-op threads ({N_CANDIDATES} candidates, p50 ms)", ["threads", "fp32", "int8_linear_all"],
-                  [[t, round(r["fp32"]["p50"], 3), round(r["int8_linear_all"]["p50"], 3)] for t, r in threaded.items()]),
-            Table(f"int8 on every Linear by quantized engine ({N_CANDIDATES} candidates, 1 thread, p50 ms; fp32 timed "
-                  "in turn with each)", ["engine", "int8 p50 ms", "fp32 p50 ms", "int8 / fp32"],
-                  [[e, round(t[e]["p50"], 3), round(t["fp32"]["p50"], 3), f"{t[e]['p50'] / t['fp32']['p50']:.2f}"]
+            Table("Latency, min over calls (ms, 1 thread), by candidate count", ["candidates", *swept, "int8_linear_all / fp32"], sweep_rows),
+            Table(f"Intra-op threads ({N_CANDIDATES} candidates, min ms)", ["threads", "fp32", "int8_linear_all"],
+                  [[t, round(r["fp32"]["min"], 3), round(r["int8_linear_all"]["min"], 3)] for t, r in threaded.items()]),
+            Table(f"int8 on every Linear by quantized engine ({N_CANDIDATES} candidates, 1 thread, min ms; fp32 timed "
+                  "in turn with each)", ["engine", "int8 min ms", "fp32 min ms", "int8 / fp32"],
+                  [[e, round(t[e]["min"], 3), round(t["fp32"]["min"], 3), f"{t[e]['min'] / t['fp32']['min']:.2f}"]
                    for e, t in engines.items()]),
         ],
     )  # fmt: skip
@@ -244,42 +237,59 @@ def _compare(ratio: float) -> str:
     return f"{ratio:.2f}x the fp32 time (the same, within noise)"
 
 
+def _trend(r_lo: float, r_hi: float) -> str:
+    if r_hi < r_lo - 0.05:
+        return "int8 gains more the more rows a call scores"
+    if r_hi > r_lo + 0.05:
+        return "int8's gain does not grow with the rows per call here"
+    return "the rows per call change little"
+
+
 def _summary(f: dict[str, Any], base: dict[str, float]) -> str:
+    """The lab's argument, from its ``figures`` alone (so it can be rebuilt from a result.json).
+    Comparisons use the fastest of the interleaved calls (other processes only add time); p50 is
+    what a request sees on this machine."""
     v, p, sweep = f["variants"], f["profile"], f["latency_by_candidates_ms"]
-    ms = lambda name: v[name]["latency_ms"]["p50"]  # noqa: E731
-    threads = f["threads_p50_ms"]
+    ms = lambda name: v[name]["latency_ms"]["min"]  # noqa: E731
+    p50 = lambda name: v[name]["latency_ms"]["p50"]  # noqa: E731
+    threads = f["threads_min_ms"]
     mb = lambda name: v[name]["bytes"] / 1e6  # noqa: E731
     fp, q_all = p["fp32"], p["int8_linear_all"]
     counts = sorted(int(n) for n in sweep["fp32"])
     lo, hi = str(counts[0]), str(counts[-1])
     ratio = lambda name, n: sweep[name][n] / sweep["fp32"][n]  # noqa: E731
-    engines = ", ".join(f"{e} {t / f['engines_fp32_p50_ms'][e]:.2f}x" for e, t in f["engines_int8_linear_all_p50_ms"].items())
+    engines = ", ".join(f"{e} {t / f['engines_fp32_min_ms'][e]:.2f}x" for e, t in f["engines_int8_linear_all_min_ms"].items())
     shipped = [name for name in VARIANTS if name != "fp32" and v[name]["passes"]]
-    best = min((name for name in VARIANTS if name != "fp32"), key=ms)
+    best = min(VARIANTS, key=ms)
+    two = threads["2"]["fp32"] / threads["1"]["fp32"]
     return (
         f"Bytes (saved state dict): fp32 {mb('fp32'):.2f} MB; int8 Linear + int8 embeddings {mb('int8'):.2f} MB "
         f"({v['int8']['bytes'] / v['fp32']['bytes']:.0%}), int8 Linear alone {mb('int8_linear_all'):.2f} MB, int8 "
-        f"embeddings alone {mb('int8_embeddings'):.2f} MB, fp16 embeddings {mb('fp16_embeddings'):.2f} MB (this "
-        "ranker's MLP and cross layers outweigh its small demo tables; a production catalogue reverses that). "
-        f"score_candidates for {f['n_candidates']} candidates, p50 on 1 thread (the serving setting): fp32 "
+        f"embeddings alone {mb('int8_embeddings'):.2f} MB, fp16 embeddings {mb('fp16_embeddings'):.2f} MB (the demo "
+        "ranker's MLP and cross layers outweigh its small tables; a production catalogue reverses that). "
+        f"score_candidates for {f['n_candidates']} candidates on 1 thread (the serving setting), fastest call: fp32 "
         f"{ms('fp32'):.2f} ms; int8 on every Linear {ms('int8_linear_all'):.2f} ms, "
         f"{_compare(ms('int8_linear_all') / ms('fp32'))}; int8 on the >= 4096-weight Linears only "
-        f"{ms('int8_linear'):.2f} ms; int8 embeddings {ms('int8_embeddings'):.2f} ms; fp16 embeddings "
-        f"{ms('fp16_embeddings'):.2f} ms; int8 {ms('int8'):.2f} ms (fastest variant: {best}). Which kernels run "
-        f"(torch.profiler, per call): fp32 runs {fp['ops_per_call']:.0f} ops and spends {fp['fp32_gemm_us_per_call']:.0f} "
-        f"us in its 14 GEMMs (aten::addmm); int8 runs {q_all['ops_per_call']:.0f} ops and replaces the GEMMs by "
-        f"quantized::linear_dynamic, {q_all['int8_path_us_per_call']:.0f} us, "
-        "which per layer and call finds the activation's range, quantizes it to uint8, runs the int8 GEMM (fbgemm/x86) "
-        "and dequantizes: a fixed cost per layer that only a large GEMM amortises. This ranker's 14 Linears are small "
-        "(176x176 at most; 4 one-output heads and 1- to 3-input dense fields), so the gain grows with the rows per "
-        f"call: at {lo} candidates int8-everywhere takes {ratio('int8_linear_all', lo):.2f}x the fp32 time "
-        f"(large-only {ratio('int8_linear', lo):.2f}x), at {hi} candidates {ratio('int8_linear_all', hi):.2f}x "
-        f"(large-only {ratio('int8_linear', hi):.2f}x). Engines (int8 / fp32, 500 candidates): {engines} (qnnpack "
-        f"is the ARM/mobile engine). Threads, fp32 / int8: 1 thread {threads['1']['fp32']:.2f} / "
-        f"{threads['1']['int8_linear_all']:.2f} ms, 2 threads {threads['2']['fp32']:.2f} / "
-        f"{threads['2']['int8_linear_all']:.2f} ms (a second intra-op thread has little to split in layers this "
-        "small and waits for a core on a shared machine: serve one thread per request). Quality within the "
-        f"tolerance (AUC drop <= {f['tolerance']['auc']}, NDCG@10 drop <= {f['tolerance']['ndcg@10']}): "
-        f"{', '.join(shipped) if shipped else 'no variant'}; int8 {'passes' if v['int8']['passes'] else 'FAILS'} "
-        f"(AUC {base['auc']:.4f} -> {v['int8']['auc']:.4f}, NDCG@10 {base['ndcg@10']:.4f} -> {v['int8']['ndcg@10']:.4f})."
+        f"{ms('int8_linear'):.2f} ms ({_compare(ms('int8_linear') / ms('fp32'))}); int8 embeddings "
+        f"{ms('int8_embeddings'):.2f} ms; fp16 embeddings {ms('fp16_embeddings'):.2f} ms; int8 {ms('int8'):.2f} ms "
+        f"(fastest: {best}; p50 on this shared machine fp32 {p50('fp32'):.2f}, int8 Linear {p50('int8_linear_all'):.2f} "
+        f"ms). Which kernels run (torch.profiler, per call): fp32 runs {fp['ops_per_call']:.0f} ops and spends "
+        f"{fp['fp32_gemm_us_per_call']:.0f} us in its 14 GEMMs (aten::addmm); int8 runs {q_all['ops_per_call']:.0f} ops "
+        f"and replaces them by quantized::linear_dynamic, {q_all['int8_path_us_per_call']:.0f} us, which per layer and "
+        "call finds the activation's range, quantizes it to uint8, runs the int8 GEMM and dequantizes: a fixed cost "
+        "per layer that only a large GEMM amortises, and this ranker's 14 Linears are small (176x176 at most; 4 "
+        "one-output heads and 1- to 3-input dense fields)"
+        f"{': leaving the small ones in fp32 is faster' if ms('int8_linear') < ms('int8_linear_all') else ''}. "
+        f"By candidate count (fastest call): at {lo} candidates int8-everywhere takes "
+        f"{ratio('int8_linear_all', lo):.2f}x the fp32 time (large-only {ratio('int8_linear', lo):.2f}x), at {hi} "
+        f"{ratio('int8_linear_all', hi):.2f}x (large-only {ratio('int8_linear', hi):.2f}x): "
+        f"{_trend(ratio('int8_linear_all', lo), ratio('int8_linear_all', hi))}. Engines (int8 / fp32, "
+        f"{f['n_candidates']} candidates): {engines} (qnnpack is the ARM/mobile engine; x86 is the default here). "
+        f"Threads, fp32 / int8: 1 thread {threads['1']['fp32']:.2f} / {threads['1']['int8_linear_all']:.2f} ms, 2 "
+        f"threads {threads['2']['fp32']:.2f} / {threads['2']['int8_linear_all']:.2f} ms (a second thread "
+        f"{'buys little' if two > 0.8 else 'helps'} on layers this small; serving runs one thread per request and "
+        "scales by requests in parallel). Quality within the tolerance (AUC drop <= "
+        f"{f['tolerance']['auc']}, NDCG@10 drop <= {f['tolerance']['ndcg@10']}): {', '.join(shipped) if shipped else 'no variant'}; "
+        f"int8 {'passes' if v['int8']['passes'] else 'FAILS'} (AUC {base['auc']:.4f} -> {v['int8']['auc']:.4f}, "
+        f"NDCG@10 {base['ndcg@10']:.4f} -> {v['int8']['ndcg@10']:.4f})."
     )
