@@ -35,7 +35,7 @@ from torch import nn
 from feedrank.data.batch import Batch
 from feedrank.labs import precision
 from feedrank.labs.base import LabContext, LabResult, Table
-from feedrank.models.quantize import model_bytes, quantize_ranker
+from feedrank.models.quantize import DEFAULT_MIN_LINEAR_PARAMS, model_bytes, quantize_ranker
 from feedrank.models.ranker import ItemInputs, UserInputs
 
 NAME = "quantize"
@@ -52,10 +52,10 @@ N_CANDIDATES = 500  # what serving scores per request (ann_candidates)
 VARIANTS: dict[str, tuple[str, int]] = {
     "fp32": ("none", 0),
     "int8_linear_all": ("int8_linear", 0),
-    "int8_linear": ("int8_linear", 4096),
+    "int8_linear": ("int8_linear", DEFAULT_MIN_LINEAR_PARAMS),
     "int8_embeddings": ("int8_embeddings", 0),
     "fp16_embeddings": ("fp16_embeddings", 0),
-    "int8": ("int8", 4096),
+    "int8": ("int8", DEFAULT_MIN_LINEAR_PARAMS),
 }
 
 
