@@ -291,3 +291,19 @@ def test_a_failed_invalidation_keeps_the_stale_vector_out_of_feeds(make_service)
     cache.down = False
     assert service.feed(user, k=10).cache == "miss"  # the retried invalidation succeeded
     assert service.feed(user, k=10).cache == "hit"
+
+
+def test_a_quantized_ranker_serves_close_scores_and_an_unknown_mode_is_refused(make_service, serving_cfg):
+    """serving.quantize swaps the ranker for ``quantize_ranker``'s copy; the feed keeps its items
+    nearly in order (int8 noise only) and /healthz says which ranker serves."""
+    plain, quantized = make_service(), make_service(quantize="int8")
+    user = warm_user(plain)
+    assert quantized.health()["ranker_quantize"] == "int8" and plain.health()["ranker_quantize"] == "none"
+    assert plain.ranker.bundle.model is not quantized.ranker.bundle.model  # the loaded bundle is left as it was
+    a, b = plain.feed(user, 10).to_dict()["items"], quantized.feed(user, 10).to_dict()["items"]
+    scores = {item["item_id"]: item["score"] for item in a}
+    shared = [item for item in b if item["item_id"] in scores]
+    assert len(shared) >= 7  # int8 moves a few items at the boundary at most
+    assert max(abs(item["score"] - scores[item["item_id"]]) for item in shared) < 0.05
+    with pytest.raises(ValueError, match="quantize must be one of"):
+        serving_cfg(quantize="int4").validate()

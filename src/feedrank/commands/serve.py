@@ -45,6 +45,10 @@ def serve_command(
     ),  # fmt: skip
     redis_url: Optional[str] = typer.Option(None, "--redis-url", help="Use Redis at this URL for the user-vector cache."),
     serving_log: Optional[Path] = typer.Option(None, "--serving-log", help="Where POST /events rows go (overrides the config)."),
+    quantize: Optional[str] = typer.Option(
+        None, "--quantize", help="Serve a quantized ranker: int8, int8_linear, int8_embeddings or fp16_embeddings "
+                                 "(overrides serving.quantize; measure yours first with `feedrank lab quantize`).",
+    ),  # fmt: skip
     dry_run: bool = typer.Option(False, "--dry-run", help="Build the service once, print its health report and exit."),
 ) -> None:
     """Serve GET /feed, POST /events, /healthz and /metrics."""
@@ -55,7 +59,7 @@ def serve_command(
     settings = ServeSettings(
         bundle=str(bundle), ranker=None if ranker is None else str(ranker), log=None if log is None else str(log),
         config=None if config is None else str(config), redis_url=redis_url,
-        serving_log=None if serving_log is None else str(serving_log),
+        serving_log=None if serving_log is None else str(serving_log), quantize=quantize,
     )  # fmt: skip
     try:
         for path in (bundle, ranker, log):

@@ -261,6 +261,7 @@ class ServeSettings:
     config: str | None = None  # YAML with a ``serving`` section
     redis_url: str | None = None  # overrides the config: cache backend redis at this URL
     serving_log: str | None = None  # overrides serving.event_log.dir
+    quantize: str | None = None  # overrides serving.quantize
 
     def to_env(self) -> dict[str, str]:
         return {SETTINGS_ENV: json.dumps(dataclasses.asdict(self))}
@@ -273,6 +274,8 @@ def serving_config(settings: ServeSettings) -> ServingConfig:
         cfg = dataclasses.replace(cfg, cache=dataclasses.replace(cfg.cache, backend="redis", url=settings.redis_url))
     if settings.serving_log is not None:
         cfg = dataclasses.replace(cfg, event_log=dataclasses.replace(cfg.event_log, dir=settings.serving_log))
+    if settings.quantize is not None:
+        cfg = dataclasses.replace(cfg, quantize=settings.quantize)
     cfg.validate()
     return cfg
 

@@ -210,6 +210,10 @@ class ServingConfig:
     max_body_bytes: int = 1_000_000
     latency_budget_ms: float = 50.0
     torch_threads: int = 1  # per worker: one request's tensors are small, threads only add overhead
+    # the ranker as served: "none" (fp32) or a feedrank.models.quantize mode ("int8": large Linear
+    # layers int8 and int8 embedding tables); `feedrank lab quantize` measures size, latency and the
+    # holdout AUC/NDCG change of each on your ranker before you turn one on
+    quantize: str = "none"
     start_time: str | None = None
     index_dir: str | None = None
     cache: CacheConfig = field(default_factory=CacheConfig)
@@ -236,6 +240,10 @@ class ServingConfig:
             raise ValueError(f"latency_budget_ms must be > 0, got {self.latency_budget_ms}")
         if self.start_time is not None:
             parse_start_time(self.start_time)
+        from feedrank.models.quantize import QUANTIZE_MODES  # here: loading a config needs no torch
+
+        if self.quantize not in QUANTIZE_MODES:
+            raise ValueError(f"quantize must be one of {', '.join(QUANTIZE_MODES)}, got {self.quantize!r}")
         for part in (self.cache, self.index, self.rerank, self.cold_start, self.event_log, self.store):
             part.validate()
         for part in (self.limits, self.auth, self.rate_limit):

@@ -45,7 +45,8 @@ def serve_argv(settings: ServeSettings, port: int, workers: int, healthcheck_tim
     argv = [sys.executable, "-m", "feedrank.cli", "serve", settings.bundle, "--host", "127.0.0.1", "--port", str(port),
             "--workers", str(workers), "--healthcheck-timeout", str(max(1, round(healthcheck_timeout_s)))]  # fmt: skip
     for flag, value in (("--ranker", settings.ranker), ("--log", settings.log), ("--config", settings.config),
-                        ("--redis-url", settings.redis_url), ("--serving-log", settings.serving_log)):  # fmt: skip
+                        ("--redis-url", settings.redis_url), ("--serving-log", settings.serving_log),
+                        ("--quantize", settings.quantize)):  # fmt: skip
         if value is not None:
             argv += [flag, value]
     return argv

@@ -73,6 +73,7 @@ from feedrank.features.build import FeatureConfig
 from feedrank.features.counters import scale_counts, shrunk_ctr, user_counters
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, PAD, USER_CAT_COLUMNS, Vocab
 from feedrank.index import IndexConfig, IndexFileError, ItemIndex, RecallBelowFloorError, build_index, load_index, publish
+from feedrank.models.quantize import quantize_ranker
 from feedrank.models.ranker import ItemInputs, UserInputs
 from feedrank.serving.bus import EventBus
 from feedrank.serving.cache import RedisCache, UserVectorCache, make_cache
@@ -315,6 +316,8 @@ class FeedService:
         self.items = VocabIndex(two_tower.vocabs.items)
         self.users = VocabIndex(two_tower.vocabs.users)
         self.user_cats = {c: VocabIndex(v) for c, v in two_tower.vocabs.user_cats.items()}
+        if ranker is not None and cfg.quantize != "none":
+            ranker = dataclasses.replace(ranker, model=quantize_ranker(ranker.model.eval(), cfg.quantize))
         self.ranker = RankerInputs.build(ranker, two_tower) if ranker is not None else None
         self.cache = cache if cache is not None else make_cache(cfg.cache)
         # Users whose cached vector could not be invalidated (Redis down or paused): a hit for them
@@ -624,6 +627,7 @@ class FeedService:
         return {
             "status": "ok",
             "models": self.model_versions,
+            "ranker_quantize": self.cfg.quantize,
             "index": {"kind": self.index.cfg.kind, "size": self.index.size, "model_version": self.index.model_version,
                       "origin": self.index_origin},  # fmt: skip
             "cache": {
