@@ -211,5 +211,6 @@ def test_profile_lab_quick_result(tmp_path, tiny_log):
     profile_lab.run(ctx)
     raw = check_result(ctx, "profile", {"train", "feed", "feed_stages", "traces"})
     assert raw["figures"]["traces"] == ["feed_trace.json", "trainer_trace.json"]
-    assert list((ctx.out / "tb_trainer").glob("*.pt.trace.json"))
+    assert list((ctx.out / "tb_trainer").glob("*.pt.trace.json.gz"))
+    assert json.loads((ctx.out / "feed_trace.json").read_text())["traceEvents"]
     assert raw["figures"]["train"]["steps"] == 6

@@ -230,18 +230,20 @@ def top_ops_rows(prof: torch.profiler.profile, n: int = 12) -> list[list[Any]]:
 
 def _handler(ctx: LabContext, name: str, sink: list[Span]) -> Callable[[torch.profiler.profile], None]:
     """When the profiler's active window ends: keep its spans in ``sink`` and write both traces. A
-    profile can be saved once, and the TensorBoard trace *is* a Chrome trace, so the Chrome copy is
-    that file."""
+    profile can be saved once, and the TensorBoard trace *is* a Chrome trace (gzipped), so the
+    Chrome copy is that file, unzipped."""
+    import gzip
     import shutil
 
     folder = ctx.out / f"tb_{name}"
-    tensorboard = torch.profiler.tensorboard_trace_handler(str(folder), worker_name=name)
+    tensorboard = torch.profiler.tensorboard_trace_handler(str(folder), worker_name=name, use_gzip=True)
 
     def on_ready(prof: torch.profiler.profile) -> None:
         sink.extend(spans_from_profiler(prof.events()))
         tensorboard(prof)
-        newest = max(folder.glob(f"{name}*.pt.trace.json"), key=lambda p: p.stat().st_mtime)
-        shutil.copyfile(newest, ctx.out / f"{name}_trace.json")
+        newest = max(folder.glob(f"{name}*.pt.trace.json.gz"), key=lambda p: p.stat().st_mtime)
+        with gzip.open(newest, "rb") as src, open(ctx.out / f"{name}_trace.json", "wb") as dst:
+            shutil.copyfileobj(src, dst)
 
     return on_ready
 
@@ -396,6 +398,13 @@ def _plot(ctx: LabContext, train_top: list[list[Any]], stages: list[list[Any]], 
 
 
 def run(ctx: LabContext) -> LabResult:
+    from feedrank.labs.compile import pinned_threads  # one intra-op thread: see its docstring
+
+    with pinned_threads(1):
+        return _run(ctx)
+
+
+def _run(ctx: LabContext) -> LabResult:
     import shutil
 
     started = time.perf_counter()
@@ -438,7 +447,8 @@ def run(ctx: LabContext) -> LabResult:
         f"ann {stage_ms['ann']:.2f} / rank {stage_ms['rank']:.2f} / rerank {stage_ms['rerank']:.2f} ms): "
         f"{req.outside_share:.0%} of request time is outside torch ops; the largest stage is "
         f"{stages[0][0] if stages else '-'} ({stages[0][3]:.0%} of it in torch ops). "
-        f"Findings: {' '.join(diag.findings + req.findings)}. 2 shared CPU cores: timings are noisy."
+        f"Findings: {' '.join(diag.findings + req.findings)}. Measured with 1 intra-op thread on 2 shared CPU "
+        f"cores: timings are noisy."
     )
     figures = {"train": dataclasses.asdict(diag), "train_sync_ops": dict(sync_sites), "cuda_sync_warnings": cuda_syncs,
                "feed": dataclasses.asdict(req), "feed_stage_ms": stage_ms, "feed_stages": stages,
