@@ -365,8 +365,8 @@ def _run(ctx: LabContext) -> LabResult:
     rows_src = ctx.rows(size * 40)
     rows_src = rows_src.filter(rows_src["clicked"])
     lengths_used = LENGTHS[ctx.quick]
-    per_length = {L: [Collator(max_history=L)(rows_src.slice(i * size, size)).to(ctx.device) for i in range(2)]
-                  for L in lengths_used}
+    per_length = {L: [pad_history(Collator(max_history=L)(rows_src.slice(i * size, size)), L).to(ctx.device)
+                      for i in range(2)] for L in lengths_used}  # exactly L: a batch's own longest may be shorter
     length_backend = "eager" if ctx.quick else ("aot_eager" if broken else "inductor")
     lengths = variable_lengths(ctx, model, per_length, length_backend, 1 if ctx.quick else rounds)
 

@@ -408,7 +408,7 @@ def _run(ctx: LabContext) -> LabResult:
     import shutil
 
     started = time.perf_counter()
-    steps, requests, traced = (6, 30, 5) if ctx.quick else (20, 200, 20)
+    steps, requests, traced = (6, 30, 5) if ctx.quick else (20, 80, 20)  # a request is ~0.2 MB of trace
     for old in ("trainer", "tb_trainer", "tb_feed", "serving"):  # the lab trains and serves from scratch
         shutil.rmtree(ctx.out / old, ignore_errors=True)
     model, prof, spans, cuda_syncs = profile_training(ctx, steps, batch_size=1024)
