@@ -25,6 +25,7 @@ from feedrank.labs.profile import (
     diagnose_steps,
     self_times,
     stage_breakdown,
+    sync_callers,
     union_length,
 )
 
@@ -158,6 +159,17 @@ def test_diagnose_requests_measures_time_outside_torch_ops():
     assert "outside torch ops" in d.findings[0]
     with pytest.raises(ValueError, match="feed"):
         diagnose_requests([Span("aten::mm", 0, 1)])
+
+
+def test_sync_callers_name_the_op_around_each_item():
+    from types import SimpleNamespace as Ev
+
+    step = Ev(name="ProfilerStep*", cpu_parent=None)
+    adam = Ev(name="aten::_fused_adamw_", cpu_parent=step)
+    nonzero = Ev(name="aten::is_nonzero", cpu_parent=step)
+    events = [Ev(name="aten::item", cpu_parent=adam)] * 4 + [Ev(name="aten::item", cpu_parent=step)] * 2 + \
+        [Ev(name="aten::item", cpu_parent=nonzero), Ev(name="aten::mm", cpu_parent=step)]
+    assert sync_callers(events, steps=2) == [["aten::_fused_adamw_", 2.0], ["Python", 1.5]]
 
 
 def test_stage_breakdown_takes_direct_children_of_the_request_function():

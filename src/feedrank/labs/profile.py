@@ -218,6 +218,21 @@ def stage_breakdown(spans: Sequence[Span], parent_suffix: str, prefix: str = "fe
                   key=lambda r: -r[2])
 
 
+def sync_callers(events: Iterable[Any], steps: int) -> list[list[Any]]:
+    """[caller, syncs per step]: what called each ``aten::item`` (the enclosing op, skipping the
+    ``is_nonzero`` that ``bool(t)`` runs), most first. Needs the profiler's parent links, so it
+    reads ``prof.events()``, not spans."""
+    found: Counter = Counter()
+    for e in events:
+        if e.name == "aten::item":
+            parent = e.cpu_parent
+            while parent is not None and parent.name == "aten::is_nonzero":
+                parent = parent.cpu_parent
+            name = parent.name if parent is not None and not parent.name.startswith(STEP_PREFIX) else "Python"
+            found[name] += 1
+    return [[name, n / max(steps, 1)] for name, n in found.most_common()]
+
+
 def top_ops_rows(prof: torch.profiler.profile, n: int = 12) -> list[list[Any]]:
     """[op, calls, self CPU ms, total CPU ms] of the ``n`` aten ops with the most self time."""
     avgs = [a for a in prof.key_averages() if a.key.startswith("aten::")]
@@ -415,6 +430,7 @@ def _run(ctx: LabContext) -> LabResult:
     diag = diagnose_steps(spans)
     train_top = top_ops_rows(prof)
     sync_sites = Counter(s.name for s in spans if s.name in ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"))
+    callers = sync_callers(prof.events(), diag.steps)
 
     service, users = feed_service(ctx, model, ctx.out / "serving")
     try:
@@ -431,6 +447,8 @@ def _run(ctx: LabContext) -> LabResult:
         Table("Trainer diagnosis", ["step ms", "data-loader wait", "syncs / step", "top op", "top op share", "findings"],
               [[round(diag.step_ms, 2), f"{diag.data_wait_share:.1%}", diag.syncs_per_step, diag.top_op,
                 f"{diag.top_op_share:.1%}", " | ".join(diag.findings)]]),
+        Table("Trainer: host-device syncs per step by caller (the op around aten::item; 'Python' when none: "
+              ".item(), int(t) or bool(t) in feedrank code)", ["caller", "syncs / step"], callers or [["none", 0]]),
         Table(f"/feed: top ops over {req.requests} requests", ["op", "calls", "self CPU ms", "total CPU ms"],
               [[r[0], r[1], round(r[2], 2), round(r[3], 2)] for r in top_ops_rows(feed_prof)]),
         Table(f"/feed: where a request's time goes (Python tracer on, {traced} requests; it inflates Python time)",
@@ -440,7 +458,8 @@ def _run(ctx: LabContext) -> LabResult:
     summary = (
         f"Trainer ({diag.steps} profiled steps of {diag.step_ms:.1f} ms): {diag.data_wait_share:.0%} of step time "
         f"waits on the DataLoader, {diag.syncs_per_step:g} host-device syncs per step "
-        f"({', '.join(f'{k} x{v}' for k, v in sync_sites.items()) or 'none'} in {diag.steps} steps), top op "
+        f"({', '.join(f'{k} x{v}' for k, v in sync_sites.items()) or 'none'} in {diag.steps} steps; by caller: "
+        f"{', '.join(f'{r[0]} {r[1]:g}' for r in callers) or 'none'} per step), top op "
         f"{diag.top_op} ({diag.top_op_share:.0%} of step time). "
         + (f"CUDA sync debug mode warned {cuda_syncs} times. " if cuda_syncs is not None else "")
         + f"/feed ({req.requests} requests, {req.request_ms:.2f} ms mean; stages user {stage_ms['user']:.2f} / "
@@ -450,7 +469,7 @@ def _run(ctx: LabContext) -> LabResult:
         f"Findings: {' '.join(diag.findings + req.findings)}. Measured with 1 intra-op thread on 2 shared CPU "
         f"cores: timings are noisy."
     )
-    figures = {"train": dataclasses.asdict(diag), "train_sync_ops": dict(sync_sites), "cuda_sync_warnings": cuda_syncs,
+    figures = {"train": dataclasses.asdict(diag), "train_sync_ops": dict(sync_sites), "train_sync_callers": callers, "cuda_sync_warnings": cuda_syncs,
                "feed": dataclasses.asdict(req), "feed_stage_ms": stage_ms, "feed_stages": stages,
                "traces": sorted(p.name for p in ctx.out.glob("*_trace.json")),
                "tensorboard": ["tb_trainer", "tb_feed"], "seconds": time.perf_counter() - started}
