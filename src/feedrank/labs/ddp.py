@@ -64,6 +64,13 @@ class WorkerArgs:
                 "--timed", str(self.timed), "--parts", *self.parts]
 
 
+def context_json(ctx: LabContext) -> str:
+    """Every field of ``ctx`` as JSON, so each rank rebuilds the very same context (same world, same
+    sizes, whatever fields the context has), on CPU: the ranks talk over gloo."""
+    fields = {f.name: getattr(ctx, f.name) for f in dataclasses.fields(ctx)}
+    return json.dumps({**{k: str(v) if isinstance(v, Path) else v for k, v in fields.items()}, "device": "cpu"})
+
+
 def launch(ctx: LabContext, args: WorkerArgs, out_json: Path, save_params: Path | None = None,
            trace: Path | None = None, timeout_s: float = 300.0) -> dict:
     """Run the worker under ``torchrun --standalone --nproc_per_node 2`` and return rank 0's JSON.
@@ -74,11 +81,7 @@ def launch(ctx: LabContext, args: WorkerArgs, out_json: Path, save_params: Path 
     """
     ctx.features_dir()  # build the world and its features here, once, not in two ranks at a time
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", WORKER_MODULE, "--", "--root", str(ctx.root), "--out", str(out_json), *args.argv()]
-    if ctx.log is not None:
-        cmd += ["--log", str(ctx.log)]
-    if ctx.quick:
-        cmd.append("--quick")
+           "-m", WORKER_MODULE, "--", "--ctx", context_json(ctx), "--out", str(out_json), *args.argv()]
     if save_params is not None:
         cmd += ["--save-params", str(save_params)]
     if trace is not None:
@@ -93,7 +96,8 @@ def launch(ctx: LabContext, args: WorkerArgs, out_json: Path, save_params: Path 
         proc.communicate()
         raise
     if proc.returncode != 0:
-        raise RuntimeError(f"torchrun {WORKER_MODULE} failed with {proc.returncode}:\n{stderr[-3000:]}")
+        worker = stderr[stderr.find("Traceback"):] if "Traceback" in stderr else stderr  # a rank's own error
+        raise RuntimeError(f"torchrun {WORKER_MODULE} failed with {proc.returncode}:\n{worker[:3000]}")
     return json.loads(out_json.read_text())
 
 

@@ -3,7 +3,8 @@
 Launched by ``feedrank.labs.ddp.launch`` as ``python -m torch.distributed.run --standalone
 --nproc_per_node 2 -m feedrank.labs.ddp_worker ...`` (as a module: a script path would put
 ``feedrank/labs`` first on ``sys.path``, where ``profile.py`` shadows the standard library's).
-The parent has already simulated the world and built its features, so the ranks only read them.
+The parent passes its ``LabContext`` (as JSON) and has already simulated the world and built its
+features, so the ranks rebuild the same context and only read them.
 
 What it does, on the demo two-tower and real Batches (each global batch split in two, one half
 per rank):
@@ -138,9 +139,7 @@ def trace(ctx: LabContext, batches: list[Batch], args: argparse.Namespace, rank:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--root", required=True, help="the labs output folder (its _data holds the world)")
-    p.add_argument("--log", default=None, help="a canonical log instead of the demo world")
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--ctx", required=True, help="the parent's LabContext as JSON (feedrank.labs.ddp.context_json)")
     p.add_argument("--out", required=True, help="rank 0 writes its JSON here")
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--accum", type=int, default=2)
@@ -157,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     try:
-        ctx = LabContext(root=Path(args.root), name="ddp", log=Path(args.log) if args.log else None, quick=args.quick)
+        raw = json.loads(args.ctx)
+        ctx = LabContext(**{**raw, "root": Path(raw["root"]), "log": Path(raw["log"]) if raw["log"] else None})
         need = max(args.steps * args.accum, args.warmup + args.timed)
         batches = ctx.batches(need, args.batch_size)
         if len(batches) < need:
