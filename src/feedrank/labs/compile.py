@@ -177,11 +177,12 @@ def measure(ctx: LabContext, v: Variant, model: torch.nn.Module, batches: list[B
         return forward
 
     mlp = model.item_tower.mlp
-    x = torch.randn(max(len(b) for b in batches), mlp[0].in_features, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(max(len(b) for b in batches), mlp[0].in_features,
+                    generator=torch.Generator().manual_seed(0)).to(ctx.device)
 
     def tiny(m: torch.nn.Module) -> Callable[[Batch], object]:
         def step(b: Batch) -> None:
-            m(x[: len(b)].to(ctx.device)).sum().backward()
+            m(x[: len(b)]).sum().backward()
             mlp.zero_grad(set_to_none=True)
         return step
 

@@ -285,50 +285,59 @@ def profile_training(ctx: LabContext, steps: int, batch_size: int
     spans: list[Span] = []
     prof = profile(activities=activities, schedule=schedule(wait=1, warmup=1, active=steps, repeat=1),
                    on_trace_ready=_handler(ctx, "trainer", spans))
-    cuda_syncs: list[int] = []
+    debug = SyncDebug(ctx.device)
     loader = LoaderConfig(batch_size=batch_size, num_workers=0, shuffle_buffer_rows=4 * batch_size, seed=ctx.seed)
     with Trainer(model, two_tower_loss, cfg) as trainer:
         data = epoch_batches(split_files(ctx.features_dir(), "train"), loader, Collator(max_history=30), trainer)
 
         def stepped(epoch: int) -> Iterator[Any]:
-            """Each step's window starts just before its batch is fetched (step 0 at ``with prof``)."""
+            """Each step's window starts just before its batch is fetched (step 0 at ``with prof``);
+            on CUDA the sync debug mode is on from a profiled step's batch to the next fetch."""
             it = iter(data(epoch))
             for i in itertools.count():
+                debug.stop()
                 if i or epoch:
                     prof.step()
-                with _sync_debug(ctx.device, cuda_syncs, active=2 <= prof.step_num < steps + 2):
-                    try:
-                        batch = next(it)
-                    except StopIteration:
-                        return
+                try:
+                    batch = next(it)
+                except StopIteration:
+                    return
+                if 2 <= prof.step_num < steps + 2:
+                    debug.start()
                 yield batch
 
         if trainer.state.step:
             raise RuntimeError(f"{ctx.out / 'trainer'} holds a checkpoint; the lab trains from scratch")
-        with prof:
-            trainer.fit(stepped)
-    return model, prof, spans, (sum(cuda_syncs) if ctx.device.startswith("cuda") else None)
+        try:
+            with prof:
+                trainer.fit(stepped)
+        finally:
+            debug.stop()
+    return model, prof, spans, (debug.warnings if ctx.device.startswith("cuda") else None)
 
 
-class _sync_debug:
-    """On CUDA, count what ``torch.cuda.set_sync_debug_mode('warn')`` reports while active."""
+class SyncDebug:
+    """On CUDA, count the synchronisations ``torch.cuda.set_sync_debug_mode('warn')`` reports
+    between ``start()`` and ``stop()`` (both idempotent); does nothing on CPU."""
 
-    def __init__(self, device: str, sink: list[int], active: bool) -> None:
-        self.on = device.startswith("cuda") and active
-        self.sink = sink
+    def __init__(self, device: str) -> None:
+        self.cuda = device.startswith("cuda")
+        self.warnings = 0
+        self._catch: Any = None
 
-    def __enter__(self) -> None:
-        if self.on:
-            self.catch = warnings.catch_warnings(record=True)
-            self.caught = self.catch.__enter__()
+    def start(self) -> None:
+        if self.cuda and self._catch is None:
+            self._catch = warnings.catch_warnings(record=True)
+            self._caught = self._catch.__enter__()
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
 
-    def __exit__(self, *exc: object) -> None:
-        if self.on:
+    def stop(self) -> None:
+        if self._catch is not None:
             torch.cuda.set_sync_debug_mode("default")
-            self.sink.append(sum("synchroniz" in str(w.message) for w in self.caught))
-            self.catch.__exit__(*exc)
+            self.warnings += sum("synchroniz" in str(w.message) for w in self._caught)
+            self._catch.__exit__(None, None, None)
+            self._catch = None
 
 
 def feed_service(ctx: LabContext, model: torch.nn.Module, workdir: Path):
