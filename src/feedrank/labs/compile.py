@@ -289,16 +289,16 @@ def _plot(ctx: LabContext, modes: list[dict], lengths: list[dict], n_lengths: in
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
-    labels = [f"{m['target']}\n{m['mode']}\n{m['backend']}" for m in modes]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 4.2))
+    labels = ["\n".join([m["target"], *m["mode"].split("-")]) for m in modes]
     ax1.bar(range(len(modes)), [m["steady_ms"] for m in modes], color="tab:blue")
     ax1.set(xticks=range(len(modes)), ylabel="steady ms per call (median)", title="Steady state (bars), first call (dots)")
-    ax1.set_xticklabels(labels, fontsize=7)
+    ax1.set_xticklabels(labels, fontsize=6.5)
     first = ax1.twinx()
     first.plot(range(len(modes)), [m["first_call_s"] for m in modes], "o", color="tab:red")
     first.set_ylabel("first call (s, includes compile)")
     ax2.bar(range(len(lengths)), [r["compiles"] for r in lengths], color="tab:green")
-    ax2.set(xticks=range(len(lengths)), ylabel="compiles",
+    ax2.set(xticks=range(len(lengths)), ylabel="graphs compiled",
             title=f"{n_lengths} history lengths through the compiled forward")
     ax2.set_xticklabels([r["strategy"] for r in lengths], fontsize=7)
     fig.tight_layout()
