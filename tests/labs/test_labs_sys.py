@@ -226,3 +226,5 @@ def test_profile_lab_quick_result(tmp_path, tiny_log):
     assert list((ctx.out / "tb_trainer").glob("*.pt.trace.json.gz"))
     assert json.loads((ctx.out / "feed_trace.json").read_text())["traceEvents"]
     assert raw["figures"]["train"]["steps"] == 6
+    # feedrank's own step reads nothing back (tests/train/test_host_syncs.py counts it too); only torch's AdamW does
+    assert raw["figures"]["train_syncs_in_feedrank_code"] == 0

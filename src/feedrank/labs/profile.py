@@ -218,6 +218,10 @@ def stage_breakdown(spans: Sequence[Span], parent_suffix: str, prefix: str = "fe
                   key=lambda r: -r[2])
 
 
+#: Optimizer kernels whose scalar reads are torch's, not the training step's (see ``run``).
+OPTIMIZER_KERNELS = ("aten::_fused_adam", "aten::_foreach_", "Optimizer.step")
+
+
 def sync_callers(events: Iterable[Any], steps: int) -> list[list[Any]]:
     """[caller, syncs per step]: what called each ``aten::item`` (the enclosing op, skipping the
     ``is_nonzero`` that ``bool(t)`` runs), most first. Needs the profiler's parent links, so it
@@ -440,6 +444,11 @@ def _run(ctx: LabContext) -> LabResult:
     train_top = top_ops_rows(prof)
     sync_sites = Counter(s.name for s in spans if s.name in ("aten::item", "aten::_local_scalar_dense", "aten::is_nonzero"))
     callers = sync_callers(prof.events(), diag.steps)
+    # torch's AdamW reads each parameter's step counter with .item() on CPU, in every variant
+    # (fused, foreach, single-tensor; capturable=True, which keeps it on the device, is CUDA-only):
+    # host memory read by the host, no device to wait for. feedrank's own step is what can regress.
+    in_optimizer = sum(n for caller, n in callers if caller.startswith(OPTIMIZER_KERNELS))
+    in_feedrank = diag.syncs_per_step - in_optimizer
 
     service, users = feed_service(ctx, model, ctx.out / "serving")
     try:
@@ -466,9 +475,11 @@ def _run(ctx: LabContext) -> LabResult:
     ]
     summary = (
         f"Trainer ({diag.steps} profiled steps of {diag.step_ms:.1f} ms): {diag.data_wait_share:.0%} of step time "
-        f"waits on the DataLoader, {diag.syncs_per_step:g} host-device syncs per step "
+        f"waits on the DataLoader, {diag.syncs_per_step:g} scalar reads per step "
         f"({', '.join(f'{k} x{v}' for k, v in sync_sites.items()) or 'none'} in {diag.steps} steps; by caller: "
-        f"{', '.join(f'{r[0]} {r[1]:g}' for r in callers) or 'none'} per step), top op "
+        f"{', '.join(f'{r[0]} {r[1]:g}' for r in callers) or 'none'} per step): {in_feedrank:g} in feedrank's own "
+        f"step, {in_optimizer:g} inside torch's AdamW, which reads its step counters on the host on CPU (no device "
+        f"to wait for; on CUDA the fused kernel keeps them on the device), top op "
         f"{diag.top_op} ({diag.top_op_share:.0%} of step time). "
         + (f"CUDA sync debug mode warned {cuda_syncs} times. " if cuda_syncs is not None else "")
         + f"/feed ({req.requests} requests, {req.request_ms:.2f} ms mean; stages user {stage_ms['user']:.2f} / "
@@ -478,7 +489,8 @@ def _run(ctx: LabContext) -> LabResult:
         f"Findings: {' '.join(diag.findings + req.findings)}. Measured with 1 intra-op thread on 2 shared CPU "
         f"cores: timings are noisy."
     )
-    figures = {"train": dataclasses.asdict(diag), "train_sync_ops": dict(sync_sites), "train_sync_callers": callers, "cuda_sync_warnings": cuda_syncs,
+    figures = {"train": dataclasses.asdict(diag), "train_sync_ops": dict(sync_sites), "train_sync_callers": callers,
+               "train_syncs_in_feedrank_code": in_feedrank, "train_syncs_in_optimizer": in_optimizer, "cuda_sync_warnings": cuda_syncs,
                "feed": dataclasses.asdict(req), "feed_stage_ms": stage_ms, "feed_stages": stages,
                "traces": sorted(p.name for p in ctx.out.glob("*_trace.json")),
                "tensorboard": ["tb_trainer", "tb_feed"], "seconds": time.perf_counter() - started}
