@@ -10,7 +10,6 @@ asserted anywhere: timings are the labs' output, not their correctness.
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 from pathlib import Path
@@ -26,18 +25,6 @@ from feedrank.labs.base import RESULT_FILE, LabContext, LabResult, SavedTensors,
 from feedrank.labs.page import PAGE_FILE, build_page
 from feedrank.models.attention import ATTENTION_IMPLS, MultiHeadAttention
 from feedrank.models.towers import TransformerHistoryEncoder
-
-
-def _browser_helpers():
-    """``chromium`` and ``console_lines`` of the report's browser test (one way to drive Chromium)."""
-    path = Path(__file__).parents[1] / "evaluate" / "test_report_browser.py"
-    spec = importlib.util.spec_from_file_location("report_browser", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-BROWSER = _browser_helpers()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -276,12 +263,11 @@ def test_checkpointing_result_schema(lab_run):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(BROWSER.CHROMIUM is None, reason="chromium is not installed (apt-get install chromium)")
-def test_labs_page_in_headless_chromium(lab_run, tmp_path):
+def test_labs_page_in_headless_chromium(lab_run, tmp_path, browser):
     root, results = lab_run
     page = root / PAGE_FILE
-    result = BROWSER.chromium(page, tmp_path / "profile", "--dump-dom")
-    assert BROWSER.console_lines(result.stderr) == []
+    result = browser.chromium(page, tmp_path / "profile", "--dump-dom")
+    assert browser.console_lines(result.stderr) == []
     dom = result.stdout
     for name, r in results.items():
         section = re.search(rf'<section id="lab-{name}">.*?</section>', dom, flags=re.S)

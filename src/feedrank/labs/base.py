@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -286,3 +287,21 @@ def read_result(path: Path) -> LabResult:
     raw = json.loads(Path(path).read_text())
     raw["tables"] = [Table(**t) for t in raw.get("tables", [])]
     return LabResult(**raw)
+
+
+@contextlib.contextmanager
+def intra_op_threads(n: int):
+    """Measure with ``n`` torch intra-op threads, then restore the setting.
+
+    Why the labs measure CPU timings with one: on a few shared cores an OpenMP parallel region of 2
+    threads waits for whichever thread the scheduler has parked, and timings turn into scheduler
+    noise (the two-tower's eager training step took 2 ms with 1 thread and 600 ms with 2 under load).
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

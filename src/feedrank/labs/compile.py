@@ -44,7 +44,7 @@ import torch.nn.functional as F
 
 from feedrank.data.batch import Batch
 from feedrank.data.collate import Collator
-from feedrank.labs.base import LabContext, LabResult, Table, write_result
+from feedrank.labs.base import LabContext, LabResult, Table, intra_op_threads, write_result
 from feedrank.models.losses import two_tower_loss
 
 NAME = "compile"
@@ -307,24 +307,8 @@ def _plot(ctx: LabContext, modes: list[dict], lengths: list[dict], n_lengths: in
     return ["compile_modes.png"]
 
 
-@contextlib.contextmanager
-def pinned_threads(n: int) -> Iterator[None]:
-    """Measure with ``n`` intra-op threads, then restore the setting.
-
-    Why: on a few shared cores (2 here, shared by many processes) an OpenMP parallel region of 2
-    threads waits for whichever thread the scheduler has parked, and timings turn into scheduler
-    noise: the two-tower's eager training step took 2 ms with 1 thread and 600 ms with 2 under load.
-    """
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 def run(ctx: LabContext) -> LabResult:
-    with pinned_threads(1):
+    with intra_op_threads(1):
         return _run(ctx)
 
 

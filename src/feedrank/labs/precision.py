@@ -32,7 +32,7 @@ import math
 import statistics
 import tempfile
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,7 +43,7 @@ from torch import Tensor, nn
 
 from feedrank.data.batch import Batch
 from feedrank.data.collate import Collator
-from feedrank.labs.base import LabContext, LabResult, Table
+from feedrank.labs.base import LabContext, LabResult, Table, intra_op_threads
 from feedrank.models.losses import two_tower_loss
 from feedrank.models.ranker import ranker_loss
 from feedrank.train.trainer import TrainConfig, Trainer
@@ -62,17 +62,6 @@ MAX_HISTORY = 30  # both demo models' max_history_len
 #: threads on two busy cores every op waits for the slower thread; the test suite measured ~3 ms vs
 #: ~300 ms per step) and so that the figures are per core.
 CPU_THREADS = 1
-
-
-@contextlib.contextmanager
-def intra_op_threads(n: int) -> Iterator[None]:
-    """``torch.set_num_threads(n)`` for the block, the previous setting restored after it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-from feedrank.labs.base import DEMO_CONFIG, LabContext, LabResult, Table, write_result
+from feedrank.labs.base import DEMO_CONFIG, LabContext, LabResult, Table, intra_op_threads, write_result
 
 NAME = "profile"
 TITLE = "torch.profiler on the trainer and /feed: where the time goes, diagnosed"
@@ -426,9 +426,8 @@ def _plot(ctx: LabContext, train_top: list[list[Any]], stages: list[list[Any]], 
 
 
 def run(ctx: LabContext) -> LabResult:
-    from feedrank.labs.compile import pinned_threads  # one intra-op thread: see its docstring
 
-    with pinned_threads(1):
+    with intra_op_threads(1):  # see its docstring
         return _run(ctx)
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 from feedrank.data.batch import Batch
 from feedrank.labs import precision
-from feedrank.labs.base import LabContext, LabResult, Table
+from feedrank.labs.base import LabContext, LabResult, Table, intra_op_threads
 from feedrank.models.quantize import DEFAULT_MIN_LINEAR_PARAMS, model_bytes, quantize_ranker
 from feedrank.models.ranker import ItemInputs, UserInputs
 
@@ -79,7 +79,7 @@ def latencies(models: dict[str, nn.Module], user: UserInputs, items: ItemInputs,
     intra-op threads. The models take turns call by call, so load from other processes on a shared
     machine hits them all alike instead of whichever happened to run during a busy second."""
     times: dict[str, list[float]] = {name: [] for name in models}
-    with precision.intra_op_threads(threads):
+    with intra_op_threads(threads):
         with torch.inference_mode():
             for m in models.values():
                 for _ in range(3):
@@ -111,7 +111,7 @@ def op_table(model: nn.Module, user: UserInputs, items: ItemInputs, calls: int, 
     per-call totals: all ops, and the int8 path's quantize/dequantize/qparams and int8 GEMM ops."""
     from torch.profiler import ProfilerActivity, profile
 
-    with precision.intra_op_threads(1), torch.inference_mode():
+    with intra_op_threads(1), torch.inference_mode():
         model.score_candidates(user, items)
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(calls):
@@ -162,7 +162,7 @@ def run(ctx: LabContext) -> LabResult:
     steps, batch_size, n_holdout, reps = (30, 512, 3, 20) if ctx.quick else (300, 1024, 20, 200)
     train_batches, holdout = precision.split_batches(ctx, steps, n_holdout, batch_size)
     task = next(t for t in precision.tasks(ctx) if t.name == "ranker")
-    with precision.intra_op_threads(precision.CPU_THREADS) if ctx.device == "cpu" else contextlib.nullcontext():
+    with intra_op_threads(precision.CPU_THREADS) if ctx.device == "cpu" else contextlib.nullcontext():
         fp32 = precision.train(ctx, task, "fp32", train_batches, holdout, steps).model.cpu().eval()
     user, items = candidates(holdout, N_CANDIDATES)
 

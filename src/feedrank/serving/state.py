@@ -59,7 +59,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 
 from feedrank.bundle import lookup_quiet
 from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
-from feedrank.data.schema import EVENT_SCHEMA, conform, to_epoch_us
+from feedrank.data.schema import EVENT_SCHEMA, to_epoch_us
 from feedrank.features.user_state import user_state
 from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab
 from feedrank.fsutil import staged_file
