@@ -360,7 +360,11 @@ def _run(ctx: LabContext) -> LabResult:
     compiled_train = [r for r in results if r["mode"] != "eager" and r["target"] == "train step"]
     best = min(compiled_train, key=lambda r: r["steady_ms"]) if compiled_train else None
     serve = next(r for r in results if r["target"] != "train step" and r["mode"] != "eager")
-    wins = "torch.compile" if max(r["speedup"] for r in compiled_train + [serve]) > 1.05 else "eager"
+    train_wins = best is not None and best["speedup"] > 1.05
+    verdict = (f"{'torch.compile (' + best['mode'] + ')' if train_wins else 'eager'} for training"
+               + (f", paying back its compile after {best['break_even_calls']:,.0f} steps" if train_wins
+                  and best["break_even_calls"] is not None else "")
+               + f"; {'compiled' if serve['speedup'] > 1.05 else 'eager'} for serving")
 
     def be(r: dict) -> str:
         return "never (not faster)" if r["break_even_calls"] is None else f"{r['break_even_calls']:,.0f} calls"
@@ -395,21 +399,24 @@ def _run(ctx: LabContext) -> LabResult:
                   f"{best['steady_ms']:.2f} ms after {best['compile_s']:.1f} s of cold compile "
                   f"({best['speedup']:.2f}x), break-even {be(best)}. ")
     summary = (
-        f"{lead}{quick_note}Dynamo cuts today's training loss into {graphs} graphs ({breaks} breaks; the top reason: "
+        f"{lead}{quick_note}Dynamo captures the training loss as {graphs} graph(s) ({breaks} breaks; the top reason: "
         f"{reasons[0][0] if reasons else 'none'} at {reasons[0][1] if reasons else '-'}). {train_line}"
         f"{serve['target'].capitalize()}: eager {eager[serve['target']]:.3f} ms vs compiled "
         f"{serve['steady_ms']:.3f} ms after {serve['compile_s']:.1f} s of compile (cache {serve['cache']}; "
         f"break-even {be(serve)}). "
-        f"{wins} wins here: the model is a few small matmuls per call, split by graph breaks, so launch and guard "
-        f"overhead, not arithmetic, dominates; compile pays back only when (eager - compiled) per call times the "
-        f"calls of a run exceeds the compile time, on fixed shapes, once the breaks are gone. Variable lengths: "
+        f"Verdict: {verdict}. The model is a few small matmuls per call, so launch and guard overhead, not "
+        f"arithmetic, bounds what compile can save; "
+        + (f"{breaks} graph breaks split the loss into {graphs} graphs, each compiled and guarded on its own; "
+           if breaks else "with no graph break the loss is one graph, so compile sees the whole step; ")
+        + "compile pays back only when (eager - compiled) per call times the calls of a run exceeds the compile "
+        f"time, on fixed shapes. Variable lengths: "
         f"dynamic=False compiled {lengths[0]['compiles']} graphs for {len(lengths_used)} lengths, dynamic=True "
         f"{lengths[1]['compiles']}, padding to {len(BUCKETS)} buckets {lengths[2]['compiles']} (each graph break "
         f"multiplies these). Measured with 1 intra-op thread on 2 shared CPU cores: timings are noisy."
     )
     figures = {"graphs": graphs, "graph_breaks": breaks, "break_reasons": reasons, "modes": results,
                "variable_lengths": lengths, "inductor_problem": broken,
-               "backend": "aot_eager" if broken else "inductor", "winner": wins,
+               "backend": "aot_eager" if broken else "inductor", "verdict": verdict,
                "seconds": time.perf_counter() - started}
     result = LabResult(NAME, TITLE, summary, tables, _plot(ctx, results, lengths, len(lengths_used)), figures, ctx.device, ctx.quick)
     write_result(ctx, result)

@@ -448,6 +448,11 @@ def _run(ctx: LabContext) -> LabResult:
     # host memory read by the host, no device to wait for. feedrank's own step is what can regress.
     in_optimizer = sum(n for caller, n in callers if caller.startswith(OPTIMIZER_KERNELS))
     in_feedrank = diag.syncs_per_step - in_optimizer
+    if in_optimizer and diag.syncs_per_step > 0:  # say which reads are torch's, in the findings too
+        diag.findings = [f for f in diag.findings if "host-device syncs" not in f] + [
+            f"{in_feedrank:g} syncs per step in feedrank's own step (the metrics record every "
+            f"log_every steps reads its sums back once) and {in_optimizer:g} step-counter reads inside torch's "
+            "AdamW (host memory on CPU; on CUDA use the fused kernel, which keeps them on the device)"]
 
     service, users = feed_service(ctx, model, ctx.out / "serving")
     try:
