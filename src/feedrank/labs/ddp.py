@@ -96,8 +96,11 @@ def launch(ctx: LabContext, args: WorkerArgs, out_json: Path, save_params: Path 
         proc.communicate()
         raise
     if proc.returncode != 0:
-        worker = stderr[stderr.find("Traceback"):] if "Traceback" in stderr else stderr  # a rank's own error
-        raise RuntimeError(f"torchrun {WORKER_MODULE} failed with {proc.returncode}:\n{worker[:3000]}")
+        # the ranks' own messages (a Python traceback, or a C++ abort from gloo) come before torchrun's
+        # report, which only says which rank died of what signal
+        report = stderr.find("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
+        ranks, summary = (stderr[:report], stderr[report:]) if report >= 0 else (stderr, "")
+        raise RuntimeError(f"torchrun {WORKER_MODULE} failed with {proc.returncode}:\n{ranks[-3000:]}\n{summary[:1500]}")
     return json.loads(out_json.read_text())
 
 

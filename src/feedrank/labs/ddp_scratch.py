@@ -10,7 +10,10 @@ backward pass with the *average* of all ranks' gradients, the way DDP does:
 3. a ``register_post_accumulate_grad_hook`` on each parameter marks its gradient ready; when the
    last gradient of a bucket is ready, the bucket's gradients are copied into one flat buffer
    (pre-divided by the world size, as DDP does) and an **async** ``all_reduce`` is launched, so
-   communication of late layers overlaps the backward of early ones;
+   communication of late layers overlaps the backward of early ones. Buckets are launched strictly
+   in bucket order (a full bucket waits for the ones before it), as DDP's reducer does: the ranks
+   must issue the same collectives in the same order, and which bucket fills first can differ
+   between ranks (a parameter with no gradient on one rank's data only counts at the end);
 4. a callback queued on the autograd engine runs when backward ends: it launches any bucket that
    did not fill (parameters without a gradient this step count as zeros), waits for every
    all-reduce and copies the averaged gradients back into ``param.grad``;
@@ -132,6 +135,7 @@ class ScratchDDP(nn.Module):
         self._sync = True
         self._callback_queued = False
         self._last_ready = 0.0
+        self._next = 0  # the next bucket to launch: launches go in bucket order on every rank
         with torch.no_grad():
             for tensor in [*module.parameters(), *module.buffers()]:
                 dist.broadcast(tensor, src=0, group=group)
@@ -168,8 +172,9 @@ class ScratchDDP(nn.Module):
         self._last_ready = time.perf_counter()
         bucket = self._bucket_of[id(param)]
         bucket.ready += 1
-        if bucket.ready == len(bucket.params):
-            self._launch(bucket)
+        while self._next < len(self.buckets) and self.buckets[self._next].ready == len(self.buckets[self._next].params):
+            self._launch(self.buckets[self._next])
+            self._next += 1
 
     def _launch(self, bucket: _Bucket) -> None:
         first = bucket.params[0]
@@ -186,9 +191,9 @@ class ScratchDDP(nn.Module):
         """End of backward: launch what did not fill, wait for everything, write gradients back."""
         self._callback_queued = False
         self.stats.backward_ends.append(self._last_ready)
-        for bucket in self.buckets:
-            if bucket.work is None:
-                self._launch(bucket)
+        for bucket in self.buckets[self._next:]:  # in bucket order, after those already launched
+            self._launch(bucket)
+        self._next = 0
         for bucket in self.buckets:
             bucket.work.wait()
             offset = 0

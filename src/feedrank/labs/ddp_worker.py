@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
             result[name] = parts[name](ctx, batches, args, rank, world)
         if rank == 0:
             Path(args.out).write_text(json.dumps(result, indent=2))
+        dist.barrier()  # no rank closes its connections while a peer may still be reading from them
     finally:
         dist.destroy_process_group()
     return 0
