@@ -15,6 +15,7 @@ import torch
 
 from feedrank.config import from_dict
 from feedrank.train import Trainer, TrainConfig
+from feedrank.train.distributed import run_torchrun
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 _spec = importlib.util.spec_from_file_location("train_toy_dist", WORKER)
@@ -25,18 +26,6 @@ STEPS, MICRO, ACCUM = 6, 4, 2
 # Deadlines only bound a failure (a hang): two workers importing torch on a loaded 2-core machine
 # can take minutes.
 DEADLINE_S = 300
-
-
-def _run_group(cmd: list[str], timeout_s: float) -> tuple[int, str]:
-    """Run torchrun in its own process group, so a hang kills the workers too, not just torchrun."""
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    return proc.returncode, stderr
 
 
 def _single_process_union(out: Path) -> tuple[dict, list[float]]:
@@ -56,7 +45,7 @@ def test_two_ranks_match_single_process_on_the_union(tmp_path, strategy):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(WORKER), "--out", str(out), "--steps", str(STEPS), "--micro", str(MICRO), "--shards", "2",
            "--accum", str(ACCUM), "--strategy", strategy]
-    returncode, stderr = _run_group(cmd, timeout_s=DEADLINE_S)
+    returncode, stderr = run_torchrun(cmd, timeout_s=DEADLINE_S)
     assert returncode == 0, stderr[-3000:]
 
     rank0, rank1 = torch.load(out / "final_rank0.pt"), torch.load(out / "final_rank1.pt")
@@ -98,7 +87,7 @@ def test_sigterm_to_torchrun_checkpoints_all_ranks_and_resumes_exactly(tmp_path)
     assert int(checkpoint.stem.split("_")[1]) == hold + 1  # both ranks stopped after the step under way
 
     for run_dir in (out, ref):
-        returncode, stderr = _run_group([*launch, "--out", str(run_dir), *args], timeout_s=DEADLINE_S)
+        returncode, stderr = run_torchrun([*launch, "--out", str(run_dir), *args], timeout_s=DEADLINE_S)
         assert returncode == 0, stderr[-3000:]
     want, got = torch.load(ref / "final_rank0.pt"), torch.load(out / "final_rank1.pt")
     for name in want:

@@ -25,8 +25,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,6 +33,7 @@ import torch
 
 from feedrank.labs.base import LabContext, LabResult, Table, write_result
 from feedrank.models.losses import select_rows, two_tower_loss
+from feedrank.train.distributed import run_torchrun
 
 NAME = "ddp"
 TITLE = "Data parallel from scratch: buckets, overlap, accumulation"
@@ -87,20 +86,13 @@ def launch(ctx: LabContext, args: WorkerArgs, out_json: Path, save_params: Path 
     if trace is not None:
         cmd += ["--trace", str(trace)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env)
-    try:
-        _, stderr = proc.communicate(timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.communicate()
-        raise
-    if proc.returncode != 0:
+    returncode, stderr = run_torchrun(cmd, timeout_s, env)
+    if returncode != 0:
         # the ranks' own messages (a Python traceback, or a C++ abort from gloo) come before torchrun's
         # report, which only says which rank died of what signal
         report = stderr.find("torch.distributed.elastic.multiprocessing.errors.ChildFailedError")
         ranks, summary = (stderr[:report], stderr[report:]) if report >= 0 else (stderr, "")
-        raise RuntimeError(f"torchrun {WORKER_MODULE} failed with {proc.returncode}:\n{ranks[-3000:]}\n{summary[:1500]}")
+        raise RuntimeError(f"torchrun {WORKER_MODULE} failed with {returncode}:\n{ranks[-3000:]}\n{summary[:1500]}")
     return json.loads(out_json.read_text())
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import signal
+import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -187,3 +189,20 @@ def mean_across_ranks(env: DistEnv, values: torch.Tensor) -> torch.Tensor:
     values = values.clone()
     dist.all_reduce(values, op=dist.ReduceOp.SUM)
     return values / env.world_size
+
+
+def run_torchrun(cmd: list[str], timeout_s: float, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run a ``torchrun`` command line in its own process group and return (exit code, stderr).
+
+    Its own group so that a hang past ``timeout_s`` kills the workers too, not only torchrun (which
+    would leave them holding their ports); the ``TimeoutExpired`` is re-raised after the kill.
+    """
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env)
+    try:
+        _, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        raise
+    return proc.returncode, stderr
