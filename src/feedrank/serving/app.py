@@ -75,6 +75,7 @@ from feedrank.bundle import load_bundle
 from feedrank.config import from_dict, load_yaml
 from feedrank.serving.access import ApiKeyCheck, RateLimiter
 from feedrank.serving.config import ServingConfig
+from feedrank.serving.inspector import mount_inspector
 from feedrank.serving.metrics import CONTENT_TYPE
 from feedrank.serving.pipeline import EventError, FeedService, set_threads
 from feedrank.serving.state import EventIn
@@ -91,7 +92,7 @@ class PayloadTooLarge(HTTPException):
         super().__init__(status_code=413, detail=detail)
 
 
-def create_app(service: FeedService) -> FastAPI:
+def create_app(service: FeedService, compare: FeedService | None = None, log_dir: str | None = None) -> FastAPI:
     """The FastAPI app over ``service``; the service is closed (log flushed) at shutdown.
 
     Raises ``ValueError`` when ``serving.auth`` names an API key variable that is unset.
@@ -177,6 +178,7 @@ def create_app(service: FeedService) -> FastAPI:
     def metrics() -> Response:
         return Response(content=service.metrics.exposition(), media_type=CONTENT_TYPE)
 
+    mount_inspector(app, service, compare, log_dir)
     return app
 
 
