@@ -48,3 +48,29 @@ def test_ivfpq_vectors_refuse_lossy_ground_truth(items) -> None:
     index = build_index(vectors[:2000], ids[:2000], IndexConfig(kind="ivfpq", nlist=8, pq_m=8, pq_nbits=4))
     with pytest.raises(IndexInputError, match="lossy codes"):
         index.vectors()
+
+
+def test_refine_passes_a_floor_plain_pq_fails(items, make_clustered, tmp_path) -> None:
+    """Re-ranking the PQ shortlist on raw vectors lifts recall over a floor coarse PQ codes miss."""
+    vectors, ids = items
+    queries = make_clustered(300, DIM, seed=4)
+    coarse = dict(kind="ivfpq", nlist=64, nprobe=32, pq_m=8, pq_nbits=8, recall_k=10, recall_sample=200, recall_floor=0.9)
+    with pytest.raises(RecallBelowFloorError):
+        build_and_publish(vectors, ids, tmp_path / "plain", IndexConfig(**coarse), queries=queries)
+    refined = IndexConfig(**coarse, refine_k_factor=8)
+    manifest = build_and_publish(vectors, ids, tmp_path / "refined", refined, queries=queries)
+    assert manifest.recall >= 0.9
+    loaded = load_index(tmp_path / "refined")
+    assert check_recall(loaded, queries, refined, vectors).value == pytest.approx(manifest.recall, abs=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"kind": "ivf", "refine_k_factor": 4}, "refine_k_factor re-ranks PQ codes and needs kind ivfpq, got kind ivf"),
+        ({"kind": "ivfpq", "refine_k_factor": -1}, "refine_k_factor must be >= 0"),
+    ],
+)
+def test_bad_refine_config_refused(overrides, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        IndexConfig(**overrides).validate()

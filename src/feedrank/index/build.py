@@ -152,7 +152,7 @@ class ItemIndex:
         from a saved index alone. IVF-PQ keeps only lossy codes: exact search over their decoding
         would grade the index against itself, so it refuses and the caller passes the raw vectors.
         """
-        if isinstance(self.faiss_index, faiss.IndexIVFPQ):
+        if isinstance(self.faiss_index, faiss.IndexIVFPQ):  # a refined one keeps raw rows: reconstruct reads them
             raise IndexInputError("an ivfpq index keeps only lossy codes; pass the raw item vectors to measure recall")
         if isinstance(self.faiss_index, faiss.IndexIVF):
             self.faiss_index.make_direct_map()  # IVF keeps vectors per list; map ids to their slots
@@ -171,6 +171,9 @@ class ItemIndex:
 
 def apply_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
     """Set the search-time knobs of ``cfg`` on a FAISS index (they are not all kept in its file)."""
+    if isinstance(index, faiss.IndexRefine):
+        index.k_factor = float(cfg.refine_k_factor)
+        index = faiss.downcast_index(index.base_index)
     if isinstance(index, faiss.IndexIVF):
         index.nprobe = min(cfg.nprobe, index.nlist)
     elif isinstance(index, faiss.IndexHNSW):
@@ -192,16 +195,22 @@ def _empty_faiss_index(cfg: IndexConfig, n: int, dim: int) -> faiss.Index:
             index = faiss.IndexIVFPQ(quantizer, dim, cfg.lists_for(n), cfg.pq_m, cfg.pq_nbits, faiss.METRIC_INNER_PRODUCT)
         index.cp.max_points_per_centroid = cfg.ivf_train_per_list
         index.cp.seed = cfg.seed
+        if cfg.refine_k_factor:
+            return faiss.IndexRefineFlat(index)  # the wrapper keeps a reference to ``index``
         return index
     index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = cfg.ef_construction
     return index
 
 
+def _ivf_of(index: faiss.Index) -> faiss.IndexIVF:
+    return faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
+
+
 def _training_sample(vectors: np.ndarray, index: faiss.Index, cfg: IndexConfig) -> np.ndarray:
     """A seeded sample big enough for the IVF k-means (``ivf_train_per_list`` a list) and, for IVF-PQ,
     the 2**nbits-centroid sub-quantizers (FAISS wants ~39 points a centroid); all rows if fewer."""
-    need = index.nlist * cfg.ivf_train_per_list
+    need = _ivf_of(index).nlist * cfg.ivf_train_per_list
     if cfg.kind == "ivfpq":
         need = max(need, 64 * 2**cfg.pq_nbits)
     if vectors.shape[0] <= need:

@@ -47,7 +47,10 @@ class IndexConfig:
     on two cores for little recall). ``ivfpq`` stores each item as ``pq_m`` sub-quantizer codes of
     ``pq_nbits`` bits (``pq_m * pq_nbits / 8`` bytes an item instead of ``4 * dim``): the kind that
     keeps a 10M-item catalogue small; its codes are lossy, so recall is always measured against the
-    raw vectors.
+    raw vectors. ``refine_k_factor`` > 0 (ivfpq only) re-ranks the top ``k * refine_k_factor`` PQ
+    candidates by exact inner product over raw vectors kept in RAM (FAISS ``IndexRefineFlat``): PQ
+    alone misses the 0.95 recall floor on clustered vectors, the re-rank buys it back for
+    ``4 * dim`` more bytes an item. 0 means no re-rank.
     """
 
     kind: IndexKind = "ivf"
@@ -57,6 +60,7 @@ class IndexConfig:
     ivf_train_per_list: int = 64
     pq_m: int = 16
     pq_nbits: int = 8
+    refine_k_factor: int = 0
     hnsw_m: int = 32
     ef_construction: int = 40
     ef_search: int = 256
@@ -84,6 +88,10 @@ class IndexConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if not 1 <= self.pq_nbits <= 16:
             raise ValueError(f"pq_nbits must be in [1, 16], got {self.pq_nbits}")
+        if self.refine_k_factor < 0:
+            raise ValueError(f"refine_k_factor must be >= 0 (0 = no re-rank), got {self.refine_k_factor}")
+        if self.refine_k_factor and self.kind != "ivfpq":
+            raise ValueError(f"refine_k_factor re-ranks PQ codes and needs kind ivfpq, got kind {self.kind}")
         if not 0 <= self.recall_floor <= 1:
             raise ValueError(f"recall_floor must be in [0, 1], got {self.recall_floor}")
 

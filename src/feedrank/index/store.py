@@ -157,7 +157,8 @@ def load_index(directory: str | Path) -> ItemIndex:
         )
         if expected != actual
     ]
-    if not isinstance(faiss_index, _FAISS_CLASSES[manifest.config.kind]):
+    expected_class = faiss.IndexRefine if manifest.config.refine_k_factor else _FAISS_CLASSES[manifest.config.kind]
+    if not isinstance(faiss_index, expected_class):
         problems.append(f"kind: manifest says {manifest.config.kind}, {INDEX_FILE} holds {type(faiss_index).__name__}")
     if problems:
         raise IndexFileError(f"{directory}: " + "; ".join(problems))
