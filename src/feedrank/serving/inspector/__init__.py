@@ -108,8 +108,11 @@ def _titles(service: FeedService) -> dict[str, str]:
 
 
 def mount_inspector(app: FastAPI, service: FeedService, compare: FeedService | None = None,
-                    log_dir: str | None = None) -> Inspector:  # fmt: skip
-    """Add the page (``/``, ``/inspector/*``) and its JSON routes (``/inspect/*``) to ``app``."""
+                    log_dir: str | None = None, guarded: list | None = None) -> Inspector:  # fmt: skip
+    """Add the page (``/``, ``/inspector/*``) and its JSON routes (``/inspect/*``) to ``app``.
+
+    ``guarded`` (the app's API-key and rate-limit dependencies) applies to every ``/inspect/*``
+    route as it does to ``/feed``: they read users' histories and feeds."""
     inspector = Inspector(service, compare, log_dir)
     rng = random.Random()
 
@@ -119,21 +122,21 @@ def mount_inspector(app: FastAPI, service: FeedService, compare: FeedService | N
 
     app.mount("/inspector", StaticFiles(directory=STATIC), name="inspector")
 
-    @app.get("/inspect/meta")
+    @app.get("/inspect/meta", dependencies=guarded)
     def meta() -> dict:
         return {"compare": compare is not None, "truth": inspector.world is not None,
                 "models": service.model_versions,
                 "compare_models": compare.model_versions if compare is not None else None}  # fmt: skip
 
-    @app.get("/inspect/users")
+    @app.get("/inspect/users", dependencies=guarded)
     def users(kind: str = Query("warm", pattern="^(warm|cold)$")) -> dict:
         return {"user_id": inspector.random_user(kind, rng)}
 
-    @app.get("/inspect/user/{user_id}")
+    @app.get("/inspect/user/{user_id}", dependencies=guarded)
     def user(user_id: str) -> dict:
         return inspector.user(user_id)
 
-    @app.get("/inspect/feed")
+    @app.get("/inspect/feed", dependencies=guarded)
     def feed(user_id: str, bundle: str = Query("primary", pattern="^(primary|compare)$"),
              k: int | None = Query(None, ge=1, le=service.cfg.k_max)) -> dict:  # fmt: skip
         return inspector.feed(user_id, bundle, k)
