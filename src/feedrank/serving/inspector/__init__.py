@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,23 @@ class Inspector:
     def __init__(self, service: FeedService, compare: FeedService | None = None, log_dir: str | None = None) -> None:
         self.service, self.compare = service, compare
         self.world: World | None = load_world(log_dir) if log_dir and (Path(log_dir) / TRUTH_DIR).is_dir() else None
-        self.titles = _titles(service)
+
+    @cached_property
+    def titles(self) -> dict[str, str]:
+        """Item id -> title, built on the first inspector request, not at every server's start."""
+        return _titles(self.service)
+
+    @cached_property
+    def warm_users(self) -> list[str]:
+        """The snapshot's users, sorted once (the snapshot does not change after start)."""
+        return sorted(self.service.store._snapshot.row_of)
 
     def random_user(self, kind: str, rng: random.Random) -> str:
         if kind == "cold":
             return f"new-{uuid.UUID(int=rng.getrandbits(128)).hex[:8]}"
-        warm = [u for u in self.service.store._snapshot.row_of]
-        if not warm:
+        if not self.warm_users:
             raise HTTPException(404, detail="the user store has no warm users (serve with --log)")
-        return rng.choice(sorted(warm))
+        return rng.choice(self.warm_users)
 
     def user(self, user_id: str) -> dict[str, Any]:
         svc = self.service
