@@ -218,3 +218,60 @@ def test_matches_reference_mmr_on_random_requests(seed):
 def test_module_docstring_example():
     result = doctest.testmod(rerank_module)
     assert result.attempted >= 1 and result.failed == 0
+
+
+def stepwise_mmr(relevance, vectors, publisher, k, lam, cap):
+    """The per-step MMR that ``mmr_select`` replaced (every trace update inside the loop): the
+    oracle for its picks and for every reason it derives afterwards from the per-step rows."""
+    n = len(relevance)
+    cap = n if cap is None else cap
+    remaining = np.ones(n, dtype=bool)
+    per_publisher = np.zeros(publisher.max(initial=-1) + 1, dtype=np.int64)
+    max_sim = np.zeros(n, dtype=np.float32)
+    nearest = np.full(n, -1, dtype=np.int64)
+    near, cos = np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32)
+    promoted, held, relaxed_at = np.zeros(n, bool), np.zeros(n, bool), np.zeros(n, bool)
+    picks = []
+    for step in range(min(k, n)):
+        objective = lam * relevance - ((1.0 - lam) * max_sim if step else 0.0)
+        eligible = remaining & (per_publisher[publisher] < cap)
+        relaxed = not eligible.any()
+        if relaxed:
+            eligible = remaining
+        p = int(np.argmax(np.where(eligible, objective, -np.inf)))
+        passed = eligible & (relevance > relevance[p])
+        first_time = passed & (near < 0)
+        near[first_time], cos[first_time] = nearest[first_time], max_sim[first_time]
+        promoted[p] = passed.any()
+        held |= remaining & ~eligible & (objective > objective[p])
+        relaxed_at[p] = relaxed
+        picks.append(p)
+        remaining[p] = False
+        per_publisher[publisher[p]] += 1
+        sims = vectors @ vectors[p]
+        closer = (sims > max_sim) | (step == 0)
+        max_sim = np.where(closer, sims, max_sim)
+        nearest[closer] = p
+    return picks, near, cos, promoted, held, relaxed_at
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_mmr_select_trace_matches_the_stepwise_loop(seed):
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(1, 120))
+    k = int(rng.integers(1, 40))
+    lam = float(rng.choice([0.0, 0.3, 0.8, 1.0]))
+    cap = [None, 1, 2, 3][seed % 4]
+    centres = rng.normal(size=(5, 8))
+    vectors = rerank_module._normalise((centres[rng.integers(0, 5, n)] + 0.3 * rng.normal(size=(n, 8))).astype(np.float32))
+    relevance = np.sort(rng.random(n))[::-1].copy()
+    relevance[rng.random(n) < 0.2] = relevance[0]  # ties
+    publisher = rng.integers(0, int(rng.integers(1, 6)), n)
+    picks, trace = rerank_module.mmr_select(relevance, vectors, publisher, k, lam, cap)
+    want_picks, near, cos, promoted, held, relaxed = stepwise_mmr(relevance, vectors, publisher, k, lam, cap)
+    assert picks.tolist() == want_picks
+    np.testing.assert_array_equal(trace.passed_near, near)
+    np.testing.assert_array_equal(trace.passed_cos, cos)
+    np.testing.assert_array_equal(trace.promoted, promoted)
+    np.testing.assert_array_equal(trace.held, held)
+    np.testing.assert_array_equal(trace.relaxed, relaxed)

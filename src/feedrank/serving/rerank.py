@@ -21,8 +21,10 @@ while ranker scores are logits or probabilities of any scale. Mixing them raw wo
 would drown any diversity term). Min-max over the request's candidates makes lambda a scale-free
 trade-off, and makes the result invariant to any increasing affine change of the scores.
 
-Each step is vectorised over the remaining candidates (the running max-similarity is updated with
-one matrix-vector product per slot), so a call costs O(k * n * d) numpy work and O(k) Python steps.
+Each step is vectorised over the candidates (the running max-similarity is updated with one
+matrix-vector product per slot) and does only what the next choice needs; the reasons are derived
+afterwards from the per-step rows in whole-array operations. A call costs O(k * n * d) numpy work
+and O(k) short Python steps.
 
 Each pick carries a ``reason`` naming its source and every rule that moved it, e.g.
 ``"ann; freshness boost +0.120; moved down by MMR (similar to i42, cos 0.97)"``.
@@ -119,9 +121,15 @@ class Candidates:
         return len(self.scores)
 
     def take(self, index: np.ndarray) -> Candidates:
-        """The candidates at ``index`` (integer positions or a boolean mask), in that order."""
-        return Candidates(self.item_ids[index], self.scores[index], self.vectors[index],
-                          self.publishers[index], self.age_h[index], self.sources[index])  # fmt: skip
+        """The candidates at ``index`` (integer positions or a boolean mask), in that order.
+
+        Rows of checked arrays need no second check: the copy skips ``__post_init__`` (whose
+        NaN scans would otherwise run again for every take of a request).
+        """
+        out = object.__new__(Candidates)
+        for name in ("item_ids", "scores", "vectors", "publishers", "age_h", "sources"):
+            setattr(out, name, getattr(self, name)[index])
+        return out
 
 
 @dataclass(frozen=True)
@@ -186,40 +194,71 @@ def mmr_select(
 
     ``relevance`` in [0, 1], ``vectors`` L2-normalised, ``publisher`` integer codes. Ties go to the
     lowest position, so callers pass candidates sorted by relevance. See the module docstring.
+
+    The greedy choice is sequential, so the loop keeps only what the next choice needs (one
+    matrix-vector product, the objective, an argmax; eligibility changes only when a publisher
+    fills up). Each step's similarities, objective and eligibility are kept as rows of ``[k, n]``
+    arrays, from which ``_trace`` derives the reasons afterwards in a few whole-array operations
+    instead of a dozen per step.
     """
     n = len(relevance)
+    steps = min(k, n)
     cap = n if cap is None else cap
-    remaining = np.ones(n, dtype=bool)
     per_publisher = np.zeros(publisher.max(initial=-1) + 1, dtype=np.int64)
+    remaining = np.ones(n, dtype=bool)
+    open_ = np.ones(n, dtype=bool)  # remaining and its publisher below the cap
+    relevance_term = mmr_lambda * relevance
     max_sim = np.zeros(n, dtype=np.float32)  # max cosine to the picks so far (unused before the first pick)
-    nearest = np.full(n, -1, dtype=np.int64)
+    sims = np.empty((steps, n), dtype=np.float32)  # row s: cosine of every candidate to pick s
+    objective = np.empty((steps, n), dtype=np.float64)  # row s: the objective at step s
+    eligible = np.empty((steps, n), dtype=bool)  # row s: who could be picked at step s
+    relaxed = np.zeros(steps, dtype=bool)
+    picks = np.empty(steps, dtype=np.int64)
+    for step in range(steps):
+        objective[step] = relevance_term - (1.0 - mmr_lambda) * max_sim if step else relevance_term
+        relaxed[step] = not open_.any()
+        eligible[step] = remaining if relaxed[step] else open_  # every remaining publisher full: best remaining
+        p = int(np.argmax(np.where(eligible[step], objective[step], -np.inf)))
+        picks[step] = p
+        remaining[p] = open_[p] = False
+        per_publisher[publisher[p]] += 1
+        if per_publisher[publisher[p]] == cap:
+            open_ &= publisher != publisher[p]
+        sims[step] = vectors @ vectors[p]
+        max_sim = np.maximum(max_sim, sims[step]) if step else sims[0].copy()
+    return picks, _trace(relevance, picks, sims, objective, eligible, relaxed)
+
+
+def _trace(relevance: np.ndarray, picks: np.ndarray, sims: np.ndarray, objective: np.ndarray, eligible: np.ndarray,
+           relaxed: np.ndarray) -> _Trace:  # fmt: skip
+    """The reasons of ``mmr_select``'s picks from its per-step rows (``[steps, n]``), whole-array."""
+    steps, n = sims.shape
     trace = _Trace(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32),
                    np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))  # fmt: skip
-    picks = []
-    for step in range(min(k, n)):
-        objective = mmr_lambda * relevance - ((1.0 - mmr_lambda) * max_sim if step else 0.0)
-        eligible = remaining & (per_publisher[publisher] < cap)
-        relaxed = not eligible.any()
-        if relaxed:  # every remaining publisher is full: fill with the best remaining
-            eligible = remaining
-        p = int(np.argmax(np.where(eligible, objective, -np.inf)))
-        # reasons: a more relevant eligible candidate lost only because it resembles earlier picks
-        passed = eligible & (relevance > relevance[p])
-        first_time = passed & (trace.passed_near < 0)
-        trace.passed_near[first_time] = nearest[first_time]
-        trace.passed_cos[first_time] = max_sim[first_time]
-        trace.promoted[p] = passed.any()
-        trace.held |= remaining & ~eligible & (objective > objective[p])
-        trace.relaxed[p] = relaxed
-
-        picks.append(p)
-        remaining[p] = False
-        per_publisher[publisher[p]] += 1
-        sims = vectors @ vectors[p]
-        closer = (sims > max_sim) | (step == 0)
-        max_sim = np.where(closer, sims, max_sim)
-        nearest[closer] = p
-    return np.asarray(picks, dtype=np.int64), trace
+    if steps == 0:
+        return trace
+    # passed[s, i]: i was eligible and more relevant than pick s, and lost to it
+    passed = eligible & (relevance[None, :] > relevance[picks][:, None])
+    trace.promoted[picks] = passed.any(axis=1)
+    trace.relaxed[picks] = relaxed
+    pick_step = np.full(n, steps, dtype=np.int64)
+    pick_step[picks] = np.arange(steps)
+    remaining = pick_step[None, :] >= np.arange(steps)[:, None]  # row s: not picked before step s
+    trace.held = (remaining & ~eligible & (objective > objective[np.arange(steps), picks][:, None])).any(axis=0)
+    # where each candidate stood when it was first passed after the first pick: its nearest pick
+    # so far (the first to reach its running max similarity) and that similarity
+    later = passed[1:]
+    hit = later.any(axis=0)
+    if hit.any():
+        first = later.argmax(axis=0)[hit]  # step first - 1 + 1: similarities of picks before it
+        running = np.maximum.accumulate(sims, axis=0)
+        record = np.ones_like(sims, dtype=bool)
+        record[1:] = sims[1:] > running[:-1]
+        nearest = np.maximum.accumulate(np.where(record, np.arange(steps)[:, None], -1), axis=0)
+        cols = np.flatnonzero(hit)
+        trace.passed_near[cols] = picks[nearest[first, cols]]
+        trace.passed_cos[cols] = running[first, cols]
+    return trace
 
 
 def _normalise(vectors: np.ndarray) -> np.ndarray:
@@ -263,23 +302,26 @@ def rerank(candidates: Candidates, seen: ArrayLike, cfg: RerankConfig) -> Rerank
         _min_max(score), _normalise(c.vectors), publisher_code, cfg.k, cfg.mmr_lambda, cfg.per_publisher_cap
     )
 
-    ids, publisher_of = c.item_ids.tolist(), c.publishers.tolist()
+    # Python values of the picks only (not of every candidate), then one plain loop over k picks
     counts = np.bincount(publisher_code[picks], minlength=len(publishers))
+    near = trace.passed_near[picks]
+    columns = zip(c.item_ids[picks].tolist(), score[picks].tolist(), c.publishers[picks].tolist(), c.sources[picks].tolist(),
+                  boost[picks].tolist(), c.item_ids[near].tolist(), (near >= 0).tolist(), trace.passed_cos[picks].tolist(),
+                  trace.promoted[picks].tolist(), trace.relaxed[picks].tolist(), publisher_code[picks].tolist())  # fmt: skip
     out = []
-    for p in picks.tolist():
-        parts = [str(c.sources[p])]
-        if boost[p] >= 5e-4:
-            parts.append(f"freshness boost +{boost[p]:.3f}")
-        if trace.passed_near[p] >= 0:
-            parts.append(f"moved down by MMR (similar to {ids[trace.passed_near[p]]}, cos {trace.passed_cos[p]:.2f})")
-        if trace.promoted[p]:
+    for item_id, item_score, publisher, source, item_boost, near_id, moved_down, cos, promoted, relaxed, pub in columns:
+        parts = [str(source)]
+        if item_boost >= 5e-4:
+            parts.append(f"freshness boost +{item_boost:.3f}")
+        if moved_down:
+            parts.append(f"moved down by MMR (similar to {near_id}, cos {cos:.2f})")
+        if promoted:
             parts.append("moved up by MMR (diversity)")
-        if trace.relaxed[p]:
-            pub = publisher_code[p]
+        if relaxed:
             parts.append(f"over publisher cap {cfg.per_publisher_cap} ({counts[pub]} from {publishers[pub]}): "
                          "too few other publishers among the candidates")  # fmt: skip
-        out.append(Pick(ids[p], float(score[p]), publisher_of[p], str(c.sources[p]), "; ".join(parts)))
+        out.append(Pick(item_id, item_score, publisher, str(source), "; ".join(parts)))
     picked = np.zeros(len(c), dtype=bool)
     picked[picks] = True
-    held = [ids[i] for i in np.flatnonzero(trace.held & ~picked)]
+    held = c.item_ids[np.flatnonzero(trace.held & ~picked)].tolist()
     return RerankResult(out, duplicates, seen_removed, held, int(trace.relaxed.sum()))
