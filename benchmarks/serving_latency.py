@@ -1,11 +1,20 @@
 """End-to-end latency of ``GET /feed`` on a 1M-item catalogue: the real server over loopback.
 
-For each index kind (flat, IVF, HNSW) this starts ``uvicorn feedrank.serving.app:app_from_env`` in a
-subprocess on a free 127.0.0.1 port (``feedrank.serving.demo.ServerProcess``, one worker), then
+For each index kind (flat, IVF, HNSW) and each worker count of ``--workers`` this starts ``feedrank
+serve`` in a subprocess on a free 127.0.0.1 port (``feedrank.serving.demo.ServerProcess``), then
 drives it with a bounded load generator (httpx): ``--sequential`` requests one after another, then
 ``--clients`` concurrent clients for ``--concurrent`` requests in all (or ``--max-seconds``). It
 prints p50/p95/p99 per stage (from the ``Server-Timing`` header) and end to end (client-side, so
-HTTP and JSON included), QPS and the cache hit ratio, and writes them as JSON with ``--out``.
+HTTP and JSON included), QPS, the cache hit ratio and the server's CPU milliseconds per request
+(all its processes, from ``/proc``: the figure a busy shared machine distorts least, and the one
+that bounds QPS per core), and writes them as JSON with ``--out``.
+
+After the servers it measures, in this process on one thread (as a worker runs), the ranker's
+forward on ``--ann + --fresh`` candidates: its FLOPs (``torch.utils.flop_counter``), its bare time,
+and a large fp32 matmul's GFLOP/s, the roofline; it prints the GFLOP/s the rank stage achieves
+(FLOPs / the server's rank p50) and the bare forward achieves, each as a fraction of that roofline.
+The summary prints the issue #15 targets as ratios: sequential e2e p99 against 10 ms, and with the
+most workers, 8-client QPS against 300 and p99 against 50 ms.
 
 The models are untrained but full-size: a two-tower (dim 64) and a ranker (DCN-v2, two-tower
 inputs) with vocabularies of ``--items`` items and ``--users`` users, so every embedding lookup,
@@ -30,11 +39,13 @@ import cProfile
 import datetime as dt
 import io
 import json
+import os
 import pstats
 import re
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -42,21 +53,24 @@ import numpy as np
 import pyarrow as pa
 import torch
 import yaml
+from torch.utils.flop_counter import FlopCounterMode
 
 from feedrank.bundle import CATALOGUE_SCHEMA, build_two_tower, load_bundle, save_bundle
+from feedrank.commands.serve import default_workers
 from feedrank.config import to_dict
 from feedrank.data.log import write_log
 from feedrank.data.schema import TS_TYPE
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, Vocab, Vocabularies
 from feedrank.index import IndexConfig, read_manifest
-from feedrank.models.ranker import Ranker, RankerConfig
+from feedrank.models.ranker import ItemInputs, Ranker, RankerConfig, UserInputs
 from feedrank.serving.app import ServeSettings, serving_config
 from feedrank.serving.config import EventLogConfig, ServingConfig
 from feedrank.serving.demo import ServerProcess
 from feedrank.serving.pipeline import FeedService, set_threads
 
 BUDGET_MS = 50.0
+TARGET_SEQ_P99_MS, TARGET_QPS, TARGET_CONC_P99_MS = 10.0, 300.0, 50.0  # issue #15's acceptance
 START = dt.datetime(2024, 3, 1, tzinfo=dt.timezone.utc)
 STAGES = ("user", "ann", "rank", "rerank", "total")
 TWO_TOWER = {"dim": 64, "user_id_dim": 32, "item_id_dim": 32, "cat_dim": 16, "freshness_dim": 8, "hidden": [128],
@@ -204,17 +218,39 @@ def cache_ratio(client: httpx.Client) -> float:
     return counts.get("hit", 0.0) / total if total else float("nan")
 
 
-def drive(url: str, args: argparse.Namespace, seed: int) -> dict:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` and of its live children (uvicorn's workers)."""
+    tick = os.sysconf("SC_CLK_TCK")
+
+    def own(stat: str) -> float:
+        fields = stat[stat.rindex(")") + 2 :].split()  # after "pid (comm) ": state, ppid, ...
+        return (int(fields[11]) + int(fields[12])) / tick  # utime, stime
+
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+        except OSError:
+            continue
+        if int(proc.name) == pid or int(stat[stat.rindex(")") + 2 :].split()[1]) == pid:
+            total += own(stat)
+    return total
+
+
+def drive(url: str, pid: int, args: argparse.Namespace, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     out = {}
     with httpx.Client(base_url=url, timeout=30.0) as client:
         for user in users_for(20, args, rng):  # warm-up: first-call allocations, thread pool
             client.get("/feed", params={"user_id": user, "k": args.k})
         seq = Recorder()
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), cpu_seconds(pid)
         for user in users_for(args.sequential, args, rng):
             seq.get(client, user, args.k)
         out["sequential"] = seq.summary(time.perf_counter() - start)
+        out["sequential"]["server_cpu_ms"] = (cpu_seconds(pid) - cpu) * 1000.0 / max(1, args.sequential)
         out["sequential"]["cache_hit_ratio"] = cache_ratio(client)
 
     conc = Recorder()
@@ -231,12 +267,13 @@ def drive(url: str, args: argparse.Namespace, seed: int) -> dict:
                 conc.get(client, user, args.k)
 
     threads = [threading.Thread(target=worker) for _ in range(args.clients)]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), cpu_seconds(pid)
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     out["concurrent"] = conc.summary(time.perf_counter() - start)
+    out["concurrent"]["server_cpu_ms"] = (cpu_seconds(pid) - cpu) * 1000.0 / max(1, len(conc.e2e) + conc.errors)
     with httpx.Client(base_url=url, timeout=30.0) as client:
         out["concurrent"]["cache_hit_ratio"] = cache_ratio(client)
     return out
@@ -260,6 +297,43 @@ def profile(tt: Path, rk: Path, log: Path, cfg: ServingConfig, args: argparse.Na
     return text.getvalue()
 
 
+def timed_ms(fn: Callable[[], object], reps: int) -> float:
+    """Median milliseconds of ``fn()`` over ``reps`` calls, after a warm-up."""
+    for _ in range(max(3, reps // 10)):
+        fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times)) * 1000.0
+
+
+def ranker_roofline(rk: Path, n: int, reps: int) -> dict:
+    """The ranker's forward on ``n`` candidates of one user, on one thread: FLOPs, bare median time,
+    and the median GFLOP/s of a large fp32 matmul (the roofline) measured now, on the same thread."""
+    set_threads(1)
+    model = load_bundle(rk).model.eval()
+    g = torch.Generator().manual_seed(0)
+    sizes = lambda vocab_sizes: torch.tensor(vocab_sizes)  # noqa: E731
+    user = UserInputs(user=torch.tensor(2), user_cats=torch.full((len(model.user_cats.sizes),), 2),
+                      history=torch.randint(2, model.n_items, (model.cfg.max_history_len,), generator=g),
+                      counters=torch.rand(model.n_user_counters, generator=g),
+                      vector=torch.randn(model.cfg.two_tower_dim, generator=g) if model.cfg.two_tower_dim else None)  # fmt: skip
+    items = ItemInputs(item=torch.randint(2, model.n_items, (n,), generator=g),
+                       item_cats=(torch.rand(n, len(model.item_cats.sizes), generator=g) * (sizes(model.item_cats.sizes) - 2)).long() + 2,
+                       item_age_h=torch.rand(n, generator=g) * 100, counters=torch.rand(n, model.n_item_counters, generator=g),
+                       vectors=torch.randn(n, model.cfg.two_tower_dim, generator=g) if model.cfg.two_tower_dim else None)  # fmt: skip
+    with torch.inference_mode():
+        with FlopCounterMode(display=False) as counter:
+            model.score_candidates(user, items)
+        forward_ms = timed_ms(lambda: model.score_candidates(user, items), reps)
+        a, b = torch.randn(512, 1024, generator=g), torch.randn(1024, 1024, generator=g)
+        matmul_ms = timed_ms(lambda: a @ b, reps)
+    return {"candidates": n, "mflop": counter.get_total_flops() / 1e6, "forward_ms": forward_ms,
+            "roofline_gflops": 2 * 512 * 1024 * 1024 / matmul_ms / 1e6}  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=1_000_000)
@@ -270,6 +344,8 @@ def main() -> None:
     parser.add_argument("--fresh", type=int, default=100)
     parser.add_argument("--k", type=int, default=20)
     parser.add_argument("--kinds", default="flat,ivf,hnsw")
+    parser.add_argument("--workers", default=str(default_workers()),
+                        help="comma-separated worker counts, one server each (default: feedrank serve's default)")
     parser.add_argument("--sequential", type=int, default=300)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--concurrent", type=int, default=800)
@@ -283,39 +359,60 @@ def main() -> None:
     work = args.workdir or Path(tempfile.mkdtemp(prefix="feedrank-serving-bench-"))
     work.mkdir(parents=True, exist_ok=True)
     tt, rk, log = make_artifacts(work, args)
-    results = {"items": args.items, "history": args.history, "candidates": args.ann + args.fresh, "kinds": {}}
+    load_before = os.getloadavg()
+    results = {"items": args.items, "history": args.history, "candidates": args.ann + args.fresh, "runs": {}}
+    worker_counts = [int(w) for w in args.workers.split(",")]
     for kind in args.kinds.split(","):
         cfg = serving_cfg(work, kind, args)
         config_path = work / f"serving-{kind}.yaml"
         config_path.write_text(yaml.safe_dump({"serving": to_dict(cfg)}, sort_keys=False))
         settings = ServeSettings(bundle=str(tt), ranker=str(rk), log=str(log), config=str(config_path))
         serving_config(settings)
-        start = time.perf_counter()
-        with ServerProcess(settings, work, startup_timeout_s=900) as server:
-            startup_s = time.perf_counter() - start
-            health = httpx.get(f"{server.url}/healthz", timeout=10).json()
-            figures = drive(server.url, args, seed=1)
-        recall = read_manifest(work / f"index-{kind}").recall
-        results["kinds"][kind] = {"startup_s": startup_s, "index": {**health["index"], "recall": recall}, **figures}
-        report(kind, results["kinds"][kind])
+        for workers in worker_counts:
+            start = time.perf_counter()
+            with ServerProcess(settings, work, startup_timeout_s=900, workers=workers) as server:
+                startup_s = time.perf_counter() - start
+                health = httpx.get(f"{server.url}/healthz", timeout=10).json()
+                figures = drive(server.url, server.proc.pid, args, seed=1)
+            recall = read_manifest(work / f"index-{kind}").recall
+            name = f"{kind}, {workers} worker{'s' if workers > 1 else ''}"
+            results["runs"][name] = {"kind": kind, "workers": workers, "startup_s": startup_s,
+                                     "index": {**health["index"], "recall": recall}, **figures}  # fmt: skip
+            report(name, results["runs"][name])
         if args.profile:
             print(profile(tt, rk, log, cfg, args))
+    roof = results["ranker"] = ranker_roofline(rk, args.ann + args.fresh, reps=100)
+    results["load_average"] = {"before": load_before, "after": os.getloadavg()}
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
-    print("\nsummary (ms; sequential end-to-end p99 vs the 50 ms budget)")
-    for kind, r in results["kinds"].items():
-        p99 = r["sequential"]["e2e_ms"]["p99"]
-        print(f"  {kind:5s} seq p50 {r['sequential']['e2e_ms']['p50']:6.1f}  p99 {p99:6.1f} ({p99 / BUDGET_MS:.0%} of budget)"
-              f"  | 8 clients p99 {r['concurrent']['e2e_ms']['p99']:6.1f}  QPS {r['concurrent']['qps']:6.1f}")
+    print(f"\nranker forward on {roof['candidates']} candidates: {roof['mflop']:.1f} MFLOP; matmul roofline (one thread, "
+          f"512x1024 @ 1024x1024, median) {roof['roofline_gflops']:.1f} GFLOP/s")
+    print(f"  bare score_candidates p50 {roof['forward_ms']:.2f} ms = {roof['mflop'] / roof['forward_ms']:.1f} GFLOP/s "
+          f"({roof['mflop'] / roof['forward_ms'] / roof['roofline_gflops']:.0%} of the roofline)")
+    for name, r in results["runs"].items():
+        rank_ms = r["sequential"]["stage_ms"]["rank"]["p50"]
+        gflops = roof["mflop"] / rank_ms
+        print(f"  {name}: rank stage p50 {rank_ms:.2f} ms = {gflops:.1f} GFLOP/s ({gflops / roof['roofline_gflops']:.0%} "
+              f"of the roofline), {rank_ms / roof['forward_ms']:.2f}x the bare forward")
+    print(f"\nsummary (ms; load average {load_before[0]:.1f} before, {os.getloadavg()[0]:.1f} after; targets: sequential e2e "
+          f"p99 {TARGET_SEQ_P99_MS:g} ms, {args.clients} clients {TARGET_QPS:g} QPS at p99 {TARGET_CONC_P99_MS:g} ms)")
+    for name, r in results["runs"].items():
+        seq, conc = r["sequential"], r["concurrent"]
+        p99 = seq["e2e_ms"]["p99"]
+        print(f"  {name:18s} seq p50 {seq['e2e_ms']['p50']:6.1f}  p99 {p99:6.1f} ({p99 / TARGET_SEQ_P99_MS:.2f}x target, "
+              f"{p99 / BUDGET_MS:.0%} of the 50 ms budget), server CPU {seq['server_cpu_ms']:.1f} ms/feed"
+              f"  | {args.clients} clients p99 {conc['e2e_ms']['p99']:6.1f} ({conc['e2e_ms']['p99'] / TARGET_CONC_P99_MS:.2f}x)"
+              f"  QPS {conc['qps']:6.1f} ({conc['qps'] / TARGET_QPS:.2f}x)  errors {conc['errors']}"
+              f"  server CPU {conc['server_cpu_ms']:.1f} ms/feed")
 
 
-def report(kind: str, r: dict) -> None:
-    print(f"\n=== {kind}: index {r['index']['size']:,} items ({r['index']['origin']}, recall@100 {r['index']['recall']:.3f} "
+def report(name: str, r: dict) -> None:
+    print(f"\n=== {name}: index {r['index']['size']:,} items ({r['index']['origin']}, recall@100 {r['index']['recall']:.3f} "
           f"on these untrained vectors), server startup {r['startup_s']:.0f} s")
     for phase in ("sequential", "concurrent"):
         s = r[phase]
         print(f"  {phase}: {s['requests']} requests, {s['errors']} errors, {s['qps']:.1f} QPS, "
-              f"cache hit ratio {s['cache_hit_ratio']:.2f}, paths {s['paths']}")
+              f"cache hit ratio {s['cache_hit_ratio']:.2f}, server CPU {s['server_cpu_ms']:.2f} ms/request, paths {s['paths']}")
         print(f"    {'stage':8s} {'p50':>8s} {'p95':>8s} {'p99':>8s}")
         for stage in STAGES:
             q = s["stage_ms"][stage]

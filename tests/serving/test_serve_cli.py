@@ -61,3 +61,11 @@ def test_serve_warns_when_it_listens_beyond_loopback_without_an_api_key(serving_
     result = CliRunner().invoke(app, ["serve", str(serving_world.two_tower.path), "--host", host, "--dry-run"])
     assert result.exit_code == 0, result.output
     assert ("with no API key" in result.output) == warned
+
+
+@pytest.mark.parametrize(("cores", "expected"), [(1, 1), (2, 2), (16, 2)])
+def test_default_workers_is_one_per_core_up_to_two(monkeypatch, cores, expected):
+    from feedrank.commands import serve
+
+    monkeypatch.setattr(serve.os, "sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert serve.default_workers() == expected

@@ -3,8 +3,9 @@
 Exit codes: 0 clean shutdown (or ``--dry-run`` passed); 2 the inputs could not be used (missing
 bundle, bad config); 3 the app failed to start; uvicorn's own code otherwise.
 
-At start it prints the URL it serves on (``--port 0`` picks a free port; the URL names it). With
-``--workers N`` a supervisor pings each worker; one that does not answer within
+At start it prints the URL it serves on (``--port 0`` picks a free port; the URL names it).
+``--workers`` defaults to one worker per CPU core, at most two (``default_workers``). With several
+workers a supervisor pings each worker; one that does not answer within
 ``--healthcheck-timeout`` seconds is killed and replaced, and every replaced worker is logged with
 why (no answer, exit status or signal). Workers load the models before they serve, so on a busy
 machine give them time: the default, 30 s, is six times uvicorn's.
@@ -28,6 +29,18 @@ import typer
 
 APP_FACTORY = "feedrank.serving.app:app_from_env"
 DEFAULT_HEALTHCHECK_TIMEOUT_S = 30
+MAX_DEFAULT_WORKERS = 2  # each worker holds every model and the catalogue arrays: more only when asked
+
+
+def default_workers() -> int:
+    """Workers when ``--workers`` is not given: one per CPU core this process may run on, at most
+    ``MAX_DEFAULT_WORKERS``. A worker serves one feed at a time on one intra-op thread
+    (``serving.torch_threads``), so a second core idles unless a second worker uses it."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_DEFAULT_WORKERS))
 
 
 def serve_command(
@@ -37,7 +50,12 @@ def serve_command(
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with a `serving` section (ServingConfig)."),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    workers: int = typer.Option(1, "--workers", min=1, help="uvicorn worker processes (each loads the models)."),
+    workers: Optional[int] = typer.Option(
+        None, "--workers", min=1, show_default=False,
+        help=f"uvicorn worker processes, each loading the models and serving on one thread; default: one per "
+             f"CPU core, at most {MAX_DEFAULT_WORKERS}. Without --redis-url workers share events through the "
+             "serving log (about a second's delay between workers).",
+    ),  # fmt: skip
     healthcheck_timeout: int = typer.Option(
         DEFAULT_HEALTHCHECK_TIMEOUT_S, "--healthcheck-timeout", min=1,
         help="With --workers > 1: seconds a worker may take to answer the supervisor's ping (also while "
@@ -79,6 +97,7 @@ def serve_command(
     except (OSError, ValueError, ConfigError, BundleError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    workers = default_workers() if workers is None else workers
     os.environ.update(settings.to_env())  # uvicorn workers inherit the environment
     import uvicorn
 
