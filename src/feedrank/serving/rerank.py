@@ -250,7 +250,7 @@ def _trace(relevance: np.ndarray, picks: np.ndarray, sims: np.ndarray, objective
     later = passed[1:]
     hit = later.any(axis=0)
     if hit.any():
-        first = later.argmax(axis=0)[hit]  # step first - 1 + 1: similarities of picks before it
+        first = later.argmax(axis=0)[hit]  # row j of later is step j + 1: the picks before it are sims rows 0..j
         running = np.maximum.accumulate(sims, axis=0)
         record = np.ones_like(sims, dtype=bool)
         record[1:] = sims[1:] > running[:-1]
