@@ -13,8 +13,8 @@ After the servers it measures, in this process on one thread (as a worker runs),
 forward on ``--ann + --fresh`` candidates: its FLOPs (``torch.utils.flop_counter``), its bare time,
 and a large fp32 matmul's GFLOP/s, the roofline; it prints the GFLOP/s the rank stage achieves
 (FLOPs / the server's rank p50) and the bare forward achieves, each as a fraction of that roofline.
-The summary prints the issue #15 targets as ratios: sequential e2e p99 against 10 ms, and with the
-most workers, 8-client QPS against 300 and p99 against 50 ms.
+The summary prints each run against issue #15's targets as ratios: sequential e2e p99 against 10 ms,
+concurrent QPS against 300 and concurrent p99 against 50 ms (the targets are for 2 workers).
 
 The models are untrained but full-size: a two-tower (dim 64) and a ranker (DCN-v2, two-tower
 inputs) with vocabularies of ``--items`` items and ``--users`` users, so every embedding lookup,
@@ -28,6 +28,7 @@ functions by cumulative time: where the milliseconds go.
     .venv/bin/python benchmarks/serving_latency.py                          # ~10 min on 2 cores
     .venv/bin/python benchmarks/serving_latency.py --kinds hnsw --workdir /tmp/serve_bench --profile 300
     .venv/bin/python benchmarks/serving_latency.py --items 100000 --sequential 100 --concurrent 200
+    .venv/bin/python benchmarks/serving_latency.py --kinds ivf --workers 1,2 --sequential 200 --concurrent 300   # docs/benchmarks.md
 
 Artifacts (bundles, log, one index per kind) are kept in ``--workdir`` and reused by later runs.
 """
