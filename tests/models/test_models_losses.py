@@ -106,7 +106,7 @@ def test_empty_and_zero_weight_give_zero_not_nan():
 
 
 def test_shape_errors_name_the_shapes():
-    with pytest.raises(ValueError, match=r"\[B, B\].*\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"\[B, N\].*\(2, 3\)"):
         in_batch_softmax_loss(torch.zeros(2, 3), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"logits \(2,\) and clicked \(3,\)"):
         bce_loss(torch.zeros(2), torch.zeros(3))

@@ -46,14 +46,19 @@ SamplerKind = Literal["uniform", "popularity", "all"]
 FIRST_REAL_ID = 2
 
 
-def weighted_mean(values: Tensor, weight: Tensor | None = None) -> Tensor:
-    """``sum(w * v) / sum(w)``; 0 (not NaN) for an empty batch or all-zero weights."""
+def weighted_mean(values: Tensor, weight: Tensor | None = None, total: Tensor | None = None) -> Tensor:
+    """``sum(w * v) / sum(w)``; 0 (not NaN) for an empty batch or all-zero weights.
+
+    ``total`` replaces ``sum(w)`` as the denominator: under data parallelism it is the weight of the
+    *global* batch, so each rank's share sums to the global batch's mean (``GlobalPool``).
+    """
     if weight is None:
         weight = torch.ones_like(values)
     if weight.shape != values.shape:
         raise ValueError(f"weight {tuple(weight.shape)} must match per-example losses {tuple(values.shape)}")
     weight = weight.to(values.dtype)
-    return (values * weight).sum() / weight.sum().clamp_min(torch.finfo(values.dtype).tiny)
+    denom = weight.sum() if total is None else total.to(values.dtype)
+    return (values * weight).sum() / denom.clamp_min(torch.finfo(values.dtype).tiny)
 
 
 def in_batch_softmax_loss(
@@ -64,45 +69,52 @@ def in_batch_softmax_loss(
     weight: Tensor | None = None,
     known_hits: Tensor | None = None,
     positives: Tensor | None = None,
+    row_offset: int = 0,
+    total_weight: Tensor | None = None,
 ) -> Tensor:
-    """Softmax cross-entropy where row i's positive is column i and the other columns are negatives.
+    """Softmax cross-entropy where row i's positive is column ``row_offset + i``, the other columns negatives.
 
-    ``logits`` [B, B] = u_i . v_j / T; ``item_ids`` [B] the item of each column; ``logq`` [B] the
-    log sampling probability of each column's item (subtracted from every logit of that column,
-    positive included); ``user_ids`` [B] optional; ``weight`` [B] per-row example weights.
-    ``positives`` [B] bool (optional) names the rows that are (user, positive item) pairs; the
-    others take no part, neither as a row nor as a negative column: the loss equals the loss of
-    the sub-batch of positive rows, without selecting it (fixed shapes, no device sync).
+    ``logits`` [B, N] = u_i . v_j / T (N = B in one process; under data parallelism the columns
+    are the global batch, N = B * world_size, and this rank's rows start at column ``row_offset``);
+    ``item_ids`` [N] the item of each column; ``logq`` [N] the log sampling probability of each
+    column's item (subtracted from every logit of that column, positive included); ``user_ids`` [N]
+    optional; ``weight`` [B] per-row example weights. ``positives`` [N] bool (optional) names the
+    columns that are (user, positive item) pairs; the others take no part, neither as a row nor as
+    a negative column: the loss equals the loss of the sub-batch of positive rows, without
+    selecting it (fixed shapes, no device sync). ``total_weight`` replaces the rows' own weight sum
+    as the denominator (the global batch's, ``weighted_mean``).
 
-    Accidental hits are removed from the negatives: a column j != i whose item is row i's positive
+    Accidental hits are removed from the negatives: a column j whose item is row i's positive
     item, or (when ``user_ids`` is given) whose row belongs to the same user (so item j is another
-    known positive of that user). ``known_hits`` [B, B] optionally names more: column j's item is
+    known positive of that user). ``known_hits`` [B, N] optionally names more: column j's item is
     a known positive of row i's user from outside the batch (``TwoTower.known_positive_mask``). The
-    diagonal is never masked, so no row is all ``-inf``.
+    positive column is never masked, so no row is all ``-inf``.
     """
-    b = logits.shape[0]
-    if logits.shape != (b, b) or item_ids.shape != (b,):
-        raise ValueError(f"in-batch logits must be [B, B] with item_ids [B]; got {tuple(logits.shape)} and {tuple(item_ids.shape)}")
+    b, n = logits.shape if logits.dim() == 2 else (-1, -1)
+    rows = slice(row_offset, row_offset + b)
+    if logits.dim() != 2 or item_ids.shape != (n,) or not 0 <= row_offset <= n - b:
+        raise ValueError(f"in-batch logits must be [B, N] with item_ids [N] and 0 <= row_offset <= N - B; got "
+                         f"{tuple(logits.shape)}, {tuple(item_ids.shape)} and row_offset={row_offset}")
     if logq is not None:
-        if logq.shape != (b,):
-            raise ValueError(f"logq must be [B] = [{b}], got {tuple(logq.shape)}")
+        if logq.shape != (n,):
+            raise ValueError(f"logq must be [N] = [{n}], got {tuple(logq.shape)}")
         logits = logits - logq.to(logits.dtype)[None, :]
-    hits = item_ids[:, None] == item_ids[None, :]
+    hits = item_ids[rows, None] == item_ids[None, :]
     if user_ids is not None:
-        hits |= user_ids[:, None] == user_ids[None, :]
+        hits |= user_ids[rows, None] == user_ids[None, :]
     if known_hits is not None:
-        if known_hits.shape != (b, b):
-            raise ValueError(f"known_hits must be [B, B] = [{b}, {b}], got {tuple(known_hits.shape)}")
+        if known_hits.shape != (b, n):
+            raise ValueError(f"known_hits must be [B, N] = [{b}, {n}], got {tuple(known_hits.shape)}")
         hits |= known_hits
     if positives is not None:
-        if positives.shape != (b,) or positives.dtype != torch.bool:
-            raise ValueError(f"positives must be a bool [B] = [{b}] mask, got {positives.dtype} {tuple(positives.shape)}")
+        if positives.shape != (n,) or positives.dtype != torch.bool:
+            raise ValueError(f"positives must be a bool [B] = [{n}] mask (one per column), got {positives.dtype} {tuple(positives.shape)}")
         hits |= ~positives[None, :]
-        weight = positives.to(logits.dtype) if weight is None else weight * positives
-    hits &= ~torch.eye(b, dtype=torch.bool, device=logits.device)
+        weight = positives[rows].to(logits.dtype) if weight is None else weight * positives[rows]
+    target = torch.arange(row_offset, row_offset + b, device=logits.device)
+    hits[torch.arange(b, device=logits.device), target] = False
     logits = logits.masked_fill(hits, float("-inf"))
-    target = torch.arange(b, device=logits.device)
-    return weighted_mean(F.cross_entropy(logits.float(), target, reduction="none"), weight)
+    return weighted_mean(F.cross_entropy(logits.float(), target, reduction="none"), weight, total_weight)
 
 
 def sampled_softmax_loss(
@@ -114,6 +126,7 @@ def sampled_softmax_loss(
     neg_logq: Tensor | None = None,
     weight: Tensor | None = None,
     known_hits: Tensor | None = None,
+    total_weight: Tensor | None = None,
 ) -> Tensor:
     """Softmax of each row's positive against K shared sampled negatives.
 
@@ -141,15 +154,15 @@ def sampled_softmax_loss(
     neg_logits = neg_logits.masked_fill(hits, float("-inf"))
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1).float()
     target = torch.zeros(b, dtype=torch.long, device=logits.device)
-    return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight)
+    return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight, total_weight)
 
 
-def bce_loss(logits: Tensor, clicked: Tensor, weight: Tensor | None = None) -> Tensor:
+def bce_loss(logits: Tensor, clicked: Tensor, weight: Tensor | None = None, total_weight: Tensor | None = None) -> Tensor:
     """Weighted binary cross-entropy of click logits [B] against ``clicked`` [B] in {0, 1}."""
     if logits.shape != clicked.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and clicked {tuple(clicked.shape)} must match")
     per_row = F.binary_cross_entropy_with_logits(logits.float(), clicked.float(), reduction="none")
-    return weighted_mean(per_row, weight)
+    return weighted_mean(per_row, weight, total_weight)
 
 
 class NegativeSampler(nn.Module):
@@ -219,23 +232,85 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
+class GlobalPool:
+    """This rank's view of the global batch under data parallelism (identity in one process).
+
+    DDP alone gives each rank's in-batch softmax only its own rank's negatives and normalises by
+    its own weight sum, so "effective batch = per-rank batch x ranks" is false for a contrastive
+    loss. Here the item columns are all-gathered *with* gradients
+    (``torch.distributed.nn.functional.all_gather``: the backward sends each rank the gradients
+    other ranks' rows put on its items), the ids/logQ/masks without, and the weight sum is
+    all-reduced. Each rank's loss is ``world * sum_{own rows} w l / W_global``: the ranks' losses
+    sum to ``world x`` the union-batch loss, and DDP's gradient *average* over ranks then equals
+    the union batch's gradient exactly (tests/models/test_losses_distributed.py). Every rank must
+    pass the same batch size (the collectives need equal shapes). No value is read to the host.
+    """
+
+    def __init__(self) -> None:
+        import torch.distributed as dist
+
+        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+        self.rank = dist.get_rank() if self.world > 1 else 0
+
+    def columns(self, t: Tensor) -> Tensor:
+        """``t`` [B, ...] of every rank, concatenated in rank order; differentiable."""
+        if self.world == 1:
+            return t
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(t), dim=0)
+
+    def constant(self, t: Tensor) -> Tensor:
+        """``t`` [B, ...] of every rank, concatenated in rank order; no gradient (ids, masks, logQ)."""
+        if self.world == 1:
+            return t
+        import torch.distributed as dist
+
+        parts = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(parts, t.contiguous())
+        return torch.cat(parts, dim=0)
+
+    def total(self, weight: Tensor) -> Tensor | None:
+        """The global batch's weight sum (None in one process: the loss's own sum)."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        total = weight.detach().float().sum()
+        dist.all_reduce(total)
+        return total
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """Undo DDP's average over ranks (class docstring)."""
+        return loss * self.world if self.world > 1 else loss
+
+
 def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
     """Trainer adapter: ``(loss, logs)`` for ``batch``, the loss chosen by ``model.cfg.loss``.
 
     ``logs`` holds detached 0-d tensors (loss, temperature, number of training pairs), so the
     trainer decides when to pay for a device sync. The softmax losses train on the clicked rows
-    only, masked (module docstring); nothing here reads a value back to the host.
+    only, masked (module docstring); nothing here reads a value back to the host. Under an
+    initialised process group the loss is this rank's share of the *global* batch's loss
+    (``GlobalPool``): in-batch negatives come from every rank and every loss is normalised by the
+    global weight; the sampled loss keeps its own rank's draw of catalogue negatives (they do
+    not depend on the batch), so only its normalisation changes.
     """
     cfg = unwrap(model).cfg
     out = model(batch)
+    pool = GlobalPool()
     if cfg.loss == "bce":
         logits = (out.user * out.item).sum(dim=-1) / out.temperature
-        loss = bce_loss(logits, batch.clicked, batch.weight)
+        loss = bce_loss(logits, batch.clicked, batch.weight, pool.total(batch.weight))
     elif cfg.loss == "in_batch":
-        logits = out.user @ out.item.T / out.temperature
-        logq = batch.item_logq if cfg.logq_correction else None
-        known = unwrap(model).known_positive_mask(batch.user, batch.item)
-        loss = in_batch_softmax_loss(logits, batch.item, batch.user, logq, batch.weight, known, batch.clicked > 0)
+        items = pool.columns(out.item)
+        logits = out.user @ items.T / out.temperature
+        item_ids, user_ids, positives = (pool.constant(t) for t in (batch.item, batch.user, batch.clicked > 0))
+        logq = pool.constant(batch.item_logq) if cfg.logq_correction else None
+        known = unwrap(model).known_positive_mask(batch.user, item_ids)
+        total = pool.total(batch.weight * (batch.clicked > 0))
+        loss = in_batch_softmax_loss(logits, item_ids, user_ids, logq, batch.weight, known, positives,
+                                     row_offset=pool.rank * len(batch), total_weight=total)
     else:
         neg = out.negatives
         pos_logits = (out.user * out.item).sum(dim=-1) / out.temperature
@@ -243,7 +318,9 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, d
         pos_logq, neg_logq = (neg.pos_logq, neg.logq) if cfg.logq_correction else (None, None)
         known = unwrap(model).known_positive_mask(batch.user, neg.ids)
         weight = batch.weight * (batch.clicked > 0)
-        loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, weight, known)
+        loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, weight, known,
+                                    pool.total(weight))
+    loss = pool.scale(loss)
     pairs = batch.weight.new_tensor(float(len(batch))) if cfg.loss == "bce" else (batch.clicked > 0).sum().float()
     logs = {
         "loss": loss.detach(),
