@@ -30,7 +30,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -236,84 +236,133 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 class GlobalPool:
-    """This rank's view of the global batch under data parallelism (identity in one process).
+    """The ranks whose batches together form one global batch (data parallelism); one process by default.
 
     DDP alone gives each rank's in-batch softmax only its own rank's negatives and normalises by
     its own weight sum, so "effective batch = per-rank batch x ranks" is false for a contrastive
-    loss. Here the item columns are all-gathered *with* gradients
-    (``torch.distributed.nn.functional.all_gather``: the backward sends each rank the gradients
-    other ranks' rows put on its items), the ids/logQ/masks without, and the weight sum is
-    all-reduced. Each rank's loss is ``world * sum_{own rows} w l / W_global``: the ranks' losses
-    sum to ``world x`` the union-batch loss, and DDP's gradient *average* over ranks then equals
-    the union batch's gradient exactly (tests/models/test_losses_distributed.py). Every rank must
-    pass the same batch size (the collectives need equal shapes). No value is read to the host.
+    loss (docs/scaling.md measures by how much). ``two_tower_loss(..., pool=GlobalPool(group))``
+    computes instead this rank's share of the loss of the union of every rank's batch: item
+    vectors are all-gathered *with* gradients (``torch.distributed.nn.functional.all_gather``: its
+    backward sends each rank the gradients the other ranks' rows put on its items), ids, logQ and
+    masks without, and the weight sum is all-reduced (``GlobalBatch``).
+
+    ``group`` carries the tensors (its backend must handle the model's device); ``size_group``
+    (default: ``group``) the per-step exchange of batch sizes, best a CPU (gloo) group so that the
+    sizes never go through the accelerator. A group of its own for ``group`` keeps these
+    collectives out of the sequence DDP/FSDP issue on the default group.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, group: Any = None, size_group: Any = None) -> None:
         import torch.distributed as dist
 
-        self.world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.group = group
+        self.size_group = group if size_group is None else size_group
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    def batch(self, n: int, device: torch.device) -> GlobalBatch:
+        """This step's layout: every rank's batch size (one small collective on ``size_group``)."""
+        if self.world == 1:
+            return GlobalBatch(self, (n,))
+        import torch.distributed as dist
+
+        on = torch.device("cpu") if dist.get_backend(self.size_group) == "gloo" else device
+        sizes = [torch.zeros(1, dtype=torch.int64, device=on) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=on), group=self.size_group)
+        return GlobalBatch(self, tuple(int(s) for s in torch.cat(sizes).tolist()))
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch:
+    """One step's global batch as this rank sees it: every rank's rows, in rank order, each rank's
+    padded to the largest rank's size ``width`` (the collectives need equal shapes).
+
+    Padding rows are zeros: their id 0 (padding) and their ``clicked`` mask False keep them out of
+    every softmax, as a row and as a negative. This rank's rows are columns ``offset .. offset + n``.
+    Losses are ``world * sum_{own rows} w l / W_global`` (``scale``): the ranks' losses sum to
+    ``world x`` the union batch's loss, so DDP's gradient *average* over ranks is the union
+    batch's gradient (tests/models/test_losses_distributed.py, 1e-5). No value is read to the
+    device's host here beyond the sizes.
+    """
+
+    pool: GlobalPool
+    sizes: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return max(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return self.pool.rank * self.width
+
+    def _padded(self, t: Tensor) -> Tensor:
+        pad = self.width - t.shape[0]
+        return t.contiguous() if pad == 0 else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
 
     def columns(self, t: Tensor) -> Tensor:
-        """``t`` [B, ...] of every rank, concatenated in rank order; differentiable."""
-        if self.world == 1:
+        """``t`` [n, ...] of every rank, padded and concatenated in rank order; differentiable."""
+        if self.pool.world == 1:
             return t
         from torch.distributed.nn.functional import all_gather
 
-        return torch.cat(all_gather(t), dim=0)
+        return torch.cat(all_gather(self._padded(t), group=self.pool.group), dim=0)
 
     def constant(self, t: Tensor) -> Tensor:
-        """``t`` [B, ...] of every rank, concatenated in rank order; no gradient (ids, masks, logQ)."""
-        if self.world == 1:
+        """``t`` [n, ...] of every rank, padded with zeros (False), in rank order; no gradient."""
+        if self.pool.world == 1:
             return t
         import torch.distributed as dist
 
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
+        mine = self._padded(t.detach())
+        parts = [torch.empty_like(mine) for _ in range(self.pool.world)]
+        dist.all_gather(parts, mine, group=self.pool.group)
         return torch.cat(parts, dim=0)
 
     def total(self, weight: Tensor) -> Tensor | None:
         """The global batch's weight sum (None in one process: the loss's own sum)."""
-        if self.world == 1:
+        if self.pool.world == 1:
             return None
         import torch.distributed as dist
 
         total = weight.detach().float().sum()
-        dist.all_reduce(total)
+        dist.all_reduce(total, group=self.pool.group)
         return total
 
     def scale(self, loss: Tensor) -> Tensor:
         """Undo DDP's average over ranks (class docstring)."""
-        return loss * self.world if self.world > 1 else loss
+        return loss * self.pool.world if self.pool.world > 1 else loss
 
 
-def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+def two_tower_loss(model: TwoTower | nn.Module, batch: Batch, pool: GlobalPool | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
     """Trainer adapter: ``(loss, logs)`` for ``batch``, the loss chosen by ``model.cfg.loss``.
 
     ``logs`` holds detached 0-d tensors (loss, temperature, number of training pairs), so the
     trainer decides when to pay for a device sync. The softmax losses train on the clicked rows
-    only, masked (module docstring); nothing here reads a value back to the host. Under an
-    initialised process group the loss is this rank's share of the *global* batch's loss
-    (``GlobalPool``): in-batch negatives come from every rank and every loss is normalised by the
-    global weight; the sampled loss keeps its own rank's draw of catalogue negatives (they do
-    not depend on the batch), so only its normalisation changes.
+    only, masked (module docstring); nothing here reads a value back to the host. With a ``pool``
+    of several ranks the loss is this rank's share of the *global* batch's loss (``GlobalPool``;
+    the trainer passes one under torchrun, ``feedrank.train.retrieval``): in-batch negatives come
+    from every rank and every loss is normalised by the global weight; the sampled loss keeps its
+    own rank's draw of catalogue negatives (a draw does not depend on the batch: each row still
+    sees ``num_negatives`` of them), so only its normalisation changes. Without one (the default)
+    the loss is this batch's alone, whether or not a process group exists.
     """
     cfg = unwrap(model).cfg
     out = model(batch)
-    pool = GlobalPool()
+    glob = (pool or GlobalPool()).batch(len(batch), out.user.device)
     if cfg.loss == "bce":
         logits = (out.user * out.item).sum(dim=-1) / out.temperature
-        loss = bce_loss(logits, batch.clicked, batch.weight, pool.total(batch.weight))
+        loss = bce_loss(logits, batch.clicked, batch.weight, glob.total(batch.weight))
     elif cfg.loss == "in_batch":
-        items = pool.columns(out.item)
+        items = glob.columns(out.item)
         logits = out.user @ items.T / out.temperature
-        item_ids, user_ids, positives = (pool.constant(t) for t in (batch.item, batch.user, batch.clicked > 0))
-        logq = pool.constant(batch.item_logq) if cfg.logq_correction else None
+        item_ids, user_ids, positives = (glob.constant(t) for t in (batch.item, batch.user, batch.clicked > 0))
+        logq = glob.constant(batch.item_logq) if cfg.logq_correction else None
         known = unwrap(model).known_positive_mask(batch.user, item_ids)
-        total = pool.total(batch.weight * (batch.clicked > 0))
+        total = glob.total(batch.weight * (batch.clicked > 0))
         loss = in_batch_softmax_loss(logits, item_ids, user_ids, logq, batch.weight, known, positives,
-                                     row_offset=pool.rank * len(batch), total_weight=total)
+                                     row_offset=glob.offset, total_weight=total)
     else:
         neg = out.negatives
         pos_logits = (out.user * out.item).sum(dim=-1) / out.temperature
@@ -322,8 +371,8 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, d
         known = unwrap(model).known_positive_mask(batch.user, neg.ids)
         weight = batch.weight * (batch.clicked > 0)
         loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, weight, known,
-                                    pool.total(weight))
-    loss = pool.scale(loss)
+                                    glob.total(weight))
+    loss = glob.scale(loss)
     pairs = batch.weight.new_tensor(float(len(batch))) if cfg.loss == "bce" else (batch.clicked > 0).sum().float()
     logs = {
         "loss": loss.detach(),
