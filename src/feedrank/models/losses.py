@@ -260,6 +260,13 @@ class GlobalPool:
         self.world = dist.get_world_size(group) if group is not None else 1
         self.rank = dist.get_rank(group) if group is not None else 0
 
+    @classmethod
+    def new(cls, size_group: Any = None) -> GlobalPool:
+        """A pool of every rank, on a process group of its own (collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        return cls(dist.new_group(backend=dist.get_backend()), size_group)
+
     def batch(self, n: int, device: torch.device) -> GlobalBatch:
         """This step's layout: every rank's batch size (one small collective on ``size_group``)."""
         if self.world == 1:
@@ -270,6 +277,26 @@ class GlobalPool:
         sizes = [torch.zeros(1, dtype=torch.int64, device=on) for _ in range(self.world)]
         dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=on), group=self.size_group)
         return GlobalBatch(self, tuple(int(s) for s in torch.cat(sizes).tolist()))
+
+
+def accumulation_note(loss: str, grad_accum_steps: int, world: int, pooled: bool) -> str | None:
+    """What gradient accumulation changes in the objective, with the figure; None without accumulation.
+
+    The trainer averages ``grad_accum_steps`` micro-batch losses, which is the step's loss only when
+    every micro-batch has the same weight sum (each normalises by its own), and for the in-batch
+    softmax never: a micro-batch's rows only see that micro-batch (on every rank when ``pooled``,
+    ``GlobalPool``) as negatives. docs/scaling.md measures the gradient error of both.
+    """
+    if grad_accum_steps <= 1:
+        return None
+    note = (f"grad_accum_steps={grad_accum_steps}: each micro-batch's {loss} loss is normalised by its own "
+            f"weight sum, not the step's")
+    if loss == "in_batch":
+        seen = world if pooled else 1
+        note += (f", and its in-batch negatives are {seen} of the step's {world * grad_accum_steps} micro-batches "
+                 f"(1/{world * grad_accum_steps // seen} of the pool a {world * grad_accum_steps}x larger batch "
+                 f"would give): prefer a larger loader.batch_size to accumulation for this loss")
+    return note + " (docs/scaling.md, 'Data parallelism and the retrieval objective')"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -77,6 +77,13 @@ class TwoTowerConfig:
     # in the training data (attach_known_positives). Matters when users engage with a large share
     # of the catalogue (MovieLens): otherwise items the user liked are pushed away as negatives.
     mask_known_positives: bool = False
+    # Under torchrun, "global": the loss of the union of every rank's micro-batch (in-batch
+    # negatives all-gathered from every rank, every loss normalised by the global weight;
+    # feedrank.models.losses.GlobalPool); "local": each rank's batch alone (no gather and no
+    # B x B*world logits, but the in-batch pool shrinks to 1/world). Either way gradient
+    # accumulation does not widen the pool: each of train.grad_accum_steps micro-batches is its own
+    # softmax, normalised by its own weight (a warning at start; docs/scaling.md measures it).
+    data_parallel_loss: Literal["global", "local"] = "global"
 
     def validate(self) -> None:
         for name in ("dim", "item_id_dim", "cat_dim", "n_layers", "n_heads",
