@@ -18,7 +18,8 @@ seeded alike, so the split and the full batch draw the same ids; the negatives' 
 from each batch's own positives, so a split still sees other ages); ``sampled_exact``, the
 ``all`` sampler without the age input (the same negatives everywhere: what is left is the
 objective alone); ``bce``. Launched under ``torchrun`` (2 ranks) by
-``feedrank.train.distributed.run_torchrun``; prints a table and writes JSON.
+``feedrank.train.distributed.run_torchrun``; prints a table, with what the pool costs a step
+(forward + backward of one rank's half, median, local vs global), and writes JSON.
 
     python benchmarks/dp_objective.py --batch 256 --out runs/bench/dp_objective.json
 """
@@ -28,7 +29,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -85,6 +88,17 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
+def step_ms(model: torch.nn.Module, part, pool: GlobalPool | None, n: int) -> float:
+    """Median ms of forward + backward of this rank's ``part`` (ranks in step: a barrier before each)."""
+    times = []
+    for _ in range(n):
+        dist.barrier()
+        start = time.perf_counter()
+        gradient(model, [part], pool)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def worker(args: argparse.Namespace) -> None:
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
@@ -103,11 +117,14 @@ def worker(args: argparse.Namespace) -> None:
         halves = [select_rows(big, torch.arange(0, half)), select_rows(big, torch.arange(half, args.batch))]
         cut = args.batch * 5 // 8
         unequal = [select_rows(big, torch.arange(0, cut)), select_rows(big, torch.arange(cut, args.batch))]
+        timing = {label: step_ms(model, halves[rank], p, args.timed) for label, p in (("local", None), ("global", pool))}
         results[name] = {
             "accumulation": relative(gradient(model, halves), want),
             "ddp_local": relative(averaged(gradient(model, [halves[rank]])), want),
             "ddp_global": relative(averaged(gradient(model, [halves[rank]], pool)), want),
             "ddp_global_unequal": relative(averaged(gradient(model, [unequal[rank]], pool)), want),
+            "step_ms_local": timing["local"],
+            "step_ms_global": timing["global"],
         }
     if rank == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -132,6 +149,7 @@ def main() -> None:
     p.add_argument("--root", default="runs/bench/dp_objective", help="where the demo world and features are built")
     p.add_argument("--out", default="runs/bench/dp_objective.json")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--timed", type=int, default=20, help="steps timed per loss and pool (median)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before the ranks are killed")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -142,16 +160,18 @@ def main() -> None:
 
     LabContext(root=Path(args.root), name="dp_objective", quick=True, seed=args.seed).features_dir()  # once, here
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", __file__,
-           "--worker", "--batch", str(args.batch), "--root", args.root, "--out", args.out, "--seed", str(args.seed)]
+           "--worker", "--batch", str(args.batch), "--root", args.root, "--out", args.out, "--seed", str(args.seed), "--timed", str(args.timed)]
     code, stderr = run_torchrun(cmd, args.timeout, {**os.environ, "OMP_NUM_THREADS": "1"})
     if code != 0:
         raise SystemExit(f"torchrun failed with {code}:\n{stderr[-3000:]}")
     result = json.loads(Path(args.out).read_text())
     cols = ["accumulation", "ddp_local", "ddp_global", "ddp_global_unequal"]
-    print(f"relative gradient error vs one {args.batch}-row batch, split in 2 (2 gloo ranks for ddp_*)")
-    print(f"{'loss':<14}" + "".join(f"{c:>20}" for c in cols))
+    print(f"relative gradient error vs one {args.batch}-row batch, split in 2 (2 gloo ranks for ddp_*); "
+          f"step = forward + backward of one rank's {args.batch // 2} rows, median of {args.timed}")
+    print(f"{'loss':<14}" + "".join(f"{c:>20}" for c in cols) + f"{'step ms local':>15}{'global':>8}{'ratio':>7}")
     for name, row in result["relative_l2"].items():
-        print(f"{name:<14}" + "".join(f"{row[c]:>20.2e}" for c in cols))
+        local, glob = row["step_ms_local"], row["step_ms_global"]
+        print(f"{name:<14}" + "".join(f"{row[c]:>20.2e}" for c in cols) + f"{local:>15.1f}{glob:>8.1f}{glob / local:>7.2f}")
     print(f"json: {args.out}")
 
 

@@ -1,6 +1,7 @@
 """Data parallelism must not change the objective: 2 gloo ranks with ``GlobalPool`` give the loss
 and the gradients of one process on the union of their batches (1e-5), for every retrieval loss,
-with equal, unequal and empty per-rank batches (the collectives pad to the largest rank's).
+with equal, unequal and empty per-rank batches (the collectives pad to the largest rank's), under
+DDP (the pool on a group of its own, as the trainer does, and on DDP's own group) and FSDP2.
 
 The ranks are spawned once for the whole module (``torch.multiprocessing``, a free port, a
 deadline after which they are killed, and a 60 s gloo timeout inside): a bug here fails, never hangs.
@@ -79,18 +80,20 @@ SPLITS = ["equal", "unequal", "empty_rank"]
 
 
 @pytest.mark.slow  # spawns two ranks that import torch: 10-30 s on a loaded 2-core machine
-@pytest.mark.parametrize("group", ["own", "world"])
+@pytest.mark.parametrize(("wrapper", "group"), [("ddp", "own"), ("ddp", "world"), ("fsdp", "own")])
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("case", CASES)
-def test_two_ranks_equal_one_process_on_the_union(ranks, case, split, group):
+def test_two_ranks_equal_one_process_on_the_union(ranks, case, split, wrapper, group):
     worker, results = ranks
+    if (case, wrapper) in worker.UNSUPPORTED:
+        pytest.skip(worker.UNSUPPORTED[case, wrapper])
     want_loss, want_grads = one_process(worker, case)
-    got = [results[r][case, split, group] for r in range(WORLD)]
+    got = [results[r][case, split, wrapper, group] for r in range(WORLD)]
     # each rank's loss is world x its share: their mean is the union batch's loss (what the trainer logs)
     torch.testing.assert_close(sum(g["loss"] for g in got) / WORLD, want_loss, rtol=1e-5, atol=1e-6)
     for r, g in enumerate(got):
         assert set(g["grads"]) == set(want_grads), f"rank {r}: gradients of other parameters"
-        for name, want in want_grads.items():  # DDP averaged them: every rank holds the union's gradient
+        for name, want in want_grads.items():  # DDP/FSDP averaged them: every rank holds the union's gradient
             torch.testing.assert_close(g["grads"][name], want, rtol=1e-5, atol=1e-6, msg=f"rank {r} {name}")
 
 

@@ -1,8 +1,9 @@
 """Rank side of tests/models/test_losses_distributed.py (no tests here: spawned, one process per rank).
 
 Every case builds the same seeded two-tower, cuts its rank's rows out of one seeded union batch
-(``split`` rows each, unequal on purpose), wraps the model in real DDP and backpropagates
-``two_tower_loss(ddp, rows, pool)``; it saves the loss and the (DDP-averaged) gradients. The test
+(``split`` rows each, unequal on purpose), wraps the model in real DDP (or FSDP2, one unit, as the
+trainer does) and backpropagates
+``two_tower_loss(ddp, rows, pool)``; it saves the loss and the (rank-averaged, unsharded) gradients. The test
 compares them with one process training on the union batch. Loaded by path: the test puts this
 folder on ``sys.path`` for the spawned children (pytest's importlib mode does not).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
 
 from feedrank.data.batch import Batch
 from feedrank.models.losses import GlobalPool, select_rows, two_tower_loss
@@ -35,6 +37,8 @@ CASES = {
     "sampled": {"loss": "sampled", "negative_sampler": "all", "freshness_dim": 0},
     "bce": {"loss": "bce"},
 }
+#: FSDP2's fully_shard refuses a 0-d parameter, and a learned temperature is one (Temperature.raw).
+UNSUPPORTED = {("in_batch_full", "fsdp"): "fully_shard does not support the learned temperature's 0-d parameter"}
 UNION_ROWS = 13
 SPLITS = {"equal": (7, 6), "unequal": (9, 4), "empty_rank": (13, 0)}
 
@@ -70,7 +74,7 @@ def rank_rows(split: str, rank: int) -> Batch:
 
 
 def main(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: every (case, split, group) result into ``out/rank<r>.pt``."""
+    """One rank: every (case, split, wrapper, group) result into ``out/rank<r>.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
@@ -78,13 +82,18 @@ def main(rank: int, world: int, port: int, out: str) -> None:
     results = {}
     for case in CASES:
         for split in SPLITS:
-            for group_name, group in (("own", own), ("world", dist.group.WORLD)):
-                model = torch.nn.parallel.DistributedDataParallel(build_model(case))
-                loss, _ = two_tower_loss(model, rank_rows(split, rank), GlobalPool(group))
+            for wrapper, group_name, group in (("ddp", "own", own), ("ddp", "world", dist.group.WORLD),
+                                               ("fsdp", "own", own)):
+                if (case, wrapper) in UNSUPPORTED:
+                    continue
+                model = build_model(case)
+                wrapped = torch.nn.parallel.DistributedDataParallel(model) if wrapper == "ddp" else fully_shard(model)
+                loss, _ = two_tower_loss(wrapped, rank_rows(split, rank), GlobalPool(group))
                 loss.backward()
-                results[case, split, group_name] = {
+                grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+                results[case, split, wrapper, group_name] = {
                     "loss": loss.detach(),
-                    "grads": {n: p.grad.clone() for n, p in model.module.named_parameters() if p.grad is not None},
+                    "grads": {n: (g.full_tensor() if wrapper == "fsdp" else g).clone() for n, g in grads.items()},
                 }
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.barrier()

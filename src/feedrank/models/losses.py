@@ -244,7 +244,10 @@ class GlobalPool:
     computes instead this rank's share of the loss of the union of every rank's batch: item
     vectors are all-gathered *with* gradients (``torch.distributed.nn.functional.all_gather``: its
     backward sends each rank the gradients the other ranks' rows put on its items), ids, logQ and
-    masks without, and the weight sum is all-reduced (``GlobalBatch``).
+    masks without (``GlobalBatch``), and the weight sum is all-reduced (``total``). Each rank's
+    loss is ``world * sum_{own rows} w l / W_global`` (``scale``): the ranks' losses sum to
+    ``world x`` the union batch's loss, so DDP's gradient *average* over ranks is the
+    union batch's gradient (tests/models/test_losses_distributed.py, 1e-5).
 
     ``group`` carries the tensors (its backend must handle the model's device); ``size_group``
     (default: ``group``) the per-step exchange of batch sizes, best a CPU (gloo) group so that the
@@ -278,6 +281,20 @@ class GlobalPool:
         dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=on), group=self.size_group)
         return GlobalBatch(self, tuple(int(s) for s in torch.cat(sizes).tolist()))
 
+    def total(self, weight: Tensor) -> Tensor | None:
+        """The global batch's weight sum (None in one process: the loss's own sum)."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        total = weight.detach().float().sum()
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """``world x`` this rank's share, which DDP's average over ranks turns into the global loss's gradient."""
+        return loss * self.world if self.world > 1 else loss
+
 
 def accumulation_note(loss: str, grad_accum_steps: int, world: int, pooled: bool) -> str | None:
     """What gradient accumulation changes in the objective, with the figure; None without accumulation.
@@ -306,10 +323,7 @@ class GlobalBatch:
 
     Padding rows are zeros: their id 0 (padding) and their ``clicked`` mask False keep them out of
     every softmax, as a row and as a negative. This rank's rows are columns ``offset .. offset + n``.
-    Losses are ``world * sum_{own rows} w l / W_global`` (``scale``): the ranks' losses sum to
-    ``world x`` the union batch's loss, so DDP's gradient *average* over ranks is the union
-    batch's gradient (tests/models/test_losses_distributed.py, 1e-5). No value is read to the
-    device's host here beyond the sizes.
+    The sizes are the only value read back to the host (from ``size_group``).
     """
 
     pool: GlobalPool
@@ -346,20 +360,6 @@ class GlobalBatch:
         dist.all_gather(parts, mine, group=self.pool.group)
         return torch.cat(parts, dim=0)
 
-    def total(self, weight: Tensor) -> Tensor | None:
-        """The global batch's weight sum (None in one process: the loss's own sum)."""
-        if self.pool.world == 1:
-            return None
-        import torch.distributed as dist
-
-        total = weight.detach().float().sum()
-        dist.all_reduce(total, group=self.pool.group)
-        return total
-
-    def scale(self, loss: Tensor) -> Tensor:
-        """Undo DDP's average over ranks (class docstring)."""
-        return loss * self.pool.world if self.pool.world > 1 else loss
-
 
 def two_tower_loss(model: TwoTower | nn.Module, batch: Batch, pool: GlobalPool | None = None
                    ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -377,17 +377,19 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch, pool: GlobalPool |
     """
     cfg = unwrap(model).cfg
     out = model(batch)
-    glob = (pool or GlobalPool()).batch(len(batch), out.user.device)
+    pool = pool or GlobalPool()
     if cfg.loss == "bce":
         logits = (out.user * out.item).sum(dim=-1) / out.temperature
-        loss = bce_loss(logits, batch.clicked, batch.weight, glob.total(batch.weight))
+        loss = bce_loss(logits, batch.clicked, batch.weight, pool.total(batch.weight))
     elif cfg.loss == "in_batch":
+        glob = pool.batch(len(batch), out.item.device)
         items = glob.columns(out.item)
         logits = out.user @ items.T / out.temperature
-        item_ids, user_ids, positives = (glob.constant(t) for t in (batch.item, batch.user, batch.clicked > 0))
+        ids = glob.constant(torch.stack([batch.item.long(), batch.user.long(), (batch.clicked > 0).long()], dim=1))
+        item_ids, user_ids, positives = ids[:, 0], ids[:, 1], ids[:, 2] > 0  # one collective, not three
         logq = glob.constant(batch.item_logq) if cfg.logq_correction else None
         known = unwrap(model).known_positive_mask(batch.user, item_ids)
-        total = glob.total(batch.weight * (batch.clicked > 0))
+        total = pool.total(batch.weight * (batch.clicked > 0))
         loss = in_batch_softmax_loss(logits, item_ids, user_ids, logq, batch.weight, known, positives,
                                      row_offset=glob.offset, total_weight=total)
     else:
@@ -398,8 +400,8 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch, pool: GlobalPool |
         known = unwrap(model).known_positive_mask(batch.user, neg.ids)
         weight = batch.weight * (batch.clicked > 0)
         loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, weight, known,
-                                    glob.total(weight))
-    loss = glob.scale(loss)
+                                    pool.total(weight))
+    loss = pool.scale(loss)
     pairs = batch.weight.new_tensor(float(len(batch))) if cfg.loss == "bce" else (batch.clicked > 0).sum().float()
     logs = {
         "loss": loss.detach(),
