@@ -185,5 +185,5 @@ def test_in_batch_positives_mask_equals_the_sub_batch_of_positive_rows():
     torch.testing.assert_close(masked, sub)
     torch.testing.assert_close(grad_masked, grad_sub)
     assert in_batch_softmax_loss(logits, items, positives=torch.zeros(b, dtype=torch.bool)).item() == 0.0
-    with pytest.raises(ValueError, match=r"positives must be a bool \[B\] = \[7\] mask"):
+    with pytest.raises(ValueError, match=r"positives must be a bool \[N\] = \[7\] mask"):
         in_batch_softmax_loss(logits, items, positives=positives.float())

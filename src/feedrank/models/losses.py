@@ -14,6 +14,10 @@ on ``cfg.loss``:
   few thousand items such as MovieLens).
 - ``bce``: pointwise binary cross-entropy on impressions, shown-but-not-clicked rows as negatives.
 
+Under data parallelism ``two_tower_loss(model, batch, pool=GlobalPool(...))`` makes each rank's
+loss its share of the union batch's (in-batch negatives from every rank, the global weight sum),
+so averaging the ranks' gradients, as DDP does, gives the union batch's gradient.
+
 The softmax losses only use clicked rows as (user, positive item) pairs. They mask the other rows
 out rather than selecting the clicked ones (``batch[clicked > 0]``): a boolean selection has a
 data-dependent size, so it synchronises the device (``nonzero``) and changes the batch shape every
@@ -76,7 +80,8 @@ def in_batch_softmax_loss(
     """Softmax cross-entropy where row i's positive is column ``row_offset + i``, the other columns negatives.
 
     ``logits`` [B, N] = u_i . v_j / T (N = B in one process; under data parallelism the columns
-    are the global batch, N = B * world_size, and this rank's rows start at column ``row_offset``);
+    are the global batch, every rank's rows padded to the largest rank's, and this rank's rows
+    start at column ``row_offset``: ``GlobalBatch``);
     ``item_ids`` [N] the item of each column; ``logq`` [N] the log sampling probability of each
     column's item (subtracted from every logit of that column, positive included); ``user_ids`` [N]
     optional; ``weight`` [B] per-row example weights. ``positives`` [N] bool (optional) names the
@@ -109,7 +114,7 @@ def in_batch_softmax_loss(
         hits |= known_hits
     if positives is not None:
         if positives.shape != (n,) or positives.dtype != torch.bool:
-            raise ValueError(f"positives must be a bool [B] = [{n}] mask (one per column), got {positives.dtype} {tuple(positives.shape)}")
+            raise ValueError(f"positives must be a bool [N] = [{n}] mask (one per column), got {positives.dtype} {tuple(positives.shape)}")
         hits |= ~positives[None, :]
         weight = positives[rows].to(logits.dtype) if weight is None else weight * positives[rows]
     target = torch.arange(row_offset, row_offset + b, device=logits.device)
