@@ -34,6 +34,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
 import torch
@@ -44,7 +45,7 @@ from feedrank.data.batch import Batch
 from feedrank.models.samplers import cumulative_table, draw_from_cdf
 
 if TYPE_CHECKING:
-    from feedrank.models.two_tower import TwoTower
+    from feedrank.models.two_tower import TwoTower, TwoTowerOutput
 
 SamplerKind = Literal["uniform", "popularity", "all"]
 #: Index conventions from feedrank.data.batch: 0 = padding, 1 = out-of-vocabulary.
@@ -380,37 +381,130 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch, pool: GlobalPool |
     sees ``num_negatives`` of them), so only its normalisation changes. Without one (the default)
     the loss is this batch's alone, whether or not a process group exists.
     """
-    cfg = unwrap(model).cfg
-    out = model(batch)
-    pool = pool or GlobalPool()
+    return step_loss(unwrap(model), [model(batch)], [batch], pool or GlobalPool())
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def step_loss(model: TwoTower, outs: list[TwoTowerOutput], batches: list[Batch], pool: GlobalPool
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of the one batch that ``batches`` make together, from the model's output on each.
+
+    One batch for ``two_tower_loss``; a step's micro-batches for ``CachedStep``, whose in-batch
+    softmax then sees every micro-batch's items. The temperature is ``outs[0]``'s (one per step).
+    Sampled negatives stay with the micro-batch that drew them (``num_negatives`` a row either way).
+    """
+    cfg = model.cfg
+    field = lambda name: _cat([getattr(b, name) for b in batches])  # noqa: E731
+    user, item, temperature = _cat([o.user for o in outs]), _cat([o.item for o in outs]), outs[0].temperature
+    clicked, weight = field("clicked"), field("weight")
     if cfg.loss == "bce":
-        logits = (out.user * out.item).sum(dim=-1) / out.temperature
-        loss = bce_loss(logits, batch.clicked, batch.weight, pool.total(batch.weight))
+        logits = (user * item).sum(dim=-1) / temperature
+        loss = bce_loss(logits, clicked, weight, pool.total(weight))
     elif cfg.loss == "in_batch":
-        glob = pool.batch(len(batch), out.item.device)
-        items = glob.columns(out.item)
-        logits = out.user @ items.T / out.temperature
-        ids = glob.constant(torch.stack([batch.item.long(), batch.user.long(), (batch.clicked > 0).long()], dim=1))
+        users, items = field("user"), field("item")
+        glob = pool.batch(len(users), item.device)
+        logits = user @ glob.columns(item).T / temperature
+        ids = glob.constant(torch.stack([items.long(), users.long(), (clicked > 0).long()], dim=1))
         item_ids, user_ids, positives = ids[:, 0], ids[:, 1], ids[:, 2] > 0  # one collective, not three
-        logq = glob.constant(batch.item_logq) if cfg.logq_correction else None
-        known = unwrap(model).known_positive_mask(batch.user, item_ids)
-        total = pool.total(batch.weight * (batch.clicked > 0))
-        loss = in_batch_softmax_loss(logits, item_ids, user_ids, logq, batch.weight, known, positives,
-                                     row_offset=glob.offset, total_weight=total)
+        logq = glob.constant(field("item_logq")) if cfg.logq_correction else None
+        known = model.known_positive_mask(users, item_ids)
+        loss = in_batch_softmax_loss(logits, item_ids, user_ids, logq, weight, known, positives,
+                                     row_offset=glob.offset, total_weight=pool.total(weight * (clicked > 0)))
     else:
-        neg = out.negatives
-        pos_logits = (out.user * out.item).sum(dim=-1) / out.temperature
-        neg_logits = out.user @ neg.vectors.T / out.temperature
-        pos_logq, neg_logq = (neg.pos_logq, neg.logq) if cfg.logq_correction else (None, None)
-        known = unwrap(model).known_positive_mask(batch.user, neg.ids)
-        weight = batch.weight * (batch.clicked > 0)
-        loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, weight, known,
-                                    pool.total(weight))
+        pos_weight = weight * (clicked > 0)
+        total = pool.total(pos_weight) if pool.world > 1 else pos_weight.sum()
+        loss = sum(_sampled(model, out, b, temperature, total) for out, b in zip(outs, batches))
     loss = pool.scale(loss)
-    pairs = batch.weight.new_tensor(float(len(batch))) if cfg.loss == "bce" else (batch.clicked > 0).sum().float()
-    logs = {
-        "loss": loss.detach(),
-        "temperature": out.temperature.detach(),
-        "pairs": pairs,
-    }
-    return loss, logs
+    pairs = weight.new_tensor(float(len(weight))) if cfg.loss == "bce" else (clicked > 0).sum().float()
+    return loss, {"loss": loss.detach(), "temperature": temperature.detach(), "pairs": pairs}
+
+
+def _sampled(model: TwoTower, out: TwoTowerOutput, batch: Batch, temperature: Tensor, total: Tensor) -> Tensor:
+    """One micro-batch's share (``total``: the step's weight) of the sampled softmax loss."""
+    neg = out.negatives
+    pos_logits = (out.user * out.item).sum(dim=-1) / temperature
+    neg_logits = out.user @ neg.vectors.T / temperature
+    pos_logq, neg_logq = (neg.pos_logq, neg.logq) if model.cfg.logq_correction else (None, None)
+    known = model.known_positive_mask(batch.user, neg.ids)
+    return sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq,
+                                batch.weight * (batch.clicked > 0), known, total)
+
+
+Backward = Callable[[Tensor, bool], None]
+
+
+@dataclasses.dataclass
+class CachedStep:
+    """``two_tower_loss`` with gradient accumulation that equals one batch of the whole step.
+
+    Accumulating micro-batch losses is not the big batch's loss for a contrastive loss: each
+    micro-batch's softmax sees only its own negatives and normalises by its own weight
+    (``accumulation_note``). ``backward_step`` instead runs the cached-embedding two-pass scheme
+    (GradCache, Gao et al. 2021): pass 1 embeds every micro-batch without a graph and computes the
+    loss of the whole step on those vectors, as leaves, which gives its gradient with respect to
+    every user / item / negative vector and the temperature; pass 2 embeds each micro-batch
+    again, with a graph, and backpropagates those cached gradients through it, one micro-batch
+    at a time (memory of one micro-batch's activations plus the step's vectors). The RNG state
+    before each pass-1 forward is replayed in pass 2, so dropout and the sampler draw the same.
+    Costs one extra forward (without a graph) per micro-batch.
+
+    The trainer calls ``backward_step`` (instead of ``__call__`` and its own ``backward``) when
+    ``grad_accum_steps`` > 1, with ``backward(t, last)``: scale and backpropagate ``t``, reducing
+    gradients across ranks only when ``last``.
+    """
+
+    pool: GlobalPool | None = None
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        return two_tower_loss(model, batch, self.pool)
+
+    def backward_step(self, model: nn.Module, batches: list[Batch], backward: Backward
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Backpropagate the loss of ``batches`` taken as one batch; returns its (detached) loss and logs."""
+        pool, inner = self.pool or GlobalPool(), unwrap(model)
+        device = batches[0].item.device
+        states = []
+        with torch.no_grad():
+            cached = []
+            for batch in batches:
+                states.append(_rng_state(device))
+                cached.append(model(batch))
+        after = _rng_state(device)
+        temperature = cached[0].temperature.detach().requires_grad_()
+        leaves = [dataclasses.replace(
+            out, user=out.user.detach().requires_grad_(), item=out.item.detach().requires_grad_(), temperature=temperature,
+            negatives=None if out.negatives is None else dataclasses.replace(
+                out.negatives, vectors=out.negatives.vectors.detach().requires_grad_()),
+        ) for out in cached]  # fmt: skip
+        loss, logs = step_loss(inner, leaves, batches, pool)
+        vectors = [_vectors(leaf) for leaf in leaves]
+        grad_t, *flat = torch.autograd.grad(loss, [temperature, *(v for vs in vectors for v in vs)], allow_unused=True)
+        starts = [sum(len(vs) for vs in vectors[:m]) for m in range(len(vectors))]
+        for m, batch in enumerate(batches):
+            _set_rng_state(device, states[m])
+            out = model(batch)
+            grads = flat[starts[m]: starts[m] + len(vectors[m])]
+            surrogate = sum(((v * g).sum() for v, g in zip(_vectors(out), grads) if g is not None), out.user.new_zeros(()))
+            if m == 0 and grad_t is not None and out.temperature.requires_grad:
+                surrogate = surrogate + out.temperature * grad_t
+            backward(surrogate, m == len(batches) - 1)
+        _set_rng_state(device, after)
+        return loss.detach(), logs
+
+
+def _vectors(out: TwoTowerOutput) -> tuple[Tensor, ...]:
+    """The vectors of ``out`` the loss reads: users, items and the sampled negatives' (if any)."""
+    return (out.user, out.item) + (() if out.negatives is None else (out.negatives.vectors,))
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

@@ -54,7 +54,7 @@ from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluat
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, check_trainable, load_manifest, parse_ts, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import Vocabularies
-from feedrank.models.losses import GlobalPool, accumulation_note, two_tower_loss
+from feedrank.models.losses import CachedStep, GlobalPool, accumulation_note, two_tower_loss
 from feedrank.models.two_tower import TwoTowerConfig
 from feedrank.train import distributed as D
 from feedrank.train.checkpoint import load_checkpoint
@@ -174,10 +174,11 @@ def train_retrieval(
         if cfg.two_tower.mask_known_positives:
             model.attach_known_positives(*training_positives(features_dir))
         pool = GlobalPool.new(env.control) if env.is_distributed and cfg.two_tower.data_parallel_loss == "global" else None
+        loss_fn = CachedStep(pool) if cfg.two_tower.accumulation == "cached" else functools.partial(two_tower_loss, pool=pool)
         note = accumulation_note(cfg.two_tower.loss, cfg.train.grad_accum_steps, env.world_size, pool is not None)
-        if note and env.is_main:
+        if note and cfg.two_tower.accumulation == "micro_batches" and env.is_main:
             log.warning(note)
-        with Trainer(model, functools.partial(two_tower_loss, pool=pool), train_cfg) as trainer:
+        with Trainer(model, loss_fn, train_cfg) as trainer:
             if resume:
                 trainer.resume()
             collator = Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels),
