@@ -1,7 +1,8 @@
 """Data parallelism must not change the objective: 2 gloo ranks with ``GlobalPool`` give the loss
 and the gradients of one process on the union of their batches (1e-5), for every retrieval loss,
 with equal, unequal and empty per-rank batches (the collectives pad to the largest rank's), under
-DDP (the pool on a group of its own, as the trainer does, and on DDP's own group) and FSDP2.
+DDP (the pool on a group of its own, as the trainer does, and on DDP's own group) and FSDP2, and
+with each rank's rows as 2 micro-batches of one ``CachedStep`` (accumulation x ranks = the union).
 
 The ranks are spawned once for the whole module (``torch.multiprocessing``, a free port, a
 deadline after which they are killed, and a 60 s gloo timeout inside): a bug here fails, never hangs.
@@ -80,7 +81,7 @@ SPLITS = ["equal", "unequal", "empty_rank"]
 
 
 @pytest.mark.slow  # spawns two ranks that import torch: 10-30 s on a loaded 2-core machine
-@pytest.mark.parametrize(("wrapper", "group"), [("ddp", "own"), ("ddp", "world"), ("fsdp", "own")])
+@pytest.mark.parametrize(("wrapper", "group"), [("ddp", "own"), ("ddp", "world"), ("fsdp", "own"), ("ddp_cached", "own")])
 @pytest.mark.parametrize("split", SPLITS)
 @pytest.mark.parametrize("case", CASES)
 def test_two_ranks_equal_one_process_on_the_union(ranks, case, split, wrapper, group):

@@ -3,7 +3,8 @@
 Every case builds the same seeded two-tower, cuts its rank's rows out of one seeded union batch
 (``split`` rows each, unequal on purpose), wraps the model in real DDP (or FSDP2, one unit, as the
 trainer does) and backpropagates
-``two_tower_loss(ddp, rows, pool)``; it saves the loss and the (rank-averaged, unsharded) gradients. The test
+``two_tower_loss(ddp, rows, pool)`` (and, under DDP, the rows as 2 accumulated micro-batches of
+``CachedStep``); it saves the loss and the (rank-averaged, unsharded) gradients. The test
 compares them with one process training on the union batch. Loaded by path: the test puts this
 folder on ``sys.path`` for the spawned children (pytest's importlib mode does not).
 """
@@ -20,8 +21,9 @@ import torch.distributed as dist
 from torch.distributed.fsdp import fully_shard
 
 from feedrank.data.batch import Batch
-from feedrank.models.losses import GlobalPool, select_rows, two_tower_loss
+from feedrank.models.losses import CachedStep, GlobalPool, select_rows, two_tower_loss
 from feedrank.models.two_tower import TwoTower, TwoTowerConfig
+from feedrank.train.distributed import gradient_sync
 
 _spec = importlib.util.spec_from_file_location("models_conftest_for_ranks", Path(__file__).with_name("conftest.py"))
 fixtures = importlib.util.module_from_spec(_spec)
@@ -73,6 +75,21 @@ def rank_rows(split: str, rank: int) -> Batch:
     return select_rows(union_batch(), torch.arange(start, start + sizes[rank]))
 
 
+def cached_accumulation(case: str, split: str, rank: int, group) -> dict:
+    """This rank's rows as 2 micro-batches of one step (``CachedStep``, as the trainer runs it)."""
+    model = build_model(case)
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    rows = rank_rows(split, rank)
+    micro = [select_rows(rows, torch.arange(0, len(rows) // 2)), select_rows(rows, torch.arange(len(rows) // 2, len(rows)))]
+
+    def backward(t: torch.Tensor, last: bool) -> None:
+        with gradient_sync(ddp, enabled=last):
+            t.backward()
+
+    loss, _ = CachedStep(GlobalPool(group)).backward_step(ddp, micro, backward)
+    return {"loss": loss, "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
+
+
 def main(rank: int, world: int, port: int, out: str) -> None:
     """One rank: every (case, split, wrapper, group) result into ``out/rank<r>.pt``."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -95,6 +112,7 @@ def main(rank: int, world: int, port: int, out: str) -> None:
                     "loss": loss.detach(),
                     "grads": {n: (g.full_tensor() if wrapper == "fsdp" else g).clone() for n, g in grads.items()},
                 }
+            results[case, split, "ddp_cached", "own"] = cached_accumulation(case, split, rank, own)
     torch.save(results, Path(out) / f"rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()

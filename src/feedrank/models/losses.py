@@ -488,8 +488,10 @@ class CachedStep:
             out = model(batch)
             grads = flat[starts[m]: starts[m] + len(vectors[m])]
             surrogate = sum(((v * g).sum() for v, g in zip(_vectors(out), grads) if g is not None), out.user.new_zeros(()))
-            if m == 0 and grad_t is not None and out.temperature.requires_grad:
-                surrogate = surrogate + out.temperature * grad_t
+            # the temperature's gradient split over the micro-batches (each computes the same T):
+            # under DDP every micro-batch's backward must reach every parameter
+            if grad_t is not None and out.temperature.requires_grad:
+                surrogate = surrogate + out.temperature * (grad_t / len(batches))
             backward(surrogate, m == len(batches) - 1)
         _set_rng_state(device, after)
         return loss.detach(), logs
