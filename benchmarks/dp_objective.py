@@ -6,7 +6,9 @@ demo two-tower (``configs/demo.yaml``): the relative L2 error of the whole gradi
 ``|g_split - g_full| / |g_full|``, for
 
 - ``accumulation``: the two halves one after the other in one process, each loss / 2 (what the
-  trainer's ``grad_accum_steps: 2`` does; unchanged by GlobalPool);
+  trainer's ``grad_accum_steps: 2`` did, and does with ``two_tower.accumulation: micro_batches``);
+- ``accumulation_cached``: the two halves as one ``CachedStep`` (the two-pass scheme the
+  retrieval task now uses by default; its sampled negatives: one draw per half);
 - ``ddp local``: 2 gloo ranks, one half each, gradients averaged as DDP does, each rank's loss
   its own batch's (``two_tower_loss`` without a pool: DDP before this change, or
   ``two_tower.data_parallel_loss: local``);
@@ -18,8 +20,9 @@ seeded alike, so the split and the full batch draw the same ids; the negatives' 
 from each batch's own positives, so a split still sees other ages); ``sampled_exact``, the
 ``all`` sampler without the age input (the same negatives everywhere: what is left is the
 objective alone); ``bce``. Launched under ``torchrun`` (2 ranks) by
-``feedrank.train.distributed.run_torchrun``; prints a table, with what the pool costs a step
-(forward + backward of one rank's half, median, local vs global), and writes JSON.
+``feedrank.train.distributed.run_torchrun``; prints the table, and what the pool and the cached
+step cost (median ms: one rank's half without / with the pool; both halves accumulated plain /
+cached), and writes JSON.
 
     python benchmarks/dp_objective.py --batch 256 --out runs/bench/dp_objective.json
 """
@@ -38,7 +41,7 @@ import torch
 import torch.distributed as dist
 
 from feedrank.labs.base import LabContext
-from feedrank.models.losses import GlobalPool, select_rows, two_tower_loss
+from feedrank.models.losses import CachedStep, GlobalPool, select_rows, two_tower_loss
 
 LOSSES = {
     "in_batch": {"loss": "in_batch"},
@@ -77,6 +80,14 @@ def gradient(model: torch.nn.Module, parts, pool: GlobalPool | None = None) -> t
     return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
 
 
+def cached_gradient(model: torch.nn.Module, parts) -> torch.Tensor:
+    """The gradient of ``parts`` as the micro-batches of one ``CachedStep`` (the trainer's default)."""
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(SEED)
+    CachedStep().backward_step(model, parts, lambda t, last: t.backward())
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
 def averaged(grad: torch.Tensor) -> torch.Tensor:
     """The mean over ranks: what DDP's all-reduce leaves on every rank."""
     grad = grad.clone()
@@ -88,13 +99,13 @@ def relative(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).norm() / want.norm())
 
 
-def step_ms(model: torch.nn.Module, part, pool: GlobalPool | None, n: int) -> float:
-    """Median ms of forward + backward of this rank's ``part`` (ranks in step: a barrier before each)."""
+def timed_ms(step, n: int) -> float:
+    """Median ms of ``step()`` (ranks in step: a barrier before each)."""
     times = []
     for _ in range(n):
         dist.barrier()
         start = time.perf_counter()
-        gradient(model, [part], pool)
+        step()
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
 
@@ -117,14 +128,19 @@ def worker(args: argparse.Namespace) -> None:
         halves = [select_rows(big, torch.arange(0, half)), select_rows(big, torch.arange(half, args.batch))]
         cut = args.batch * 5 // 8
         unequal = [select_rows(big, torch.arange(0, cut)), select_rows(big, torch.arange(cut, args.batch))]
-        timing = {label: step_ms(model, halves[rank], p, args.timed) for label, p in (("local", None), ("global", pool))}
+        timing = {
+            "local": timed_ms(lambda: gradient(model, [halves[rank]]), args.timed),
+            "global": timed_ms(lambda: gradient(model, [halves[rank]], pool), args.timed),
+            "micro_batches": timed_ms(lambda: gradient(model, halves), args.timed),
+            "cached": timed_ms(lambda: cached_gradient(model, halves), args.timed),
+        }
         results[name] = {
             "accumulation": relative(gradient(model, halves), want),
+            "accumulation_cached": relative(cached_gradient(model, halves), want),
             "ddp_local": relative(averaged(gradient(model, [halves[rank]])), want),
             "ddp_global": relative(averaged(gradient(model, [halves[rank]], pool)), want),
             "ddp_global_unequal": relative(averaged(gradient(model, [unequal[rank]], pool)), want),
-            "step_ms_local": timing["local"],
-            "step_ms_global": timing["global"],
+            **{f"ms_{k}": v for k, v in timing.items()},
         }
     if rank == 0:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -165,13 +181,17 @@ def main() -> None:
     if code != 0:
         raise SystemExit(f"torchrun failed with {code}:\n{stderr[-3000:]}")
     result = json.loads(Path(args.out).read_text())
-    cols = ["accumulation", "ddp_local", "ddp_global", "ddp_global_unequal"]
-    print(f"relative gradient error vs one {args.batch}-row batch, split in 2 (2 gloo ranks for ddp_*); "
-          f"step = forward + backward of one rank's {args.batch // 2} rows, median of {args.timed}")
-    print(f"{'loss':<14}" + "".join(f"{c:>20}" for c in cols) + f"{'step ms local':>15}{'global':>8}{'ratio':>7}")
+    cols = ["accumulation", "accumulation_cached", "ddp_local", "ddp_global", "ddp_global_unequal"]
+    print(f"relative gradient error vs one {args.batch}-row batch, split in 2 (2 gloo ranks for ddp_*)")
+    print(f"{'loss':<14}" + "".join(f"{c:>20}" for c in cols))
     for name, row in result["relative_l2"].items():
-        local, glob = row["step_ms_local"], row["step_ms_global"]
-        print(f"{name:<14}" + "".join(f"{row[c]:>20.2e}" for c in cols) + f"{local:>15.1f}{glob:>8.1f}{glob / local:>7.2f}")
+        print(f"{name:<14}" + "".join(f"{row[c]:>20.2e}" for c in cols))
+    print(f"ms, median of {args.timed}: one rank's {args.batch // 2} rows forward + backward without / with the pool; "
+          f"both halves accumulated plain / cached")
+    print(f"{'loss':<14}{'local':>10}{'global':>10}{'ratio':>7}{'micro_batches':>15}{'cached':>10}{'ratio':>7}")
+    for name, r in result["relative_l2"].items():
+        print(f"{name:<14}{r['ms_local']:>10.1f}{r['ms_global']:>10.1f}{r['ms_global'] / r['ms_local']:>7.2f}"
+              f"{r['ms_micro_batches']:>15.1f}{r['ms_cached']:>10.1f}{r['ms_cached'] / r['ms_micro_batches']:>7.2f}")
     print(f"json: {args.out}")
 
 
