@@ -303,9 +303,10 @@ class GlobalPool:
 
 
 def accumulation_note(loss: str, grad_accum_steps: int, world: int, pooled: bool) -> str | None:
-    """What gradient accumulation changes in the objective, with the figure; None without accumulation.
+    """What plain gradient accumulation changes in the objective, with the figure; None without it.
 
-    The trainer averages ``grad_accum_steps`` micro-batch losses, which is the step's loss only when
+    For ``two_tower.accumulation: micro_batches`` (``CachedStep`` changes nothing). The trainer then
+    averages ``grad_accum_steps`` micro-batch losses, which is the step's loss only when
     every micro-batch has the same weight sum (each normalises by its own), and for the in-batch
     softmax never: a micro-batch's rows only see that micro-batch (on every rank when ``pooled``,
     ``GlobalPool``) as negatives. docs/scaling.md measures the gradient error of both.
