@@ -106,7 +106,7 @@ def test_empty_and_zero_weight_give_zero_not_nan():
 
 
 def test_shape_errors_name_the_shapes():
-    with pytest.raises(ValueError, match=r"\[B, B\].*\(2, 3\)"):
+    with pytest.raises(ValueError, match=r"\[B, N\].*\(2, 3\)"):
         in_batch_softmax_loss(torch.zeros(2, 3), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"logits \(2,\) and clicked \(3,\)"):
         bce_loss(torch.zeros(2), torch.zeros(3))
@@ -185,5 +185,5 @@ def test_in_batch_positives_mask_equals_the_sub_batch_of_positive_rows():
     torch.testing.assert_close(masked, sub)
     torch.testing.assert_close(grad_masked, grad_sub)
     assert in_batch_softmax_loss(logits, items, positives=torch.zeros(b, dtype=torch.bool)).item() == 0.0
-    with pytest.raises(ValueError, match=r"positives must be a bool \[B\] = \[7\] mask"):
+    with pytest.raises(ValueError, match=r"positives must be a bool \[N\] = \[7\] mask"):
         in_batch_softmax_loss(logits, items, positives=positives.float())

@@ -14,6 +14,10 @@ on ``cfg.loss``:
   few thousand items such as MovieLens).
 - ``bce``: pointwise binary cross-entropy on impressions, shown-but-not-clicked rows as negatives.
 
+Under data parallelism ``two_tower_loss(model, batch, pool=GlobalPool(...))`` makes each rank's
+loss its share of the union batch's (in-batch negatives from every rank, the global weight sum),
+so averaging the ranks' gradients, as DDP does, gives the union batch's gradient.
+
 The softmax losses only use clicked rows as (user, positive item) pairs. They mask the other rows
 out rather than selecting the clicked ones (``batch[clicked > 0]``): a boolean selection has a
 data-dependent size, so it synchronises the device (``nonzero``) and changes the batch shape every
@@ -30,7 +34,8 @@ Example::
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -40,21 +45,26 @@ from feedrank.data.batch import Batch
 from feedrank.models.samplers import cumulative_table, draw_from_cdf
 
 if TYPE_CHECKING:
-    from feedrank.models.two_tower import TwoTower
+    from feedrank.models.two_tower import TwoTower, TwoTowerOutput
 
 SamplerKind = Literal["uniform", "popularity", "all"]
 #: Index conventions from feedrank.data.batch: 0 = padding, 1 = out-of-vocabulary.
 FIRST_REAL_ID = 2
 
 
-def weighted_mean(values: Tensor, weight: Tensor | None = None) -> Tensor:
-    """``sum(w * v) / sum(w)``; 0 (not NaN) for an empty batch or all-zero weights."""
+def weighted_mean(values: Tensor, weight: Tensor | None = None, total: Tensor | None = None) -> Tensor:
+    """``sum(w * v) / sum(w)``; 0 (not NaN) for an empty batch or all-zero weights.
+
+    ``total`` replaces ``sum(w)`` as the denominator: under data parallelism it is the weight of the
+    *global* batch, so each rank's share sums to the global batch's mean (``GlobalPool``).
+    """
     if weight is None:
         weight = torch.ones_like(values)
     if weight.shape != values.shape:
         raise ValueError(f"weight {tuple(weight.shape)} must match per-example losses {tuple(values.shape)}")
     weight = weight.to(values.dtype)
-    return (values * weight).sum() / weight.sum().clamp_min(torch.finfo(values.dtype).tiny)
+    denom = weight.sum() if total is None else total.to(values.dtype)
+    return (values * weight).sum() / denom.clamp_min(torch.finfo(values.dtype).tiny)
 
 
 def in_batch_softmax_loss(
@@ -65,45 +75,53 @@ def in_batch_softmax_loss(
     weight: Tensor | None = None,
     known_hits: Tensor | None = None,
     positives: Tensor | None = None,
+    row_offset: int = 0,
+    total_weight: Tensor | None = None,
 ) -> Tensor:
-    """Softmax cross-entropy where row i's positive is column i and the other columns are negatives.
+    """Softmax cross-entropy where row i's positive is column ``row_offset + i``, the other columns negatives.
 
-    ``logits`` [B, B] = u_i . v_j / T; ``item_ids`` [B] the item of each column; ``logq`` [B] the
-    log sampling probability of each column's item (subtracted from every logit of that column,
-    positive included); ``user_ids`` [B] optional; ``weight`` [B] per-row example weights.
-    ``positives`` [B] bool (optional) names the rows that are (user, positive item) pairs; the
-    others take no part, neither as a row nor as a negative column: the loss equals the loss of
-    the sub-batch of positive rows, without selecting it (fixed shapes, no device sync).
+    ``logits`` [B, N] = u_i . v_j / T (N = B in one process; under data parallelism the columns
+    are the global batch, every rank's rows padded to the largest rank's, and this rank's rows
+    start at column ``row_offset``: ``GlobalBatch``);
+    ``item_ids`` [N] the item of each column; ``logq`` [N] the log sampling probability of each
+    column's item (subtracted from every logit of that column, positive included); ``user_ids`` [N]
+    optional; ``weight`` [B] per-row example weights. ``positives`` [N] bool (optional) names the
+    columns that are (user, positive item) pairs; the others take no part, neither as a row nor as
+    a negative column: the loss equals the loss of the sub-batch of positive rows, without
+    selecting it (fixed shapes, no device sync). ``total_weight`` replaces the rows' own weight sum
+    as the denominator (the global batch's, ``weighted_mean``).
 
-    Accidental hits are removed from the negatives: a column j != i whose item is row i's positive
+    Accidental hits are removed from the negatives: a column j whose item is row i's positive
     item, or (when ``user_ids`` is given) whose row belongs to the same user (so item j is another
-    known positive of that user). ``known_hits`` [B, B] optionally names more: column j's item is
+    known positive of that user). ``known_hits`` [B, N] optionally names more: column j's item is
     a known positive of row i's user from outside the batch (``TwoTower.known_positive_mask``). The
-    diagonal is never masked, so no row is all ``-inf``.
+    positive column is never masked, so no row is all ``-inf``.
     """
-    b = logits.shape[0]
-    if logits.shape != (b, b) or item_ids.shape != (b,):
-        raise ValueError(f"in-batch logits must be [B, B] with item_ids [B]; got {tuple(logits.shape)} and {tuple(item_ids.shape)}")
+    b, n = logits.shape if logits.dim() == 2 else (-1, -1)
+    rows = slice(row_offset, row_offset + b)
+    if logits.dim() != 2 or item_ids.shape != (n,) or not 0 <= row_offset <= n - b:
+        raise ValueError(f"in-batch logits must be [B, N] with item_ids [N] and 0 <= row_offset <= N - B; got "
+                         f"{tuple(logits.shape)}, {tuple(item_ids.shape)} and row_offset={row_offset}")
     if logq is not None:
-        if logq.shape != (b,):
-            raise ValueError(f"logq must be [B] = [{b}], got {tuple(logq.shape)}")
+        if logq.shape != (n,):
+            raise ValueError(f"logq must be [N] = [{n}], got {tuple(logq.shape)}")
         logits = logits - logq.to(logits.dtype)[None, :]
-    hits = item_ids[:, None] == item_ids[None, :]
+    hits = item_ids[rows, None] == item_ids[None, :]
     if user_ids is not None:
-        hits |= user_ids[:, None] == user_ids[None, :]
+        hits |= user_ids[rows, None] == user_ids[None, :]
     if known_hits is not None:
-        if known_hits.shape != (b, b):
-            raise ValueError(f"known_hits must be [B, B] = [{b}, {b}], got {tuple(known_hits.shape)}")
+        if known_hits.shape != (b, n):
+            raise ValueError(f"known_hits must be [B, N] = [{b}, {n}], got {tuple(known_hits.shape)}")
         hits |= known_hits
     if positives is not None:
-        if positives.shape != (b,) or positives.dtype != torch.bool:
-            raise ValueError(f"positives must be a bool [B] = [{b}] mask, got {positives.dtype} {tuple(positives.shape)}")
+        if positives.shape != (n,) or positives.dtype != torch.bool:
+            raise ValueError(f"positives must be a bool [N] = [{n}] mask (one per column), got {positives.dtype} {tuple(positives.shape)}")
         hits |= ~positives[None, :]
-        weight = positives.to(logits.dtype) if weight is None else weight * positives
-    hits &= ~torch.eye(b, dtype=torch.bool, device=logits.device)
+        weight = positives[rows].to(logits.dtype) if weight is None else weight * positives[rows]
+    target = torch.arange(row_offset, row_offset + b, device=logits.device)
+    hits[torch.arange(b, device=logits.device), target] = False
     logits = logits.masked_fill(hits, float("-inf"))
-    target = torch.arange(b, device=logits.device)
-    return weighted_mean(F.cross_entropy(logits.float(), target, reduction="none"), weight)
+    return weighted_mean(F.cross_entropy(logits.float(), target, reduction="none"), weight, total_weight)
 
 
 def sampled_softmax_loss(
@@ -115,6 +133,7 @@ def sampled_softmax_loss(
     neg_logq: Tensor | None = None,
     weight: Tensor | None = None,
     known_hits: Tensor | None = None,
+    total_weight: Tensor | None = None,
 ) -> Tensor:
     """Softmax of each row's positive against K shared sampled negatives.
 
@@ -142,15 +161,15 @@ def sampled_softmax_loss(
     neg_logits = neg_logits.masked_fill(hits, float("-inf"))
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1).float()
     target = torch.zeros(b, dtype=torch.long, device=logits.device)
-    return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight)
+    return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight, total_weight)
 
 
-def bce_loss(logits: Tensor, clicked: Tensor, weight: Tensor | None = None) -> Tensor:
+def bce_loss(logits: Tensor, clicked: Tensor, weight: Tensor | None = None, total_weight: Tensor | None = None) -> Tensor:
     """Weighted binary cross-entropy of click logits [B] against ``clicked`` [B] in {0, 1}."""
     if logits.shape != clicked.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and clicked {tuple(clicked.shape)} must match")
     per_row = F.binary_cross_entropy_with_logits(logits.float(), clicked.float(), reduction="none")
-    return weighted_mean(per_row, weight)
+    return weighted_mean(per_row, weight, total_weight)
 
 
 class NegativeSampler(nn.Module):
@@ -222,35 +241,273 @@ def unwrap(model: nn.Module) -> nn.Module:
         model = inner
 
 
-def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+class GlobalPool:
+    """The ranks whose batches together form one global batch (data parallelism); one process by default.
+
+    DDP alone gives each rank's in-batch softmax only its own rank's negatives and normalises by
+    its own weight sum, so "effective batch = per-rank batch x ranks" is false for a contrastive
+    loss (docs/scaling.md measures by how much). ``two_tower_loss(..., pool=GlobalPool(group))``
+    computes instead this rank's share of the loss of the union of every rank's batch: item
+    vectors are all-gathered *with* gradients (``torch.distributed.nn.functional.all_gather``: its
+    backward sends each rank the gradients the other ranks' rows put on its items), ids, logQ and
+    masks without (``GlobalBatch``), and the weight sum is all-reduced (``total``). Each rank's
+    loss is ``world * sum_{own rows} w l / W_global`` (``scale``): the ranks' losses sum to
+    ``world x`` the union batch's loss, so DDP's gradient *average* over ranks is the
+    union batch's gradient (tests/models/test_losses_distributed.py, 1e-5).
+
+    ``group`` carries the tensors (its backend must handle the model's device); ``size_group``
+    (default: ``group``) the per-step exchange of batch sizes, best a CPU (gloo) group so that the
+    sizes never go through the accelerator. A group of its own for ``group`` keeps these
+    collectives out of the sequence DDP/FSDP issue on the default group.
+    """
+
+    def __init__(self, group: Any = None, size_group: Any = None) -> None:
+        import torch.distributed as dist
+
+        self.group = group
+        self.size_group = group if size_group is None else size_group
+        self.world = dist.get_world_size(group) if group is not None else 1
+        self.rank = dist.get_rank(group) if group is not None else 0
+
+    @classmethod
+    def new(cls, size_group: Any = None) -> GlobalPool:
+        """A pool of every rank, on a process group of its own (collective: every rank calls it)."""
+        import torch.distributed as dist
+
+        return cls(dist.new_group(backend=dist.get_backend()), size_group)
+
+    def batch(self, n: int, device: torch.device) -> GlobalBatch:
+        """This step's layout: every rank's batch size (one small collective on ``size_group``)."""
+        if self.world == 1:
+            return GlobalBatch(self, (n,))
+        import torch.distributed as dist
+
+        on = torch.device("cpu") if dist.get_backend(self.size_group) == "gloo" else device
+        sizes = [torch.zeros(1, dtype=torch.int64, device=on) for _ in range(self.world)]
+        dist.all_gather(sizes, torch.tensor([n], dtype=torch.int64, device=on), group=self.size_group)
+        return GlobalBatch(self, tuple(int(s) for s in torch.cat(sizes).tolist()))
+
+    def total(self, weight: Tensor) -> Tensor | None:
+        """The global batch's weight sum (None in one process: the loss's own sum)."""
+        if self.world == 1:
+            return None
+        import torch.distributed as dist
+
+        total = weight.detach().float().sum()
+        dist.all_reduce(total, group=self.group)
+        return total
+
+    def scale(self, loss: Tensor) -> Tensor:
+        """``world x`` this rank's share, which DDP's average over ranks turns into the global loss's gradient."""
+        return loss * self.world if self.world > 1 else loss
+
+
+def accumulation_note(loss: str, grad_accum_steps: int, world: int, pooled: bool) -> str | None:
+    """What plain gradient accumulation changes in the objective, with the figure; None without it.
+
+    For ``two_tower.accumulation: micro_batches`` (``CachedStep`` changes nothing). The trainer then
+    averages ``grad_accum_steps`` micro-batch losses, which is the step's loss only when
+    every micro-batch has the same weight sum (each normalises by its own), and for the in-batch
+    softmax never: a micro-batch's rows only see that micro-batch (on every rank when ``pooled``,
+    ``GlobalPool``) as negatives. docs/scaling.md measures the gradient error of both.
+    """
+    if grad_accum_steps <= 1:
+        return None
+    note = (f"grad_accum_steps={grad_accum_steps}: each micro-batch's {loss} loss is normalised by its own "
+            f"weight sum, not the step's")
+    if loss == "in_batch":
+        seen = world if pooled else 1
+        note += (f", and its in-batch negatives are {seen} of the step's {world * grad_accum_steps} micro-batches "
+                 f"(1/{world * grad_accum_steps // seen} of the pool a {world * grad_accum_steps}x larger batch "
+                 f"would give): prefer a larger loader.batch_size to accumulation for this loss")
+    return note + " (docs/scaling.md, 'Data parallelism and the retrieval objective')"
+
+
+@dataclasses.dataclass(frozen=True)
+class GlobalBatch:
+    """One step's global batch as this rank sees it: every rank's rows, in rank order, each rank's
+    padded to the largest rank's size ``width`` (the collectives need equal shapes).
+
+    Padding rows are zeros: their id 0 (padding) and their ``clicked`` mask False keep them out of
+    every softmax, as a row and as a negative. This rank's rows are columns ``offset .. offset + n``.
+    The sizes are the only value read back to the host (from ``size_group``).
+    """
+
+    pool: GlobalPool
+    sizes: tuple[int, ...]
+
+    @property
+    def width(self) -> int:
+        return max(self.sizes)
+
+    @property
+    def offset(self) -> int:
+        return self.pool.rank * self.width
+
+    def _padded(self, t: Tensor) -> Tensor:
+        pad = self.width - t.shape[0]
+        return t.contiguous() if pad == 0 else torch.cat([t, t.new_zeros((pad, *t.shape[1:]))])
+
+    def columns(self, t: Tensor) -> Tensor:
+        """``t`` [n, ...] of every rank, padded and concatenated in rank order; differentiable."""
+        if self.pool.world == 1:
+            return t
+        from torch.distributed.nn.functional import all_gather
+
+        return torch.cat(all_gather(self._padded(t), group=self.pool.group), dim=0)
+
+    def constant(self, t: Tensor) -> Tensor:
+        """``t`` [n, ...] of every rank, padded with zeros (False), in rank order; no gradient."""
+        if self.pool.world == 1:
+            return t
+        import torch.distributed as dist
+
+        mine = self._padded(t.detach())
+        parts = [torch.empty_like(mine) for _ in range(self.pool.world)]
+        dist.all_gather(parts, mine, group=self.pool.group)
+        return torch.cat(parts, dim=0)
+
+
+def two_tower_loss(model: TwoTower | nn.Module, batch: Batch, pool: GlobalPool | None = None
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
     """Trainer adapter: ``(loss, logs)`` for ``batch``, the loss chosen by ``model.cfg.loss``.
 
     ``logs`` holds detached 0-d tensors (loss, temperature, number of training pairs), so the
     trainer decides when to pay for a device sync. The softmax losses train on the clicked rows
-    only, masked (module docstring); nothing here reads a value back to the host.
+    only, masked (module docstring); nothing here reads a value back to the host. With a ``pool``
+    of several ranks the loss is this rank's share of the *global* batch's loss (``GlobalPool``;
+    the trainer passes one under torchrun, ``feedrank.train.retrieval``): in-batch negatives come
+    from every rank and every loss is normalised by the global weight; the sampled loss keeps its
+    own rank's draw of catalogue negatives (a draw does not depend on the batch: each row still
+    sees ``num_negatives`` of them), so only its normalisation changes. Without one (the default)
+    the loss is this batch's alone, whether or not a process group exists.
     """
-    cfg = unwrap(model).cfg
-    out = model(batch)
+    return step_loss(unwrap(model), [model(batch)], [batch], pool or GlobalPool())
+
+
+def _cat(parts: list[Tensor]) -> Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def step_loss(model: TwoTower, outs: list[TwoTowerOutput], batches: list[Batch], pool: GlobalPool
+              ) -> tuple[Tensor, dict[str, Tensor]]:
+    """The loss of the one batch that ``batches`` make together, from the model's output on each.
+
+    One batch for ``two_tower_loss``; a step's micro-batches for ``CachedStep``, whose in-batch
+    softmax then sees every micro-batch's items. The temperature is ``outs[0]``'s (one per step).
+    Sampled negatives stay with the micro-batch that drew them (``num_negatives`` a row either way).
+    """
+    cfg = model.cfg
+    field = lambda name: _cat([getattr(b, name) for b in batches])  # noqa: E731
+    user, item, temperature = _cat([o.user for o in outs]), _cat([o.item for o in outs]), outs[0].temperature
+    clicked, weight = field("clicked"), field("weight")
     if cfg.loss == "bce":
-        logits = (out.user * out.item).sum(dim=-1) / out.temperature
-        loss = bce_loss(logits, batch.clicked, batch.weight)
+        logits = (user * item).sum(dim=-1) / temperature
+        loss = bce_loss(logits, clicked, weight, pool.total(weight))
     elif cfg.loss == "in_batch":
-        logits = out.user @ out.item.T / out.temperature
-        logq = batch.item_logq if cfg.logq_correction else None
-        known = unwrap(model).known_positive_mask(batch.user, batch.item)
-        loss = in_batch_softmax_loss(logits, batch.item, batch.user, logq, batch.weight, known, batch.clicked > 0)
+        users, items = field("user"), field("item")
+        glob = pool.batch(len(users), item.device)
+        logits = user @ glob.columns(item).T / temperature
+        ids = glob.constant(torch.stack([items.long(), users.long(), (clicked > 0).long()], dim=1))
+        item_ids, user_ids, positives = ids[:, 0], ids[:, 1], ids[:, 2] > 0  # one collective, not three
+        logq = glob.constant(field("item_logq")) if cfg.logq_correction else None
+        known = model.known_positive_mask(users, item_ids)
+        loss = in_batch_softmax_loss(logits, item_ids, user_ids, logq, weight, known, positives,
+                                     row_offset=glob.offset, total_weight=pool.total(weight * (clicked > 0)))
     else:
-        neg = out.negatives
-        pos_logits = (out.user * out.item).sum(dim=-1) / out.temperature
-        neg_logits = out.user @ neg.vectors.T / out.temperature
-        pos_logq, neg_logq = (neg.pos_logq, neg.logq) if cfg.logq_correction else (None, None)
-        known = unwrap(model).known_positive_mask(batch.user, neg.ids)
-        weight = batch.weight * (batch.clicked > 0)
-        loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, weight, known)
-    pairs = batch.weight.new_tensor(float(len(batch))) if cfg.loss == "bce" else (batch.clicked > 0).sum().float()
-    logs = {
-        "loss": loss.detach(),
-        "temperature": out.temperature.detach(),
-        "pairs": pairs,
-    }
-    return loss, logs
+        pos_weight = weight * (clicked > 0)
+        total = pool.total(pos_weight) if pool.world > 1 else pos_weight.sum()
+        loss = sum(_sampled(model, out, b, temperature, total) for out, b in zip(outs, batches))
+    loss = pool.scale(loss)
+    pairs = weight.new_tensor(float(len(weight))) if cfg.loss == "bce" else (clicked > 0).sum().float()
+    return loss, {"loss": loss.detach(), "temperature": temperature.detach(), "pairs": pairs}
+
+
+def _sampled(model: TwoTower, out: TwoTowerOutput, batch: Batch, temperature: Tensor, total: Tensor) -> Tensor:
+    """One micro-batch's share (``total``: the step's weight) of the sampled softmax loss."""
+    neg = out.negatives
+    pos_logits = (out.user * out.item).sum(dim=-1) / temperature
+    neg_logits = out.user @ neg.vectors.T / temperature
+    pos_logq, neg_logq = (neg.pos_logq, neg.logq) if model.cfg.logq_correction else (None, None)
+    known = model.known_positive_mask(batch.user, neg.ids)
+    return sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq,
+                                batch.weight * (batch.clicked > 0), known, total)
+
+
+Backward = Callable[[Tensor, bool], None]
+
+
+@dataclasses.dataclass
+class CachedStep:
+    """``two_tower_loss`` with gradient accumulation that equals one batch of the whole step.
+
+    Accumulating micro-batch losses is not the big batch's loss for a contrastive loss: each
+    micro-batch's softmax sees only its own negatives and normalises by its own weight
+    (``accumulation_note``). ``backward_step`` instead runs the cached-embedding two-pass scheme
+    (GradCache, Gao et al. 2021): pass 1 embeds every micro-batch without a graph and computes the
+    loss of the whole step on those vectors, as leaves, which gives its gradient with respect to
+    every user / item / negative vector and the temperature; pass 2 embeds each micro-batch
+    again, with a graph, and backpropagates those cached gradients through it, one micro-batch
+    at a time (memory of one micro-batch's activations plus the step's vectors). The RNG state
+    before each pass-1 forward is replayed in pass 2, so dropout and the sampler draw the same.
+    Costs one extra forward (without a graph) per micro-batch.
+
+    The trainer calls ``backward_step`` (instead of ``__call__`` and its own ``backward``) when
+    ``grad_accum_steps`` > 1, with ``backward(t, last)``: scale and backpropagate ``t``, reducing
+    gradients across ranks only when ``last``.
+    """
+
+    pool: GlobalPool | None = None
+
+    def __call__(self, model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
+        return two_tower_loss(model, batch, self.pool)
+
+    def backward_step(self, model: nn.Module, batches: list[Batch], backward: Backward
+                      ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Backpropagate the loss of ``batches`` taken as one batch; returns its (detached) loss and logs."""
+        pool, inner = self.pool or GlobalPool(), unwrap(model)
+        device = batches[0].item.device
+        states = []
+        with torch.no_grad():
+            cached = []
+            for batch in batches:
+                states.append(_rng_state(device))
+                cached.append(model(batch))
+        after = _rng_state(device)
+        temperature = cached[0].temperature.detach().requires_grad_()
+        leaves = [dataclasses.replace(
+            out, user=out.user.detach().requires_grad_(), item=out.item.detach().requires_grad_(), temperature=temperature,
+            negatives=None if out.negatives is None else dataclasses.replace(
+                out.negatives, vectors=out.negatives.vectors.detach().requires_grad_()),
+        ) for out in cached]  # fmt: skip
+        loss, logs = step_loss(inner, leaves, batches, pool)
+        vectors = [_vectors(leaf) for leaf in leaves]
+        grad_t, *flat = torch.autograd.grad(loss, [temperature, *(v for vs in vectors for v in vs)], allow_unused=True)
+        starts = [sum(len(vs) for vs in vectors[:m]) for m in range(len(vectors))]
+        for m, batch in enumerate(batches):
+            _set_rng_state(device, states[m])
+            out = model(batch)
+            grads = flat[starts[m]: starts[m] + len(vectors[m])]
+            surrogate = sum(((v * g).sum() for v, g in zip(_vectors(out), grads) if g is not None), out.user.new_zeros(()))
+            # the temperature's gradient split over the micro-batches (each computes the same T):
+            # under DDP every micro-batch's backward must reach every parameter
+            if grad_t is not None and out.temperature.requires_grad:
+                surrogate = surrogate + out.temperature * (grad_t / len(batches))
+            backward(surrogate, m == len(batches) - 1)
+        _set_rng_state(device, after)
+        return loss.detach(), logs
+
+
+def _vectors(out: TwoTowerOutput) -> tuple[Tensor, ...]:
+    """The vectors of ``out`` the loss reads: users, items and the sampled negatives' (if any)."""
+    return (out.user, out.item) + (() if out.negatives is None else (out.negatives.vectors,))
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)

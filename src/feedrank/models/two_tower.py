@@ -77,6 +77,16 @@ class TwoTowerConfig:
     # in the training data (attach_known_positives). Matters when users engage with a large share
     # of the catalogue (MovieLens): otherwise items the user liked are pushed away as negatives.
     mask_known_positives: bool = False
+    # Under torchrun, "global": the loss of the union of every rank's micro-batch (in-batch
+    # negatives all-gathered from every rank, every loss normalised by the global weight;
+    # feedrank.models.losses.GlobalPool); "local": each rank's batch alone (no gather and no
+    # B x B*world logits, but the in-batch pool shrinks to 1/world).
+    data_parallel_loss: Literal["global", "local"] = "global"
+    # With train.grad_accum_steps > 1, "cached": the step's loss is one batch of all its
+    # micro-batches (losses.CachedStep: one extra forward without a graph per micro-batch);
+    # "micro_batches": each micro-batch is its own softmax normalised by its own weight, so the
+    # in-batch pool shrinks to 1/grad_accum_steps (a warning at start; docs/scaling.md measures it).
+    accumulation: Literal["cached", "micro_batches"] = "cached"
 
     def validate(self) -> None:
         for name in ("dim", "item_id_dim", "cat_dim", "n_layers", "n_heads",

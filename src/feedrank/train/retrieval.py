@@ -35,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,7 +54,7 @@ from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluat
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, check_trainable, load_manifest, parse_ts, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import Vocabularies
-from feedrank.models.losses import two_tower_loss
+from feedrank.models.losses import CachedStep, GlobalPool, accumulation_note, two_tower_loss
 from feedrank.models.two_tower import TwoTowerConfig
 from feedrank.train import distributed as D
 from feedrank.train.checkpoint import load_checkpoint
@@ -172,7 +173,12 @@ def train_retrieval(
         model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()))
         if cfg.two_tower.mask_known_positives:
             model.attach_known_positives(*training_positives(features_dir))
-        with Trainer(model, two_tower_loss, train_cfg) as trainer:
+        pool = GlobalPool.new(env.control) if env.is_distributed and cfg.two_tower.data_parallel_loss == "global" else None
+        loss_fn = CachedStep(pool) if cfg.two_tower.accumulation == "cached" else functools.partial(two_tower_loss, pool=pool)
+        note = accumulation_note(cfg.two_tower.loss, cfg.train.grad_accum_steps, env.world_size, pool is not None)
+        if note and cfg.two_tower.accumulation == "micro_batches" and env.is_main:
+            log.warning(note)
+        with Trainer(model, loss_fn, train_cfg) as trainer:
             if resume:
                 trainer.resume()
             collator = Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels),

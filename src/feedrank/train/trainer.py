@@ -6,6 +6,10 @@ The loop knows nothing about models: it is given a module, a loss function and a
   scalars (floats or 0-d tensors, the same keys every call) averaged over the logging window. ``loss_fn`` must call
   ``module(...)`` itself (not a submodule): under DDP/FSDP the wrapper's ``forward`` is what
   schedules the gradient all-reduce / parameter all-gather.
+- ``loss_fn`` may also have ``backward_step(module, batches, backward)``: with
+  ``grad_accum_steps`` > 1 it then gets a step's micro-batches at once and backpropagates them
+  itself through ``backward(t, last)`` (``feedrank.models.losses.CachedStep``, for a contrastive
+  loss whose accumulated gradient must equal one batch of the whole step).
 - ``data(epoch) -> Iterable[batch]``: that epoch's batches, *deterministic given epoch* (seeded
   shuffles). Determinism is what makes resume exact: a resumed run calls ``data(epoch)`` again and
   skips the batches it already consumed. Under torchrun each rank's ``data`` yields its own shard
@@ -261,6 +265,7 @@ class Trainer:
         self._stop_requested = False
         self._nonfinite = torch.zeros((), dtype=torch.bool, device=self.env.device)
         self._checked_loss_fn = False
+        self._pending: list[Any] = []  # the step's micro-batches so far, for a loss_fn with backward_step
         self._last_checkpoint: Path | None = None
 
     # ----------------------------------------------------------------- lifecycle
@@ -353,11 +358,9 @@ class Trainer:
             for batch in self._micro_batches(data):
                 micro += 1
                 boundary = micro % cfg.grad_accum_steps == 0
-                with D.gradient_sync(self._wrapped, enabled=boundary):
-                    loss, logs = self._forward_backward(batch)
-                n = batch_size(batch)
-                window.add(loss, logs, n)
-                state.examples += n
+                for loss, logs, n in self._backward(batch, boundary):
+                    window.add(loss, logs, n)
+                    state.examples += n
                 if not boundary:
                     continue
                 done = total is not None and state.step + 1 >= total
@@ -381,6 +384,7 @@ class Trainer:
             if micro % cfg.grad_accum_steps:  # a partial step would be mis-scaled: drop it
                 log.warning("dropping %d trailing micro-batches that do not fill a step", micro % cfg.grad_accum_steps)
                 self.optimizer.zero_grad(set_to_none=True)
+                self._pending = []
             if window.micro:
                 self._log(window, None, sinks)
             if evaluate is not None:
@@ -423,12 +427,40 @@ class Trainer:
             state.epoch += 1
             state.batches_in_epoch = 0
 
+    def _backward(self, batch: Any, boundary: bool) -> list[tuple[Tensor, Mapping[str, float | Tensor], int]]:
+        """Backpropagate a micro-batch: ``[(loss, logs, examples)]`` to log, one entry per loss computed.
+
+        A loss with a ``backward_step(module, batches, backward)`` method (a contrastive loss whose
+        accumulation must equal one batch of the whole step: ``feedrank.models.losses.CachedStep``)
+        gets the step's micro-batches at once, on the last of them; nothing is logged before.
+        """
+        step = getattr(self.loss_fn, "backward_step", None)
+        if step is None or self.cfg.grad_accum_steps == 1:
+            with D.gradient_sync(self._wrapped, enabled=boundary):
+                loss, logs = self._forward_backward(batch)
+            return [(loss, logs, batch_size(batch))]
+        self._pending.append(to_device(batch, self.env.device))
+        if not boundary:
+            return []
+        batches, self._pending = self._pending, []
+
+        def backward(t: Tensor, last: bool) -> None:
+            with D.gradient_sync(self._wrapped, enabled=last):
+                self.scaler.scale(t).backward()
+
+        with self._autocast():
+            loss, logs = step(self.module, batches, backward)
+        self._nonfinite |= ~torch.isfinite(loss.detach())
+        return [(loss, logs, sum(batch_size(b) for b in batches))]
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        precision = self.cfg.precision
+        return (torch.autocast(self.env.device.type, dtype=_AMP_DTYPES[precision])
+                if precision != "fp32" else contextlib.nullcontext())
+
     def _forward_backward(self, batch: Any) -> tuple[Tensor, Mapping[str, float | Tensor]]:
         batch = to_device(batch, self.env.device)
-        precision = self.cfg.precision
-        autocast = (torch.autocast(self.env.device.type, dtype=_AMP_DTYPES[precision])
-                    if precision != "fp32" else contextlib.nullcontext())
-        with autocast:
+        with self._autocast():
             out = self.loss_fn(self.module, batch)
         loss, logs = self._check_loss_output(out)
         self._nonfinite |= ~torch.isfinite(loss.detach())
