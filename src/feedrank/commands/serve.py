@@ -49,6 +49,7 @@ def serve_command(
         None, "--quantize", help="Serve a quantized ranker: int8, int8_linear, int8_embeddings or fp16_embeddings "
                                  "(overrides serving.quantize; measure yours first with `feedrank lab quantize`).",
     ),  # fmt: skip
+    compare: Optional[Path] = typer.Option(None, "--compare", help="A candidate bundle the inspector at / shows beside the serving one."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build the service once, print its health report and exit."),
 ) -> None:
     """Serve GET /feed, POST /events, /healthz and /metrics."""
@@ -60,9 +61,10 @@ def serve_command(
         bundle=str(bundle), ranker=None if ranker is None else str(ranker), log=None if log is None else str(log),
         config=None if config is None else str(config), redis_url=redis_url,
         serving_log=None if serving_log is None else str(serving_log), quantize=quantize,
+        compare=None if compare is None else str(compare),
     )  # fmt: skip
     try:
-        for path in (bundle, ranker, log):
+        for path in (bundle, ranker, log, compare):
             if path is not None and not path.is_dir():
                 raise FileNotFoundError(f"{path}: no such directory")
         cfg = serving_config(settings)  # fail here, once, rather than in every worker
@@ -85,7 +87,7 @@ def serve_command(
     server_config = uvicorn.Config(APP_FACTORY, factory=True, host=host, port=port, workers=workers,
                                    timeout_worker_healthcheck=healthcheck_timeout)  # fmt: skip
     announce = f"{workers} workers, health-check timeout {healthcheck_timeout} s" if workers > 1 else "1 worker"
-    started = serve(server_config, lambda url: typer.echo(f"feedrank serve: {url} ({announce}); try {url}/healthz"))
+    started = serve(server_config, lambda url: typer.echo(f"feedrank serve: {url} ({announce}); inspector at {url}/ ; try {url}/healthz"))
     if not started:
         raise typer.Exit(3)
 

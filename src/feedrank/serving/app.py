@@ -75,6 +75,7 @@ from feedrank.bundle import load_bundle
 from feedrank.config import from_dict, load_yaml
 from feedrank.serving.access import ApiKeyCheck, RateLimiter
 from feedrank.serving.config import ServingConfig
+from feedrank.serving.inspector import mount_inspector
 from feedrank.serving.metrics import CONTENT_TYPE
 from feedrank.serving.pipeline import EventError, FeedService, set_threads
 from feedrank.serving.state import EventIn
@@ -91,7 +92,7 @@ class PayloadTooLarge(HTTPException):
         super().__init__(status_code=413, detail=detail)
 
 
-def create_app(service: FeedService) -> FastAPI:
+def create_app(service: FeedService, compare: FeedService | None = None, log_dir: str | None = None) -> FastAPI:
     """The FastAPI app over ``service``; the service is closed (log flushed) at shutdown.
 
     Raises ``ValueError`` when ``serving.auth`` names an API key variable that is unset.
@@ -101,6 +102,8 @@ def create_app(service: FeedService) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         service.close()
+        if compare is not None:
+            compare.close()
 
     app = FastAPI(title="feedrank", lifespan=lifespan)
     app.state.service = service
@@ -177,6 +180,7 @@ def create_app(service: FeedService) -> FastAPI:
     def metrics() -> Response:
         return Response(content=service.metrics.exposition(), media_type=CONTENT_TYPE)
 
+    mount_inspector(app, service, compare, log_dir, guarded)
     return app
 
 
@@ -262,6 +266,7 @@ class ServeSettings:
     redis_url: str | None = None  # overrides the config: cache backend redis at this URL
     serving_log: str | None = None  # overrides serving.event_log.dir
     quantize: str | None = None  # overrides serving.quantize
+    compare: str | None = None  # a candidate two-tower bundle the inspector shows beside the serving one
 
     def to_env(self) -> dict[str, str]:
         return {SETTINGS_ENV: json.dumps(dataclasses.asdict(self))}
@@ -288,9 +293,20 @@ def build_service(settings: ServeSettings) -> FeedService:
     return FeedService(load_bundle(settings.bundle), cfg, ranker=ranker, log_dir=settings.log)
 
 
+def build_compare(settings: ServeSettings) -> FeedService | None:
+    """The inspector's second service over ``settings.compare`` (same config and log; its own event
+    log folder, so the primary's log is written once), or None."""
+    if settings.compare is None:
+        return None
+    cfg = serving_config(settings)
+    cfg = dataclasses.replace(cfg, event_log=dataclasses.replace(cfg.event_log, dir=os.path.join(cfg.event_log.dir, "compare")))
+    return FeedService(load_bundle(settings.compare), cfg, log_dir=settings.log)
+
+
 def app_from_env() -> FastAPI:
     """uvicorn factory: the app of the ``ServeSettings`` JSON in ``FEEDRANK_SERVE_SETTINGS``."""
     raw = os.environ.get(SETTINGS_ENV)
     if raw is None:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start the server with `feedrank serve`")
-    return create_app(build_service(from_dict(ServeSettings, json.loads(raw), "serve settings")))
+    settings = from_dict(ServeSettings, json.loads(raw), "serve settings")
+    return create_app(build_service(settings), compare=build_compare(settings), log_dir=settings.log)

@@ -1,0 +1,153 @@
+"""The feed inspector: a plain HTML page at ``/`` and the JSON it reads under ``/inspect/``.
+
+A person tuning a feed opens a user, reads their history, looks at the feed, clicks or hides an
+item (a real ``POST /events``), looks again, and compares two bundles on the same user. The page
+is static (``static/``: HTML, CSS, one script; no build step, no CDN) and every number it shows
+comes from these routes, which only read ``FeedService`` state (no second pipeline):
+
+    GET /inspect/users?kind=warm|cold   a random user id of that kind
+    GET /inspect/user/{user_id}         history (title, category, publisher, age); 404 unknown;
+                                        the world's true topic interests when the log has truth
+    GET /inspect/feed?user_id=U&bundle=primary|compare
+                                        ``FeedService.feed`` plus title, category and (with truth)
+                                        each item's true utility for the user
+    GET /inspect/meta                   whether a compare bundle and the world's truth exist
+
+Truth is read through ``feedrank.data.world`` (serving never imports evaluate/ or train/).
+"""
+
+from __future__ import annotations
+
+import random
+import uuid
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import FastAPI, HTTPException, Query
+from fastapi.responses import FileResponse
+from fastapi.staticfiles import StaticFiles
+
+from feedrank.data.world.world import TRUTH_DIR, World, load_world
+from feedrank.serving.pipeline import FeedService
+
+STATIC = Path(__file__).parent / "static"
+_US_PER_HOUR = 3_600_000_000
+
+
+class Inspector:
+    """Read-only views of one or two services for the page (``compare`` is the candidate bundle's)."""
+
+    def __init__(self, service: FeedService, compare: FeedService | None = None, log_dir: str | None = None) -> None:
+        self.service, self.compare = service, compare
+        self.world: World | None = load_world(log_dir) if log_dir and (Path(log_dir) / TRUTH_DIR).is_dir() else None
+
+    @cached_property
+    def titles(self) -> dict[str, str]:
+        """Item id -> title, built on the first inspector request, not at every server's start."""
+        return _titles(self.service)
+
+    @cached_property
+    def warm_users(self) -> list[str]:
+        """The snapshot's users, sorted once (the snapshot does not change after start)."""
+        return sorted(self.service.store._snapshot.row_of)
+
+    def random_user(self, kind: str, rng: random.Random) -> str:
+        if kind == "cold":
+            return f"new-{uuid.UUID(int=rng.getrandbits(128)).hex[:8]}"
+        if not self.warm_users:
+            raise HTTPException(404, detail="the user store has no warm users (serve with --log)")
+        return rng.choice(self.warm_users)
+
+    def user(self, user_id: str) -> dict[str, Any]:
+        svc = self.service
+        view = svc.store.view(user_id, svc.clock())
+        if not view.stored and not svc.users.known(user_id):
+            raise HTTPException(404, detail=f"unknown user {user_id!r}: no history; the feed is the cold-start feed")
+        now_us = int(svc.clock().timestamp() * 1_000_000)
+        history = [self._item(int(row), now_us) for row in view.history[::-1]]
+        out: dict[str, Any] = {"user_id": user_id, "history": history, "impressions": view.impressions,
+                               "clicks": view.clicks, "interests": None}  # fmt: skip
+        world_user = self._world_user(user_id)
+        if world_user is not None:
+            topics = self.world.user_topics[world_user]
+            top = np.argsort(-topics)[:5]
+            out["interests"] = [{"topic": self.world.topic_names[t], "weight": round(float(topics[t]), 3)} for t in top]
+        return out
+
+    def feed(self, user_id: str, bundle: str, k: int | None) -> dict[str, Any]:
+        svc = self.service if bundle == "primary" else self.compare
+        if svc is None:
+            raise HTTPException(404, detail="no compare bundle: start the server with --compare BUNDLE")
+        result = svc.feed(user_id, k).to_dict()
+        now_us = int(svc.clock().timestamp() * 1_000_000)
+        rows = svc.items.many([item["item_id"] for item in result["items"]])
+        world_user = self._world_user(user_id)
+        utility = None
+        if world_user is not None:
+            idx = self.world.item_index([item["item_id"] for item in result["items"]])
+            utility = self.world.true_affinity(np.int64(world_user), idx)
+        for i, (item, row) in enumerate(zip(result["items"], rows)):
+            item.update(self._item(int(row), now_us, svc))
+            item["true_utility"] = None if utility is None else round(float(utility[i]), 4)
+        return result
+
+    def _item(self, row: int, now_us: int, svc: FeedService | None = None) -> dict[str, Any]:
+        cat = (svc or self.service).catalogue
+        born = int(cat.born_us[row])
+        return {"item_id": str(cat.item_ids[row]), "title": self.titles.get(str(cat.item_ids[row]), ""),
+                "category": cat.categories[row], "publisher": cat.publishers[row],
+                "age_h": round((now_us - born) / _US_PER_HOUR, 1) if born < np.iinfo(np.int64).max else None}  # fmt: skip
+
+    def _world_user(self, user_id: str) -> int | None:
+        if self.world is None:
+            return None
+        try:
+            return int(self.world.user_index([user_id])[0])
+        except (KeyError, ValueError, IndexError):
+            return None
+
+
+def _titles(service: FeedService) -> dict[str, str]:
+    cat = service.two_tower.catalogue
+    if "title" not in cat.column_names:
+        return {}
+    return {i: t for i, t in zip(cat["item_id"].to_pylist(), cat["title"].to_pylist()) if i is not None}
+
+
+def mount_inspector(app: FastAPI, service: FeedService, compare: FeedService | None = None,
+                    log_dir: str | None = None, guarded: list | None = None) -> Inspector:  # fmt: skip
+    """Add the page (``/``, ``/inspector/*``) and its JSON routes (``/inspect/*``) to ``app``.
+
+    ``guarded`` (the app's API-key and rate-limit dependencies) applies to every ``/inspect/*``
+    route as it does to ``/feed``: they read users' histories and feeds."""
+    inspector = Inspector(service, compare, log_dir)
+    rng = random.Random()
+
+    @app.get("/", include_in_schema=False)
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    app.mount("/inspector", StaticFiles(directory=STATIC), name="inspector")
+
+    @app.get("/inspect/meta", dependencies=guarded)
+    def meta() -> dict:
+        return {"compare": compare is not None, "truth": inspector.world is not None,
+                "models": service.model_versions,
+                "compare_models": compare.model_versions if compare is not None else None}  # fmt: skip
+
+    @app.get("/inspect/users", dependencies=guarded)
+    def users(kind: str = Query("warm", pattern="^(warm|cold)$")) -> dict:
+        return {"user_id": inspector.random_user(kind, rng)}
+
+    @app.get("/inspect/user/{user_id}", dependencies=guarded)
+    def user(user_id: str) -> dict:
+        return inspector.user(user_id)
+
+    @app.get("/inspect/feed", dependencies=guarded)
+    def feed(user_id: str, bundle: str = Query("primary", pattern="^(primary|compare)$"),
+             k: int | None = Query(None, ge=1, le=service.cfg.k_max)) -> dict:  # fmt: skip
+        return inspector.feed(user_id, bundle, k)
+
+    return inspector
