@@ -247,13 +247,9 @@ class ShardedEmbeddings:
         """Load a checkpoint ``save`` wrote, on any world size and plan (DCP reshards)."""
         import torch.distributed.checkpoint as dcp
 
-        state = self._state(optimizer)
-        dcp.load(state, checkpoint_id=str(directory))
-        with torch.no_grad():  # plain tensors are loaded into the state_dict's copies: put them back
-            own = self.model.state_dict()
-            for key, value in state["model"].items():
-                if isinstance(value, Tensor) and own[key].data_ptr() != value.data_ptr():
-                    own[key].copy_(value)
+        # In place: state_dict() tensors share storage with the parameters (and the table entries'
+        # local shards are views of this rank's shard), so loading into them loads the model.
+        dcp.load(self._state(optimizer), checkpoint_id=str(directory))
 
 
 def load_full_model_state(directory: Path) -> dict[str, Tensor]:
