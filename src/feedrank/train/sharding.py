@@ -175,66 +175,59 @@ class ShardedEmbeddings:
         table shards are disjoint and their squared norms are summed over ranks.
         """
         shard_ids = {id(p) for p in self.table_params}
-        grads = [p.grad for p in params if p.grad is not None]
-        local = [g for p, g in zip(params, grads) if id(p) in shard_ids]
-        replicated = [g for p, g in zip(params, grads) if id(p) not in shard_ids]
+        with_grad = [p for p in params if p.grad is not None]
         zero = torch.zeros((), device=self.env.device)
-        sq_rep = torch.nn.utils.get_total_norm(replicated) ** 2 if replicated else zero
-        sq_shard = torch.nn.utils.get_total_norm(local) ** 2 if local else zero.clone()
+
+        def squared(group: list[nn.Parameter]) -> Tensor:
+            return torch.nn.utils.get_total_norm([p.grad for p in group]) ** 2 if group else zero.clone()
+
+        sq_replicated = squared([p for p in with_grad if id(p) not in shard_ids])
+        sq_shards = squared([p for p in with_grad if id(p) in shard_ids])
         if self.env.is_distributed:
-            dist.all_reduce(sq_shard)
-        norm = (sq_rep + sq_shard).sqrt()
+            dist.all_reduce(sq_shards)
+        norm = (sq_replicated + sq_shards).sqrt()
         if max_norm is not None:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            torch.nn.utils.clip_grads_with_norm_(with_grad, max_norm, norm)
         return norm
 
     # ------------------------------------------------------------------ checkpoints
 
     def _state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """Model and AdamW state as DCP expects it: table entries sharded, the rest replicated.
+        """Model and AdamW state as DCP expects it, keyed like the plain model.
 
-        The optimizer state is created (zeros, step 0) where it does not exist yet, so the same
-        call gives DCP the tensors to load into on resume.
+        A table's weight is TorchRec's ``ShardedTensor``; its AdamW moments are ``ShardedTensor``s
+        with the same global layout over this rank's moment tensors, so DCP can reshard them too.
+        Missing optimizer state is created (zeros, step 0, as AdamW's first step would), so the same
+        call gives ``load`` the tensors to load into.
         """
         from torch.distributed._shard.sharded_tensor import Shard, ShardedTensor
 
-        model_sd = self.model.state_dict()
-        names = {id(p): n for n, p in self.model.named_parameters()}
-        shards: dict[str, tuple[ShardedTensor, nn.Parameter | None]] = {}
-        for key, value in model_sd.items():
-            if isinstance(value, ShardedTensor):
-                shards[key] = (value, None)
-        # A table shard parameter is named ...<table>.weight inside the sharded collection.
-        by_table = {p_name.rsplit(".", 2)[-2]: p for p_name, p in self.model.named_parameters()
-                    if id(p) in {id(q) for q in self.table_params}}
-        optim: dict[str, Any] = {}
-        for p in (p for g in optimizer.param_groups for p in g["params"]):
-            if p.numel() == 0:
-                continue
+        shard_ids = {id(p) for p in self.table_params}
+        for p in (p for group in optimizer.param_groups for p in group["params"] if p.numel()):
             state = optimizer.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        for key, (sharded, _) in shards.items():
-            name = table_name(key.removesuffix("." + _ROWS_KEY))
-            p = by_table.get(name)
-            md = sharded.metadata()
-            local = sharded.local_shards()
+        model_sd = self.model.state_dict()
+        named = list(self.model.named_parameters())
+        # This rank's shard of a table is the parameter named ...embedding_bags.<table>.weight.
+        local_param = {name.rsplit(".", 2)[-2]: p for name, p in named if id(p) in shard_ids}
+        optim: dict[str, Any] = {name: optimizer.state[p] for name, p in named
+                                 if id(p) not in shard_ids and p.numel() and optimizer.state.get(p)}
+        for key, weight in model_sd.items():
+            if not isinstance(weight, ShardedTensor):
+                continue
+            local = weight.local_shards()
             if len(local) > 1:
                 raise NotImplementedError(f"{key}: {len(local)} shards of one table on rank {self.env.rank}")
-            entry: dict[str, Any] = {}
+            param = local_param.get(table_name(key.removesuffix("." + _ROWS_KEY))) if local else None
+            entry: dict[str, Any] = {} if param is None else {"step": optimizer.state[param]["step"]}
             for moment in ("exp_avg", "exp_avg_sq"):
-                pieces = [] if p is None or not local else [Shard(optimizer.state[p][moment], local[0].metadata)]
+                pieces = [] if param is None else [Shard(optimizer.state[param][moment], local[0].metadata)]
                 entry[moment] = ShardedTensor._init_from_local_shards_and_global_metadata(
-                    pieces, md, process_group=dist.group.WORLD)
-            if p is not None and local:
-                entry["step"] = optimizer.state[p]["step"]
+                    pieces, weight.metadata(), process_group=dist.group.WORLD)
             optim[key] = entry
-        for p, name in ((p, names[id(p)]) for g in optimizer.param_groups for p in g["params"]):
-            if id(p) in {id(q) for q in self.table_params} or p.numel() == 0:
-                continue
-            optim[name] = optimizer.state[p]
         return {"model": model_sd, "optim": optim}
 
     def save(self, directory: Path, optimizer: torch.optim.Optimizer) -> None:
