@@ -163,7 +163,6 @@ class ShardedEmbeddings:
     module: nn.Module  # the DistributedModelParallel to call in training
     model: nn.Module  # the model itself, tables sharded in place
     env: DistEnv
-    plan: dict[str, Any]  # the plan in plain types (what sharding_plan.json holds)
     table_params: list[nn.Parameter]  # this rank's table shards (may be empty on a rank)
 
     # ------------------------------------------------------------------ gradient norm
@@ -342,4 +341,4 @@ def shard_model(model: nn.Module, env: DistEnv, kind: ShardingKind, plan_dir: Pa
         print(f"TorchRec sharding plan ({env.world_size} ranks):\n{plan}", flush=True)
         plan_dir.mkdir(parents=True, exist_ok=True)
         (plan_dir / PLAN_FILE).write_text(json.dumps({"world_size": env.world_size, "tables": summary}, indent=2))
-    return ShardedEmbeddings(module=dmp, model=model, env=env, plan=summary, table_params=table_params)
+    return ShardedEmbeddings(module=dmp, model=model, env=env, table_params=table_params)

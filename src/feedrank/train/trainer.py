@@ -61,6 +61,7 @@ from feedrank.config import to_dict
 from feedrank.fsutil import staged_file
 from feedrank.progress import progress as progress_bar
 from feedrank.train import distributed as D
+from feedrank.train.sharding import EmbeddingsBackend, ShardingKind
 from feedrank.train.checkpoint import (
     apply_state,
     capture_rng,
@@ -111,8 +112,8 @@ class TrainConfig:
     bucket_cap_mb: float = 25.0  # DDP all-reduce bucket size
     # "torchrec": the model's ID tables are sharded across ranks by TorchRec (train/sharding.py; under
     # torchrun, also with one process); the rest of the model is data-parallel (DDP).
-    embeddings: Literal["torch", "torchrec"] = "torch"
-    embedding_sharding: Literal["auto", "table_wise", "column_wise", "table_column_wise", "row_wise"] = "auto"
+    embeddings: EmbeddingsBackend = "torch"
+    embedding_sharding: ShardingKind = "auto"  # row_wise needs CUDA
     checkpoint_every: int = 0  # steps; 0 = only at the end and on SIGTERM
     keep_checkpoints: int = 3
     log_every: int = 10  # steps between metrics records (each one synchronises the device)
