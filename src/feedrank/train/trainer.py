@@ -61,7 +61,6 @@ from feedrank.config import to_dict
 from feedrank.fsutil import staged_file
 from feedrank.progress import progress as progress_bar
 from feedrank.train import distributed as D
-from feedrank.train.sharding import EmbeddingsBackend, ShardingKind
 from feedrank.train.checkpoint import (
     apply_state,
     capture_rng,
@@ -74,6 +73,7 @@ from feedrank.train.checkpoint import (
     save_checkpoint,
     sharded_dir,
 )
+from feedrank.train.sharding import EmbeddingsBackend, ShardingKind
 
 log = logging.getLogger(__name__)
 
