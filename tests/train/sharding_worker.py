@@ -1,10 +1,10 @@
-"""A small two-tower trained by the Trainer, alone (plain ``nn.Embedding``) or under torchrun with
-TorchRec-sharded ID tables: the one home of the task the sharding tests compare.
+"""A small two-tower (or ranker) trained by the Trainer, alone (plain ``nn.Embedding``) or under
+torchrun with TorchRec-sharded ID tables: the one home of the task the sharding tests compare.
 
 Every epoch is a fixed list of *global* micro-batches of ``micro * shards`` rows; a rank of a
 ``world``-rank job takes its contiguous slice of each, so one process (world 1) sees the union of
-what ``shards`` ranks see: the same global batch. The loss is per row (BCE on the retrieval score),
-so the union's mean loss and gradient equal the mean over ranks of each rank's own.
+what ``shards`` ranks see: the same global batch. The loss is per row (BCE on the retrieval score, or on the ranker's click logit), so the union's mean loss and
+gradient equal the mean over ranks of each rank's own.
 
     python tests/train/sharding_worker.py --out /tmp/a --steps 6 --shards 2                    # plain
     torchrun --nproc_per_node 2 tests/train/sharding_worker.py --out /tmp/b --steps 6 \\
@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from feedrank.config import from_dict
 from feedrank.data.batch import Batch
+from feedrank.models.ranker import Ranker, RankerConfig
 from feedrank.models.two_tower import TwoTower, TwoTowerConfig
 from feedrank.train import Trainer, TrainConfig
 from feedrank.train.checkpoint import load_model_state
@@ -33,18 +34,29 @@ USER_CATS, ITEM_CATS = [4], [6, 3]
 BATCHES_PER_EPOCH = 4
 
 
-def build_model(seed: int = 0) -> TwoTower:
+def build_model(kind: str = "two_tower", seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
+    if kind == "ranker":
+        return Ranker(RankerConfig(dim=16, hidden=[32], dropout=0.0), N_USERS, N_ITEMS, USER_CATS, ITEM_CATS,
+                      n_user_counters=2)
     cfg = TwoTowerConfig(dim=16, user_id_dim=16, item_id_dim=16, cat_dim=4, freshness_dim=4, hidden=[32],
                          dropout=0.0, history_encoder="mean")
     return TwoTower(cfg, N_USERS, N_ITEMS, USER_CATS, ITEM_CATS, n_counters=2)
 
 
 def pointwise_loss(model: nn.Module, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-    """Mean BCE of ``u . v / T`` against ``clicked``: a per-row loss, so ranks' means average to the union's."""
+    """Per-row means only, so the ranks' means average to the union's: BCE of ``u . v / T`` against
+    ``clicked`` (two-tower); for the ranker, BCE of every binary head plus the dwell head's squared
+    error (every head in the loss, as DDP needs)."""
     out = model(batch)
-    logits = (out.user * out.item).sum(-1) / out.temperature
-    loss = F.binary_cross_entropy_with_logits(logits, batch.clicked)
+    if hasattr(out, "click"):
+        bce = F.binary_cross_entropy_with_logits
+        logits = out.click + out.position
+        loss = (bce(logits, batch.clicked) + bce(out.share, batch.shared) + bce(out.hide, batch.hidden)
+                + (out.dwell - torch.log1p(batch.dwell_s)).pow(2).mean())
+    else:
+        logits = (out.user * out.item).sum(-1) / out.temperature
+        loss = F.binary_cross_entropy_with_logits(logits, batch.clicked)
     return loss, {"logit_mean": logits.detach().mean()}
 
 
@@ -99,9 +111,10 @@ def main(argv: list[str]) -> int:
     p.add_argument("--checkpoint-every", type=int, default=0)
     p.add_argument("--resume", action="store_true")
     p.add_argument("--clip", type=float, default=0.5, help="clip_grad_norm; 0 = off")
+    p.add_argument("--model", choices=["two_tower", "ranker"], default="two_tower")
     args = p.parse_args(argv)
 
-    model = build_model()
+    model = build_model(args.model)
     cfg = train_config(args.out, args.steps, args.embeddings, args.sharding, args.checkpoint_every,
                        args.clip or None)
     with Trainer(model, pointwise_loss, cfg) as trainer:

@@ -41,10 +41,10 @@ def _losses(out: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
 
 
-def _assert_same_weights(got: dict, want: dict) -> None:
+def _assert_same_weights(got: dict, want: dict, atol: float = 1e-5) -> None:
     assert set(got) == set(want)
     for name in want:
-        torch.testing.assert_close(got[name], want[name], rtol=0, atol=1e-5, msg=name)
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=atol, msg=name)
 
 
 def _copy_until(src: Path, dst: Path, step: int) -> None:
@@ -112,6 +112,27 @@ def test_resume_on_another_world_size_is_exact(tmp_path, reference, column_wise_
     _torchrun(1, "--out", str(out), "--embeddings", "torchrec", "--resume")
     assert _losses(out) == pytest.approx(want_losses, abs=1e-5)
     _assert_same_weights(torch.load(out / "final.pt"), want_weights)
+
+
+@pytest.mark.slow  # one torchrun launch
+def test_ranker_tables_table_wise_on_two_ranks_train_the_plain_ranker(tmp_path):
+    steps = 4
+    plain = tmp_path / "plain"
+    model = worker.build_model("ranker")
+    with Trainer(model, worker.pointwise_loss, worker.train_config(plain, steps)) as trainer:
+        trainer.fit(worker.make_data(8, shards=2))
+    out = tmp_path / "sharded"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           "--steps", str(steps), "--shards", "2", "--model", "ranker", "--out", str(out),
+           "--embeddings", "torchrec", "--sharding", "table_wise"]
+    returncode, stderr = run_torchrun(cmd, timeout_s=DEADLINE_S)
+    assert returncode == 0, stderr[-4000:]
+    assert _losses(out) == pytest.approx(_losses(plain), abs=1e-5)
+    # 1e-4: plain DDP on 2 ranks is 1.8e-5 off the union here too (the DCN cross weights, where Adam
+    # scales up float-level gradient differences); the sharded run is as close as DDP is.
+    _assert_same_weights(torch.load(out / "final.pt"), model.state_dict(), atol=1e-4)
+    plan = json.loads((out / "checkpoints" / PLAN_FILE).read_text())
+    assert sorted(plan["tables"]) == ["item_id.collection.item_id", "user_id.collection.user_id"]
 
 
 def test_swap_keeps_the_plain_state_dict_keys():
