@@ -16,6 +16,15 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install --quiet -e ".[dev]"
 	touch $(STAMP)
 
+# TorchRec (sharded embedding tables, issue #12) for the tests only; `make demo` never needs it.
+# --no-deps: torchrec's metadata asks for fbgemm-gpu (the CUDA build); the CPU pair 1.8.0 loads under
+# torch 2.13 (1.9 does not). Its remaining runtime deps come from the `torchrec` extra.
+TORCHREC_STAMP := $(VENV)/.torchrec
+$(TORCHREC_STAMP): $(STAMP)
+	$(BIN)/pip install --quiet -e ".[torchrec]"
+	$(BIN)/pip install --quiet --no-deps torchrec==1.8.0 fbgemm-gpu-cpu==1.8.0
+	touch $(TORCHREC_STAMP)
+
 install: $(STAMP)
 
 demo: $(STAMP)
@@ -28,7 +37,7 @@ services:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
 
-test: $(STAMP) services
+test: $(STAMP) $(TORCHREC_STAMP) services
 	$(BIN)/python -m pytest -q tests
 
 clean:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import random
 import re
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,22 @@ class CheckpointError(RuntimeError):
 def checkpoint_path(directory: Path, step: int) -> Path:
     """The canonical file name for the checkpoint taken after optimizer step ``step``."""
     return directory / f"ckpt_{step:09d}.pt"
+
+
+def sharded_dir(path: Path) -> Path:
+    """Where the sharded state of checkpoint ``path`` lives (``embeddings: torchrec``): a DCP folder
+    ``ckpt_<step>.dcp`` beside it, written first; the ``.pt`` file commits it."""
+    return path.with_suffix(".dcp")
+
+
+def load_model_state(path: Path) -> dict[str, Any]:
+    """The model's full ``state_dict`` from checkpoint ``path``, plain or sharded."""
+    payload = load_checkpoint(path)
+    if payload.get("sharded"):
+        from feedrank.train.sharding import load_full_model_state
+
+        return load_full_model_state(path.parent / payload["sharded"])
+    return payload["model"]
 
 
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
@@ -101,6 +118,9 @@ def prune_checkpoints(directory: Path, keep: int) -> None:
         old.unlink(missing_ok=True)
     for tmp in directory.glob(".ckpt_*.tmp"):
         tmp.unlink(missing_ok=True)
+    for shards in directory.glob("ckpt_*.dcp"):  # sharded state whose .pt is gone or was never written
+        if not shards.with_suffix(".pt").is_file():
+            shutil.rmtree(shards, ignore_errors=True)
 
 
 def gather_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

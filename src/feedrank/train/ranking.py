@@ -87,7 +87,7 @@ from feedrank.models.calibration import downsample_negatives
 from feedrank.models.ranker import Ranker, RankerConfig, ranker_loss
 from feedrank.progress import progress as progress_bar
 from feedrank.train import distributed as D
-from feedrank.train.checkpoint import load_checkpoint
+from feedrank.train.checkpoint import load_model_state
 from feedrank.train.retrieval import RetrievalRunConfig, train_retrieval
 from feedrank.train.task import (
     EVAL_DIR,
@@ -294,7 +294,7 @@ def train_ranking(
         if not env.is_main:
             return None
         final = build_ranker(to_dict(cfg), vocabs)
-        final.load_state_dict(load_checkpoint(result.checkpoint)["model"])
+        final.load_state_dict(load_model_state(result.checkpoint))
         final.eval()
         catalogue = training_catalogue(log_dir, vocabs, cfg.features)
         metrics: dict[str, Any] = {"train": result.metrics, "label_weight_means": {

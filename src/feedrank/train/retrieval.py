@@ -57,7 +57,7 @@ from feedrank.features.vocab import Vocabularies
 from feedrank.models.losses import CachedStep, GlobalPool, accumulation_note, two_tower_loss
 from feedrank.models.two_tower import TwoTowerConfig
 from feedrank.train import distributed as D
-from feedrank.train.checkpoint import load_checkpoint
+from feedrank.train.checkpoint import load_model_state
 from feedrank.train.task import (
     EVAL_DIR,
     FEATURES_DIR,
@@ -190,7 +190,7 @@ def train_retrieval(
         if not env.is_main:
             return None
         final = build_two_tower(to_dict(cfg), vocabs)
-        final.load_state_dict(load_checkpoint(result.checkpoint)["model"])
+        final.load_state_dict(load_model_state(result.checkpoint))
         evaluation = _evaluate(final, vocabs, catalogue, log_dir, cfg, manifest)
         metrics: dict[str, Any] = {"train": result.metrics}
         if evaluation is not None:

@@ -75,7 +75,9 @@ from feedrank.train.checkpoint import (
     prune_checkpoints,
     restore_rng,
     save_checkpoint,
+    sharded_dir,
 )
+from feedrank.train.sharding import EmbeddingsBackend, ShardingKind
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +114,10 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     strategy: Literal["ddp", "fsdp"] = "ddp"  # only used under torchrun with world size > 1
     bucket_cap_mb: float = 25.0  # DDP all-reduce bucket size
+    # "torchrec": the model's ID tables are sharded across ranks by TorchRec (train/sharding.py; under
+    # torchrun, also with one process); the rest of the model is data-parallel (DDP).
+    embeddings: EmbeddingsBackend = "torch"
+    embedding_sharding: ShardingKind = "auto"  # row_wise needs CUDA
     checkpoint_every: int = 0  # steps; 0 = only at the end and on SIGTERM
     keep_checkpoints: int = 3
     log_every: int = 10  # steps between metrics records (each one synchronises the device)
@@ -141,6 +147,9 @@ class TrainConfig:
             raise ValueError(f"min_lr_ratio: must be in [0, 1], got {self.min_lr_ratio!r}")
         if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
             raise ValueError(f"betas: expected two values in [0, 1), got {list(self.betas)!r}")
+        if self.embeddings == "torchrec" and (self.strategy != "ddp" or self.compile):
+            raise ValueError("embeddings 'torchrec' shards the ID tables and runs the rest as DDP: it needs "
+                             "strategy 'ddp' and compile false")
         if self.strategy == "fsdp" and self.precision == "fp16":
             raise ValueError("precision 'fp16' is not supported with strategy 'fsdp' (its GradScaler "
                              "would see only local shards); use 'bf16'")
@@ -257,7 +266,14 @@ class Trainer:
         _seed_everything(cfg.seed + self.env.rank)  # distinct dropout streams per rank
 
         self.model = model.to(self.env.device)
-        self._wrapped = D.wrap_model(self.model, self.env, cfg.strategy, cfg.bucket_cap_mb)
+        self.sharded = None  # feedrank.train.sharding.ShardedEmbeddings when embeddings == "torchrec"
+        if cfg.embeddings == "torchrec":
+            from feedrank.train.sharding import shard_model
+
+            self.sharded = shard_model(self.model, self.env, cfg.embedding_sharding, self.ckpt_dir, cfg.bucket_cap_mb)
+            self._wrapped = self.sharded.module
+        else:
+            self._wrapped = D.wrap_model(self.model, self.env, cfg.strategy, cfg.bucket_cap_mb)
         self.module: nn.Module = torch.compile(self._wrapped, mode=cfg.compile_mode) if cfg.compile else self._wrapped
         self.optimizer = _adamw(self.model, cfg, self.env.device)
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=cfg.precision == "fp16")
@@ -285,9 +301,13 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         """Checkpoint the current step. Every rank calls it; rank 0 writes; all wait for the write."""
         self._raise_if_nonfinite()
-        model_sd, optim_sd = gather_state(self.model, self.optimizer)
-        rng = D.all_gather_objects(self.env, capture_rng())
         path = checkpoint_path(self.ckpt_dir, self.state.step)
+        if self.sharded is not None:  # every rank writes its shards; the .pt below commits them
+            model_sd, optim_sd = {}, {}
+            self.sharded.save(sharded_dir(path), self.optimizer)
+        else:
+            model_sd, optim_sd = gather_state(self.model, self.optimizer)
+        rng = D.all_gather_objects(self.env, capture_rng())
         if self.env.is_main:
             save_checkpoint(path, {
                 "format": 1,
@@ -298,6 +318,7 @@ class Trainer:
                 "scaler": self.scaler.state_dict(),
                 "rng": rng,
                 "world_size": self.env.world_size,
+                "sharded": sharded_dir(path).name if self.sharded is not None else None,
                 "config": to_dict(self.cfg),
             })
             prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
@@ -312,7 +333,13 @@ class Trainer:
         if path is None:
             return False
         payload = load_checkpoint(path)
-        apply_state(self.model, self.optimizer, payload["model"], payload["optimizer"])
+        if bool(payload.get("sharded")) != (self.sharded is not None):
+            raise ValueError(f"checkpoint {path} was written with embeddings "
+                             f"{'torchrec' if payload.get('sharded') else 'torch'}: resume it with the same setting")
+        if self.sharded is not None:
+            self.sharded.load(path.parent / payload["sharded"], self.optimizer)
+        else:
+            apply_state(self.model, self.optimizer, payload["model"], payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
         self.state = TrainState(**payload["state"])
         rng = payload["rng"]
@@ -489,7 +516,9 @@ class Trainer:
         self.scaler.unscale_(self.optimizer)  # clip and measure true gradients, not fp16-scaled ones
         params = [p for p in self.model.parameters() if p.grad is not None]
         norm = None
-        if self.cfg.clip_grad_norm is not None:
+        if self.sharded is not None and (self.cfg.clip_grad_norm is not None or need_norm):
+            norm = self.sharded.clip_grad_norm_(params, self.cfg.clip_grad_norm)  # global over shards
+        elif self.cfg.clip_grad_norm is not None:
             norm = nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
         elif need_norm:
             norm = nn.utils.get_total_norm([p.grad for p in params])
