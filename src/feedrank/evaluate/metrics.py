@@ -69,6 +69,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+#: The tie rule in one line, for reports and metrics.json (details: this module's docstring).
+TIE_RULE = ("ties: expected value over a uniformly random order of equal scores (AUC counts a tie 1/2; "
+            "MRR, NDCG, precision/recall/hit@k computed exactly under that expectation)")
 ArrayLike = Any  # numpy array, torch tensor or sequence of numbers
 #: Relevant (or excluded) items per user for ``topk_metrics``: a boolean [n_users, n_items]
 #: matrix, a tuple of CSR arrays ``(indptr, indices)``, a ``scipy.sparse`` matrix, or a list with

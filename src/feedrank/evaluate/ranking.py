@@ -57,7 +57,6 @@ Example::
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -77,8 +76,9 @@ from feedrank.config import from_dict
 from feedrank.data.batch import Batch
 from feedrank.data.collate import BATCH_COLUMNS, collate
 from feedrank.evaluate.bootstrap import BootstrapTable, Comparison, Interval, bootstrap_models
+from feedrank.evaluate.impressions import impression_rows
 from feedrank.evaluate.metrics import ReliabilityCurve, reliability_curve
-from feedrank.evaluate.retrieval import popularity_scores
+from feedrank.evaluate.retrieval import popularity_baseline
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, load_manifest, log_hash, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import FIRST_ID, Vocab, Vocabularies
@@ -147,17 +147,6 @@ class Holdout:
 
 def _known(vocab: Vocab, idx: np.ndarray) -> np.ndarray:
     return (idx >= FIRST_ID) & (idx < FIRST_ID + len(vocab.ids))
-
-
-def impression_rows(table: pa.Table, exclude_prefixes: Sequence[str] = ()) -> pa.Table:
-    """The rows of ``table`` that are impressions: those whose ``request_id`` starts with none of
-    ``exclude_prefixes`` (e.g. MIND's ``hist-`` rows, pre-window clicks that a reader writes so that
-    histories and counters are complete, but that no feed ever showed)."""
-    if not exclude_prefixes:
-        return table
-    request = table["request_id"]
-    excluded = functools.reduce(pc.or_, (pc.starts_with(request, prefix) for prefix in exclude_prefixes))
-    return table.filter(pc.invert(excluded))
 
 
 def load_holdout(features_dir: str | Path, vocabs: Vocabularies, max_requests: int | None = None, seed: int = 0,
@@ -277,7 +266,7 @@ def baseline_scores(rows: pa.Table, catalogue: pa.Table, seed: int = 0) -> dict[
     item = rows["item_idx"].to_numpy()
     rankable = np.flatnonzero(catalogue["item_id"].is_valid().to_numpy(zero_copy_only=False))
     popularity = np.zeros(catalogue.num_rows, dtype=np.float64)  # items outside the vocabulary: last
-    popularity[rankable] = popularity_scores(catalogue, rankable)
+    popularity[rankable] = popularity_baseline(catalogue, rankable)
     return {
         "popularity": popularity[item],
         "recency": -rows["item_age_h"].to_numpy().astype(np.float64),
