@@ -131,6 +131,7 @@ _FIXED: dict[str, Metric] = {
 #: ``<name>@k`` metrics: the scalar function and its per-group values, both ``f(y, s, k, groups)``.
 _AT_K: dict[str, tuple[Callable[..., float], Callable[..., M.GroupValues]]] = {
     "ndcg": (M.ndcg_at_k, M.ndcg_values),
+    "dcg": (M.dcg_at_k, M.dcg_values),
     "recall": (M.recall_at_k, M.recall_values),
     "precision": (M.precision_at_k, M.precision_values),
     "hit": (M.hit_at_k, M.hit_values),
@@ -146,7 +147,7 @@ def _at_k(name: str, base: str, k: int) -> Metric:
 
 def get_metric(name: str) -> Metric:
     """The metric called ``name``: one of ``auc gauc mrr log_loss ne ece`` or ``<m>@<k>`` with
-    ``m`` in ``ndcg recall precision hit`` (e.g. ``ndcg@10``)."""
+    ``m`` in ``ndcg dcg recall precision hit`` (e.g. ``ndcg@10``)."""
     if name in _FIXED:
         return _FIXED[name]
     base, at, k = name.partition("@")

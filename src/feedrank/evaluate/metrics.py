@@ -548,6 +548,27 @@ def ndcg_values(
         return _averaged(ranked.ids, dcg / idcg, idcg > 0)
 
 
+def dcg_values(
+    labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
+) -> GroupValues:
+    """Per-group DCG@k, not normalised (gains ``2**label - 1``, discounts ``1/log2(rank + 1)``),
+    defined for every group: a list without a positive is worth 0, not undefined.
+
+    With ``label = log2(1 + dwell seconds)`` the gain is the dwell itself, and the DCG is the time
+    a user who examines rank r with probability ``1/log2(r + 1)`` spends on the list as ranked:
+    the evaluation's expected time spent per feed."""
+    k = _positive_int(k, "k")
+    ranked = _rank(*_ranking_inputs(labels, scores, groups, graded=True))
+    discounts = _cumulative(_discount(np.arange(1, k + 1, dtype=np.float64)))
+    dcg = ranked.per_group((np.exp2(ranked.labels) - 1.0) * ranked.expected(discounts))
+    return _averaged(ranked.ids, dcg, np.ones(ranked.ids.shape[0], dtype=bool))
+
+
+def dcg_at_k(labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None) -> float:
+    """Mean over groups of the unnormalised DCG@k (``dcg_values``)."""
+    return dcg_values(labels, scores, k, groups).mean()
+
+
 def ndcg_at_k(
     labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
 ) -> float:

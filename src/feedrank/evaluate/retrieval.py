@@ -136,16 +136,23 @@ def comparison_row(a: str, b: str, c: Comparison) -> dict[str, Any]:
             "p": _finite(c.p_value), "value_a": _finite(c.value_a), "value_b": _finite(c.value_b)}  # fmt: skip
 
 
-def slice_rows(name: str, share: float, table: BootstrapTable, metrics: Sequence[str], extra: Mapping[str, Any],
-               oracle: str | None, random: str = RANDOM) -> dict[str, Any]:  # fmt: skip
+def slice_rows(name: str, share: float, tables: Sequence[tuple[BootstrapTable, Mapping[str, str]]],
+               counts: Mapping[str, Any], oracle: str | None, random: str = RANDOM) -> dict[str, Any]:  # fmt: skip
     """One slice of an evaluation for metrics.json: every model's metrics with intervals and, with
-    an oracle, its share of the oracle's lift over random (``BootstrapTable.lift_share``)."""
-    models = {m: {k: cell(*_value_ci(table.interval(m, k))) for k in metrics} for m in table.models}
-    shares = {}
-    if oracle is not None and oracle in table.models and random in table.models:
-        shares = {m: {k: cell(*_value_ci(table.lift_share(m, k, oracle, random))) for k in metrics}
-                  for m in table.models if m not in (oracle, random)}  # fmt: skip
-    return {"slice": name, "share": share, "counts": dict(extra), "models": models, "lift_share": shares}
+    an oracle, its share of the oracle's lift over random (``BootstrapTable.lift_share``).
+
+    ``tables`` pairs each bootstrap table with the metrics to show from it, ``{its name: shown
+    name}`` (time spent is an NDCG on dwell labels, shown apart from the click NDCG)."""
+    models: dict[str, dict[str, Any]] = {}
+    shares: dict[str, dict[str, Any]] = {}
+    for table, names in tables:
+        has_oracle = oracle is not None and oracle in table.models and random in table.models
+        for m in table.models:
+            models.setdefault(m, {}).update({shown: cell(*_value_ci(table.interval(m, k))) for k, shown in names.items()})
+            if has_oracle and m not in (oracle, random):
+                shares.setdefault(m, {}).update(
+                    {shown: cell(*_value_ci(table.lift_share(m, k, oracle, random))) for k, shown in names.items()})
+    return {"slice": name, "share": share, "counts": dict(counts), "models": models, "lift_share": shares}
 
 
 def _value_ci(interval: Interval) -> tuple[float, tuple[float, float]]:
@@ -246,8 +253,9 @@ def evaluate_ranking(
     comparisons = [(b, model_name, c) for b in scorers if b != model_name for c in table.compare(b, model_name)]
     with_oracle = ORACLE if world is not None else None
     n_pairs = max(pair_user.size, 1)
-    slices = [slice_rows("all", 1.0, table, names, {"users": int((np.bincount(pair_user) > 0).sum()),
-                                                    "relevant": int(pair_user.size)}, with_oracle)]  # fmt: skip
+    same = {n: n for n in names}
+    slices = [slice_rows("all", 1.0, [(table, same)], {"users": int((np.bincount(pair_user) > 0).sum()),
+                                                       "relevant": int(pair_user.size)}, with_oracle)]  # fmt: skip
     for kind, name in SLICES:
         if kind == "items":
             mask = pair_masks[name]
@@ -259,7 +267,7 @@ def evaluate_ranking(
             slices.append({"slice": name, "share": 0.0, "counts": {"users": 0, "relevant": 0}, "models": {}, "lift_share": {}})
             continue
         extra = {"users": int((np.bincount(pair_user[mask]) > 0).sum()), "relevant": int(mask.sum())}
-        slices.append(slice_rows(name, float(mask.sum() / n_pairs), bootstrap_values(part, **options), names,
+        slices.append(slice_rows(name, float(mask.sum() / n_pairs), [(bootstrap_values(part, **options), same)],
                                  extra, with_oracle))  # fmt: skip
 
     counts = {
