@@ -12,6 +12,7 @@ from sklearn.metrics import ndcg_score, precision_score, recall_score, roc_auc_s
 from feedrank.evaluate.metrics import (
     _lexsort,
     auc,
+    dcg_at_k,
     group_auc,
     hit_at_k,
     mrr,
@@ -256,3 +257,15 @@ def test_lexsort_falls_back_when_codes_overflow():
     rng = np.random.default_rng(4)
     keys = [rng.permutation(2**16) for _ in range(4)]
     np.testing.assert_array_equal(_lexsort(keys), np.lexsort(keys))
+
+
+def test_dcg_of_dwell_gains_is_the_expected_seconds_per_feed():
+    # dwell 30 s and 10 s; labels log2(1 + dwell) make the gain 2**label - 1 the dwell itself
+    dwell = np.array([0.0, 30.0, 10.0, 0.0])
+    labels, groups = np.log2(1 + dwell), [1, 1, 2, 2]
+    # group 1 ranks the 30 s item second: 30 / log2(3); group 2 ties both: (D1 + D2) / 2 * 10
+    got = dcg_at_k(labels, [0.9, 0.1, 0.5, 0.5], k=10, groups=groups)
+    assert got == pytest.approx((30 * D[2] + 10 * (D[1] + D[2]) / 2) / 2, abs=1e-9)
+    # a list without dwell is worth 0 seconds, not undefined
+    assert dcg_at_k([0.0, 0.0], [0.3, 0.1], k=10) == 0.0
+    assert ndcg_at_k(labels, [0.1, 0.9, 0.5, 0.4], k=10, groups=groups) == pytest.approx(1.0)
