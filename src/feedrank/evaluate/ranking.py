@@ -12,6 +12,14 @@ Protocol::
                log loss, normalized entropy, ECE and the reliability curve
     intervals  clustered bootstrap (requests, or users) with percentile CIs; every comparison is
                paired: both models on the same resampled requests (``feedrank.evaluate.bootstrap``)
+    ties       one rule for every metric: the expected value over a uniformly random order of
+               equal scores (``feedrank.evaluate.metrics``; recorded as ``holdout.ties``)
+    time spent ``dwell_ndcg@10`` (NDCG with gain = dwell seconds) and ``time_spent@10`` (its DCG:
+               the seconds a user who examines rank r with probability 1/log2(r + 1) spends on
+               the list as the model orders it, per request, logged dwell), for every model
+    slices     the same models on items seen in training vs new items and warm vs cold users
+               (in the training vocabulary or not): ``metrics.json`` ``slices``, with each model's
+               share of the oracle's lift over random, ``(m - random) / (oracle - random)``
 
 Models (``score__<name>`` columns of ``eval/predictions.parquet``):
 
@@ -22,8 +30,12 @@ Models (``score__<name>`` columns of ``eval/predictions.parquet``):
   falls with the slot; the top-slot probability of serving is the same model without that term.
 - ``two_tower``: the frozen two-tower's ``u . v / T`` alone (when the ranker was trained with one);
 - ``popularity``: training-window clicks of the item (ties: impressions); items never seen in
-  training rank last; ``recency``: the item's age at the impression, newest first;
-  ``random``: seeded uniform scores.
+  training rank last, items equal on both stay tied; ``recency``: the item's age at the
+  impression, newest first; ``random``: every candidate tied, which under the tie rule is exactly
+  the mean over random orders (AUC 0.5), with no sampling noise.
+- ``oracle`` (when the log has ``truth/``, a simulated world): ``World.true_affinity x
+  World.freshness`` at the impression's time, the world's position-free click utility
+  (``feedrank.evaluate.oracle``): the ceiling every share of lift is measured against.
 - ``production`` (``--against``): another bundle (ranker, or two-tower ``u . v / T``) scored on the
   impressions both holdouts contain, with its own features and vocabularies.
 

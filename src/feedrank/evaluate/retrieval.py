@@ -1,4 +1,4 @@
-"""Full-catalogue evaluation of a retrieval model, side by side with a popularity baseline.
+"""Full-catalogue evaluation of a retrieval model, side by side with popularity, random and the oracle.
 
 Protocol (the RecBole "full ranking" protocol, on a time split)::
 
@@ -8,13 +8,18 @@ Protocol (the RecBole "full ranking" protocol, on a time split)::
         scores        <- user vector . item vector, for every item of the catalogue
         excluded      <- items the user clicked before the cut (RecBole excludes training items)
         top k         -> recall, NDCG, MRR, hit and precision @k  (feedrank.evaluate.metrics)
+    intervals: a bootstrap over users (``bootstrap.bootstrap_values``), paired comparisons of the
+    model against every other row, and slices (warm/cold users, items seen in training or not)
 
 Definitions, each a choice:
 
-- **relevant** items are those the user *engaged with* in the test period (``clicked and not
-  hidden``, the same rule as the history); an item the user also clicked before the cut is dropped
-  from the relevant set (it is excluded from the ranking, so it could never be hit) and counted as
-  ``n_relevant_seen``;
+- **relevant** items are those the user *engaged with* in an *impression* of the test period
+  (``clicked and not hidden``, the same rule as the history). Rows of requests named by
+  ``exclude_prefixes`` (default ``hist-``: the pre-window clicks MIND and EB-NeRD readers write,
+  timestamped after the cut for users first seen after it) are history, not impressions
+  (``feedrank.evaluate.impressions``), exactly as ranking evaluation treats them. An item the
+  user also clicked before the cut is dropped from the relevant set (it is excluded from the
+  ranking, so it could never be hit) and counted as ``n_relevant_seen``;
 - **excluded** items are those the user *clicked* before the cut, hidden or not: opened once is
   enough not to be retrieved again;
 - **item age** is the hours from ``created_ts`` (or the first training impression when it is
@@ -22,8 +27,14 @@ Definitions, each a choice:
 - **OOV** users (not in the user vocabulary) are still evaluated through the OOV embedding and
   their history, and counted (``n_oov_users``); relevant items outside the item vocabulary cannot
   be ranked, so they are dropped and counted (``n_relevant_oov`` pairs, ``n_oov_items`` items);
-- the **popularity** baseline ranks by training clicks (ties by training impressions, then by
-  vocabulary index), with the same exclusion.
+- the **popularity** baseline ranks by training clicks, then training impressions; items equal on
+  both are tied, with the same exclusion; **random** scores every item alike;
+- **ties** follow the one rule of ``feedrank.evaluate.metrics``: the expected value over a random
+  order of equal scores, computed exactly from each relevant item's tie block, so ``random`` is
+  the exact expectation of a uniformly random ranking;
+- the **oracle** (a log with ``truth/``): the world's ``true_affinity x freshness`` at the cut
+  for every user and catalogue item (``feedrank.evaluate.oracle``); each slice then gives every
+  model's share of the oracle's lift over random.
 
 The core, ``evaluate_ranking``, takes explicit inputs (model, vocabularies, catalogue, per-user
 state, relevant and excluded pairs as raw ids), so a benchmark on a fixed external split (e.g.
