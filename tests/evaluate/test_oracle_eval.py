@@ -11,7 +11,7 @@ import pytest
 from feedrank.bundle import build_catalogue, build_ranker, build_two_tower
 from feedrank.data.log import read_events
 from feedrank.data.simulate import simulate
-from feedrank.data.world import WorldConfig, load_world
+from feedrank.data.world import WorldConfig
 from feedrank.evaluate.oracle import ORACLE, load_truth, oracle_scores
 from feedrank.evaluate.ranking import RankerScorer, RankingEvalConfig, evaluate_ranker, load_holdout
 from feedrank.evaluate.report import load_metrics, write_report
@@ -86,3 +86,16 @@ def test_retrieval_evaluation_adds_the_oracle_and_its_lift(world_run):
     lift = result.slices[0]["lift_share"]["two_tower"]["recall@10"]
     assert lift["value"] is not None and lift["ci"] is not None
     assert {c[0] for c in result.comparisons} == {"popularity", "random", ORACLE}
+
+
+def test_a_log_without_dwell_or_truth_gets_neither_time_spent_nor_an_oracle(world_run):
+    root, vocabs, catalogue = world_run
+    holdout = load_holdout(root / "features", vocabs)
+    rows = holdout.rows.set_column(holdout.rows.schema.get_field_index("dwell_s"), "dwell_s",
+                                   pa.array(np.zeros(holdout.rows.num_rows, np.float32)))  # fmt: skip
+    bare = type(holdout)(rows, holdout.counts, holdout.features_dir, holdout.split_at, holdout.warm_user,
+                         holdout.seen_item, log_dir=None)  # as if ingested from MIND: no dwell, no truth/
+    model = build_ranker({"ranker": {"dim": 8, "hidden": [16]}}, vocabs).eval()
+    ev = evaluate_ranker(RankerScorer(model), catalogue, bare, RankingEvalConfig(n_resamples=10)).evaluation
+    assert ORACLE not in ev.models and "time_spent@10" not in ev.models["ranker"]
+    assert all(s["lift_share"] == {} for s in ev.slices) and ev.holdout["oracle"] == "none (no truth/)"

@@ -485,15 +485,18 @@ def evaluate_ranker(
 
     labels, requests = holdout.labels, holdout.column("request")
     clusters = requests if cfg.cluster == "request" else np.unique(holdout.column("user_id"), return_inverse=True)[1]
+    dwell = holdout.column("dwell_s").astype(np.float64)
+    timed = bool((dwell > 0).any())  # MIND has no dwell: no time-spent metrics rather than constant zeros
     evaluation = compute_evaluation(labels, requests, clusters, scores, probs, pairs, cfg, progress,
-                                    dwell=holdout.column("dwell_s").astype(np.float64))  # fmt: skip
+                                    dwell=dwell if timed else None)  # fmt: skip
     masks = {"items seen in training": holdout.seen_item, "new items": ~holdout.seen_item,
              "warm users": holdout.warm_user, "cold users": ~holdout.warm_user}  # fmt: skip
     evaluation.slices += slice_evaluation(labels, requests, clusters, scores, masks, cfg)
     evaluation.holdout = {
         "protocol": "MIND: candidate lists = requests; AUC pooled, GAUC/MRR/NDCG per request",
         "ties": TIE_RULE, "oracle": "world truth: true_affinity x freshness" if world is not None else "none (no truth/)",
-        "time_spent": "dwell_ndcg@10: NDCG with gain = dwell seconds; time_spent@10: its DCG, seconds per feed",
+        "time_spent": ("dwell_ndcg@10: NDCG with gain = dwell seconds; time_spent@10: its DCG, seconds per feed"
+                       if timed else "not measured: no impression of the holdout has a dwell time"),
         "split_at": holdout.split_at, "features": str(holdout.features_dir), **counts,
         "bootstrap": f"{cfg.n_resamples} resamples of {cfg.cluster}s, {cfg.level:.0%} percentile intervals",
         "negative_rate": scorer.model.cfg.negative_rate,
