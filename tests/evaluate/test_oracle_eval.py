@@ -9,6 +9,7 @@ import pyarrow as pa
 import pytest
 
 from feedrank.bundle import build_catalogue, build_ranker, build_two_tower
+from feedrank.data.collate import collate
 from feedrank.data.log import read_events
 from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig
@@ -54,6 +55,12 @@ def test_ranking_evaluation_adds_the_oracle_its_lift_and_time_spent(world_run, t
     assert ev.models[ORACLE]["auc"].value > 0.6  # the world's utility separates clicks well
     for model_name in ev.models:
         assert {"dwell_ndcg@10", "time_spent@10"} <= set(ev.models[model_name])
+    # the value formula under the dwell weights none, the run's (0.1) and 1: what dwell does to each metric
+    assert {"value_dwell_0", "value_dwell_0.1", "value_dwell_1"} <= set(ev.models)
+    out = RankerScorer(model)(collate(holdout.rows))
+    expected = out["click"] + 5.0 * out["share"] - 3.0 * out["hide"]  # ranking_demo-like defaults, dwell weight 0
+    np.testing.assert_allclose(result.predictions["score__value_dwell_0"].to_numpy(), expected.double().numpy(),
+                               rtol=1e-5, atol=1e-6)  # fmt: skip
     # time spent per feed is seconds: the oracle's list of the same candidates holds more of them
     assert ev.models[ORACLE]["time_spent@10"].value > ev.models["random"]["time_spent@10"].value > 0
     by_name = {s["slice"]: s for s in ev.slices}

@@ -17,7 +17,7 @@ from feedrank.config import ConfigError, from_dict
 from feedrank.data.collate import Collator
 from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig
-from feedrank.evaluate.ranking import RankerScorer, evaluate_bundle, load_holdout
+from feedrank.evaluate.ranking import RankerScorer, dwell_weights, evaluate_bundle, load_holdout
 from feedrank.evaluate.report import load_metrics, load_predictions, write_report
 from feedrank.features import NotTrainableError, split_files
 from feedrank.features.labels import LabelConfig
@@ -130,7 +130,8 @@ def test_label_weights_are_engagement_weights_over_their_click_class_mean(tmp_pa
 def test_evaluation_holds_the_ranker_the_baselines_and_calibrated_probabilities(trained):
     out, _, bundle, _ = trained
     metrics = load_metrics(out / "eval" / "metrics.json")  # the report's strict reader accepts it
-    assert set(metrics.models) == {"ranker", "two_tower", "popularity", "recency", "random", "oracle"}  # a world log
+    values = {f"value_dwell_{w:g}" for w in dwell_weights(bundle.model.cfg.value.dwell)}  # the value formula's rows
+    assert set(metrics.models) == {"ranker", "two_tower", "popularity", "recency", "random", "oracle"} | values
     assert {"auc", "gauc", "mrr", "ndcg@5", "ndcg@10", "log_loss", "ne", "ece", "dwell_ndcg@10",
             "time_spent@10"} == set(metrics.models["ranker"])  # fmt: skip
     pairs = {(c.a, c.b) for c in metrics.comparisons}
@@ -201,7 +202,8 @@ def test_without_a_two_tower_the_ranker_trains_on_its_own_features(world, tmp_pa
                          ranker={"negative_rate": 1.0}, train={"steps": 5})  # fmt: skip
     bundle = train_ranking(world, tmp_path, cfg, progress=False)
     assert bundle.config["ranker"]["two_tower_dim"] == 0 and "two_tower" not in bundle.meta["sources"]
-    assert set(bundle.metrics["eval"]["models"]) == {"ranker", "popularity", "recency", "random", "oracle"}
+    values = {f"value_dwell_{w:g}" for w in dwell_weights(bundle.model.cfg.value.dwell)}
+    assert set(bundle.metrics["eval"]["models"]) == {"ranker", "popularity", "recency", "random", "oracle"} | values
     assert not (tmp_path / "ranking_sample").exists()  # rate 1, nothing excluded: the split is read as is
     holdout = load_holdout(tmp_path / "features", bundle.vocabs)
     assert holdout.counts["impressions"] == bundle.metrics["eval"]["holdout"]["impressions"]

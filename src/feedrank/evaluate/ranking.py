@@ -36,6 +36,9 @@ Models (``score__<name>`` columns of ``eval/predictions.parquet``):
 - ``oracle`` (when the log has ``truth/``, a simulated world): ``World.true_affinity x
   World.freshness`` at the impression's time, the world's position-free click utility
   (``feedrank.evaluate.oracle``): the ceiling every share of lift is measured against.
+- ``value_dwell_<w>`` (when the holdout has dwell): the ranker's serving value formula
+  (``models.ranker.value_score``) with its dwell weight set to 0, the run's and 10x the run's (at
+  least 1): what the dwell weight does to the click and time-spent metrics, without retraining.
 - ``production`` (``--against``): another bundle (ranker, or two-tower ``u . v / T``) scored on the
   impressions both holdouts contain, with its own features and vocabularies.
 
@@ -98,7 +101,7 @@ from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import FIRST_ID, Vocab, Vocabularies
 from feedrank.fsutil import staged_file
 from feedrank.models.calibration import correct_logit
-from feedrank.models.ranker import Ranker
+from feedrank.models.ranker import HeadWeights, Ranker, value_score
 from feedrank.train.task import EVAL_DIR, ensure_features
 
 RANKING_METRICS = ("auc", "gauc", "mrr", "ndcg@5", "ndcg@10")
@@ -477,6 +480,10 @@ def evaluate_ranker(
         scores[ORACLE] = oracle_scores(world, rows["user_id"], rows["item_id"], rows["ts"].cast(pa.int64()).to_numpy())
     probs = {RANKER: out["prob"]}
     pairs = [(baseline, RANKER) for baseline in scores if baseline != RANKER]
+    dwell = holdout.column("dwell_s").astype(np.float64)
+    timed = bool((dwell > 0).any())  # MIND has no dwell: no time-spent metrics rather than constant zeros
+    if timed:
+        scores |= value_rows(out, scorer.model.cfg.value)
     if outputs_of_production is not None:
         scores[PRODUCTION] = outputs_of_production["score"]
         if "prob" in outputs_of_production:
@@ -485,8 +492,6 @@ def evaluate_ranker(
 
     labels, requests = holdout.labels, holdout.column("request")
     clusters = requests if cfg.cluster == "request" else np.unique(holdout.column("user_id"), return_inverse=True)[1]
-    dwell = holdout.column("dwell_s").astype(np.float64)
-    timed = bool((dwell > 0).any())  # MIND has no dwell: no time-spent metrics rather than constant zeros
     evaluation = compute_evaluation(labels, requests, clusters, scores, probs, pairs, cfg, progress,
                                     dwell=dwell if timed else None)  # fmt: skip
     masks = {"items seen in training": holdout.seen_item, "new items": ~holdout.seen_item,
@@ -502,6 +507,21 @@ def evaluate_ranker(
         "negative_rate": scorer.model.cfg.negative_rate,
     }  # fmt: skip
     return RankingResult(evaluation, predictions_table(holdout, scores, probs))
+
+
+def dwell_weights(configured: float) -> list[float]:
+    """The value formula's dwell weights evaluation tries: none, the run's, and ten times it (at
+    least 1: dwell weighing like a click)."""
+    return sorted({0.0, configured, max(10.0 * configured, 1.0)})
+
+
+def value_rows(outputs: Mapping[str, np.ndarray], weights: HeadWeights) -> dict[str, np.ndarray]:
+    """``value_dwell_<w>``: the ranker's serving value formula (``models.ranker.value_score``) with
+    its dwell weight set to each of ``dwell_weights``, the rest as configured: what the dwell weight
+    does to the click and the time-spent metrics, without retraining."""
+    preds = {head: outputs[head] for head in ("click", "dwell", "share", "hide")}
+    return {f"value_dwell_{w:g}": np.asarray(value_score(preds, dataclasses.replace(weights, dwell=w)), dtype=np.float64)
+            for w in dwell_weights(weights.dwell)}  # fmt: skip
 
 
 def predictions_table(holdout: Holdout, scores: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray]) -> pa.Table:
