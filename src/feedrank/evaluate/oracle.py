@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from feedrank.data.schema import to_epoch_us
 from feedrank.data.world import World, load_world
 from feedrank.data.world.world import TRUTH_DIR
 
@@ -35,7 +36,7 @@ def load_truth(log_dir: str | Path) -> World | None:
 def oracle_scores(world: World, user_ids: pa.Array | pa.ChunkedArray, item_ids: pa.Array | pa.ChunkedArray,
                   ts_us: np.ndarray) -> np.ndarray:  # fmt: skip
     """Per impression: ``true_affinity(user, item) * freshness(item age at ts_us)`` (float64)."""
-    users, items = world.user_index(_array(user_ids)), world.item_index(_array(item_ids))
+    users, items = world.user_index(user_ids), world.item_index(item_ids)
     age_h = world.item_age_h(items, np.asarray(ts_us, dtype=np.int64))
     return world.true_affinity(users, items).astype(np.float64) * world.freshness(age_h)
 
@@ -43,18 +44,15 @@ def oracle_scores(world: World, user_ids: pa.Array | pa.ChunkedArray, item_ids: 
 class CatalogueOracle:
     """Scores users against a fixed list of items at one time ``at`` (full-catalogue retrieval)."""
 
-    def __init__(self, world: World, user_ids: pa.Array, item_ids: pa.Array, at: dt.datetime):
+    def __init__(self, world: World, user_ids: pa.Array | pa.ChunkedArray, item_ids: pa.Array | pa.ChunkedArray,
+                 at: dt.datetime):  # fmt: skip
         self.world = world
-        self.users = world.user_index(_array(user_ids))
-        self.items = world.item_index(_array(item_ids))
-        at_us = int(at.timestamp() * 1_000_000)
-        self.freshness = world.freshness(world.item_age_h(self.items, np.full(self.items.shape, at_us)))
+        self.users = world.user_index(user_ids)
+        self.items = world.item_index(item_ids)
+        self.freshness = world.freshness(world.item_age_h(self.items, np.full(self.items.shape, to_epoch_us(at))))
 
     def __call__(self, lo: int, hi: int) -> np.ndarray:
         """[hi - lo, n_items] oracle scores of users ``lo:hi``."""
         affinity = self.world.true_affinity(self.users[lo:hi, None], self.items[None, :])
         return affinity.astype(np.float64) * self.freshness[None, :]
 
-
-def _array(ids: pa.Array | pa.ChunkedArray) -> pa.Array:
-    return ids.combine_chunks() if isinstance(ids, pa.ChunkedArray) else ids
