@@ -11,6 +11,15 @@ Acceptance (printed as PASS/FAIL, exit status 1 on a FAIL):
   (requests resampled) above zero;
 - its click probabilities are calibrated after the down-sampling correction: ECE < 0.02.
 
+Against the world's oracle (the log's ``truth/``: ``World.true_affinity`` x ``World.freshness``),
+it prints issue #13's table, per slice of the holdout (all, items seen in training, new items,
+warm and cold users): share of impressions, CTR, the AUC of the oracle, ranker, two-tower and
+recency, and each model's share of the oracle's lift over random, ``(m - random) / (oracle -
+random)``, on AUC and NDCG@10; then the time-spent metrics (dwell NDCG@10, expected seconds per
+feed) of every model. Issue #13's targets (ranker >= 85% of the oracle's AUC lift overall and >=
+70% on new items, two-tower alone > 0.60 AUC) are printed as PASS/FAIL lines too, apart from the
+acceptance above: they wait for the content-aware item tower and do not set the exit status.
+
 Usage::
 
     .venv/bin/python benchmarks/ranking_synthetic.py                      # the demo world, 1000 resamples
@@ -31,6 +40,7 @@ import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
 from feedrank.commands.train import ranking_tables
 from feedrank.config import load_yaml
@@ -42,6 +52,12 @@ from feedrank.train.retrieval import load_run_config
 BASELINES = ("two_tower", "popularity", "recency", "random")
 METRICS = ("auc", "ndcg@10")
 MAX_ECE = 0.02
+TABLE_MODELS = ("oracle", "ranker", "two_tower", "recency")  # the AUC columns of issue #13's table
+LIFT_MODELS = ("ranker", "two_tower", "recency", "popularity")
+#: Issue #13's targets: (what, slice, model, metric, bound, read the share of lift?).
+TARGETS = (("ranker share of oracle AUC lift >= 0.85", "all", "ranker", "auc", 0.85, True),
+           ("ranker share of oracle AUC lift on new items >= 0.70", "new items", "ranker", "auc", 0.70, True),
+           ("two-tower AUC alone > 0.60", "all", "two_tower", "auc", 0.60, False))  # fmt: skip
 
 
 def checks(doc: dict) -> list[dict]:
@@ -56,6 +72,51 @@ def checks(doc: dict) -> list[dict]:
                          "figure": None if c is None else {"delta": c["delta"], "ci": c["ci"]}})  # fmt: skip
     ece = doc["models"]["ranker"]["ece"]
     rows.append({"check": f"ranker ece < {MAX_ECE}", "ok": ece["value"] is not None and ece["value"] < MAX_ECE, "figure": ece})
+    return rows
+
+
+def _value(cell: dict | None) -> float | None:
+    return None if cell is None else cell.get("value")
+
+
+def _fmt(x: float | None, digits: int = 3, pct: bool = False) -> str:
+    if x is None:
+        return "-"
+    return f"{x:.0%}" if pct else f"{x:.{digits}f}"
+
+
+def oracle_tables(doc: dict) -> list[Table]:
+    """Issue #13's slice table (AUC, share of lift) and the time-spent table, from metrics.json."""
+    slices = doc.get("slices", [])
+    lifted = [m for m in LIFT_MODELS if any(m in s["lift_share"] for s in slices)]
+    table = Table(title="the oracle and the slices: AUC, and share of the oracle's lift over random (AUC | NDCG@10)")
+    for column in ("slice", "share", "CTR", *(f"{m} AUC" for m in TABLE_MODELS), *(f"{m} lift" for m in lifted)):
+        table.add_column(column, justify="left" if column == "slice" else "right")
+    for s in slices:
+        auc = [_fmt(_value(s["models"].get(m, {}).get("auc"))) for m in TABLE_MODELS]
+        lift = [f"{_fmt(_value(s['lift_share'].get(m, {}).get('auc')), pct=True)} | "
+                f"{_fmt(_value(s['lift_share'].get(m, {}).get('ndcg@10')), pct=True)}" for m in lifted]  # fmt: skip
+        table.add_row(s["slice"], _fmt(s["share"], pct=True), _fmt(s["counts"].get("ctr")), *auc, *lift)
+    time_spent = Table(title="time spent: dwell NDCG@10 and expected seconds per feed (top 10), beside click NDCG@10")
+    for column in ("model", "ndcg@10", "dwell_ndcg@10", "time_spent@10 (s)", "share of oracle lift (time)"):
+        time_spent.add_column(column, justify="left" if column == "model" else "right")
+    lift_all = slices[0]["lift_share"] if slices else {}
+    for model, cells in doc["models"].items():
+        if "time_spent@10" in cells:
+            time_spent.add_row(model, _fmt(_value(cells.get("ndcg@10")), 4), _fmt(_value(cells.get("dwell_ndcg@10")), 4),
+                               _fmt(_value(cells.get("time_spent@10")), 2),
+                               _fmt(_value(lift_all.get(model, {}).get("time_spent@10")), pct=True))  # fmt: skip
+    return [table, time_spent]
+
+
+def targets(doc: dict) -> list[dict]:
+    """Issue #13's targets (module docstring), each with its figure."""
+    by_slice = {s["slice"]: s for s in doc.get("slices", [])}
+    rows = []
+    for what, name, model, metric, bound, lift in TARGETS:
+        part = by_slice.get(name, {}).get("lift_share" if lift else "models", {})
+        figure = _value(part.get(model, {}).get(metric))
+        rows.append({"check": what, "ok": figure is not None and figure >= bound, "figure": figure})
     return rows
 
 
@@ -85,15 +146,22 @@ def main() -> int:
     doc = result.ranker.metrics["eval"]
     for table in ranking_tables(doc):
         console.print(table)
+    for table in oracle_tables(doc):
+        console.print(table)
     rows = checks(doc)
     for row in rows:
         console.print(f"{'PASS' if row['ok'] else 'FAIL'}  {row['check']}: {row['figure']}")
+    goals = targets(doc)
+    for row in goals:
+        console.print(f"{'PASS' if row['ok'] else 'FAIL'}  issue #13 target (not in the exit status): {row['check']}: "
+                      f"{_fmt(row['figure'])}")  # fmt: skip
     h = doc["holdout"]
     console.print(f"world: {summary.events:,} events; holdout {h['impressions']:,} impressions in {h['requests']:,} "
                   f"requests; negative_rate {h['negative_rate']}; {args.resamples} resamples")  # fmt: skip
     console.print(f"seconds: {json.dumps({k: round(v, 1) for k, v in seconds.items()})}; report {result.report}")
     out = {"world": str(args.world), "events": summary.events, "holdout": h, "models": doc["models"],
-           "comparisons": doc["comparisons"], "checks": rows, "seconds": seconds}  # fmt: skip
+           "comparisons": doc["comparisons"], "slices": doc.get("slices", []), "checks": rows, "targets": goals,
+           "seconds": seconds}  # fmt: skip
     (args.out / "ranking_synthetic.json").write_text(json.dumps(out, indent=2) + "\n")
     return 0 if all(row["ok"] for row in rows) else 1
 

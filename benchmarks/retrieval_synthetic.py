@@ -47,7 +47,8 @@ from feedrank.data.log import read_events
 from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig, load_world
 from feedrank.evaluate.metrics import ndcg_at_k
-from feedrank.evaluate.retrieval import catalogue_vectors, popularity_scores, user_batches, user_state
+from feedrank.bundle import popularity_scores
+from feedrank.evaluate.retrieval import catalogue_vectors, user_batches, user_state
 from feedrank.train.retrieval import RetrievalRunConfig, train_retrieval
 
 #: The run config, tuned on the default world (seed 0) by ground-truth NDCG@10 (model / popularity):

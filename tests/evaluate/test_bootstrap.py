@@ -15,7 +15,7 @@ from feedrank.evaluate.bootstrap import (
     get_metric,
     paired_bootstrap,
 )
-from feedrank.evaluate.metrics import group_auc, hit_values
+from feedrank.evaluate.metrics import group_auc, hit_values, mrr_values, ndcg_values
 
 
 def _holdout(n_groups=150, size=8, seed=0):
@@ -287,3 +287,32 @@ def test_custom_metric_with_a_decomposition_takes_the_fast_path():
     table = bootstrap_models(labels, scores, requests, [custom, "hit@1"], n_resamples=40, seed=0)
     assert len(calls) == 2  # the point estimate of each model only, never per replicate
     np.testing.assert_allclose(table.replicates[:, 0], table.replicates[:, 1], rtol=0, atol=1e-15)
+
+
+def test_precomputed_group_values_bootstrap_like_the_rows_they_came_from():
+    """``bootstrap_values`` (retrieval: per-user values from a full-catalogue ranking) draws the same
+    groups as ``bootstrap_models`` for the same seed, so its replicates are the same numbers."""
+    rng, groups, labels = _holdout(n_groups=80, size=6, seed=3)
+    scores = {"a": rng.random(labels.size), "b": labels + rng.normal(0, 1, labels.size)}
+    rows = bootstrap_models(labels, scores, groups, ["mrr", "ndcg@3"], n_resamples=50, seed=7)
+    values = {m: {"mrr": mrr_values(labels, s, groups), "ndcg@3": ndcg_values(labels, s, 3, groups)}
+              for m, s in scores.items()}  # fmt: skip
+    table = B.bootstrap_values(values, n_resamples=50, seed=7)
+    np.testing.assert_allclose(table.values, rows.values, atol=1e-12)
+    np.testing.assert_allclose(table.replicates, rows.replicates, atol=1e-12)
+    assert table.compare("a", "b")[0].ci == pytest.approx(rows.compare("a", "b")[0].ci)
+    with pytest.raises(ValueError, match="same metrics"):
+        B.bootstrap_values({"a": values["a"], "b": {"mrr": values["b"]["mrr"]}}, n_resamples=5)
+
+
+def test_lift_share_is_model_minus_random_over_oracle_minus_random_per_replicate():
+    rng, groups, labels = _holdout(n_groups=200, size=8, seed=4)
+    oracle = labels + rng.normal(0, 0.3, labels.size)
+    half = labels + rng.normal(0, 1.5, labels.size)
+    table = bootstrap_models(labels, {"oracle": oracle, "model": half, "random": np.zeros(labels.size)}, groups,
+                             ["gauc"], n_resamples=100)  # fmt: skip
+    share = table.lift_share("model", "gauc", "oracle", "random")
+    value = lambda m: table.interval(m, "gauc").value  # noqa: E731
+    assert share.value == pytest.approx((value("model") - 0.5) / (value("oracle") - 0.5))
+    assert value("random") == 0.5 and 0 < share.ci[0] < share.value < share.ci[1] < 1
+    assert table.lift_share("oracle", "gauc", "oracle", "random").value == 1.0

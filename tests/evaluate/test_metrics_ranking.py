@@ -1,6 +1,7 @@
 """AUC, GAUC and per-group ranking metrics against hand-computed values, scikit-learn and a slow
 per-group reference loop."""
 
+import itertools
 import math
 
 import numpy as np
@@ -11,6 +12,7 @@ from sklearn.metrics import ndcg_score, precision_score, recall_score, roc_auc_s
 from feedrank.evaluate.metrics import (
     _lexsort,
     auc,
+    dcg_at_k,
     group_auc,
     hit_at_k,
     mrr,
@@ -86,16 +88,24 @@ def test_mrr_hand_computed():
     assert mrr(labels, scores) == pytest.approx((1 / 2 + 1 / 6 + 1 / 7) / 3, abs=1e-12)
 
 
-def test_ties_are_pessimistic_and_order_independent():
-    # All scores equal: the positive is placed after both negatives (rank 3), wherever it sits.
+def test_ties_are_the_expected_value_over_random_orders():
+    # All scores equal: the positive's rank is 1, 2 or 3 with probability 1/3 each, wherever it sits.
     for labels in ([1, 0, 0], [0, 1, 0], [0, 0, 1]):
         scores = [0.5, 0.5, 0.5]
-        assert mrr(labels, scores) == pytest.approx(1 / 3, abs=1e-12)
-        assert hit_at_k(labels, scores, k=2) == 0.0
+        assert mrr(labels, scores) == pytest.approx((1 + 1 / 2 + 1 / 3) / 3, abs=1e-12)
+        assert hit_at_k(labels, scores, k=2) == pytest.approx(2 / 3, abs=1e-12)
         assert hit_at_k(labels, scores, k=3) == 1.0
-        assert ndcg_at_k(labels, scores, k=3) == pytest.approx(D[3], abs=1e-12)  # 0.5
+        assert precision_at_k(labels, scores, k=2) == pytest.approx(1 / 3, abs=1e-12)  # E[hits] = 2/3, / k
+        assert recall_at_k(labels, scores, k=1) == pytest.approx(1 / 3, abs=1e-12)
+        assert ndcg_at_k(labels, scores, k=3) == pytest.approx((D[1] + D[2] + D[3]) / 3, abs=1e-12)
+        assert ndcg_at_k(labels, scores, k=2) == pytest.approx((D[1] + D[2]) / 3, abs=1e-12)
+        assert auc(labels, scores) == 0.5
     # A tie only between positives changes nothing: ranks 1 and 2 -> (1 + 1/2) / 2
     assert mrr([1, 1, 0], [0.7, 0.7, 0.1]) == pytest.approx(0.75, abs=1e-12)
+    # Two positives among four tied items, k = 1: hit = P(first slot positive) = 1/2; k = 2:
+    # 1 - P(both slots negative) = 1 - (2/4)(1/3) = 5/6.
+    assert hit_at_k([1, 0, 1, 0], [1, 1, 1, 1], k=1) == pytest.approx(0.5, abs=1e-12)
+    assert hit_at_k([1, 0, 1, 0], [1, 1, 1, 1], k=2) == pytest.approx(5 / 6, abs=1e-12)
 
 
 def test_ndcg_graded_hand_computed_and_sklearn():
@@ -167,8 +177,18 @@ def test_groups_without_positives_give_nan():
 # ---------------------------------------------------------------------------------- property test
 
 
+def _orders(y, s):
+    """Every distinct order of ``y`` that sorting by ``s`` descending allows (ties permuted), each
+    equally likely under a uniformly random order of equal scores."""
+    blocks = [tuple(y[s == value]) for value in sorted(set(s.tolist()), reverse=True)]
+    arrangements = [sorted(set(itertools.permutations(block))) for block in blocks]
+    for choice in itertools.product(*arrangements):
+        yield [label for block in choice for label in block]
+
+
 def _reference(labels, scores, groups, k):
-    """One group at a time, with Python sorting: the slow, obviously-right version."""
+    """One group at a time, with Python sorting, averaged over every order of the ties: the slow,
+    obviously-right version of the tie rule."""
     per_group = {"gauc": [], "size": [], "mrr": [], "ndcg": [], "p": [], "r": [], "hit": []}
     for g in np.unique(groups):
         y, s = labels[groups == g], scores[groups == g]
@@ -178,25 +198,27 @@ def _reference(labels, scores, groups, k):
             per_group["size"].append(len(y))
         if binary.sum() == 0:
             continue
-        ranked = [label for _, label in sorted(zip(-s, y))]  # ties: lower label first
-        ranked_binary = [int(label > 0) for label in ranked]
-        per_group["mrr"].append(np.mean([1 / (i + 1) for i, b in enumerate(ranked_binary) if b]))
-        dcg = sum((2**label - 1) * D[i + 1] for i, label in enumerate(ranked[:k]))
         idcg = sum((2**label - 1) * D[i + 1] for i, label in enumerate(sorted(y, reverse=True)[:k]))
-        per_group["ndcg"].append(dcg / idcg)
-        hits = sum(ranked_binary[:k])
-        per_group["p"].append(hits / k)
-        per_group["r"].append(hits / binary.sum())
-        per_group["hit"].append(float(hits > 0))
+        values = []
+        for ranked in _orders(y, s):
+            ranked_binary = [int(label > 0) for label in ranked]
+            hits = sum(ranked_binary[:k])
+            values.append([
+                np.mean([1 / (i + 1) for i, b in enumerate(ranked_binary) if b]),
+                sum((2**label - 1) * D[i + 1] for i, label in enumerate(ranked[:k])) / idcg,
+                hits / k, hits / binary.sum(), float(hits > 0),
+            ])  # fmt: skip
+        for name, value in zip(("mrr", "ndcg", "p", "r", "hit"), np.mean(values, axis=0)):
+            per_group[name].append(value)
     return per_group
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_vectorised_group_metrics_match_reference_loop(seed):
     rng = np.random.default_rng(seed)
-    n, k = 600, 3
-    groups = rng.integers(0, 80, n)  # interleaved, sizes vary, some single-row groups
-    scores = rng.integers(0, 6, n).astype(np.float64)  # many ties
+    n, k = 300, 3
+    groups = rng.integers(0, 60, n)  # interleaved, sizes vary, some single-row groups
+    scores = rng.integers(0, 4, n).astype(np.float64)  # many ties
     grades = rng.choice([0, 0, 0, 1, 2], n)
     binary = (grades > 0).astype(int)
     ref = _reference(grades, scores, groups, k)
@@ -211,7 +233,7 @@ def test_vectorised_group_metrics_match_reference_loop(seed):
     assert recall_at_k(binary, scores, k, groups) == pytest.approx(np.mean(ref_binary["r"]), abs=1e-9)
     assert hit_at_k(binary, scores, k, groups) == pytest.approx(np.mean(ref_binary["hit"]), abs=1e-9)
 
-    # Shuffling the rows changes nothing (ties are broken by label, not by position).
+    # Shuffling the rows changes nothing (ties are averaged over, not broken by position).
     perm = rng.permutation(n)
     assert ndcg_at_k(grades[perm], scores[perm], k, groups[perm]) == pytest.approx(np.mean(ref["ndcg"]), abs=1e-9)
     assert mrr(binary[perm], scores[perm], groups[perm]) == pytest.approx(np.mean(ref_binary["mrr"]), abs=1e-9)
@@ -235,3 +257,15 @@ def test_lexsort_falls_back_when_codes_overflow():
     rng = np.random.default_rng(4)
     keys = [rng.permutation(2**16) for _ in range(4)]
     np.testing.assert_array_equal(_lexsort(keys), np.lexsort(keys))
+
+
+def test_dcg_of_dwell_gains_is_the_expected_seconds_per_feed():
+    # dwell 30 s and 10 s; labels log2(1 + dwell) make the gain 2**label - 1 the dwell itself
+    dwell = np.array([0.0, 30.0, 10.0, 0.0])
+    labels, groups = np.log2(1 + dwell), [1, 1, 2, 2]
+    # group 1 ranks the 30 s item second: 30 / log2(3); group 2 ties both: (D1 + D2) / 2 * 10
+    got = dcg_at_k(labels, [0.9, 0.1, 0.5, 0.5], k=10, groups=groups)
+    assert got == pytest.approx((30 * D[2] + 10 * (D[1] + D[2]) / 2) / 2, abs=1e-9)
+    # a list without dwell is worth 0 seconds, not undefined
+    assert dcg_at_k([0.0, 0.0], [0.3, 0.1], k=10) == 0.0
+    assert ndcg_at_k(labels, [0.1, 0.9, 0.5, 0.4], k=10, groups=groups) == pytest.approx(1.0)

@@ -1,6 +1,7 @@
 """Full-catalogue top-k metrics: hand-computed values, every input format, exclusion, and a
 per-user reference loop written from RecBole's definitions (recbole/evaluator/metrics.py)."""
 
+import itertools
 import math
 
 import numpy as np
@@ -121,6 +122,36 @@ def test_matches_recbole_reference_loop(seed):
         got = [result.recall, result.precision, result.ndcg, result.mrr, result.hit]
         np.testing.assert_allclose(got, expected, atol=1e-12)
         assert result.n_users == sum(1 for s in relevant if s)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_score_ties_are_the_average_over_every_order(seed):
+    """A score matrix with many ties equals the mean of the RecBole reference over every ranking
+    that sorting the scores allows (all permutations of the tied items), exclusions included."""
+    rng = np.random.default_rng(seed)
+    n_users, n_items, k = 6, 6, 3
+    scores = rng.integers(0, 3, (n_users, n_items)).astype(np.float64)
+    scores[0] = 1.0  # a constant model: every order of the catalogue
+    relevant = [set(rng.choice(n_items, rng.integers(1, 4), replace=False).tolist()) for _ in range(n_users)]
+    exclude = [set(rng.choice(sorted(set(range(n_items)) - rel), 1).tolist()) for rel in relevant]
+    rankings = []
+    for row, excl in zip(scores, exclude):
+        items = [i for i in range(n_items) if i not in excl]
+        orders = [list(p) for p in itertools.permutations(items)
+                  if all(row[a] >= row[b] for a, b in zip(p, p[1:]))]  # fmt: skip
+        rankings.append(orders)
+    per_user = [np.mean([_recbole_reference([order], [rel], k) for order in orders], axis=0)
+                for orders, rel in zip(rankings, relevant)]  # fmt: skip
+    result = topk_metrics(scores, relevant, k, exclude=exclude)
+    got = [result.recall, result.precision, result.ndcg, result.mrr, result.hit]
+    np.testing.assert_allclose(got, np.mean(per_user, axis=0), atol=1e-12)
+
+
+def test_constant_scores_score_what_a_random_ranking_scores():
+    # 1 relevant item among 10: P(in the top 2) = 2/10, E[1/rank of it within the top 2] = (1 + 1/2)/10
+    result = topk_metrics(np.zeros((1, 10)), [{4}], k=2)
+    assert result.recall == pytest.approx(0.2, abs=1e-12) and result.hit == pytest.approx(0.2, abs=1e-12)
+    assert result.mrr == pytest.approx(0.15, abs=1e-12)
 
 
 @pytest.mark.parametrize(

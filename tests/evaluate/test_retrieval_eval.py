@@ -11,7 +11,8 @@ from torch import nn
 
 from feedrank.bundle import build_catalogue
 from feedrank.data.schema import TS_TYPE
-from feedrank.evaluate.retrieval import UserState, evaluate_ranking, user_state
+from feedrank.data.log import write_log
+from feedrank.evaluate.retrieval import UserState, evaluate_holdout, evaluate_ranking, user_state
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, USER_CAT_COLUMNS, Vocab, Vocabularies
 
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)
@@ -115,7 +116,7 @@ def test_k_larger_than_the_catalogue_and_metrics_file():
     result = run(pairs(("u1", "i5")), pairs(), ks=(10,))
     assert result.model["recall@10"] == 1.0 and result.model["precision@10"] == pytest.approx(0.1)
     doc = result.metrics_file()
-    assert set(doc["models"]) == {"two_tower", "popularity"}
+    assert set(doc["models"]) == {"two_tower", "popularity", "random"}
     assert doc["models"]["two_tower"]["ndcg@10"]["value"] == pytest.approx(1 / math.log2(6))
     assert doc["holdout"]["n_oov_users"] == 1
 
@@ -157,3 +158,48 @@ def test_user_state_of_users_never_seen_before_the_cut():
     s = user_state(empty, pa.array(["u8", "u9"]), history_len=5)
     assert s.history_offsets.tolist() == [0, 0, 0] and s.impressions.tolist() == [0, 0]
     assert s.user_cats["country"].to_pylist() == [None, None]
+
+
+def test_history_rows_after_the_cut_are_not_test_positives(tmp_path):
+    """MIND writes the pre-window clicks of a user first seen after the cut as ``hist-`` rows
+    timestamped after it; they are history, not impressions, and must not count as relevant."""
+    rows = [  # (request, user, item, hours, clicked); the cut is at hour 24
+        ("r1", "u1", "i1", 1, True), ("r1", "u1", "i2", 1, False), ("r2", "u2", "i4", 2, True),
+        ("t1", "u1", "i3", 25, True), ("t1", "u1", "i5", 25, False),
+        ("hist-dev-u3", "u3", "i4", 29, True), ("hist-dev-u3", "u3", "i5", 29.5, True),  # u3's history
+        ("t2", "u3", "i2", 30, True), ("t2", "u3", "i1", 30, False),
+        ("hist-dev-u9", "u9", "i1", 31, True),  # a user whose only rows after the cut are history
+    ]  # fmt: skip
+    assert write_log(tmp_path / "log", pa.table({
+        "request_id": [r[0] for r in rows], "user_id": [r[1] for r in rows], "item_id": [r[2] for r in rows],
+        "ts": pa.array([T0 + dt.timedelta(hours=r[3]) for r in rows], TS_TYPE), "clicked": [r[4] for r in rows],
+    })).ok  # fmt: skip
+    v = vocabs()
+    result = evaluate_holdout(MODEL, v, catalogue(v), tmp_path / "log", T0 + dt.timedelta(hours=24), ks=[2],
+                              n_resamples=20)  # fmt: skip
+    # relevant: u1 -> i3, u3 -> i2 only; u9 is not evaluated at all
+    assert result.counts["n_relevant"] == 2 and result.counts["n_users"] == 2
+    assert result.extra["rows_excluded"] == 3
+    with_history = evaluate_holdout(MODEL, v, catalogue(v), tmp_path / "log", T0 + dt.timedelta(hours=24), ks=[2],
+                                    n_resamples=20, exclude_prefixes=())  # fmt: skip
+    assert with_history.counts["n_relevant"] == 5  # what the contaminated holdout counted
+
+
+def test_intervals_comparisons_random_and_slices():
+    # u1, u2 are in the user vocabulary (warm), u3 is not (cold)
+    result = run(pairs(("u1", "i3"), ("u2", "i4"), ("u2", "i1"), ("u3", "i5")), pairs(("u1", "i1")), ks=(2,))
+    doc = result.metrics_file()
+    for model, cells in result.models.items():
+        for name, interval in cells.items():
+            lo, hi = interval.ci
+            assert lo - 1e-12 <= interval.value <= hi + 1e-12, (model, name)
+    # random ranks the 4 (u1) or 5 (u2, u3) unexcluded items uniformly: recall@2 = E[hits] / |relevant|
+    assert result.models["random"]["recall@2"].value == pytest.approx((2 / 4 + 2 / 5 + 2 / 5) / 3)
+    pairs_compared = {(row["a"], row["b"]) for row in doc["comparisons"]}
+    assert pairs_compared == {("popularity", "two_tower"), ("random", "two_tower")}
+    assert all(row["ci"] is not None for row in doc["comparisons"])
+    by_name = {row["slice"]: row for row in doc["slices"]}
+    assert by_name["warm users"]["counts"]["users"] == 2 and by_name["cold users"]["counts"]["users"] == 1
+    assert by_name["cold users"]["models"]["two_tower"]["recall@2"]["value"] == pytest.approx(1.0)  # u3: [i3, i5]
+    assert by_name["new items"]["counts"]["relevant"] == 0  # every relevant item has training impressions
+    assert by_name["all"]["lift_share"] == {}  # no world, no oracle

@@ -17,7 +17,7 @@ from feedrank.config import ConfigError, from_dict
 from feedrank.data.collate import Collator
 from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig
-from feedrank.evaluate.ranking import RankerScorer, evaluate_bundle, load_holdout
+from feedrank.evaluate.ranking import RankerScorer, dwell_weights, evaluate_bundle, load_holdout
 from feedrank.evaluate.report import load_metrics, load_predictions, write_report
 from feedrank.features import NotTrainableError, split_files
 from feedrank.features.labels import LabelConfig
@@ -130,10 +130,12 @@ def test_label_weights_are_engagement_weights_over_their_click_class_mean(tmp_pa
 def test_evaluation_holds_the_ranker_the_baselines_and_calibrated_probabilities(trained):
     out, _, bundle, _ = trained
     metrics = load_metrics(out / "eval" / "metrics.json")  # the report's strict reader accepts it
-    assert set(metrics.models) == {"ranker", "two_tower", "popularity", "recency", "random"}
-    assert {"auc", "gauc", "mrr", "ndcg@5", "ndcg@10", "log_loss", "ne", "ece"} == set(metrics.models["ranker"])
+    values = {f"value_dwell_{w:g}" for w in dwell_weights(bundle.model.cfg.value.dwell)}  # the value formula's rows
+    assert set(metrics.models) == {"ranker", "two_tower", "popularity", "recency", "random", "oracle"} | values
+    assert {"auc", "gauc", "mrr", "ndcg@5", "ndcg@10", "log_loss", "ne", "ece", "dwell_ndcg@10",
+            "time_spent@10"} == set(metrics.models["ranker"])  # fmt: skip
     pairs = {(c.a, c.b) for c in metrics.comparisons}
-    assert pairs == {(m, "ranker") for m in ("two_tower", "popularity", "recency", "random")}
+    assert pairs == {(m, "ranker") for m in ("two_tower", "popularity", "recency", "random", "oracle")}
     pred = load_predictions(out / "eval" / "predictions.parquet")
     assert pred.labels.size == metrics.holdout["impressions"] == bundle.metrics["eval"]["holdout"]["impressions"]
     # The down-sampling correction: the mean probability tracks the click rate (uncorrected it is ~2x).
@@ -145,7 +147,8 @@ def test_evaluate_bundle_against_a_production_bundle_writes_paired_comparisons(t
     out, tt, bundle, _ = trained
     result = evaluate_bundle(bundle, run_dir=tmp_path, against=bundle)
     production = [c for a, b, c in result.evaluation.comparisons if a == "production"]
-    assert {c.metric for c in production} == {"auc", "gauc", "mrr", "ndcg@5", "ndcg@10", "log_loss", "ne", "ece"}
+    assert {c.metric for c in production} == {"auc", "gauc", "mrr", "ndcg@5", "ndcg@10", "log_loss", "ne", "ece",
+                                              "dwell_ndcg@10", "time_spent@10"}  # fmt: skip
     assert all(c.delta == 0 for c in production)  # the same model against itself
     assert (tmp_path / "eval" / "predictions.parquet").is_file()
     two_tower_prod = evaluate_bundle(bundle, run_dir=tmp_path / "b", against=tt)
@@ -199,7 +202,8 @@ def test_without_a_two_tower_the_ranker_trains_on_its_own_features(world, tmp_pa
                          ranker={"negative_rate": 1.0}, train={"steps": 5})  # fmt: skip
     bundle = train_ranking(world, tmp_path, cfg, progress=False)
     assert bundle.config["ranker"]["two_tower_dim"] == 0 and "two_tower" not in bundle.meta["sources"]
-    assert set(bundle.metrics["eval"]["models"]) == {"ranker", "popularity", "recency", "random"}
+    values = {f"value_dwell_{w:g}" for w in dwell_weights(bundle.model.cfg.value.dwell)}
+    assert set(bundle.metrics["eval"]["models"]) == {"ranker", "popularity", "recency", "random", "oracle"} | values
     assert not (tmp_path / "ranking_sample").exists()  # rate 1, nothing excluded: the split is read as is
     holdout = load_holdout(tmp_path / "features", bundle.vocabs)
     assert holdout.counts["impressions"] == bundle.metrics["eval"]["holdout"]["impressions"]

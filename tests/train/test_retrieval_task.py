@@ -91,7 +91,7 @@ def test_keeping_only_clicked_rows_leaves_the_softmax_losses_unchanged(trained, 
 def test_evaluation_is_saved_in_the_report_schema_with_oov_counts(trained):
     out, bundle = trained
     metrics = load_metrics(out / "eval" / "metrics.json")  # the report's strict reader accepts it
-    assert set(metrics.models) == {"two_tower", "popularity"}
+    assert set(metrics.models) == {"two_tower", "popularity", "random", "oracle"}  # a world log: its oracle too
     assert set(metrics.models["two_tower"]) == {f"{m}@{k}" for m in ("recall", "ndcg", "mrr", "hit", "precision") for k in (5, 10)}
     holdout = metrics.holdout
     assert holdout["n_users_evaluated"] > 0 and holdout["n_items_ranked"] == len(bundle.vocabs.items.ids)

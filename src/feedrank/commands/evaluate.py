@@ -31,6 +31,27 @@ def parse_ks(text: str) -> list[int]:
     return ks
 
 
+def slices_table(doc: dict, metric: str):
+    """Each slice's ``metric`` per model and, with an oracle, the model's share of its lift."""
+    from rich.table import Table
+
+    table = Table(title=f"slices: {metric} [CI] and share of the oracle's lift over random")
+    for column in ("slice", "share", "model", metric, "share of oracle lift"):
+        table.add_column(column, justify="left" if column in ("slice", "model") else "right")
+    for part in doc.get("slices", []):
+        for model, cells in part["models"].items():
+            lift = part["lift_share"].get(model, {}).get(metric)
+            table.add_row(part["slice"], f"{part['share']:.0%}", model, _cell_text(cells.get(metric)), _cell_text(lift, 3))
+    return table
+
+
+def _cell_text(cell: dict | None, digits: int = 4) -> str:
+    if cell is None or cell.get("value") is None:
+        return "-"
+    ci = cell.get("ci")
+    return f"{cell['value']:.{digits}f}" + ("" if ci is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]")
+
+
 @evaluate_app.command("retrieval")
 def retrieval_command(
     bundle_dir: Path = typer.Argument(..., metavar="BUNDLE", help="Bundle folder (RUN_DIR/bundle)."),
@@ -42,7 +63,8 @@ def retrieval_command(
     out: Optional[Path] = typer.Option(None, "--out", help="Folder for metrics.json (default: eval/ beside the bundle)."),
     max_users: Optional[int] = typer.Option(None, "--max-users", help="Evaluate a random sample of this many users."),
 ) -> None:
-    """Full-catalogue top-k of the bundle's model against popularity on the log's holdout."""
+    """Full-catalogue top-k of the bundle's model against popularity, random (and the world's oracle,
+    when the log has truth/) on the log's holdout impressions, with bootstrap intervals over users."""
     from rich.console import Console
 
     from feedrank.bundle import BundleError, load_bundle
@@ -57,6 +79,8 @@ def retrieval_command(
     doc = result.metrics_file()
     console = Console()
     console.print(metrics_table(f"{bundle_dir} on {log} from {result.split_at}", doc["models"], result.ks))
+    console.print(ranking_tables(doc)[1])
+    console.print(slices_table(doc, f"recall@{result.ks[0]}"))
     c = result.counts
     console.print(f"users evaluated {c['n_users_evaluated']}/{c['n_users']} (OOV users {c['n_oov_users']}); "
                   f"items ranked {c['n_items_ranked']}; relevant pairs {c['n_relevant']} (dropped: "
@@ -72,7 +96,8 @@ def ranking_command(
     ),
     out: Optional[Path] = typer.Option(None, "--out", help="Run directory for eval/ (default: the folder holding BUNDLE)."),
 ) -> None:
-    """Rank the holdout impressions (MIND protocol) against random, popularity, recency and two-tower baselines."""
+    """Rank the holdout impressions (MIND protocol) against random, popularity, recency and two-tower
+    baselines (and the world's oracle, when the log has truth/), overall and by slice."""
     from rich.console import Console
 
     from feedrank.bundle import BundleError, load_bundle
@@ -87,6 +112,7 @@ def ranking_command(
     doc = result.evaluation.metrics_file()
     for table in ranking_tables(doc):
         console.print(table)
+    console.print(slices_table(doc, "auc"))
     h = doc["holdout"]
     console.print(f"{h['impressions']} impressions in {h['requests']} requests from {h['split_at']} "
                   f"({h['requests_without_click']} without a click); OOV rows: {h['rows_oov_user']} user, "

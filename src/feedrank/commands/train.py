@@ -98,7 +98,8 @@ def ranking_tables(doc: dict[str, Any]) -> tuple[Table, Table]:
         table.add_row(metric, *(_cell(models[name].get(metric)) for name in models))
     comparisons = Table(title="comparisons: delta = b - a [CI], paired bootstrap")
     for column in ("b vs a", "metric", "delta [CI]", "p", "b better?"):
-        comparisons.add_column(column, justify="left" if column in ("b vs a", "metric") else "right")
+        comparisons.add_column(column, justify="left" if column in ("b vs a", "metric") else "right",
+                               no_wrap=column == "b vs a")  # the model pair stays readable (and greppable)
     lower_is_better = {"log_loss", "ne", "ece"}
     for c in doc["comparisons"]:
         lo, hi = c["ci"] if c["ci"] is not None else (float("nan"), float("nan"))

@@ -131,6 +131,7 @@ _FIXED: dict[str, Metric] = {
 #: ``<name>@k`` metrics: the scalar function and its per-group values, both ``f(y, s, k, groups)``.
 _AT_K: dict[str, tuple[Callable[..., float], Callable[..., M.GroupValues]]] = {
     "ndcg": (M.ndcg_at_k, M.ndcg_values),
+    "dcg": (M.dcg_at_k, M.dcg_values),
     "recall": (M.recall_at_k, M.recall_values),
     "precision": (M.precision_at_k, M.precision_values),
     "hit": (M.hit_at_k, M.hit_values),
@@ -146,7 +147,7 @@ def _at_k(name: str, base: str, k: int) -> Metric:
 
 def get_metric(name: str) -> Metric:
     """The metric called ``name``: one of ``auc gauc mrr log_loss ne ece`` or ``<m>@<k>`` with
-    ``m`` in ``ndcg recall precision hit`` (e.g. ``ndcg@10``)."""
+    ``m`` in ``ndcg dcg recall precision hit`` (e.g. ``ndcg@10``)."""
     if name in _FIXED:
         return _FIXED[name]
     base, at, k = name.partition("@")
@@ -246,6 +247,19 @@ class BootstrapTable:
         reps = self.replicates[i, k]
         reps = reps[~np.isnan(reps)]
         return Interval(metric, float(self.values[i, k]), _percentile_ci(reps, self.level), self.level, reps.size)
+
+    def lift_share(self, model: str, metric: str, oracle: str, random: str) -> Interval:
+        """``model``'s share of ``oracle``'s lift over ``random``, ``(m - r) / (o - r)``, with its
+        percentile interval from the same replicates (1 = as good as the oracle, 0 = random).
+        nan where the oracle does not beat random (the share is then meaningless)."""
+        (im, k), (io, _), (ir, _) = (self._index(x, metric) for x in (model, oracle, random))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            gap = self.values[io, k] - self.values[ir, k]
+            value = (self.values[im, k] - self.values[ir, k]) / gap if gap > 0 else float("nan")
+            gaps = self.replicates[io, k] - self.replicates[ir, k]
+            reps = np.where(gaps > 0, (self.replicates[im, k] - self.replicates[ir, k]) / gaps, np.nan)
+        reps = reps[~np.isnan(reps)]
+        return Interval(metric, float(value), _percentile_ci(reps, self.level), self.level, reps.size)
 
     def compare(self, a: str, b: str) -> list[Comparison]:
         """B against A on every metric, paired replicate by replicate."""
@@ -470,6 +484,57 @@ def bootstrap_models(
                 # A group counts as often as its cluster was drawn (each group lies in one cluster).
                 terms.fill(replicates[:, :, start:stop], cluster_counts[:, layout.group_cluster])
     return BootstrapTable(tuple(columns), resolved, values, replicates, level)
+
+
+def _precomputed(y: np.ndarray, s: np.ndarray, g: np.ndarray) -> float:
+    raise ValueError("this metric's per-group values were computed outside the bootstrap: it has no row function")
+
+
+def bootstrap_values(
+    values: Mapping[str, Mapping[str, M.GroupValues]],
+    *,
+    n_resamples: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+    progress: bool = False,
+) -> BootstrapTable:
+    """The bootstrap of metrics whose per-group values are already known: ``values[model][metric]``.
+
+    Why: a full-catalogue retrieval metric of a user comes from ranking the whole catalogue for
+    that user, not from rows a ``Metric`` could re-score, but it is still a mean over users; so the
+    users are the clusters, each drawn with replacement, and a replicate re-weights the users'
+    values exactly as the fast path of ``bootstrap_models`` does (same draws for the same seed and
+    number of groups). Every model must give the same metrics over the same groups; all metrics
+    count as higher-is-better (recall, NDCG, MRR, ...).
+    """
+    n_resamples = M._positive_int(n_resamples, "n_resamples")
+    if not 0 < level < 1:
+        raise ValueError(f"level must lie in (0, 1), got {level!r}")
+    if not values:
+        raise ValueError("values is empty: give at least one model's per-group values")
+    models = tuple(values)
+    names = tuple(values[models[0]])
+    if not names or any(tuple(values[m]) != names for m in models):
+        raise ValueError(f"every model needs the same metrics; have {[list(values[m]) for m in models]}")
+    parts = [values[m][name] for m in models for name in names]
+    slots = [(i, k, slice(i * len(names) + k, i * len(names) + k + 1), _single_mean)
+             for i in range(len(models)) for k in range(len(names))]  # fmt: skip
+    terms = _GroupTerms(parts, slots)
+    n_groups = parts[0].group_ids.shape[0]
+    point = np.empty((len(models), len(names), 1))
+    terms.fill(point, np.ones((1, n_groups)))
+    rng = np.random.default_rng(seed)
+    replicates = np.empty((len(models), len(names), n_resamples), dtype=np.float64)
+    chunk = max(1, _CHUNK_CELLS // max(n_groups, 1))
+    with progress_bar(total=n_resamples, desc="bootstrap", unit="resample", enabled=progress) as bar:
+        for start in range(0, n_resamples, chunk):
+            stop = min(start + chunk, n_resamples)
+            counts = np.stack([np.bincount(rng.integers(0, n_groups, size=n_groups), minlength=n_groups)
+                               for _ in range(start, stop)]).astype(np.float64)  # fmt: skip
+            terms.fill(replicates[:, :, start:stop], counts)
+            bar.update(stop - start)
+    metrics = tuple(Metric(name, _precomputed) for name in names)
+    return BootstrapTable(models, metrics, point[:, :, 0], replicates, level)
 
 
 def bootstrap_ci(

@@ -23,10 +23,17 @@ Conventions (each one is a choice; they are tested):
   a group of 20 impressions weighs 20. Groups whose labels are all positive or all negative are
   skipped because AUC is undefined there. (RecBole weights by positives instead; pass-through
   comparisons must account for that.)
-- **Ranking ties** (MRR, NDCG, precision/recall/hit@k) are broken *pessimistically*: among equal
-  scores, items with the lower label are ranked first. A model that outputs a constant therefore
-  gets the worst possible score rather than a lucky one, and the result never depends on the
-  order of the input rows.
+- **Ties, one rule for every metric: the expected value over a uniformly random order of equal
+  scores.** AUC counts a tied (positive, negative) pair one half, which is that expectation; the
+  ranking metrics (MRR, NDCG, precision/recall/hit@k, here and in ``topk_metrics``) are computed
+  exactly under it, not by sampling: a row whose score ties with ``t`` rows of its list (itself
+  included) below ``a`` strictly better ones has a rank uniform on ``a+1 .. a+t``, so its share
+  of a sum over ranks ``f(rank)`` is ``(F(a+t) - F(a)) / t`` with ``F`` the cumulative sum of
+  ``f`` (MRR, NDCG, precision, recall are such sums); hit@k and the first-hit MRR@k of
+  ``topk_metrics`` are hypergeometric over the first tie block holding a positive. A model that
+  outputs a constant therefore scores exactly what a random ranking scores on average (which is
+  what the ``random`` baselines are), neither the worst nor a lucky order, and no result depends
+  on the order of the input rows.
 - **Ranking averages** are taken over groups with at least one positive (label > 0); groups
   without positives contribute nothing because recall, MRR and NDCG are undefined there.
 - **MRR** follows MIND: per group, the mean over its positives of 1/rank; then the mean over groups.
@@ -54,6 +61,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -61,6 +69,9 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
+#: The tie rule in one line, for reports and metrics.json (details: this module's docstring).
+TIE_RULE = ("ties: expected value over a uniformly random order of equal scores (AUC counts a tie 1/2; "
+            "MRR, NDCG, precision/recall/hit@k computed exactly under that expectation)")
 ArrayLike = Any  # numpy array, torch tensor or sequence of numbers
 #: Relevant (or excluded) items per user for ``topk_metrics``: a boolean [n_users, n_items]
 #: matrix, a tuple of CSR arrays ``(indptr, indices)``, a ``scipy.sparse`` matrix, or a list with
@@ -219,15 +230,67 @@ def _lexsort(keys: Sequence[np.ndarray]) -> np.ndarray:
 
 @dataclass(frozen=True)
 class _Ranked:
-    """Rows reordered by (group, score descending, label ascending) with their rank in the group."""
+    """Rows reordered by (group, score descending), each with its tie block.
 
-    labels: np.ndarray  # [n] float64 labels in ranked order
+    ``above`` counts the rows of the group that score strictly higher and ``tied`` the rows that
+    score the same, the row itself included. Under a uniformly random order of equal scores the
+    row's rank is uniform on ``above + 1 .. above + tied``: ``expected`` turns that into the exact
+    expectation of any per-rank quantity, which is how every ranking metric treats ties.
+    """
+
+    labels: np.ndarray  # [n] float64 labels in ranked order (ties in any order)
     group: np.ndarray  # [n] int64 group index 0..n_groups-1 of each ranked row
-    rank: np.ndarray  # [n] int64 1-based rank within the group
+    above: np.ndarray  # [n] int64 rows of the group scoring strictly higher
+    tied: np.ndarray  # [n] int64 rows of the group with this score (>= 1)
+    block: np.ndarray  # [n] int64 tie block index of each ranked row (blocks in ranked order)
     ids: np.ndarray  # [n_groups] the group id of each group index (ascending)
 
     def per_group(self, weights: np.ndarray) -> np.ndarray:
         return np.bincount(self.group, weights=weights, minlength=self.ids.shape[0])
+
+    def expected(self, cumulative: np.ndarray) -> np.ndarray:
+        """Per row, E[f(rank)] over random tie orders, from ``cumulative = _cumulative(f)``."""
+        return _expected(self.above, self.tied, cumulative)
+
+    def first_positive_block(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(group index, above, tied, positives) of each group's best tie block holding a positive."""
+        positives = np.bincount(self.block, weights=self.labels > 0)
+        starts = np.flatnonzero(np.diff(self.block, prepend=-1))  # first ranked row of each block
+        with_positive = starts[positives > 0]  # in ranked order, so a group's best block comes first
+        groups, first = np.unique(self.group[with_positive], return_index=True)
+        rows = with_positive[first]
+        return groups, self.above[rows], self.tied[rows], positives[self.block[rows]]
+
+
+def _cumulative(f: np.ndarray) -> np.ndarray:
+    """``F[n] = f[0] + ... + f[n-1]`` (``F[0] = 0``) for a per-rank quantity ``f[r - 1]`` of ranks
+    ``1 .. len(f)``; ranks beyond ``len(f)`` count 0 (a cut at k)."""
+    return np.concatenate(([0.0], np.cumsum(f, dtype=np.float64)))
+
+
+def _expected(above: np.ndarray, tied: np.ndarray, cumulative: np.ndarray) -> np.ndarray:
+    """E[f(rank)] for a rank uniform on ``above + 1 .. above + tied``: ``(F(a + t) - F(a)) / t``."""
+    last = cumulative.shape[0] - 1
+    return (cumulative[np.minimum(above + tied, last)] - cumulative[np.minimum(above, last)]) / tied
+
+
+def _first_hit(above: np.ndarray, tied: np.ndarray, positives: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """For a block of ``tied`` items ranked after ``above`` others, ``positives`` of them relevant,
+    in uniformly random order: P(the first relevant item has rank <= k) and E[1/that rank, 0 if > k].
+
+    ``none[j]`` = P(none of the first j slots of the block is relevant) =
+    prod_{i<j} (t - p - i) / (t - i); the first relevant slot is j with probability none[j-1] - none[j].
+    """
+    t, p = tied.astype(np.float64), positives.astype(np.float64)
+    reach = np.clip(k - above, 0, tied)  # slots of the block inside the top k
+    none_before = np.ones(t.shape[0])
+    reciprocal = np.zeros(t.shape[0])
+    for j in range(1, int(reach.max(initial=0)) + 1):
+        inside = j <= reach
+        none = none_before * np.clip((t - p - (j - 1)) / np.maximum(t - (j - 1), 1.0), 0.0, 1.0)
+        reciprocal += np.where(inside, (none_before - none) / (above + j), 0.0)
+        none_before = np.where(inside, none, none_before)
+    return 1.0 - none_before, reciprocal
 
 
 def _group_index(sorted_groups: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -246,13 +309,21 @@ def _group_ids(sorted_groups: np.ndarray | None, starts: np.ndarray) -> np.ndarr
 
 
 def _rank(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None) -> _Ranked:
-    """Rank rows within their group; ties go pessimistically (lower label first)."""
-    keys = [labels, -scores] if groups is None else [labels, -scores, groups]
-    order = _lexsort(keys)
+    """Rank rows within their group by score, descending, and find each row's tie block."""
+    order = _lexsort([-scores] if groups is None else [-scores, groups])
     sorted_groups = None if groups is None else groups[order]
-    group, starts = _group_index(sorted_groups, order.shape[0])
-    rank = np.arange(1, order.shape[0] + 1) - starts[group]
-    return _Ranked(labels=labels[order], group=group, rank=rank, ids=_group_ids(sorted_groups, starts))
+    n = order.shape[0]
+    group, starts = _group_index(sorted_groups, n)
+    s = scores[order]
+    new_block = np.empty(n, dtype=bool)
+    new_block[0] = True
+    np.not_equal(s[1:], s[:-1], out=new_block[1:])
+    new_block[starts] = True
+    block = np.cumsum(new_block) - 1
+    block_start = np.flatnonzero(new_block)
+    block_size = np.diff(np.append(block_start, n))
+    return _Ranked(labels=labels[order], group=group, above=block_start[block] - starts[group],
+                   tied=block_size[block], block=block, ids=_group_ids(sorted_groups, starts))  # fmt: skip
 
 
 def _ranking_inputs(
@@ -443,7 +514,8 @@ def mrr_values(labels: ArrayLike, scores: ArrayLike, groups: ArrayLike | None = 
     """Per group: the mean of 1/rank over its positives; undefined without a positive."""
     ranked = _rank(*_ranking_inputs(labels, scores, groups))
     positives = ranked.per_group(ranked.labels)
-    reciprocal = ranked.per_group(ranked.labels / ranked.rank)
+    harmonic = _cumulative(1.0 / np.arange(1, int((ranked.above + ranked.tied).max()) + 1))
+    reciprocal = ranked.per_group(ranked.labels * ranked.expected(harmonic))
     with np.errstate(invalid="ignore"):
         return _averaged(ranked.ids, reciprocal / positives, positives > 0)
 
@@ -465,15 +537,36 @@ def ndcg_values(
     k = _positive_int(k, "k")
     y, s, g = _ranking_inputs(labels, scores, groups, graded=True)
     ranked = _rank(y, s, g)
-    gains = np.exp2(ranked.labels) - 1.0
-    dcg = ranked.per_group(np.where(ranked.rank <= k, gains * _discount(ranked.rank), 0.0))
+    discounts = _cumulative(_discount(np.arange(1, k + 1, dtype=np.float64)))
+    dcg = ranked.per_group((np.exp2(ranked.labels) - 1.0) * ranked.expected(discounts))
     # Ideal ranking: the same rows ordered by label descending within the group. Ranking by the
-    # labels themselves (scores := labels) gives exactly that order (and the same group order).
+    # labels themselves (scores := labels) gives exactly that order (and the same group order);
+    # rows tied there have equal gains, so averaging over their orders changes nothing.
     ideal = _rank(y, y, g)
-    ideal_gains = np.exp2(ideal.labels) - 1.0
-    idcg = ideal.per_group(np.where(ideal.rank <= k, ideal_gains * _discount(ideal.rank), 0.0))
+    idcg = ideal.per_group((np.exp2(ideal.labels) - 1.0) * ideal.expected(discounts))
     with np.errstate(invalid="ignore", divide="ignore"):
         return _averaged(ranked.ids, dcg / idcg, idcg > 0)
+
+
+def dcg_values(
+    labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
+) -> GroupValues:
+    """Per-group DCG@k, not normalised (gains ``2**label - 1``, discounts ``1/log2(rank + 1)``),
+    defined for every group: a list without a positive is worth 0, not undefined.
+
+    With ``label = log2(1 + dwell seconds)`` the gain is the dwell itself, and the DCG is the time
+    a user who examines rank r with probability ``1/log2(r + 1)`` spends on the list as ranked:
+    the evaluation's expected time spent per feed."""
+    k = _positive_int(k, "k")
+    ranked = _rank(*_ranking_inputs(labels, scores, groups, graded=True))
+    discounts = _cumulative(_discount(np.arange(1, k + 1, dtype=np.float64)))
+    dcg = ranked.per_group((np.exp2(ranked.labels) - 1.0) * ranked.expected(discounts))
+    return _averaged(ranked.ids, dcg, np.ones(ranked.ids.shape[0], dtype=bool))
+
+
+def dcg_at_k(labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None) -> float:
+    """Mean over groups of the unnormalised DCG@k (``dcg_values``)."""
+    return dcg_values(labels, scores, k, groups).mean()
 
 
 def ndcg_at_k(
@@ -490,7 +583,7 @@ def _hits_at_k(
     """Per group: positives among the top k, positives overall, and the group ids."""
     k = _positive_int(k, "k")
     ranked = _rank(*_ranking_inputs(labels, scores, groups))
-    hits = ranked.per_group(np.where(ranked.rank <= k, ranked.labels, 0.0))
+    hits = ranked.per_group(ranked.labels * ranked.expected(_cumulative(np.ones(k))))
     return hits, ranked.per_group(ranked.labels), ranked.ids
 
 
@@ -528,9 +621,14 @@ def recall_at_k(
 def hit_values(
     labels: ArrayLike, scores: ArrayLike, k: int, groups: ArrayLike | None = None
 ) -> GroupValues:
-    """Per group: 1 if a positive is in the top k, else 0; undefined without a positive."""
-    hits, positives, ids = _hits_at_k(labels, scores, k, groups)
-    return _averaged(ids, (hits > 0).astype(np.float64), positives > 0)
+    """Per group: P(a positive is in the top k) over random tie orders (1 or 0 without ties);
+    undefined without a positive."""
+    k = _positive_int(k, "k")
+    ranked = _rank(*_ranking_inputs(labels, scores, groups))
+    group, above, tied, positives = ranked.first_positive_block()
+    hit = np.zeros(ranked.ids.shape[0])
+    hit[group] = _first_hit(above, tied, positives, k)[0]
+    return _averaged(ranked.ids, hit, ranked.per_group(ranked.labels) > 0)
 
 
 def hit_at_k(
@@ -752,27 +850,88 @@ class _PairSet:
         return found & (ranked >= 0)
 
 
-def _top_k_of_scores(scores: np.ndarray, k: int, excluded: _Pairs | None) -> np.ndarray:
-    """Ranked item ids [n_users, k] from a score matrix; slots scoring -inf become empty (-1)."""
-    if excluded is not None:
-        scores = scores.copy()
-        scores[excluded.users, excluded.items] = -np.inf
-    n_items = scores.shape[1]
-    width = min(k, n_items)
-    top = np.argpartition(-scores, width - 1, axis=1)[:, :width]
-    top_scores = np.take_along_axis(scores, top, axis=1)
-    order = np.argsort(-top_scores, axis=1, kind="stable")
-    ranked = np.take_along_axis(top, order, axis=1)
-    ranked[np.take_along_axis(top_scores, order, axis=1) == -np.inf] = -1
-    return np.pad(ranked, ((0, 0), (0, k - width)), constant_values=-1)
-
-
 def _drop_excluded(ranked: np.ndarray, excluded: _PairSet, k: int) -> np.ndarray:
     """Remove excluded ids from each ranked row, keep the order, refill from the tail."""
     is_excluded = excluded.contains(ranked)
     keep_order = np.argsort(is_excluded, axis=1, kind="stable")  # kept items first, in order
     compacted = np.where(is_excluded, -1, ranked)
     return np.take_along_axis(compacted, keep_order, axis=1)[:, :k]
+
+
+def tie_blocks(scores: ArrayLike, rows: ArrayLike, cols: ArrayLike) -> tuple[np.ndarray, np.ndarray]:
+    """(above, tied) of the cells ``scores[rows, cols]`` within their row: how many items of the row
+    score strictly higher, and how many score the same (the cell included).
+
+    That is all the tie rule (module docstring) needs to know about a relevant item of a
+    full-catalogue ranking; one sort per row and two binary searches per cell, never a [cells,
+    items] comparison. A cell scoring -inf (an excluded item) is never retrieved: ``above`` is the
+    row length.
+    """
+    s = scores if isinstance(scores, torch.Tensor) else torch.from_numpy(np.asarray(scores))
+    s = s.detach().cpu()
+    if s.dtype in (torch.float16, torch.bfloat16) or not s.is_floating_point():
+        s = s.float()
+    r = torch.as_tensor(_to_numpy(rows, "rows"), dtype=torch.int64)
+    c = torch.as_tensor(_to_numpy(cols, "cols"), dtype=torch.int64)
+    n_items = s.shape[1]
+    if r.numel() == 0:
+        return np.zeros(0, dtype=np.int64), np.ones(0, dtype=np.int64)
+    order = torch.argsort(r, stable=True)
+    r_sorted = r[order]
+    counts = torch.bincount(r_sorted, minlength=s.shape[0])
+    slot = torch.arange(r.numel()) - (torch.cumsum(counts, 0) - counts)[r_sorted]
+    values = torch.full((s.shape[0], int(counts.max())), math.inf, dtype=s.dtype)
+    values[r_sorted, slot] = s[r_sorted, c[order]]
+    ascending = torch.sort(s, dim=1).values
+    left = torch.searchsorted(ascending, values)[r_sorted, slot]
+    right = torch.searchsorted(ascending, values, right=True)[r_sorted, slot]
+    above, tied = torch.empty_like(r), torch.empty_like(r)
+    above[order], tied[order] = n_items - right, right - left
+    retrievable = torch.isfinite(s[r, c])
+    return torch.where(retrievable, above, n_items).numpy(), torch.where(retrievable, tied, 1).numpy()
+
+
+def topk_values(
+    users: ArrayLike, above: ArrayLike, tied: ArrayLike, n_relevant: ArrayLike, k: int
+) -> dict[str, GroupValues]:
+    """Per-user recall, precision, NDCG, MRR and hit at k, from each relevant item's tie block.
+
+    ``users``, ``above`` and ``tied`` give one entry per (user, relevant item) pair that the ranking
+    holds (``tie_blocks``; a ranked id list gives ``above`` = its 0-based position, ``tied`` = 1;
+    a pair ranked at or below k may be left out); ``n_relevant[u]`` counts user u's relevant items,
+    ranked or not. Values are expectations over random tie orders (module docstring); users
+    without a relevant item are undefined. Keys ``recall``, ``precision``, ``ndcg``, ``mrr``, ``hit``.
+    """
+    k = _positive_int(k, "k")
+    n_rel = _to_numpy(n_relevant, "n_relevant").astype(np.float64)
+    user = _to_numpy(users, "users").astype(np.int64)
+    a = _to_numpy(above, "above").astype(np.int64)
+    t = _to_numpy(tied, "tied").astype(np.int64)
+    n_users = n_rel.shape[0]
+    per_user = lambda w: np.bincount(user, weights=w, minlength=n_users)  # noqa: E731
+    discounts = _discount(np.arange(1, k + 1, dtype=np.float64))
+    hits = per_user(_expected(a, t, _cumulative(np.ones(k))))
+    dcg = per_user(_expected(a, t, _cumulative(discounts)))
+    ideal = _cumulative(discounts)[np.minimum(n_rel, k).astype(np.int64)]
+    hit, reciprocal = np.zeros(n_users), np.zeros(n_users)
+    if user.size:
+        # Each user's best-ranked tie block holding a relevant item: the smallest ``above`` (equal
+        # ``above`` means equal score, so one block), and how many relevant items share it.
+        order = np.lexsort((a, user))
+        first = np.flatnonzero(np.diff(user[order], prepend=-1))
+        best = np.repeat(a[order][first], np.diff(np.append(first, order.size)))
+        in_block = np.bincount(user[order], weights=a[order] == best, minlength=n_users)
+        rows = order[first]
+        hit[user[rows]], reciprocal[user[rows]] = _first_hit(a[rows], t[rows], in_block[user[rows]], k)
+    ids, defined = np.arange(n_users), n_rel > 0
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return {
+            "recall": _averaged(ids, hits / n_rel, defined),
+            "precision": _averaged(ids, hits / k, defined),
+            "ndcg": _averaged(ids, dcg / ideal, defined),
+            "mrr": _averaged(ids, reciprocal, defined),
+            "hit": _averaged(ids, hit, defined),
+        }
 
 
 def topk_metrics(
@@ -783,12 +942,13 @@ def topk_metrics(
 ) -> TopKResult:
     """Recall, precision, NDCG, MRR and hit rate at k over a full catalogue, per user averaged.
 
-    ``ranked_or_scores`` is either a float score matrix [n_users, n_items] (top k taken here;
-    ties at the k-th place broken arbitrarily, as ``torch.topk`` does) or an integer matrix of
-    ranked item ids [n_users, m >= k], best first, e.g. from ``torch.topk(...).indices`` or a FAISS
-    search (-1 marks an empty slot). ``relevant`` and ``exclude`` give one item set per user
-    (see ``ItemSets``). Excluded items (typically the user's training interactions) are removed
-    before the cut at k: with ranked ids, pass m > k so the list can be refilled.
+    ``ranked_or_scores`` is either a float score matrix [n_users, n_items] (ties, at the cut or
+    above it, follow the module's rule: the expectation over random orders of equal scores) or an
+    integer matrix of ranked item ids [n_users, m >= k], best first, e.g. from
+    ``torch.topk(...).indices`` or a FAISS search (-1 marks an empty slot), which has no ties.
+    ``relevant`` and ``exclude`` give one item set per user (see ``ItemSets``). Excluded items
+    (typically the user's training interactions) are removed before the cut at k: with ranked ids,
+    pass m > k so the list can be refilled.
 
     Definitions match RecBole (``recbole/evaluator/metrics.py``): recall = hits / |relevant|,
     precision = hits / k, MRR = 1 / rank of the first hit (0 if none in the top k), hit = any hit,
@@ -821,13 +981,19 @@ def topk_metrics(
         raise ValueError(f"too many (user, item) pairs to index: {n_users} users x {stride} items")
 
     relevant_set = _PairSet(relevant_pairs, stride)
+    pair_users, pair_items = relevant_set.keys // stride, relevant_set.keys % stride  # distinct pairs
     if is_scores:
-        ranked = _top_k_of_scores(matrix, k, excluded_pairs)
-    elif excluded_pairs is not None:
-        ranked = _drop_excluded(matrix.astype(np.int64, copy=False), _PairSet(excluded_pairs, stride), k)
+        scores = matrix.astype(np.float64)
+        if excluded_pairs is not None:
+            scores[excluded_pairs.users, excluded_pairs.items] = -np.inf
+        above, tied = tie_blocks(scores, pair_users, pair_items)
     else:
-        ranked = matrix[:, :k].astype(np.int64, copy=False)
-    return _topk_from_hits(relevant_set.contains(ranked), relevant_set.count_per_user(n_users), k)
+        ranked = matrix.astype(np.int64, copy=False)
+        ranked = _drop_excluded(ranked, _PairSet(excluded_pairs, stride), k) if excluded_pairs is not None else ranked[:, :k]
+        pair_users, above = np.nonzero(relevant_set.contains(ranked))
+        tied = np.ones_like(above)
+    values = topk_values(pair_users, above, tied, relevant_set.count_per_user(n_users), k)
+    return TopKResult(k=k, n_users=int(values["recall"].defined.sum()), **{name: v.mean() for name, v in values.items()})
 
 
 def _check_ranked_ids(ranked: np.ndarray, k: int) -> None:
@@ -840,31 +1006,3 @@ def _check_ranked_ids(ranked: np.ndarray, k: int) -> None:
     if duplicated.any():
         user = int(np.flatnonzero(duplicated.any(axis=1))[0])
         raise ValueError(f"ranked_or_scores repeats an item id in the list of user {user}")
-
-
-def _mean_where(values: np.ndarray, mask: np.ndarray) -> float:
-    """Mean of ``values[mask]``; nan when the mask is empty."""
-    if not mask.any():
-        return float("nan")
-    return float(np.mean(values[mask]))
-
-
-def _topk_from_hits(hits: np.ndarray, n_relevant: np.ndarray, k: int) -> TopKResult:
-    """Metrics from the [n_users, k] hit matrix and each user's number of relevant items."""
-    n_hits = hits.sum(axis=1)
-    discounts = _discount(np.arange(1, k + 1, dtype=np.float64))
-    dcg = hits @ discounts
-    ideal = np.concatenate(([0.0], np.cumsum(discounts)))[np.minimum(n_relevant, k)]
-    first_hit = np.argmax(hits, axis=1)
-    reciprocal = np.where(n_hits > 0, 1.0 / (first_hit + 1), 0.0)
-    evaluated = n_relevant > 0
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return TopKResult(
-            k=k,
-            n_users=int(evaluated.sum()),
-            recall=_mean_where(n_hits / n_relevant, evaluated),
-            precision=_mean_where(n_hits / k, evaluated),
-            ndcg=_mean_where(dcg / ideal, evaluated),
-            mrr=_mean_where(reciprocal, evaluated),
-            hit=_mean_where((n_hits > 0).astype(np.float64), evaluated),
-        )

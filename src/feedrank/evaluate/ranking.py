@@ -12,6 +12,14 @@ Protocol::
                log loss, normalized entropy, ECE and the reliability curve
     intervals  clustered bootstrap (requests, or users) with percentile CIs; every comparison is
                paired: both models on the same resampled requests (``feedrank.evaluate.bootstrap``)
+    ties       one rule for every metric: the expected value over a uniformly random order of
+               equal scores (``feedrank.evaluate.metrics``; recorded as ``holdout.ties``)
+    time spent ``dwell_ndcg@10`` (NDCG with gain = dwell seconds) and ``time_spent@10`` (its DCG:
+               the seconds a user who examines rank r with probability 1/log2(r + 1) spends on
+               the list as the model orders it, per request, logged dwell), for every model
+    slices     the same models on items seen in training vs new items and warm vs cold users
+               (in the training vocabulary or not): ``metrics.json`` ``slices``, with each model's
+               share of the oracle's lift over random, ``(m - random) / (oracle - random)``
 
 Models (``score__<name>`` columns of ``eval/predictions.parquet``):
 
@@ -22,8 +30,15 @@ Models (``score__<name>`` columns of ``eval/predictions.parquet``):
   falls with the slot; the top-slot probability of serving is the same model without that term.
 - ``two_tower``: the frozen two-tower's ``u . v / T`` alone (when the ranker was trained with one);
 - ``popularity``: training-window clicks of the item (ties: impressions); items never seen in
-  training rank last; ``recency``: the item's age at the impression, newest first;
-  ``random``: seeded uniform scores.
+  training rank last, items equal on both stay tied; ``recency``: the item's age at the
+  impression, newest first; ``random``: every candidate tied, which under the tie rule is exactly
+  the mean over random orders (AUC 0.5), with no sampling noise.
+- ``oracle`` (when the log has ``truth/``, a simulated world): ``World.true_affinity x
+  World.freshness`` at the impression's time, the world's position-free click utility
+  (``feedrank.evaluate.oracle``): the ceiling every share of lift is measured against.
+- ``value_dwell_<w>`` (when the holdout has dwell): the ranker's serving value formula
+  (``models.ranker.value_score``) with its dwell weight set to 0, the run's and 10x the run's (at
+  least 1): what the dwell weight does to the click and time-spent metrics, without retraining.
 - ``production`` (``--against``): another bundle (ranker, or two-tower ``u . v / T``) scored on the
   impressions both holdouts contain, with its own features and vocabularies.
 
@@ -57,9 +72,8 @@ Example::
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import json
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,21 +90,29 @@ from feedrank.bundle import Bundle, BundleError, load_bundle
 from feedrank.config import from_dict
 from feedrank.data.batch import Batch
 from feedrank.data.collate import BATCH_COLUMNS, collate
+from feedrank.data.world import World
 from feedrank.evaluate.bootstrap import BootstrapTable, Comparison, Interval, bootstrap_models
-from feedrank.evaluate.metrics import ReliabilityCurve, reliability_curve
-from feedrank.evaluate.retrieval import popularity_scores
+from feedrank.evaluate.impressions import impression_rows
+from feedrank.evaluate.metrics import TIE_RULE, ReliabilityCurve, reliability_curve
+from feedrank.evaluate.oracle import ORACLE, load_truth, oracle_scores
+from feedrank.evaluate.retrieval import RANDOM, cell, comparison_row, popularity_baseline, slice_rows
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, load_manifest, log_hash, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import FIRST_ID, Vocab, Vocabularies
 from feedrank.fsutil import staged_file
 from feedrank.models.calibration import correct_logit
-from feedrank.models.ranker import Ranker
+from feedrank.models.ranker import HeadWeights, Ranker, value_score
 from feedrank.train.task import EVAL_DIR, ensure_features
 
 RANKING_METRICS = ("auc", "gauc", "mrr", "ndcg@5", "ndcg@10")
 PROBABILITY_METRICS = ("log_loss", "ne", "ece")
+#: Time spent, the north star: {bootstrap metric on the labels log2(1 + dwell seconds): shown name}.
+#: The gain 2**label - 1 is then the dwell itself; dcg@10 is the expected seconds per feed.
+DWELL_METRICS = {"ndcg@10": "dwell_ndcg@10", "dcg@10": "time_spent@10"}
+#: The metrics shown per slice (items seen/new, warm/cold users).
+SLICE_METRICS = ("auc", "gauc", "mrr", "ndcg@10")
 RANKER, TWO_TOWER, PRODUCTION = "ranker", "two_tower", "production"
-BASELINES = (TWO_TOWER, "popularity", "recency", "random")
+BASELINES = (TWO_TOWER, "popularity", "recency", RANDOM)
 PREDICTIONS_FILE, METRICS_FILE = "predictions.parquet", "metrics.json"
 _KEY = ("request_id", "item_id")  # one row per candidate of a list, after de-duplication
 _ROW_COLUMNS = (*BATCH_COLUMNS, "ts", "user_id", "item_id", "request_id")
@@ -133,6 +155,9 @@ class Holdout:
     counts: dict[str, int]  # what was dropped, skipped or sent down the OOV path (module docstring)
     features_dir: Path
     split_at: str | None
+    warm_user: np.ndarray  # [rows] bool: the user is in the training vocabulary (else cold: the OOV path)
+    seen_item: np.ndarray  # [rows] bool: the item is in the training vocabulary (else new)
+    log_dir: Path | None = None  # the log the features were built from (its truth/ gives the oracle)
 
     @property
     def labels(self) -> np.ndarray:
@@ -142,22 +167,12 @@ class Holdout:
         return self.rows[name].to_numpy(zero_copy_only=False)
 
     def take(self, indices: np.ndarray) -> Holdout:
-        return Holdout(self.rows.take(pa.array(indices)), self.counts, self.features_dir, self.split_at)
+        return Holdout(self.rows.take(pa.array(indices)), self.counts, self.features_dir, self.split_at,
+                       self.warm_user[indices], self.seen_item[indices], self.log_dir)  # fmt: skip
 
 
 def _known(vocab: Vocab, idx: np.ndarray) -> np.ndarray:
     return (idx >= FIRST_ID) & (idx < FIRST_ID + len(vocab.ids))
-
-
-def impression_rows(table: pa.Table, exclude_prefixes: Sequence[str] = ()) -> pa.Table:
-    """The rows of ``table`` that are impressions: those whose ``request_id`` starts with none of
-    ``exclude_prefixes`` (e.g. MIND's ``hist-`` rows, pre-window clicks that a reader writes so that
-    histories and counters are complete, but that no feed ever showed)."""
-    if not exclude_prefixes:
-        return table
-    request = table["request_id"]
-    excluded = functools.reduce(pc.or_, (pc.starts_with(request, prefix) for prefix in exclude_prefixes))
-    return table.filter(pc.invert(excluded))
 
 
 def load_holdout(features_dir: str | Path, vocabs: Vocabularies, max_requests: int | None = None, seed: int = 0,
@@ -190,6 +205,8 @@ def load_holdout(features_dir: str | Path, vocabs: Vocabularies, max_requests: i
     request = deduped["request"].to_numpy()
     _, code = np.unique(request, return_inverse=True)
     clicks, size = np.bincount(code, weights=labels), np.bincount(code)
+    warm_user = _known(vocabs.users, deduped["user_idx"].to_numpy())
+    seen_item = _known(vocabs.items, deduped["item_idx"].to_numpy())
     counts = {
         "impressions": deduped.num_rows,
         "rows_excluded": every.num_rows - rows.num_rows,
@@ -199,13 +216,15 @@ def load_holdout(features_dir: str | Path, vocabs: Vocabularies, max_requests: i
         "duplicate_clicks_dropped": int(clicked.sum() - labels.sum()),
         "requests_without_click": int((clicks == 0).sum()),
         "requests_all_clicked": int((clicks == size).sum()),
-        "rows_oov_user": int((~_known(vocabs.users, deduped["user_idx"].to_numpy())).sum()),
-        "rows_oov_item": int((~_known(vocabs.items, deduped["item_idx"].to_numpy())).sum()),
+        "rows_oov_user": int((~warm_user).sum()),
+        "rows_oov_item": int((~seen_item).sum()),
     }
     if counts["clicks"] in (0, counts["impressions"]):
         raise EmptyHoldout(f"{features_dir}: the holdout has {counts['clicks']} click(s) in {counts['impressions']} "
                          "impressions: AUC and the ranking metrics need both clicks and non-clicks")  # fmt: skip
-    return Holdout(deduped, counts, features_dir, manifest["split_at"])
+    source = manifest.get("source_log")
+    return Holdout(deduped, counts, features_dir, manifest["split_at"], warm_user, seen_item,
+                   None if source is None else Path(source))  # fmt: skip
 
 
 def align(a: Holdout, b: Holdout) -> tuple[np.ndarray, np.ndarray]:
@@ -272,16 +291,16 @@ def score_rows(rows: pa.Table, scorer: Scorer, batch_size: int = 8192, max_histo
     return {name: np.concatenate(p) for name, p in parts.items()}
 
 
-def baseline_scores(rows: pa.Table, catalogue: pa.Table, seed: int = 0) -> dict[str, np.ndarray]:
+def baseline_scores(rows: pa.Table, catalogue: pa.Table) -> dict[str, np.ndarray]:
     """``popularity``, ``recency`` and ``random`` scores of ``rows`` (definitions: module docstring)."""
     item = rows["item_idx"].to_numpy()
     rankable = np.flatnonzero(catalogue["item_id"].is_valid().to_numpy(zero_copy_only=False))
     popularity = np.zeros(catalogue.num_rows, dtype=np.float64)  # items outside the vocabulary: last
-    popularity[rankable] = popularity_scores(catalogue, rankable)
+    popularity[rankable] = popularity_baseline(catalogue, rankable)
     return {
         "popularity": popularity[item],
         "recency": -rows["item_age_h"].to_numpy().astype(np.float64),
-        "random": np.random.default_rng(seed).random(rows.num_rows),
+        "random": np.zeros(rows.num_rows),  # all tied: the tie rule makes it the exact mean of random orders
     }
 
 
@@ -313,32 +332,32 @@ def linked_two_tower(bundle: Bundle) -> Bundle | None:
 
 @dataclass
 class RankingEvaluation:
-    """Metric intervals per model, paired comparisons, calibration, and what the holdout held."""
+    """Metric intervals per model, paired comparisons, calibration, slices, and what the holdout held."""
 
     models: dict[str, dict[str, Interval]]
     comparisons: list[tuple[str, str, Comparison]]  # (a, b, B against A)
     reliability: dict[str, ReliabilityCurve]
     holdout: dict[str, Any] = field(default_factory=dict)
+    slices: list[dict[str, Any]] = field(default_factory=list)  # ``retrieval.slice_rows`` of each slice
 
     def metrics_file(self) -> dict[str, Any]:
         """The ``eval/metrics.json`` document (``feedrank.evaluate.report.MetricsFile`` schema)."""
         return {
-            "models": {m: {k: _cell(i.value, i.ci) for k, i in cells.items()} for m, cells in self.models.items()},
-            "comparisons": [
-                {"a": a, "b": b, "metric": c.metric, "delta": _finite(c.delta), "ci": _cell(c.delta, c.ci)["ci"],
-                 "p": _finite(c.p_value), "value_a": _finite(c.value_a), "value_b": _finite(c.value_b)}
-                for a, b, c in self.comparisons
-            ],  # fmt: skip
+            "models": {m: {k: cell(i.value, i.ci) for k, i in cells.items()} for m, cells in self.models.items()},
+            "comparisons": [comparison_row(a, b, c) for a, b, c in self.comparisons],
             "holdout": self.holdout,
+            "slices": self.slices,
         }
 
 
-def _finite(x: float) -> float | None:
-    return float(x) if math.isfinite(x) else None
-
-
-def _cell(value: float, ci: tuple[float, float]) -> dict[str, Any]:
-    return {"value": _finite(value), "ci": [float(ci[0]), float(ci[1])] if all(map(math.isfinite, ci)) else None}
+def _renamed(table: BootstrapTable, names: Mapping[str, str], pairs: Sequence[tuple[str, str]]
+             ) -> tuple[dict[str, dict[str, Interval]], list[tuple[str, str, Comparison]]]:  # fmt: skip
+    """The intervals and comparisons of ``table`` under the shown metric ``names``."""
+    models = {m: {shown: dataclasses.replace(table.interval(m, k), metric=shown) for k, shown in names.items()}
+              for m in table.models}  # fmt: skip
+    comparisons = [(a, b, dataclasses.replace(c, metric=names[c.metric]))
+                   for a, b in pairs if {a, b} <= set(table.models) for c in table.compare(a, b) if c.metric in names]  # fmt: skip
+    return models, comparisons
 
 
 def compute_evaluation(
@@ -350,23 +369,58 @@ def compute_evaluation(
     pairs: Sequence[tuple[str, str]],
     cfg: RankingEvalConfig,
     progress: bool = False,
+    dwell: np.ndarray | None = None,
 ) -> RankingEvaluation:
     """Bootstrap every model's metrics on the same resamples and compare each ``(a, b)`` pair.
 
     Ranking metrics use ``scores``, probability metrics ``probs``; a pair is compared on every
-    metric both of its models have.
+    metric both of its models have. With ``dwell`` (seconds per row), the time-spent metrics
+    (``DWELL_METRICS``) too. With an ``oracle`` and a ``random`` model among ``scores``, the
+    ``all`` slice gives every model's share of the oracle's lift.
     """
     options = dict(n_resamples=cfg.n_resamples, level=cfg.level, seed=cfg.seed, clusters=clusters, progress=progress)
-    tables: list[BootstrapTable] = [bootstrap_models(labels, dict(scores), requests, RANKING_METRICS, **options)]
+    # The score tables rank the same models, so they also give the oracle's lift; probabilities do not.
+    ranked = [(bootstrap_models(labels, dict(scores), requests, RANKING_METRICS, **options), {m: m for m in RANKING_METRICS})]
+    if dwell is not None:
+        gains = np.log2(1.0 + np.maximum(dwell, 0.0))
+        ranked.append((bootstrap_models(gains, dict(scores), requests, list(DWELL_METRICS), **options), DWELL_METRICS))
+    tables = list(ranked)
     if probs:
-        tables.append(bootstrap_models(labels, dict(probs), requests, PROBABILITY_METRICS, **options))
+        tables.append((bootstrap_models(labels, dict(probs), requests, PROBABILITY_METRICS, **options),
+                       {m: m for m in PROBABILITY_METRICS}))  # fmt: skip
     models: dict[str, dict[str, Interval]] = {m: {} for m in scores}
-    for table in tables:
-        for model in table.models:
-            models[model] |= {m.name: table.interval(model, m.name) for m in table.metrics}
-    comparisons = [(a, b, c) for a, b in pairs for t in tables if {a, b} <= set(t.models) for c in t.compare(a, b)]
+    comparisons: list[tuple[str, str, Comparison]] = []
+    for table, names in tables:
+        cells, compared = _renamed(table, names, pairs)
+        for model, values in cells.items():
+            models[model] |= values
+        comparisons += compared
     reliability = {m: reliability_curve(labels, p, n_bins=cfg.calibration_bins) for m, p in probs.items()}
-    return RankingEvaluation(models, comparisons, reliability)
+    counts = {"impressions": int(labels.size), "clicks": int(labels.sum()), "ctr": float(labels.mean())}
+    slices = [slice_rows("all", 1.0, ranked, counts, ORACLE if ORACLE in scores else None)]
+    return RankingEvaluation(models, comparisons, reliability, slices=slices)
+
+
+def slice_evaluation(labels: np.ndarray, requests: np.ndarray, clusters: np.ndarray, scores: Mapping[str, np.ndarray],
+                     masks: Mapping[str, np.ndarray], cfg: RankingEvalConfig) -> list[dict[str, Any]]:  # fmt: skip
+    """``SLICE_METRICS`` of every model on each slice of rows (``masks``: name -> [rows] bool).
+
+    A slice keeps its rows only, so a request's list shrinks to its rows in the slice: on "new
+    items" the per-request metrics say how well a model orders new items among themselves, AUC
+    how well it separates their clicks. A slice without both clicks and non-clicks is reported
+    empty."""
+    oracle = ORACLE if ORACLE in scores else None
+    out = []
+    for name, mask in masks.items():
+        y = labels[mask]
+        counts = {"impressions": int(mask.sum()), "clicks": int(y.sum()), "ctr": float(y.mean()) if y.size else 0.0}
+        if y.size == 0 or y.min() == y.max():
+            out.append({"slice": name, "share": float(mask.mean()), "counts": counts, "models": {}, "lift_share": {}})
+            continue
+        table = bootstrap_models(y, {m: s[mask] for m, s in scores.items()}, requests[mask], SLICE_METRICS,
+                                 n_resamples=cfg.n_resamples, level=cfg.level, seed=cfg.seed, clusters=clusters[mask])  # fmt: skip
+        out.append(slice_rows(name, float(mask.mean()), [(table, {m: m for m in SLICE_METRICS})], counts, oracle))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -397,10 +451,14 @@ def evaluate_ranker(
     cfg: RankingEvalConfig,
     *,
     production: tuple[Scorer, int | None, Holdout] | None = None,
+    truth: World | None = None,
     progress: bool = False,
 ) -> RankingResult:
     """Score ``holdout`` with the ranker and the baselines (and ``production``: its scorer, history
-    length and own holdout), bootstrap the metrics and compare (module docstring)."""
+    length and own holdout), bootstrap the metrics and compare (module docstring).
+
+    ``truth`` (default: the world of the holdout's source log, when it has ``truth/``) adds the
+    ``oracle`` model and every model's share of its lift, overall and by slice."""
     counts = dict(holdout.counts)
     outputs_of_production = None
     if production is not None:
@@ -416,9 +474,16 @@ def evaluate_ranker(
     scores = {RANKER: out["score"]}
     if TWO_TOWER in out:
         scores[TWO_TOWER] = out[TWO_TOWER]
-    scores |= baseline_scores(rows, catalogue, cfg.seed)
+    scores |= baseline_scores(rows, catalogue)
+    world = truth if truth is not None else (load_truth(holdout.log_dir) if holdout.log_dir is not None else None)
+    if world is not None:
+        scores[ORACLE] = oracle_scores(world, rows["user_id"], rows["item_id"], rows["ts"].cast(pa.int64()).to_numpy())
     probs = {RANKER: out["prob"]}
     pairs = [(baseline, RANKER) for baseline in scores if baseline != RANKER]
+    dwell = holdout.column("dwell_s").astype(np.float64)
+    timed = bool((dwell > 0).any())  # MIND has no dwell: no time-spent metrics rather than constant zeros
+    if timed:
+        scores |= value_rows(out, scorer.model.cfg.value)
     if outputs_of_production is not None:
         scores[PRODUCTION] = outputs_of_production["score"]
         if "prob" in outputs_of_production:
@@ -427,14 +492,36 @@ def evaluate_ranker(
 
     labels, requests = holdout.labels, holdout.column("request")
     clusters = requests if cfg.cluster == "request" else np.unique(holdout.column("user_id"), return_inverse=True)[1]
-    evaluation = compute_evaluation(labels, requests, clusters, scores, probs, pairs, cfg, progress)
+    evaluation = compute_evaluation(labels, requests, clusters, scores, probs, pairs, cfg, progress,
+                                    dwell=dwell if timed else None)  # fmt: skip
+    masks = {"items seen in training": holdout.seen_item, "new items": ~holdout.seen_item,
+             "warm users": holdout.warm_user, "cold users": ~holdout.warm_user}  # fmt: skip
+    evaluation.slices += slice_evaluation(labels, requests, clusters, scores, masks, cfg)
     evaluation.holdout = {
         "protocol": "MIND: candidate lists = requests; AUC pooled, GAUC/MRR/NDCG per request",
+        "ties": TIE_RULE, "oracle": "world truth: true_affinity x freshness" if world is not None else "none (no truth/)",
+        "time_spent": ("dwell_ndcg@10: NDCG with gain = dwell seconds; time_spent@10: its DCG, seconds per feed"
+                       if timed else "not measured: no impression of the holdout has a dwell time"),
         "split_at": holdout.split_at, "features": str(holdout.features_dir), **counts,
         "bootstrap": f"{cfg.n_resamples} resamples of {cfg.cluster}s, {cfg.level:.0%} percentile intervals",
         "negative_rate": scorer.model.cfg.negative_rate,
     }  # fmt: skip
     return RankingResult(evaluation, predictions_table(holdout, scores, probs))
+
+
+def dwell_weights(configured: float) -> list[float]:
+    """The value formula's dwell weights evaluation tries: none, the run's, and ten times it (at
+    least 1: dwell weighing like a click)."""
+    return sorted({0.0, configured, max(10.0 * configured, 1.0)})
+
+
+def value_rows(outputs: Mapping[str, np.ndarray], weights: HeadWeights) -> dict[str, np.ndarray]:
+    """``value_dwell_<w>``: the ranker's serving value formula (``models.ranker.value_score``) with
+    its dwell weight set to each of ``dwell_weights``, the rest as configured: what the dwell weight
+    does to the click and the time-spent metrics, without retraining."""
+    preds = {head: outputs[head] for head in ("click", "dwell", "share", "hide")}
+    return {f"value_dwell_{w:g}": np.asarray(value_score(preds, dataclasses.replace(weights, dwell=w)), dtype=np.float64)
+            for w in dwell_weights(weights.dwell)}  # fmt: skip
 
 
 def predictions_table(holdout: Holdout, scores: Mapping[str, np.ndarray], probs: Mapping[str, np.ndarray]) -> pa.Table:
@@ -444,6 +531,7 @@ def predictions_table(holdout: Holdout, scores: Mapping[str, np.ndarray], probs:
         "request": rows["request"], "request_id": rows["request_id"], "user_id": rows["user_id"],
         "item_id": rows["item_id"], "position": rows["position"], "label": rows["clicked"].cast(pa.int8()),
         "history_len": pc.list_value_length(rows["history"]).cast(pa.int64()),
+        "dwell_s": rows["dwell_s"], "seen_item": pa.array(holdout.seen_item), "warm_user": pa.array(holdout.warm_user),
         **{f"score__{m}": s for m, s in scores.items()}, **{f"prob__{m}": p for m, p in probs.items()},
     })  # fmt: skip
 

@@ -16,7 +16,9 @@ Run directory layout (training and evaluation write it; this module only reads i
       eval/metrics.json          optional; when present its table is shown instead of being recomputed:
           {"models": {model: {metric: {"value": v, "ci": [lo, hi]}}},
            "comparisons": [{"a": .., "b": .., "metric": .., "delta": .., "ci": [lo, hi], "p": ..}],
-           "holdout": {free-form description shown as key/value pairs}}
+           "holdout": {free-form description shown as key/value pairs},
+           "slices": [{"slice": .., "share": .., "counts": {..}, "models": {model: {metric: cell}},
+                       "lift_share": {model: {metric: cell}}}]}   (optional; shown as the slices table)
       train/<run>/metrics.jsonl  optional, one folder per trained model (train/retrieval, ...): JSON
                                  lines with at least {"step": int, "loss": float}; every other
                                  numeric key is plotted as a training curve too.
@@ -230,12 +232,26 @@ class ComparisonRecord:
 
 
 @dataclass(frozen=True)
+class SliceRecord:
+    """One slice of the holdout (all, items seen in training or new, warm or cold users): every
+    model's metrics there and, when the log has truth, each model's share of the oracle's lift over
+    random, ``(metric - random) / (oracle - random)``."""
+
+    slice: str
+    share: float  # of the impressions (ranking) or relevant pairs (retrieval)
+    models: dict[str, dict[str, MetricValue]]
+    counts: dict[str, Any] = field(default_factory=dict)
+    lift_share: dict[str, dict[str, MetricValue]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class MetricsFile:
     """The schema of ``eval/metrics.json`` (strict: an unknown key fails, naming it)."""
 
     models: dict[str, dict[str, MetricValue]]
     comparisons: list[ComparisonRecord] = field(default_factory=list)
     holdout: dict[str, Any] = field(default_factory=dict)
+    slices: list[SliceRecord] = field(default_factory=list)
 
 
 def load_metrics(path: Path) -> MetricsFile:
@@ -613,6 +629,24 @@ def _buckets_html(buckets: Sequence[Mapping[str, Any]], models: Sequence[str]) -
     return _table("history-table", headers, rows)
 
 
+def _slices_html(slices: Sequence[SliceRecord]) -> str:
+    """One row per (slice, model): the slice's size, each metric and, with an oracle, the model's
+    share of the oracle's lift over random on it."""
+    metrics = list(dict.fromkeys(k for s in slices for cells in s.models.values() for k in cells))
+    lifted = list(dict.fromkeys(k for s in slices for cells in s.lift_share.values() for k in cells))
+    headers = ["slice", "share", "counts", "model", *metrics, *(f"share of oracle lift: {k}" for k in lifted)]
+    rows = []
+    for s in slices:
+        counts = ", ".join(f"{k} {v:,}" if isinstance(v, int) else f"{k} {v:.4f}" for k, v in s.counts.items())
+        for model, cells in s.models.items():
+            values = [f"<td>{_num(cells[k].value) + _ci(cells[k].ci) if k in cells else '&mdash;'}</td>" for k in metrics]
+            share = s.lift_share.get(model, {})
+            lifts = [f"<td>{_num(share[k].value, 3) + _ci(share[k].ci, 3) if k in share else '&mdash;'}</td>" for k in lifted]
+            rows.append([f"<td>{_e(s.slice)}</td>", f"<td>{s.share:.1%}</td>", f"<td>{_e(counts)}</td>",
+                         f"<td>{_e(model)}</td>", *values, *lifts])  # fmt: skip
+    return _table("slices-table", headers, rows)
+
+
 def _img(name: str, png: bytes, alt: str) -> str:
     data = base64.b64encode(png).decode("ascii")
     return f'<img id="fig-{name}" alt="{_e(alt)}" src="data:image/png;base64,{data}">'
@@ -640,6 +674,14 @@ def render_html(report: Mapping[str, Any], metrics: MetricsFile, figures: Mappin
             "Highlighted rows: the interval of the delta excludes 0 in B's favour. p is the two-sided share of "
             "resamples where the delta crosses 0; with N resamples it cannot go below 2/(N+1).</p>"
             + _comparisons_html(metrics.comparisons)
+        )
+    if metrics.slices:
+        sections.append(
+            '<h2>Slices and the oracle</h2><p class="note">Each model on the whole holdout and on its slices: '
+            "items seen in training against new items, warm users (in the training vocabulary) against cold "
+            "ones. With the world's truth, <em>share of oracle lift</em> is (model - random) / (oracle - random): "
+            "1 is as good as the world's own click utility, 0 no better than a random order.</p>"
+            + _slices_html(metrics.slices)
         )
     if "training" in figures:
         sections.append("<h2>Training curves</h2>" + _img("training", figures["training"], "training curves"))
@@ -725,6 +767,7 @@ def write_report(
         "models": {m: {k: asdict(v) for k, v in cells.items()} for m, cells in metrics.models.items()},
         "best": best_per_metric(metrics.models),
         "comparisons": [asdict(c) for c in metrics.comparisons],
+        "slices": [asdict(s) for s in metrics.slices],
         "history_buckets": buckets,
         "calibration": calibration(pred),
         "training": training_summary(curves),

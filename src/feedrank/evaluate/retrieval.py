@@ -1,4 +1,4 @@
-"""Full-catalogue evaluation of a retrieval model, side by side with a popularity baseline.
+"""Full-catalogue evaluation of a retrieval model, side by side with popularity, random and the oracle.
 
 Protocol (the RecBole "full ranking" protocol, on a time split)::
 
@@ -8,13 +8,18 @@ Protocol (the RecBole "full ranking" protocol, on a time split)::
         scores        <- user vector . item vector, for every item of the catalogue
         excluded      <- items the user clicked before the cut (RecBole excludes training items)
         top k         -> recall, NDCG, MRR, hit and precision @k  (feedrank.evaluate.metrics)
+    intervals: a bootstrap over users (``bootstrap.bootstrap_values``), paired comparisons of the
+    model against every other row, and slices (warm/cold users, items seen in training or not)
 
 Definitions, each a choice:
 
-- **relevant** items are those the user *engaged with* in the test period (``clicked and not
-  hidden``, the same rule as the history); an item the user also clicked before the cut is dropped
-  from the relevant set (it is excluded from the ranking, so it could never be hit) and counted as
-  ``n_relevant_seen``;
+- **relevant** items are those the user *engaged with* in an *impression* of the test period
+  (``clicked and not hidden``, the same rule as the history). Rows of requests named by
+  ``exclude_prefixes`` (default ``hist-``: the pre-window clicks MIND and EB-NeRD readers write,
+  timestamped after the cut for users first seen after it) are history, not impressions
+  (``feedrank.evaluate.impressions``), exactly as ranking evaluation treats them. An item the
+  user also clicked before the cut is dropped from the relevant set (it is excluded from the
+  ranking, so it could never be hit) and counted as ``n_relevant_seen``;
 - **excluded** items are those the user *clicked* before the cut, hidden or not: opened once is
   enough not to be retrieved again;
 - **item age** is the hours from ``created_ts`` (or the first training impression when it is
@@ -22,8 +27,14 @@ Definitions, each a choice:
 - **OOV** users (not in the user vocabulary) are still evaluated through the OOV embedding and
   their history, and counted (``n_oov_users``); relevant items outside the item vocabulary cannot
   be ranked, so they are dropped and counted (``n_relevant_oov`` pairs, ``n_oov_items`` items);
-- the **popularity** baseline ranks by training clicks (ties by training impressions, then by
-  vocabulary index), with the same exclusion.
+- the **popularity** baseline ranks by training clicks, then training impressions; items equal on
+  both are tied, with the same exclusion; **random** scores every item alike;
+- **ties** follow the one rule of ``feedrank.evaluate.metrics``: the expected value over a random
+  order of equal scores, computed exactly from each relevant item's tie block, so ``random`` is
+  the exact expectation of a uniformly random ranking;
+- the **oracle** (a log with ``truth/``): the world's ``true_affinity x freshness`` at the cut
+  for every user and catalogue item (``feedrank.evaluate.oracle``); each slice then gives every
+  model's share of the oracle's lift over random.
 
 The core, ``evaluate_ranking``, takes explicit inputs (model, vocabularies, catalogue, per-user
 state, relevant and excluded pairs as raw ids), so a benchmark on a fixed external split (e.g.
@@ -43,7 +54,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,11 +65,15 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_vectors, lookup_quiet, popularity_scores
+from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_vectors, lookup_quiet
 from feedrank.data.batch import Batch
 from feedrank.data.log import read_events
 from feedrank.data.user_batch import user_batch
-from feedrank.evaluate.metrics import topk_metrics
+from feedrank.data.world import World
+from feedrank.evaluate.bootstrap import BootstrapTable, Comparison, Interval, bootstrap_values
+from feedrank.evaluate.impressions import HISTORY_REQUESTS, impression_rows
+from feedrank.evaluate.metrics import TIE_RULE, GroupValues, tie_blocks, topk_values
+from feedrank.evaluate.oracle import ORACLE, CatalogueOracle, load_truth
 from feedrank.features.build import parse_ts
 from feedrank.features.counters import user_counters
 from feedrank.features.user_state import UserState, user_state
@@ -67,32 +82,46 @@ from feedrank.fsutil import staged_file
 
 DEFAULT_KS = (10, 50, 100)
 METRICS_FILE = "metrics.json"
-_STATE_COLUMNS = ["user_id", "item_id", "ts", "clicked", "hidden", *USER_CAT_COLUMNS]
+RANDOM, POPULARITY = "random", "popularity"
+_STATE_COLUMNS = ["user_id", "item_id", "ts", "clicked", "hidden", "request_id", *USER_CAT_COLUMNS]
+#: The slices of the evaluation, each a (kind, name): users of the training vocabulary or not;
+#: relevant items the training window impressed or not.
+SLICES = (("users", "warm users"), ("users", "cold users"), ("items", "items seen in training"), ("items", "new items"))
 
 
 @dataclass
 class RetrievalEvaluation:
-    """Top-k metrics of the model and of popularity, and what was (not) evaluated."""
+    """Top-k metrics of every model with bootstrap intervals, comparisons, slices, and what was
+    (not) evaluated."""
 
     ks: list[int]
     model_name: str
-    model: dict[str, float]  # {"recall@10": ..., "ndcg@10": ..., ...}
-    popularity: dict[str, float]
+    models: dict[str, dict[str, Interval]]  # model -> {"recall@10": Interval, ...}
+    comparisons: list[tuple[str, str, Comparison]]  # (a, b, B against A), users resampled
     counts: dict[str, int]  # users, OOV and dropped-pair counts (see the module docstring)
     split_at: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # free-form holdout description
+    slices: list[dict[str, Any]] = field(default_factory=list)  # ``slice_rows`` of each slice
+    bootstrap: str = ""
+
+    @property
+    def model(self) -> dict[str, float]:
+        """The evaluated model's point values (``{"recall@10": ...}``)."""
+        return {name: i.value for name, i in self.models[self.model_name].items()}
+
+    @property
+    def popularity(self) -> dict[str, float]:
+        return {name: i.value for name, i in self.models[POPULARITY].items()}
 
     def metrics_file(self) -> dict[str, Any]:
         """The ``eval/metrics.json`` document (``feedrank.evaluate.report.MetricsFile`` schema)."""
-        cell = lambda v: {"value": v if math.isfinite(v) else None}  # noqa: E731 (nan is not JSON)
         return {
-            "models": {
-                self.model_name: {k: cell(v) for k, v in self.model.items()},
-                "popularity": {k: cell(v) for k, v in self.popularity.items()},
-            },
-            "comparisons": [],
-            "holdout": {"protocol": "full catalogue, engaged-before-cut excluded", "split_at": self.split_at,
-                        "ks": self.ks, **self.counts, **self.extra},
+            "models": {m: {k: cell(i.value, i.ci) for k, i in cells.items()} for m, cells in self.models.items()},
+            "comparisons": [comparison_row(a, b, c) for a, b, c in self.comparisons],
+            "slices": self.slices,
+            "holdout": {"protocol": "full catalogue, engaged-before-cut excluded, impressions after the cut only",
+                        "split_at": self.split_at, "ks": self.ks, "ties": TIE_RULE, "bootstrap": self.bootstrap,
+                        **self.counts, **self.extra},  # fmt: skip
         }
 
     def write(self, out_dir: str | Path) -> Path:
@@ -103,8 +132,51 @@ class RetrievalEvaluation:
         return path
 
 
-# ------------------------------------------------------------------------------------------------
-# inputs
+def _finite(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def cell(value: float, ci: tuple[float, float]) -> dict[str, Any]:
+    """A metrics.json cell: the value and its interval, null where not finite (nan is not JSON)."""
+    return {"value": _finite(value), "ci": [float(ci[0]), float(ci[1])] if all(map(math.isfinite, ci)) else None}
+
+
+def comparison_row(a: str, b: str, c: Comparison) -> dict[str, Any]:
+    """A metrics.json comparison: B against A on one metric."""
+    return {"a": a, "b": b, "metric": c.metric, "delta": _finite(c.delta), "ci": cell(c.delta, c.ci)["ci"],
+            "p": _finite(c.p_value), "value_a": _finite(c.value_a), "value_b": _finite(c.value_b)}  # fmt: skip
+
+
+def slice_rows(name: str, share: float, tables: Sequence[tuple[BootstrapTable, Mapping[str, str]]],
+               counts: Mapping[str, Any], oracle: str | None, random: str = RANDOM) -> dict[str, Any]:  # fmt: skip
+    """One slice of an evaluation for metrics.json: every model's metrics with intervals and, with
+    an oracle, its share of the oracle's lift over random (``BootstrapTable.lift_share``).
+
+    ``tables`` pairs each bootstrap table with the metrics to show from it, ``{its name: shown
+    name}`` (time spent is an NDCG on dwell labels, shown apart from the click NDCG)."""
+    models: dict[str, dict[str, Any]] = {}
+    shares: dict[str, dict[str, Any]] = {}
+    for table, names in tables:
+        has_oracle = oracle is not None and oracle in table.models and random in table.models
+        for m in table.models:
+            models.setdefault(m, {}).update({shown: cell(*_value_ci(table.interval(m, k))) for k, shown in names.items()})
+            if has_oracle and m not in (oracle, random):
+                shares.setdefault(m, {}).update(
+                    {shown: cell(*_value_ci(table.lift_share(m, k, oracle, random))) for k, shown in names.items()})
+    return {"slice": name, "share": share, "counts": dict(counts), "models": models, "lift_share": shares}
+
+
+def _value_ci(interval: Interval) -> tuple[float, tuple[float, float]]:
+    return interval.value, interval.ci
+
+
+def popularity_baseline(catalogue: pa.Table, rows: np.ndarray) -> np.ndarray:
+    """[len(rows)] float64 popularity of catalogue ``rows``: training clicks, then training
+    impressions; items equal on both stay tied (the tie rule averages over their orders, where
+    ``bundle.popularity_scores``, which serving needs deterministic, breaks them by index)."""
+    clicks = catalogue["train_clicks"].to_numpy()[rows].astype(np.float64)
+    imps = catalogue["train_impressions"].to_numpy()[rows].astype(np.float64)
+    return clicks * (imps.max(initial=0.0) + 1.0) + imps
 
 
 # ------------------------------------------------------------------------------------------------
@@ -122,13 +194,20 @@ def evaluate_ranking(
     ks: Sequence[int] = DEFAULT_KS,
     chunk_users: int = 1024,
     model_name: str = "two_tower",
+    *,
+    world: World | None = None,
+    n_resamples: int = 200,
+    level: float = 0.95,
+    seed: int = 0,
 ) -> RetrievalEvaluation:
-    """Rank the whole catalogue for ``users`` with ``model`` and with popularity; score the top k.
+    """Rank the whole catalogue for ``users`` with ``model``, popularity, random (and with a
+    ``world``, its oracle); score the top k with intervals from a bootstrap over users.
 
     ``relevant`` and ``exclude`` are tables of raw ``(user_id, item_id)`` pairs (duplicates are
     fine); every user in them must be one of ``users``. ``model`` must provide ``user_vectors(Batch)``
     and ``item_vectors(item_idx, item_cats, item_age_h)`` (``TwoTower``). ``at`` is the cut: item
-    ages are measured at it. See the module docstring for every definition.
+    ages are measured at it. ``random`` scores every item alike: the tie rule makes that exactly
+    the expectation of a uniformly random ranking. See the module docstring for every definition.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -151,23 +230,60 @@ def evaluate_ranking(
     seen_keys = np.unique(excl_rows * vocabs.n_items + excl_items)
     rel_keys = np.unique(rel_rows[rel_known] * vocabs.n_items + rel_items[rel_known])
     is_seen = np.isin(rel_keys, seen_keys)
-    relevant_csr = _csr(rel_keys[~is_seen] // vocabs.n_items, rel_keys[~is_seen] % vocabs.n_items, len(users))
+    pair_user, pair_item = rel_keys[~is_seen] // vocabs.n_items, rel_keys[~is_seen] % vocabs.n_items
 
     batches = lambda: user_batches(users, vocabs, chunk_users)  # noqa: E731 (a fresh iterator per ranking)
     item_vecs = catalogue_vectors(model, catalogue, at, rankable)
+    pop = torch.from_numpy(popularity_baseline(catalogue, rankable))
+    scorers: dict[str, Callable[[int, Batch], Tensor]] = {
+        model_name: lambda lo, b: model.user_vectors(b) @ item_vecs.T,
+        POPULARITY: lambda lo, b: pop.expand(len(b), -1),
+        RANDOM: lambda lo, b: torch.zeros(len(b), rankable.size, dtype=torch.float64),
+    }
+    if world is not None:
+        oracle = CatalogueOracle(world, users.user_id, catalogue["item_id"].take(pa.array(rankable)), at)
+        scorers[ORACLE] = lambda lo, b: torch.from_numpy(oracle(lo, lo + len(b)))
     with torch.no_grad():
-        model_top = _top_items(lambda b: model.user_vectors(b) @ item_vecs.T, batches(), rankable,
-                               excl_rows, excl_items, ks[-1])  # fmt: skip
-    pop = torch.from_numpy(popularity_scores(catalogue, rankable))
-    pop_top = _top_items(lambda b: pop.expand(len(b), -1), batches(), rankable, excl_rows, excl_items, ks[-1])
+        blocks = {name: _relevant_blocks(score, batches(), rankable, excl_rows, excl_items, pair_user, pair_item)
+                  for name, score in scorers.items()}  # fmt: skip
 
-    def metrics(top: np.ndarray) -> dict[str, float]:
-        return {name: value for k in ks for name, value in topk_metrics(top, relevant_csr, k).as_dict().items()}
+    trained = catalogue["train_impressions"].to_numpy()[pair_item] > 0
+    pair_masks = {"items seen in training": trained, "new items": ~trained}
+    user_masks = {"warm users": user_known, "cold users": ~user_known}
 
-    n_evaluated = int((np.diff(relevant_csr[0]) > 0).sum())
+    def values(mask: np.ndarray) -> dict[str, dict[str, GroupValues]]:
+        n_rel = np.bincount(pair_user[mask], minlength=len(users))
+        return {name: {f"{metric}@{k}": v for k in ks
+                       for metric, v in topk_values(pair_user[mask], above[mask], tied[mask], n_rel, k).items()}
+                for name, (above, tied) in blocks.items()}  # fmt: skip
+
+    options = dict(n_resamples=n_resamples, level=level, seed=seed)
+    everything = values(np.ones(pair_user.size, dtype=bool))
+    table = bootstrap_values(everything, **options)
+    names = [m.name for m in table.metrics]
+    comparisons = [(b, model_name, c) for b in scorers if b != model_name for c in table.compare(b, model_name)]
+    with_oracle = ORACLE if world is not None else None
+    n_pairs = max(pair_user.size, 1)
+    same = {n: n for n in names}
+    slices = [slice_rows("all", 1.0, [(table, same)], {"users": int((np.bincount(pair_user) > 0).sum()),
+                                                       "relevant": int(pair_user.size)}, with_oracle)]  # fmt: skip
+    for kind, name in SLICES:
+        if kind == "items":
+            mask = pair_masks[name]
+            part = values(mask)
+        else:
+            mask = user_masks[name][pair_user]
+            part = {m: {k: _restricted(v, user_masks[name]) for k, v in cells.items()} for m, cells in everything.items()}
+        if not mask.any():
+            slices.append({"slice": name, "share": 0.0, "counts": {"users": 0, "relevant": 0}, "models": {}, "lift_share": {}})
+            continue
+        extra = {"users": int((np.bincount(pair_user[mask]) > 0).sum()), "relevant": int(mask.sum())}
+        slices.append(slice_rows(name, float(mask.sum() / n_pairs), [(bootstrap_values(part, **options), same)],
+                                 extra, with_oracle))  # fmt: skip
+
     counts = {
         "n_users": len(users),
-        "n_users_evaluated": n_evaluated,
+        "n_users_evaluated": int((np.bincount(pair_user, minlength=len(users)) > 0).sum()),
         "n_oov_users": int((~user_known).sum()),
         "n_items_ranked": int(rankable.size),
         "n_relevant": int(rel_keys.size - is_seen.sum()),
@@ -175,8 +291,15 @@ def evaluate_ranking(
         "n_oov_items": len(pc.unique(oov_pairs["item_id"])),
         "n_relevant_seen": int(is_seen.sum()),
     }
-    return RetrievalEvaluation(ks=ks, model_name=model_name, model=metrics(model_top), popularity=metrics(pop_top),
-                               counts=counts, split_at=at.isoformat())
+    models = {m: {k: table.interval(m, k) for k in names} for m in table.models}
+    return RetrievalEvaluation(ks=ks, model_name=model_name, models=models, comparisons=comparisons, counts=counts,
+                               split_at=at.isoformat(), slices=slices,
+                               bootstrap=f"{n_resamples} resamples of users, {level:.0%} percentile intervals")  # fmt: skip
+
+
+def _restricted(values: GroupValues, users: np.ndarray) -> GroupValues:
+    """``values`` over the ``users`` slice only (the others undefined)."""
+    return GroupValues(values.group_ids, values.values, values.weights, values.defined & users)
 
 
 def _known(vocab: Vocab, ids: pa.Array | pa.ChunkedArray) -> tuple[np.ndarray, np.ndarray]:
@@ -216,25 +339,24 @@ def user_batches(users: UserState, vocabs: Vocabularies, chunk: int = 1024) -> I
         yield lo, user_batch(user_idx[lo:hi], cats[lo:hi], off[lo : hi + 1], hist, counters[lo:hi], len(vocabs.item_cats))
 
 
-def _top_items(score: Callable[[Batch], Tensor], batches, rankable: np.ndarray, excl_rows: np.ndarray,
-               excl_items: np.ndarray, k: int) -> np.ndarray:  # fmt: skip
-    """[n_users, k] item indices ranked best first, excluded items removed; -1 marks an empty slot."""
-    column = np.full(int(rankable.max()) + 1, -1, dtype=np.int64)
+def _relevant_blocks(score: Callable[[int, Batch], Tensor], batches, rankable: np.ndarray, excl_rows: np.ndarray,
+                     excl_items: np.ndarray, pair_user: np.ndarray, pair_item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """(above, tied) of every relevant (user row, item index) pair in its user's ranking of the
+    ``rankable`` catalogue, excluded items removed (``metrics.tie_blocks``)."""
+    column = np.full(int(max(rankable.max(), pair_item.max(initial=0), excl_items.max(initial=0))) + 1, -1, np.int64)
     column[rankable] = np.arange(rankable.size)
-    excl_col = column[np.minimum(excl_items, rankable.max())]
-    keep = (excl_items <= rankable.max()) & (excl_col >= 0)
+    excl_col, pair_col = column[excl_items], column[pair_item]
+    keep = excl_col >= 0
     excl_rows, excl_col = excl_rows[keep], excl_col[keep]
-    width = min(k, rankable.size)
-    parts = []
+    above = np.full(pair_user.size, rankable.size, dtype=np.int64)
+    tied = np.ones(pair_user.size, dtype=np.int64)
     for lo, batch in batches:
-        scores = score(batch).float().clone()
+        scores = score(lo, batch).clone()
         mine = (excl_rows >= lo) & (excl_rows < lo + len(batch))
         scores[torch.from_numpy(excl_rows[mine] - lo), torch.from_numpy(excl_col[mine])] = -math.inf
-        top = torch.topk(scores, width, dim=1)
-        ids = rankable[top.indices.numpy()]
-        ids[torch.isneginf(top.values).numpy()] = -1
-        parts.append(np.pad(ids, ((0, 0), (0, k - width)), constant_values=-1))
-    return np.concatenate(parts)
+        pairs = np.flatnonzero((pair_user >= lo) & (pair_user < lo + len(batch)) & (pair_col >= 0))
+        above[pairs], tied[pairs] = tie_blocks(scores, pair_user[pairs] - lo, pair_col[pairs])
+    return above, tied
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,15 +377,21 @@ def evaluate_holdout(
     seed: int = 0,
     chunk_users: int = 1024,
     model_name: str = "two_tower",
+    exclude_prefixes: Sequence[str] = HISTORY_REQUESTS,
+    n_resamples: int = 200,
+    level: float = 0.95,
 ) -> RetrievalEvaluation:
     """Evaluate on the time holdout ``[split_at, end)`` of the log at ``log_dir``.
 
-    Evaluation users are those with an engagement in the holdout (a random sample of ``max_users``
-    of them, fixed by ``seed``, when given); their state is read from the log before ``split_at``.
+    Evaluation users are those with an engagement in an *impression* of the holdout (rows of
+    requests named by ``exclude_prefixes`` are history, not impressions: ``impression_rows``); a
+    random sample of ``max_users`` of them, fixed by ``seed``, when given. Their state is read from
+    the log before ``split_at``. A log with ``truth/`` adds the world's oracle.
     """
     before = read_events(log_dir, columns=_STATE_COLUMNS, end=split_at)
     after = read_events(log_dir, columns=_STATE_COLUMNS, start=split_at, end=end)
-    engaged_after = after.filter(pc.and_(after["clicked"], pc.invert(after["hidden"])))
+    shown = impression_rows(after, exclude_prefixes)
+    engaged_after = shown.filter(pc.and_(shown["clicked"], pc.invert(shown["hidden"])))
     users = pc.unique(engaged_after["user_id"]).sort()
     if len(users) == 0:
         raise ValueError(f"{log_dir}: no engagement at or after {split_at.isoformat()}: nothing to evaluate")
@@ -274,9 +402,11 @@ def evaluate_holdout(
     in_sample = lambda t: t.filter(pc.is_in(t["user_id"], value_set=users))  # noqa: E731
     relevant = in_sample(engaged_after).select(["user_id", "item_id"])
     exclude = in_sample(before.filter(before["clicked"])).select(["user_id", "item_id"])
-    result = evaluate_ranking(model, vocabs, catalogue, state, relevant, exclude, split_at, ks, chunk_users, model_name)
+    result = evaluate_ranking(model, vocabs, catalogue, state, relevant, exclude, split_at, ks, chunk_users, model_name,
+                              world=load_truth(log_dir), n_resamples=n_resamples, level=level, seed=seed)  # fmt: skip
     result.extra = {"log": str(Path(log_dir).resolve()), "end": None if end is None else end.isoformat(),
-                    "max_users": max_users, "seed": seed, "history_len": history_len}
+                    "max_users": max_users, "seed": seed, "history_len": history_len,
+                    "rows_excluded": after.num_rows - shown.num_rows, "exclude_requests": list(exclude_prefixes)}
     return result
 
 
@@ -305,7 +435,8 @@ def evaluate_bundle(
         bundle.model, bundle.vocabs, bundle.catalogue, log_dir, at, end=end, history_len=history_len,
         ks=ks or ev.get("ks", DEFAULT_KS), max_users=max_users if max_users is not None else ev.get("max_users"),
         seed=seed if seed is not None else ev.get("seed", 0), chunk_users=ev.get("chunk_users", 1024),
-        model_name=bundle.kind,
+        model_name=bundle.kind, exclude_prefixes=cfg.get("exclude_requests", HISTORY_REQUESTS),
+        n_resamples=ev.get("n_resamples", 200),
     )  # fmt: skip
     result.extra["bundle_version"] = bundle.version
     result.write(Path(out_dir) if out_dir is not None else bundle.path.parent / "eval")
