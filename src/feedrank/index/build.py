@@ -207,8 +207,8 @@ def _empty_faiss_index(cfg: IndexConfig, n: int, dim: int) -> faiss.Index:
             index = faiss.IndexIVFFlat(quantizer, dim, cfg.lists_for(n), faiss.METRIC_INNER_PRODUCT)
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, cfg.lists_for(n), cfg.pq_m, cfg.pq_nbits, faiss.METRIC_INNER_PRODUCT)
-            # FAISS's default polysemous training reorders codes for Hamming-filtered search, which
-            # is never enabled here; it dominated the build (130 s of 131 s at 30k items, 2 busy cores)
+            # FAISS's default polysemous training reorders codes for a Hamming-filtered search that is
+            # never enabled here: skip that training pass
             index.do_polysemous_training = False
         index.cp.max_points_per_centroid = cfg.ivf_train_per_list
         index.cp.seed = cfg.seed
