@@ -22,6 +22,7 @@ an in-memory one does not. ``--limit-gib`` (4) is the bound a stage must stay un
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import subprocess
@@ -64,11 +65,18 @@ def disk_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
-def train_pass(features_dir: Path, log_dir: Path, batch_size: int, max_batches: int | None, threads: int) -> None:
-    """Child: one pass of the two-tower over ``features_dir``'s train split; prints one JSON line."""
+def train_pass(features_dir: Path, log_dir: Path, batch_size: int, max_batches: int | None, threads: int,
+               shuffle_buffer_rows: int | None) -> None:
+    """Child: one pass of the default two-tower (in-batch softmax) over ``features_dir``'s train split,
+    then the training catalogue ``feedrank train retrieval`` reads before it; prints one JSON line.
+
+    The pass runs first so that its peak RSS (``pass_peak_mib``: interpreter, model, optimizer, loader,
+    steps) is not hidden by the catalogue's read of the whole log, measured after it on its own
+    (``catalogue_added_mib``); the in-batch loss does not draw from the catalogue, the sampled one does.
+    """
     import torch
 
-    from feedrank.bundle import build_two_tower, catalogue_item_cats
+    from feedrank.bundle import build_two_tower
     from feedrank.config import to_dict
     from feedrank.data.collate import BATCH_COLUMNS, Collator
     from feedrank.data.stream import ParquetStream, make_loader
@@ -83,18 +91,14 @@ def train_pass(features_dir: Path, log_dir: Path, batch_size: int, max_batches: 
     torch.manual_seed(0)
     cfg = RetrievalRunConfig(features=FeatureConfig())
     vocabs = Vocabularies.load(features_dir / VOCAB_DIR)
-    catalogue = training_catalogue(log_dir, vocabs, cfg.features)
     model = build_two_tower(to_dict(cfg), vocabs)
-    model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()))
-    del catalogue
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
     collator = Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels),
                         limits=batch_limits(vocabs), keep=clicked_rows)  # fmt: skip
     stream = ParquetStream(split_files(features_dir, "train"), batch_size, columns=BATCH_COLUMNS, shuffle=True, seed=0,
-                           shuffle_buffer_rows=cfg.loader.shuffle_buffer_rows)  # fmt: skip
-    setup_rss = _rss_mib()
+                           shuffle_buffer_rows=shuffle_buffer_rows or cfg.loader.shuffle_buffer_rows)  # fmt: skip
     loader_s = step_s = 0.0
-    impressions = pairs = batches = 0
+    pairs = batches = 0
     batches_iter = iter(make_loader(stream, 0, collator))
     while max_batches is None or batches < max_batches:
         t0 = time.perf_counter()
@@ -112,17 +116,31 @@ def train_pass(features_dir: Path, log_dir: Path, batch_size: int, max_batches: 
         pairs += len(batch)
         batches += 1
     impressions = min(stream.total_rows, batches * batch_size)
+    pass_peak = _status_mib("VmHWM")
+    del batches_iter
+    gc.collect()
+    start = _status_mib("VmRSS")
+    reset_peak_rss()  # from here VmHWM is the catalogue read's own peak
+    catalogue = training_catalogue(log_dir, vocabs, cfg.features)
     print(json.dumps({
         "batches": batches, "impressions": impressions, "pairs": pairs, "loader_s": loader_s, "step_s": step_s,
         "impressions_per_s": impressions / (loader_s + step_s), "pairs_per_s": pairs / (loader_s + step_s),
-        "loader_share": loader_s / (loader_s + step_s), "setup_rss_mib": setup_rss, "end_rss_mib": _rss_mib(),
+        "loader_share": loader_s / (loader_s + step_s), "pass_peak_mib": pass_peak,
+        "catalogue_added_mib": _status_mib("VmHWM") - start, "catalogue_items": catalogue.num_rows,
         "last_loss": loss_value, "params": sum(p.numel() for p in model.parameters()),
     }))  # fmt: skip
 
 
-def _rss_mib() -> float:
+def _status_mib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak resident since start or the last reset) in MiB."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(f"{field}:")) / 1024
+
+
+def reset_peak_rss() -> None:
+    """Reset this process's ``VmHWM`` to its current RSS (Linux >= 4.0: ``clear_refs`` value 5)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
 
 
 def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
@@ -138,11 +156,19 @@ def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
         result["events"] = summary["events"]
         result["simulate"]["disk_bytes"] = disk_bytes(log_dir)
     if "features" in args.stages:
-        result["features"] = stage(python + ["-m", "feedrank.cli", "features", "build", str(log_dir), str(features_dir)])
+        cmd = python + ["-m", "feedrank.cli", "features", "build", str(log_dir), str(features_dir)]
+        overrides = {"row_group_size": args.row_group_size, "history_len": args.history_len}
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        if overrides:
+            (work / "features.yaml").write_text(json.dumps({"features": overrides}) + "\n")  # JSON is YAML
+            cmd += ["--config", str(work / "features.yaml")]
+        result["features"] = stage(cmd)
         result["features"]["disk_bytes"] = disk_bytes(features_dir)
     if "train" in args.stages:
         cmd = python + [__file__, "--child-train", str(features_dir), "--child-log", str(log_dir),
                         "--batch-size", str(args.batch_size), "--threads", str(args.threads)]  # fmt: skip
+        if args.shuffle_buffer_rows:
+            cmd += ["--shuffle-buffer-rows", str(args.shuffle_buffer_rows)]
         if args.max_batches:
             cmd += ["--max-batches", str(args.max_batches)]
         result["train"] = stage(cmd)
@@ -161,7 +187,8 @@ def report(results: list[dict], limit_mib: float) -> dict:
             notes = ""
             if name == "train":
                 notes = (f"{s['impressions_per_s']:,.0f} impressions/s ({s['pairs_per_s']:,.0f} clicked pairs/s), "
-                         f"loader {100 * s['loader_share']:.0f}% of step time, setup RSS {s['setup_rss_mib']:.0f} MiB")
+                         f"loader {100 * s['loader_share']:.0f}% of step time; pass peak {s['pass_peak_mib']:.0f} MiB, "
+                         f"then the catalogue read +{s['catalogue_added_mib']:.0f} MiB")
             s["us_per_row"] = 1e6 * s["cpu_s"] / r["events"]
             s["pass"] = s["peak_rss_mib"] < limit_mib
             disk = f"{s['disk_bytes'] / 1e6:8.0f}" if "disk_bytes" in s else f"{'':>8}"
@@ -172,11 +199,13 @@ def report(results: list[dict], limit_mib: float) -> dict:
         extra = large["events"] - small["events"]
         for name in STAGES:
             if name in small and name in large:
-                growth = (large[name]["peak_rss_mib"] - small[name]["peak_rss_mib"]) * 2**20 / extra
-                summary["stages"][name] = {"rss_bytes_per_extra_row": growth,
-                                           "us_per_row": large[name]["us_per_row"]}  # fmt: skip
-                print(f"{name:>9}: peak RSS grows {growth:7.1f} B per extra row "
-                      f"({small['events']:,} -> {large['events']:,} events); {large[name]['us_per_row']:.2f} CPU-us/row")
+                peaks = [("", "peak_rss_mib")] + ([(" pass", "pass_peak_mib"), (" catalogue", "catalogue_added_mib")] if name == "train" else [])
+                for label, key in peaks:
+                    growth = (large[name][key] - small[name][key]) * 2**20 / extra
+                    summary["stages"][name + label.replace(" ", "_")] = {"rss_bytes_per_extra_row": growth,
+                                                                        "peak_mib": large[name][key]}  # fmt: skip
+                    print(f"{name + label:>14}: peak RSS grows {growth:7.1f} B per extra row "
+                          f"({small['events']:,} -> {large['events']:,} events)")
     return summary
 
 
@@ -188,15 +217,18 @@ def main() -> int:
     parser.add_argument("--stages", nargs="+", default=list(STAGES), choices=STAGES)
     parser.add_argument("--work", type=Path, help="keep logs and features here (default: a deleted temp dir)")
     parser.add_argument("--batch-size", type=int, default=1024, help="impressions a loader batch (clicked ones are trained)")
+    parser.add_argument("--shuffle-buffer-rows", type=int, default=None, help="default: the loader config's")
+    parser.add_argument("--row-group-size", type=int, default=None, help="feature files' row groups (default: the feature config's)")
+    parser.add_argument("--history-len", type=int, default=None, help="features' history length (default: the feature config's)")
     parser.add_argument("--max-batches", type=int, default=None, help="stop the pass after this many batches")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of the train pass (1: no spin-waiting on a shared machine)")
     parser.add_argument("--limit-gib", type=float, default=4.0)
     parser.add_argument("--out", type=Path, help="write every figure as JSON here")
     parser.add_argument("--child-train", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-log", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_train:
-        train_pass(args.child_train, args.child_log, args.batch_size, args.max_batches, args.threads)
+        train_pass(args.child_train, args.child_log, args.batch_size, args.max_batches, args.threads, args.shuffle_buffer_rows)
         return 0
     if "simulate" not in args.stages and args.work is None:
         parser.error("--stages without simulate reads an existing log: pass --work")
