@@ -78,18 +78,19 @@ def build(n_items: int, args: argparse.Namespace, sparse: bool) -> tuple[TwoTowe
 
 def time_steps(model: TwoTower, optimizers: list[torch.optim.Optimizer], batch: Batch, args: argparse.Namespace) -> dict:
     parts: dict[str, list[float]] = {"draw": [], "fwd": [], "bwd": [], "opt": []}
+    clock = time.process_time if args.cpu_time else time.perf_counter
     for step in range(args.warmup + args.steps):
-        t0 = time.perf_counter()
+        t0 = clock()
         model.sampler.sample(args.negatives)
-        t1 = time.perf_counter()
+        t1 = clock()
         loss, _ = two_tower_loss(model, batch)
-        t2 = time.perf_counter()
+        t2 = clock()
         loss.backward()
-        t3 = time.perf_counter()
+        t3 = clock()
         for opt in optimizers:
             opt.step()
             opt.zero_grad(set_to_none=True)
-        t4 = time.perf_counter()
+        t4 = clock()
         if step >= args.warmup:
             for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
                 parts[name].append(seconds * 1e3)
@@ -107,13 +108,15 @@ def main() -> None:
     parser.add_argument("--negatives", type=int, default=1024)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--wall", dest="cpu_time", action="store_false",
+                        help="time by the wall clock (default: this process's CPU time, fair on a shared machine)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"batch {args.batch}, history {args.history}, K={args.negatives} popularity negatives (logQ), "
-          f"item-ID dim {args.id_dim}, {args.threads} threads; ms a step, median of {args.steps}", flush=True)
+          f"item-ID dim {args.id_dim}, {args.threads} thread(s); {'CPU' if args.cpu_time else 'wall'} ms a step, median of {args.steps}", flush=True)
     print(f"{'items':>11} {'mode':>6} {'draw':>7} {'fwd':>8} {'bwd':>8} {'opt':>8} {'step':>8} {'RSS GB':>7}")
     results = []
     for n_items in args.items:
