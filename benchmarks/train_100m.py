@@ -6,17 +6,20 @@ its peak RSS (``os.wait4``'s ``ru_maxrss``) is its alone:
 - ``simulate``: ``feedrank simulate`` (streams the log day by day);
 - ``features``: ``feedrank features build`` (point-in-time examples; no test split);
 - ``train``: one pass of the default two-tower over the train split, built the way ``feedrank train
-  retrieval`` builds it (``training_catalogue``, ``build_two_tower``, ``ParquetStream`` + ``Collator``
-  keeping clicked rows, fused AdamW), timing the wait for each batch (the loader) apart from the
-  step (forward, loss, backward, optimizer), so it prints examples/s and the loader's share.
+  retrieval`` builds it (``build_two_tower``, ``ParquetStream`` + ``Collator`` keeping clicked rows,
+  fused AdamW, 1 thread), timing the wait for each batch (the loader) apart from the step (forward,
+  loss, backward, optimizer) in wall and CPU time, so it prints examples/s and the loader's share;
+  then, in the same child, the ``training_catalogue`` that run reads from the log (its own peak).
 
-It prints per stage: seconds, peak RSS, bytes on disk, and the per-row cost (us/row) and RSS
-growth per extra row between the smallest and the largest size: a streaming stage has ~0 B/row,
-an in-memory one does not. ``--limit-gib`` (4) is the bound a stage must stay under to PASS.
+The world (``--users``, ``--items``) is fixed and only the simulated days grow with ``--rows``.
+Prints per stage: seconds (wall and CPU), peak RSS, bytes on disk, CPU-us a row, and the RSS growth
+per extra row between the smallest and the largest size: a streaming stage has ~0 B a row, an
+in-memory one does not. ``--limit-gib`` (4) is the bound a stage must stay under to PASS.
 ``--out`` writes every figure as JSON (what ``tests/data/test_streaming_memory.py`` reads).
 
-    .venv/bin/python benchmarks/train_100m.py --rows 1000000 5000000 20000000 --work /tmp/t100m
-    .venv/bin/python benchmarks/train_100m.py --rows 50000 400000 --stages simulate train  # CI-sized
+    .venv/bin/python benchmarks/train_100m.py --rows 1000000 2000000 3000000 --max-batches 300 --work /tmp/t100m
+    .venv/bin/python benchmarks/train_100m.py --rows 100000 400000 --users 1000 --items 1000 --history-len 5 \
+        --max-batches 40 --shuffle-buffer-rows 8192 --row-group-size 8192     # the CI test's sizes
 """
 
 from __future__ import annotations
@@ -50,7 +53,7 @@ def stage(cmd: list[str]) -> dict:
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1] / "src"), env.get("PYTHONPATH")]))
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
-    out = proc.stdout.read().decode()  # the child's output is small (progress off, one JSON line)
+    out = proc.stdout.read().decode()  # progress bars and one JSON line: small
     _, status, usage = os.wait4(proc.pid, 0)
     wall = time.perf_counter() - start
     proc.returncode = os.waitstatus_to_exitcode(status)

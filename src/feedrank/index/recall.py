@@ -33,7 +33,7 @@ def exact_top_k(vectors: np.ndarray, queries: np.ndarray, k: int, chunk: int = E
     and never copied whole; scores tie-break to the lower position, as one unchunked scan does.
     """
     n = vectors.shape[0]
-    best_scores = np.full((queries.shape[0], 0), -np.inf, dtype=np.float32)
+    best_scores = np.empty((queries.shape[0], 0), dtype=np.float32)
     best = np.empty((queries.shape[0], 0), dtype=np.int64)
     for begin in range(0, n, chunk):
         block = np.ascontiguousarray(vectors[begin : begin + chunk], dtype=np.float32)
