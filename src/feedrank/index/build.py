@@ -50,12 +50,18 @@ def check_vectors(vectors: np.ndarray, name: str = "vectors", dim: int | None = 
         raise IndexInputError(f"{name} must hold floats, got dtype {array.dtype}")
     if dim is not None and array.shape[1] != dim:
         raise IndexInputError(f"{name} have dim {array.shape[1]}, the index has dim {dim}")
-    array = np.ascontiguousarray(array, dtype=np.float32)
-    finite = np.isfinite(array).all(axis=1)
-    if not finite.all():
-        bad = np.flatnonzero(~finite)
+    array = np.ascontiguousarray(array, dtype=np.float32)  # a float32 memmap passes through uncopied
+    bad_rows = [
+        begin + np.flatnonzero(~np.isfinite(array[begin : begin + CHECK_CHUNK]).all(axis=1))
+        for begin in range(0, array.shape[0], CHECK_CHUNK)
+    ]
+    bad = np.concatenate(bad_rows)
+    if bad.size:
         raise IndexInputError(f"{name} has {bad.size} row(s) with NaN or inf, first at row {bad[0]}")
     return array
+
+
+CHECK_CHUNK = 1 << 20  # rows per finiteness check: a (chunk, dim) bool mask, not one for all 10M rows
 
 
 def check_ids(item_ids: Sequence[str] | np.ndarray, n: int, name: str = "item_ids") -> np.ndarray:
@@ -158,12 +164,20 @@ class ItemIndex:
             self.faiss_index.make_direct_map()  # IVF keeps vectors per list; map ids to their slots
         return self.faiss_index.reconstruct_n(0, self.size)
 
-    def tune(self, *, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Change the search-time knob (IVF ``nprobe`` or HNSW ``ef_search``) without rebuilding."""
+    def tune(
+        self, *, nprobe: int | None = None, ef_search: int | None = None, refine_k_factor: int | None = None
+    ) -> None:
+        """Change a search-time knob (IVF ``nprobe``, HNSW ``ef_search``, the IVF-PQ re-rank depth
+        ``refine_k_factor`` of an index built with one) without rebuilding."""
+        if refine_k_factor is not None and not (refine_k_factor >= 1 and self.cfg.refine_k_factor):
+            raise IndexInputError(
+                f"refine_k_factor={refine_k_factor}: only an ivfpq index built with a re-rank can change its depth (to >= 1)"
+            )
         self.cfg = replace(
             self.cfg,
             nprobe=self.cfg.nprobe if nprobe is None else nprobe,
             ef_search=self.cfg.ef_search if ef_search is None else ef_search,
+            refine_k_factor=self.cfg.refine_k_factor if refine_k_factor is None else refine_k_factor,
         )
         self.cfg.validate()
         apply_search_params(self.faiss_index, self.cfg)
@@ -193,6 +207,9 @@ def _empty_faiss_index(cfg: IndexConfig, n: int, dim: int) -> faiss.Index:
             index = faiss.IndexIVFFlat(quantizer, dim, cfg.lists_for(n), faiss.METRIC_INNER_PRODUCT)
         else:
             index = faiss.IndexIVFPQ(quantizer, dim, cfg.lists_for(n), cfg.pq_m, cfg.pq_nbits, faiss.METRIC_INNER_PRODUCT)
+            # FAISS's default polysemous training reorders codes for a Hamming-filtered search that is
+            # never enabled here: skip that training pass
+            index.do_polysemous_training = False
         index.cp.max_points_per_centroid = cfg.ivf_train_per_list
         index.cp.seed = cfg.seed
         if cfg.refine_k_factor:
