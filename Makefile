@@ -23,7 +23,7 @@ demo: $(STAMP)
 
 # What the tests drive for real: a redis-server (the cache backend) and headless Chromium (the
 # report page), both from Debian packages.
-DEBIAN_PACKAGES := redis-server chromium
+DEBIAN_PACKAGES := redis-server chromium chromium-driver
 services:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi
