@@ -24,3 +24,9 @@ def catalogue() -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="session")
 def user_queries() -> np.ndarray:
     return clustered(300, 16, seed=1)
+
+
+@pytest.fixture(scope="session")
+def make_clustered():
+    """``clustered`` itself, for tests that need their own sizes (conftest is not importable)."""
+    return clustered

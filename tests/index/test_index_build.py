@@ -139,7 +139,7 @@ def test_float64_input_is_accepted_as_float32(catalogue):
 @pytest.mark.parametrize(
     ("data", "message"),
     [
-        ({"kind": "lsh"}, "index.kind: expected one of ['flat', 'ivf', 'hnsw']"),
+        ({"kind": "lsh"}, "index.kind: expected one of ['flat', 'ivf', 'ivfpq', 'hnsw']"),
         ({"nprobes": 8}, "unknown key(s) 'nprobes'"),
         ({"recall_floor": 1.5}, "recall_floor must be in [0, 1]"),
         ({"nlist": 0}, "nlist must be >= 1"),

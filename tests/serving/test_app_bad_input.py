@@ -223,3 +223,12 @@ def test_a_client_that_goes_away_mid_body_ends_as_a_400_not_a_crash(serve):
     text = TestClient(app).get("/metrics").text
     assert 'feedrank_http_refused_total{route="/events",status="400"} 1.0' in text
     assert 'feedrank_events_total{outcome="rejected"} 1.0' in text
+
+
+def test_inspector_routes_need_the_api_key_like_feed(serve):
+    """The inspector's JSON routes read histories and feeds: the same key guards them as /feed."""
+    _, app = serve(AUTH)
+    client = TestClient(app, raise_server_exceptions=False)
+    for path in ("/inspect/meta", "/inspect/users", "/inspect/user/u1", "/inspect/feed?user_id=u1"):
+        assert client.get(path).status_code == 401, path
+        assert client.get(path, headers={"X-API-Key": KEY}).status_code != 401, path

@@ -46,13 +46,17 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
 
 
 def read_vectors(path: Path) -> np.ndarray:
-    """A ``.npy`` array of vectors (shape and values are checked by the index itself)."""
+    """A ``.npy`` array of vectors, memory-mapped (shape and values are checked by the index itself).
+
+    Memory-mapped so a 10M-row file is paged in by FAISS's chunked ``add`` instead of read whole;
+    a float32 file is used in place, other dtypes are converted (a full copy) by the index.
+    """
     import numpy as np
 
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     try:
-        return np.load(path, allow_pickle=False)
+        return np.load(path, mmap_mode="r", allow_pickle=False)
     except ValueError as exc:
         raise ValueError(f"{path}: not a readable .npy array: {exc}") from exc
 
@@ -90,7 +94,7 @@ def build_command(
     vectors: Path = typer.Argument(..., metavar="VECTORS.npy", help="Item vectors, (n, dim) float32, one row per item."),
     ids: Path = typer.Option(..., "--ids", help="Item ids in row order: .txt (one per line) or .parquet (column item_id)."),
     out: Path = typer.Option(..., "--out", help="Index directory to publish to (replaced atomically)."),
-    kind: Optional[Kind] = typer.Option(None, "--kind", help="flat | ivf | hnsw (overrides the config)."),
+    kind: Optional[Kind] = typer.Option(None, "--kind", help="flat | ivf | ivfpq | hnsw (overrides the config)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML file with an 'index' section (IndexConfig)."),
     model_version: str = typer.Option("unknown", "--model-version", help="The model that made the vectors."),
     queries: Optional[Path] = typer.Option(None, "--queries", help="User vectors .npy for the recall gate (default: the item vectors)."),

@@ -148,9 +148,12 @@ class ItemIndex:
     def vectors(self) -> np.ndarray:
         """All indexed vectors, (size, dim) float32, in position order.
 
-        Exact for every kind built here (flat, IVF-Flat and HNSW-Flat store raw vectors), so recall
-        can be re-measured from a saved index alone.
+        Exact for flat, IVF-Flat and HNSW-Flat (they store raw vectors), so recall can be re-measured
+        from a saved index alone. IVF-PQ keeps only lossy codes: exact search over their decoding
+        would grade the index against itself, so it refuses and the caller passes the raw vectors.
         """
+        if isinstance(self.faiss_index, faiss.IndexIVFPQ):  # a refined one keeps raw rows: reconstruct reads them
+            raise IndexInputError("an ivfpq index keeps only lossy codes; pass the raw item vectors to measure recall")
         if isinstance(self.faiss_index, faiss.IndexIVF):
             self.faiss_index.make_direct_map()  # IVF keeps vectors per list; map ids to their slots
         return self.faiss_index.reconstruct_n(0, self.size)
@@ -168,24 +171,52 @@ class ItemIndex:
 
 def apply_search_params(index: faiss.Index, cfg: IndexConfig) -> None:
     """Set the search-time knobs of ``cfg`` on a FAISS index (they are not all kept in its file)."""
+    if isinstance(index, faiss.IndexRefine):
+        index.k_factor = float(cfg.refine_k_factor)
+        index = faiss.downcast_index(index.base_index)
     if isinstance(index, faiss.IndexIVF):
         index.nprobe = min(cfg.nprobe, index.nlist)
     elif isinstance(index, faiss.IndexHNSW):
         index.hnsw.efSearch = cfg.ef_search
 
 
+ADD_CHUNK = 262_144  # rows per FAISS ``add``: bounds the float32 copy and the assignment buffers
+
+
 def _empty_faiss_index(cfg: IndexConfig, n: int, dim: int) -> faiss.Index:
+    cfg.check_dim(dim)
     if cfg.kind == "flat":
         return faiss.IndexFlatIP(dim)
-    if cfg.kind == "ivf":
+    if cfg.kind in ("ivf", "ivfpq"):
         quantizer = faiss.IndexFlatIP(dim)
-        index = faiss.IndexIVFFlat(quantizer, dim, cfg.lists_for(n), faiss.METRIC_INNER_PRODUCT)
+        if cfg.kind == "ivf":
+            index = faiss.IndexIVFFlat(quantizer, dim, cfg.lists_for(n), faiss.METRIC_INNER_PRODUCT)
+        else:
+            index = faiss.IndexIVFPQ(quantizer, dim, cfg.lists_for(n), cfg.pq_m, cfg.pq_nbits, faiss.METRIC_INNER_PRODUCT)
         index.cp.max_points_per_centroid = cfg.ivf_train_per_list
         index.cp.seed = cfg.seed
+        if cfg.refine_k_factor:
+            return faiss.IndexRefineFlat(index)  # the wrapper keeps a reference to ``index``
         return index
     index = faiss.IndexHNSWFlat(dim, cfg.hnsw_m, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = cfg.ef_construction
     return index
+
+
+def _ivf_of(index: faiss.Index) -> faiss.IndexIVF:
+    return faiss.downcast_index(index.base_index) if isinstance(index, faiss.IndexRefine) else index
+
+
+def _training_sample(vectors: np.ndarray, index: faiss.Index, cfg: IndexConfig) -> np.ndarray:
+    """A seeded sample big enough for the IVF k-means (``ivf_train_per_list`` a list) and, for IVF-PQ,
+    the 2**nbits-centroid sub-quantizers (FAISS wants ~39 points a centroid); all rows if fewer."""
+    need = _ivf_of(index).nlist * cfg.ivf_train_per_list
+    if cfg.kind == "ivfpq":
+        need = max(need, 64 * 2**cfg.pq_nbits)
+    if vectors.shape[0] <= need:
+        return vectors
+    rows = np.sort(np.random.default_rng(cfg.seed).choice(vectors.shape[0], size=need, replace=False))
+    return vectors[rows]
 
 
 def build_index(
@@ -207,8 +238,9 @@ def build_index(
     except ValueError as exc:
         raise IndexInputError(str(exc)) from exc
     if not index.is_trained:
-        index.train(vectors)
-    index.add(vectors)
+        index.train(_training_sample(vectors, index, cfg))
+    for begin in range(0, vectors.shape[0], ADD_CHUNK):
+        index.add(vectors[begin : begin + ADD_CHUNK])
     apply_search_params(index, cfg)
     return ItemIndex(
         faiss_index=index,

@@ -45,7 +45,7 @@ INDEX_FILE = "index.faiss"
 IDS_FILE = "item_ids.parquet"
 MANIFEST_FILE = "manifest.json"
 
-_FAISS_CLASSES = {"flat": faiss.IndexFlat, "ivf": faiss.IndexIVF, "hnsw": faiss.IndexHNSW}
+_FAISS_CLASSES = {"flat": faiss.IndexFlat, "ivf": faiss.IndexIVFFlat, "ivfpq": faiss.IndexIVFPQ, "hnsw": faiss.IndexHNSW}
 
 
 class IndexFileError(ValueError):
@@ -157,7 +157,8 @@ def load_index(directory: str | Path) -> ItemIndex:
         )
         if expected != actual
     ]
-    if not isinstance(faiss_index, _FAISS_CLASSES[manifest.config.kind]):
+    expected_class = faiss.IndexRefine if manifest.config.refine_k_factor else _FAISS_CLASSES[manifest.config.kind]
+    if not isinstance(faiss_index, expected_class):
         problems.append(f"kind: manifest says {manifest.config.kind}, {INDEX_FILE} holds {type(faiss_index).__name__}")
     if problems:
         raise IndexFileError(f"{directory}: " + "; ".join(problems))
@@ -173,20 +174,27 @@ def load_index(directory: str | Path) -> ItemIndex:
     )
 
 
-def check_recall(index: ItemIndex, queries: np.ndarray, cfg: IndexConfig) -> RecallCheck:
-    """recall@``cfg.recall_k`` (capped at the catalogue size) on up to ``cfg.recall_sample`` queries."""
+def check_recall(index: ItemIndex, queries: np.ndarray, cfg: IndexConfig, vectors: np.ndarray | None = None) -> RecallCheck:
+    """recall@``cfg.recall_k`` (capped at the catalogue size) on up to ``cfg.recall_sample`` queries.
+
+    ``vectors`` are the raw indexed rows for the exact ground truth; None reads them back from the
+    index (not possible for IVF-PQ, whose codes are lossy).
+    """
     sample = sample_queries(queries, cfg.recall_sample, cfg.seed)
     k = min(cfg.recall_k, index.size)
-    return RecallCheck(measure_recall(index, index.vectors(), sample, k), k, sample.shape[0])
+    truth = index.vectors() if vectors is None else vectors
+    return RecallCheck(measure_recall(index, truth, sample, k), k, sample.shape[0])
 
 
-def publish(index: ItemIndex, directory: str | Path, cfg: IndexConfig, queries: np.ndarray) -> IndexManifest:
+def publish(
+    index: ItemIndex, directory: str | Path, cfg: IndexConfig, queries: np.ndarray, vectors: np.ndarray | None = None
+) -> IndexManifest:
     """Save ``index`` to ``directory`` only if its recall on ``queries`` reaches ``cfg.recall_floor``.
 
     ``queries`` should be real user vectors (a sample of them is used); below the floor this raises
     ``RecallBelowFloorError`` and writes nothing, so the index already published there keeps serving.
     """
-    recall = check_recall(index, queries, cfg)
+    recall = check_recall(index, queries, cfg, vectors)
     if recall.value < cfg.recall_floor:
         raise RecallBelowFloorError(
             f"recall@{recall.k} = {recall.value:.4f} on {recall.queries} queries is below the floor "
@@ -210,4 +218,4 @@ def build_and_publish(
     vectors that lives in the same space, slightly optimistic because each item finds itself.
     """
     index = build_index(vectors, item_ids, cfg, model_version)
-    return publish(index, directory, cfg, vectors if queries is None else queries)
+    return publish(index, directory, cfg, vectors if queries is None else queries, vectors)

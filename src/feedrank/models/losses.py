@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from feedrank.data.batch import Batch
+from feedrank.models.samplers import cumulative_table, draw_from_cdf
 
 if TYPE_CHECKING:
     from feedrank.models.two_tower import TwoTower
@@ -189,6 +190,8 @@ class NegativeSampler(nn.Module):
         self.register_buffer("item_cats", item_cats.long(), persistent=False)
         self.register_buffer("probs", probs.float(), persistent=False)
         self.register_buffer("log_q", log_q.float(), persistent=False)
+        # draws by binary search over the CDF: O(k log n) a step, where torch.multinomial walks all n
+        self.register_buffer("cdf", cumulative_table(probs), persistent=False)
 
     def sample(self, k: int) -> Tensor:
         """``k`` item indices drawn with replacement; every real item once for the ``all`` sampler."""
@@ -196,7 +199,7 @@ class NegativeSampler(nn.Module):
             return torch.arange(FIRST_REAL_ID, self.probs.shape[0], device=self.probs.device)
         if self.kind == "uniform":
             return torch.randint(FIRST_REAL_ID, self.probs.shape[0], (k,), device=self.probs.device)
-        return torch.multinomial(self.probs, k, replacement=True)
+        return draw_from_cdf(self.cdf, k)
 
 
 def select_rows(batch: Batch, rows: Tensor) -> Batch:

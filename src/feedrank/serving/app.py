@@ -180,7 +180,7 @@ def create_app(service: FeedService, compare: FeedService | None = None, log_dir
     def metrics() -> Response:
         return Response(content=service.metrics.exposition(), media_type=CONTENT_TYPE)
 
-    mount_inspector(app, service, compare, log_dir)
+    mount_inspector(app, service, compare, log_dir, guarded)
     return app
 
 

@@ -142,14 +142,24 @@ class TrainConfig:
                              "would see only local shards); use 'bf16'")
 
 
+def effective_warmup(cfg: TrainConfig, total_steps: int | None) -> int:
+    """Warmup steps actually used: ``warmup_steps``, or a tenth of the run when ``warmup_steps`` is at
+    least the run's total steps (else the whole run would train at a fraction of its learning rate)."""
+    if total_steps is not None and cfg.warmup_steps >= total_steps:
+        return max(1, total_steps // 10) if cfg.warmup_steps else 0
+    return cfg.warmup_steps
+
+
 def lr_at(step: int, cfg: TrainConfig, total_steps: int | None) -> float:
-    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or constant."""
-    if step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
+    """Learning rate for optimizer step ``step`` (0-based): linear warmup, then cosine or constant.
+    The warmup is ``effective_warmup`` (scaled down when it would exceed the run)."""
+    warmup = effective_warmup(cfg, total_steps)
+    if step < warmup:
+        return cfg.lr * (step + 1) / warmup
     if cfg.schedule == "constant":
         return cfg.lr
     assert total_steps is not None, "cosine schedule needs a known number of steps"
-    progress = min(1.0, (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
     floor = cfg.lr * cfg.min_lr_ratio
     return floor + 0.5 * (1.0 + math.cos(math.pi * progress)) * (cfg.lr - floor)
 
@@ -333,6 +343,9 @@ class Trainer:
         total = self._total_steps(data)
         if total is not None and state.step >= total:
             return FitResult("completed", state.step, self._last_checkpoint)
+        if effective_warmup(cfg, total) != cfg.warmup_steps:
+            log.warning("warmup_steps %d >= the run's %d total steps: warming up over %d steps instead",
+                        cfg.warmup_steps, total, effective_warmup(cfg, total))
         window = _Window()
         micro = 0  # checkpoints sit on step boundaries, so a (re)start is always at phase 0
         with self._sigterm_flag(), _Sinks(self.out_dir, cfg, total, state.step, self.env.is_main) as sinks:

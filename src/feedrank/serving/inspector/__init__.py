@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -41,15 +42,23 @@ class Inspector:
     def __init__(self, service: FeedService, compare: FeedService | None = None, log_dir: str | None = None) -> None:
         self.service, self.compare = service, compare
         self.world: World | None = load_world(log_dir) if log_dir and (Path(log_dir) / TRUTH_DIR).is_dir() else None
-        self.titles = _titles(service)
+
+    @cached_property
+    def titles(self) -> dict[str, str]:
+        """Item id -> title, built on the first inspector request, not at every server's start."""
+        return _titles(self.service)
+
+    @cached_property
+    def warm_users(self) -> list[str]:
+        """The snapshot's users, sorted once (the snapshot does not change after start)."""
+        return sorted(self.service.store._snapshot.row_of)
 
     def random_user(self, kind: str, rng: random.Random) -> str:
         if kind == "cold":
             return f"new-{uuid.UUID(int=rng.getrandbits(128)).hex[:8]}"
-        warm = [u for u in self.service.store._snapshot.row_of]
-        if not warm:
+        if not self.warm_users:
             raise HTTPException(404, detail="the user store has no warm users (serve with --log)")
-        return rng.choice(sorted(warm))
+        return rng.choice(self.warm_users)
 
     def user(self, user_id: str) -> dict[str, Any]:
         svc = self.service
@@ -108,8 +117,11 @@ def _titles(service: FeedService) -> dict[str, str]:
 
 
 def mount_inspector(app: FastAPI, service: FeedService, compare: FeedService | None = None,
-                    log_dir: str | None = None) -> Inspector:  # fmt: skip
-    """Add the page (``/``, ``/inspector/*``) and its JSON routes (``/inspect/*``) to ``app``."""
+                    log_dir: str | None = None, guarded: list | None = None) -> Inspector:  # fmt: skip
+    """Add the page (``/``, ``/inspector/*``) and its JSON routes (``/inspect/*``) to ``app``.
+
+    ``guarded`` (the app's API-key and rate-limit dependencies) applies to every ``/inspect/*``
+    route as it does to ``/feed``: they read users' histories and feeds."""
     inspector = Inspector(service, compare, log_dir)
     rng = random.Random()
 
@@ -119,21 +131,21 @@ def mount_inspector(app: FastAPI, service: FeedService, compare: FeedService | N
 
     app.mount("/inspector", StaticFiles(directory=STATIC), name="inspector")
 
-    @app.get("/inspect/meta")
+    @app.get("/inspect/meta", dependencies=guarded)
     def meta() -> dict:
         return {"compare": compare is not None, "truth": inspector.world is not None,
                 "models": service.model_versions,
                 "compare_models": compare.model_versions if compare is not None else None}  # fmt: skip
 
-    @app.get("/inspect/users")
+    @app.get("/inspect/users", dependencies=guarded)
     def users(kind: str = Query("warm", pattern="^(warm|cold)$")) -> dict:
         return {"user_id": inspector.random_user(kind, rng)}
 
-    @app.get("/inspect/user/{user_id}")
+    @app.get("/inspect/user/{user_id}", dependencies=guarded)
     def user(user_id: str) -> dict:
         return inspector.user(user_id)
 
-    @app.get("/inspect/feed")
+    @app.get("/inspect/feed", dependencies=guarded)
     def feed(user_id: str, bundle: str = Query("primary", pattern="^(primary|compare)$"),
              k: int | None = Query(None, ge=1, le=service.cfg.k_max)) -> dict:  # fmt: skip
         return inspector.feed(user_id, bundle, k)
