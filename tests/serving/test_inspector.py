@@ -114,3 +114,20 @@ def test_run_pages_are_linked_and_served_only_when_they_exist(client, tmp_path):
     assert client.get("/inspect/meta").json()["pages"] == {"report": "/run/report.html", "labs": "/run/labs.html"}
     assert client.get("/run/report.html").text == "<html>the report</html>"
     assert client.get("/run/labs.html").text == "<html>the labs</html>"
+
+
+def test_truth_view_is_the_worlds_truth(client, serving_world):
+    import numpy as np
+
+    from feedrank.data.world.world import load_world
+
+    world = load_world(str(serving_world.log))
+    assert client.get("/inspect/meta").json()["truth"] is True
+    user = client.app.state.inspector.warm_users[0]
+    row = int(world.user_index([user])[0])
+    interests = client.get(f"/inspect/user/{user}").json()["interests"]
+    top = np.argsort(-world.user_topics[row])[: len(interests)]
+    assert [t["topic"] for t in interests] == [world.topic_names[t] for t in top]
+    items = client.get("/inspect/feed", params={"user_id": user}).json()["items"]
+    truth = world.true_affinity(np.int64(row), world.item_index([i["item_id"] for i in items]))
+    assert [i["true_utility"] for i in items] == pytest.approx(truth.tolist(), abs=1e-4)

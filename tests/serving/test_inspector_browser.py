@@ -126,6 +126,8 @@ def test_inspector_in_a_real_browser(make_service, serving_world, tmp_path, driv
         driver.find_element(By.ID, "open").click()
         wait.until(lambda d: _drawn(d, named, 0) and _rows(d, "#feed-primary") and _rows(d, "#history"))
         assert driver.find_element(By.ID, "status").text == f"user {named}"
+        assert "true interests:" in driver.find_element(By.ID, "interests").text  # the log has the world's truth
+        assert "true utility" in driver.find_element(By.CSS_SELECTOR, "#feed-primary table").text
         driver.save_screenshot(str(SHOTS / "warm.png"))
 
         # a click: a real POST /events; the item leaves the feed and heads the history, with its dwell
