@@ -1,7 +1,7 @@
 """The inspector page in headless Chromium (Selenium, Debian's /usr/bin/chromedriver; nothing is
 downloaded) against a real uvicorn server on loopback: a named warm user, a click that leaves the
 feed and enters the history, the seeded random buttons (a cold user, then a warm one in the
-compare view), the overloaded state, no console errors. Screenshots go to runs/inspector/*.png.
+compare view), the overloaded state, a model still loading, no console errors. Screenshots go to runs/inspector/*.png.
 
 Every wait is a ``WebDriverWait`` on a concrete DOM condition (the page marks each drawn load on
 ``#feeds`` with ``data-user`` and a rising ``data-loads``), with generous timeouts for a loaded
@@ -27,6 +27,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 from feedrank.serving.app import create_app  # noqa: E402
 from feedrank.serving.config import EventLogConfig, RateLimitConfig  # noqa: E402
+from feedrank.serving.inspector import page_routes  # noqa: E402
+from feedrank.serving.loading import LoadingApp  # noqa: E402
 
 DRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
 SHOTS = Path(__file__).resolve().parents[2] / "runs" / "inspector"
@@ -187,3 +189,30 @@ def test_an_overloaded_server_is_shown_as_such(make_service, serving_world, driv
         assert "retry in" in driver.find_element(By.ID, "status").text
         driver.save_screenshot(str(SHOTS / "overloaded.png"))
         assert _severe(driver, ["/events 429"]) == []
+
+
+def test_a_model_still_loading_is_shown_until_the_service_is_ready(make_service, serving_world, driver):
+    """``feedrank serve`` (one process) answers 503 while it builds the service; the page says so,
+    keeps asking, and works once the service is up."""
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    release = threading.Event()
+
+    def build():
+        assert release.wait(WAIT_S * 2), "the test never released the build"
+        return create_app(make_service(), log_dir=str(serving_world.log))
+
+    loading = LoadingApp(build, routes=page_routes(), what="bundle two_tower")
+    with LoopbackServer(loading) as server:
+        wait = WebDriverWait(driver, WAIT_S)
+        driver.get(f"{server.url}/")
+        wait.until(lambda d: "model still loading (bundle two_tower" in d.find_element(By.ID, "status").text)
+        assert "service unavailable (503)" in driver.find_element(By.ID, "status").text
+        assert driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") is None
+        driver.save_screenshot(str(SHOTS / "loading.png"))
+        release.set()
+        wait.until(lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+        user = loading.app.state.inspector.warm_users[0]
+        driver.find_element(By.ID, "user").send_keys(user)
+        driver.find_element(By.ID, "open").click()
+        wait.until(lambda d: _drawn(d, user, 0) and _rows(d, "#feed-primary"))
+        assert _severe(driver, ["/inspect/meta 503"]) == []

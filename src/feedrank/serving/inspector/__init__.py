@@ -39,6 +39,8 @@ from fastapi import FastAPI, HTTPException, Path as PathParam, Query
 from fastapi.responses import FileResponse
 from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator
+from starlette.requests import Request
+from starlette.routing import BaseRoute, Mount, Route
 
 from feedrank.data.world.world import TRUTH_DIR, World, load_world
 from feedrank.serving.inspector.dwell import clicked_dwell, dwell_index
@@ -146,6 +148,16 @@ def _titles(service: FeedService) -> dict[str, str]:
     return {i: t for i, t in zip(cat["item_id"].to_pylist(), cat["title"].to_pylist()) if i is not None}
 
 
+async def _page(request: Request) -> FileResponse:
+    return FileResponse(STATIC / "index.html")
+
+
+def page_routes() -> list[BaseRoute]:
+    """The page and its assets (no data): served by the app, and by ``LoadingApp`` while the
+    models load, so the page can say so."""
+    return [Route("/", _page, include_in_schema=False), Mount("/inspector", StaticFiles(directory=STATIC), name="inspector")]
+
+
 def mount_inspector(app: FastAPI, service: FeedService, compare: FeedService | None = None,
                     log_dir: str | None = None, guarded: list | None = None) -> Inspector:  # fmt: skip
     """Add the page (``/``, ``/inspector/*``), its JSON routes (``/inspect/*``) and the run's pages
@@ -157,11 +169,7 @@ def mount_inspector(app: FastAPI, service: FeedService, compare: FeedService | N
     app.state.inspector = inspector
     rng = random.Random()  # unseeded: a person pressing "random" wants someone new each time
 
-    @app.get("/", include_in_schema=False)
-    def page() -> FileResponse:
-        return FileResponse(STATIC / "index.html")
-
-    app.mount("/inspector", StaticFiles(directory=STATIC), name="inspector")
+    app.router.routes.extend(page_routes())
 
     @app.get("/inspect/meta", dependencies=guarded)
     def meta() -> dict:
