@@ -1,6 +1,6 @@
 """The inspector page in headless Chromium (Selenium, Debian's /usr/bin/chromedriver; nothing is
 downloaded) against a real uvicorn server on loopback: a named warm user, a click that leaves the
-feed and enters the history, the seeded random buttons (a cold user, then a warm one in the
+feed and enters the history, a hide, the seeded random buttons (a cold user, then a warm one in the
 compare view), the overloaded state, a model still loading, no console errors. Screenshots go to runs/inspector/*.png.
 
 Every wait is a ``WebDriverWait`` on a concrete DOM condition (the page marks each drawn load on
@@ -25,6 +25,7 @@ from selenium.webdriver.chrome.service import Service  # noqa: E402
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+from feedrank.data.log import read_events  # noqa: E402
 from feedrank.serving.app import create_app  # noqa: E402
 from feedrank.serving.config import EventLogConfig, RateLimitConfig  # noqa: E402
 from feedrank.serving.inspector import page_routes  # noqa: E402
@@ -143,6 +144,16 @@ def test_inspector_in_a_real_browser(make_service, serving_world, tmp_path, driv
         gone = driver.execute_script("return [...document.querySelectorAll('#feed-primary .gone-list li')].map((r) => r.dataset.item)")
         assert first in gone  # "what changed": the clicked item is listed as gone since the last load
         driver.save_screenshot(str(SHOTS / "after_click.png"))
+
+        # a hide: the item leaves the feed but not into the history; the serving log has it as hidden
+        hidden, seen = _rows(driver, "#feed-primary")[1], _loads(driver)
+        driver.find_element(By.CSS_SELECTOR, f"#feed-primary button.hide[data-item='{hidden}']").click()
+        wait.until(lambda d: _drawn(d, named, seen))
+        assert hidden not in _rows(driver, "#feed-primary") and _rows(driver, "#history")[0] == first
+        logged = read_events(inspector.service.sink.root, columns=["item_id", "clicked", "hidden", "dwell_s", "position"]).to_pylist()
+        assert sorted(logged, key=lambda r: r["hidden"]) == [
+            {"item_id": first, "clicked": True, "hidden": False, "dwell_s": 30.0, "position": 0},
+            {"item_id": hidden, "clicked": False, "hidden": True, "dwell_s": 0.0, "position": 1}]
 
         # "random cold user" (the page's first seeded press: seed + 0): an unknown user, a cold-start feed
         cold = inspector.random_user("cold", random.Random(seed))

@@ -40,7 +40,7 @@ function renderFeed(which, feed, other) {
     const truth = meta.truth ? `<td class="num">${esc(it.true_utility)}</td>` : "";
     return `<tr class="${cls.join(" ")}" data-item="${esc(it.item_id)}"><td class="num">${n + 1}</td><td>${esc(it.title || it.item_id)}<div class="reason">${esc(it.reason)}</div></td>` +
       `<td>${esc(it.category)}</td><td class="num">${it.score.toFixed(3)}</td><td>${esc(it.source)}</td>${truth}` +
-      `<td><button class="click" data-item="${esc(it.item_id)}">click</button> <button class="hide" data-item="${esc(it.item_id)}">hide</button></td></tr>`;
+      `<td><button class="click" data-item="${esc(it.item_id)}" data-rank="${n}">click</button> <button class="hide" data-item="${esc(it.item_id)}" data-rank="${n}">hide</button></td></tr>`;
   });
   const gone = before ? before.items.filter((i) => !nowIds.has(i.item_id)).map((i) => `<li class="gone" data-item="${esc(i.item_id)}">${esc(i.title || i.item_id)}</li>`) : [];
   const timings = Object.entries(feed.timings_ms).map(([k, v]) => `${k} ${v.toFixed(1)} ms`).join(" · ");
@@ -76,8 +76,9 @@ async function load(userId, keepPrevious) {
   } catch (e) { if (mine === loads) status(e.msg || String(e), e.state || "error"); }
 }
 
-async function send(itemId, clicked) {
-  const event = {user_id: current, item_id: itemId, clicked, dwell_s: clicked ? 30 : 0};
+// "click" is a click read for 30 s; "hide" is the user hiding the item. position: its 0-based rank.
+async function send(itemId, clicked, position) {
+  const event = {user_id: current, item_id: itemId, clicked, hidden: !clicked, dwell_s: clicked ? 30 : 0, position};
   try {
     await getJson("/events", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(event)});
     await load(current, true);
@@ -86,7 +87,7 @@ async function send(itemId, clicked) {
 
 document.addEventListener("click", (ev) => {
   const b = ev.target.closest("button.click, button.hide");
-  if (b) send(b.dataset.item, b.classList.contains("click"));
+  if (b) send(b.dataset.item, b.classList.contains("click"), Number(b.dataset.rank));
 });
 $("pick").addEventListener("submit", (ev) => { ev.preventDefault(); if ($("user").value.trim()) load($("user").value.trim()); });
 // /?seed=N makes the random buttons reproducible: the n-th press asks for seed N + n.
