@@ -184,7 +184,7 @@ def test_inspector_in_a_real_browser(make_service, serving_world, tmp_path, driv
 def test_an_overloaded_server_is_shown_as_such(make_service, serving_world, driver):
     """Over the rate limit the server answers 429; the page says the server is overloaded."""
     SHOTS.mkdir(parents=True, exist_ok=True)
-    # 4 requests at once, then one per ~17 minutes: meta, the user, the feed pass; the click is refused
+    # 3 requests at once, then one per 1000 s: meta, the user, the feed pass; the click is refused
     limit = RateLimitConfig(enabled=True, rate_per_s=0.001, burst=3)
     app = create_app(make_service(rate_limit=limit), log_dir=str(serving_world.log))
     user = app.state.inspector.warm_users[0]

@@ -14,7 +14,8 @@ async function getJson(url, options) {
   catch (e) { throw {state: "error", msg: "server unreachable: " + (e.message || e)}; }
   const body = await r.json().catch(() => ({}));
   const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail ?? "");
-  const retry = r.headers.get("Retry-After") ? ` (retry in ${r.headers.get("Retry-After")} s)` : "";
+  const after = r.headers.get("Retry-After");
+  const retry = after && !/retry in/.test(detail) ? ` (retry in ${after} s)` : "";
   if (r.status === 429) throw {state: "busy", status: 429, msg: `server overloaded (429): ${detail}${retry}`};
   if (r.status === 503) throw {state: "busy", status: 503, msg: `service unavailable (503): ${detail || "retry shortly"}${retry}`};
   if (!r.ok) throw {state: "error", status: r.status, msg: `${r.status}: ${detail}`};
