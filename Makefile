@@ -27,12 +27,18 @@ $(TORCHREC_STAMP): $(STAMP)
 
 install: $(STAMP)
 
+# The demo ends with how to open its run in the feed inspector (the server on the demo's bundles,
+# with the serving config the demo wrote: its clock starts where the synthetic log ends).
+DEMO := runs/demo
 demo: $(STAMP)
-	$(BIN)/feedrank demo --out runs/demo
+	$(BIN)/feedrank demo --out $(DEMO)
+	@echo
+	@echo "Feed inspector: start the server on the demo run, then open http://127.0.0.1:8000/"
+	@echo "  $(BIN)/feedrank serve $(DEMO)/bundle --ranker $(DEMO)/ranker --log $(DEMO)/log --config $(DEMO)/serving/serving.yaml --port 8000"
 
 # What the tests drive for real: a redis-server (the cache backend) and headless Chromium (the
-# report page), both from Debian packages.
-DEBIAN_PACKAGES := redis-server chromium
+# report page; with chromium-driver, the inspector page through Selenium), all Debian packages.
+DEBIAN_PACKAGES := redis-server chromium chromium-driver
 services:
 	@missing=""; for p in $(DEBIAN_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; fi

@@ -80,6 +80,7 @@ def serve_command(
         config=None if config is None else str(config), redis_url=redis_url,
         serving_log=None if serving_log is None else str(serving_log), quantize=quantize,
         compare=None if compare is None else str(compare),
+        answer_while_loading=workers == 1,  # one process: say "model still loading" (503) rather than hang
     )  # fmt: skip
     try:
         for path in (bundle, ranker, log, compare):

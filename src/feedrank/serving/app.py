@@ -75,7 +75,8 @@ from feedrank.bundle import load_bundle
 from feedrank.config import from_dict, load_yaml
 from feedrank.serving.access import ApiKeyCheck, RateLimiter
 from feedrank.serving.config import ServingConfig
-from feedrank.serving.inspector import mount_inspector
+from feedrank.serving.inspector import mount_inspector, page_routes
+from feedrank.serving.loading import LoadingApp
 from feedrank.serving.metrics import CONTENT_TYPE
 from feedrank.serving.pipeline import EventError, FeedService, set_threads
 from feedrank.serving.state import EventIn
@@ -271,6 +272,7 @@ class ServeSettings:
     serving_log: str | None = None  # overrides serving.event_log.dir
     quantize: str | None = None  # overrides serving.quantize
     compare: str | None = None  # a candidate two-tower bundle the inspector shows beside the serving one
+    answer_while_loading: bool = False  # 503 "model still loading" until built (feedrank.serving.loading)
 
     def to_env(self) -> dict[str, str]:
         return {SETTINGS_ENV: json.dumps(dataclasses.asdict(self))}
@@ -307,10 +309,17 @@ def build_compare(settings: ServeSettings) -> FeedService | None:
     return FeedService(load_bundle(settings.compare), cfg, log_dir=settings.log)
 
 
-def app_from_env() -> FastAPI:
-    """uvicorn factory: the app of the ``ServeSettings`` JSON in ``FEEDRANK_SERVE_SETTINGS``."""
+def app_from_env() -> FastAPI | LoadingApp:
+    """uvicorn factory: the app of the ``ServeSettings`` JSON in ``FEEDRANK_SERVE_SETTINGS``; with
+    ``answer_while_loading`` it is built behind a ``LoadingApp`` (503 until ready)."""
     raw = os.environ.get(SETTINGS_ENV)
     if raw is None:
         raise RuntimeError(f"{SETTINGS_ENV} is not set: start the server with `feedrank serve`")
     settings = from_dict(ServeSettings, json.loads(raw), "serve settings")
-    return create_app(build_service(settings), compare=build_compare(settings), log_dir=settings.log)
+
+    def build() -> FastAPI:
+        return create_app(build_service(settings), compare=build_compare(settings), log_dir=settings.log)
+
+    if not settings.answer_while_loading:
+        return build()
+    return LoadingApp(build, routes=page_routes(), what=f"bundle {settings.bundle}")

@@ -6,18 +6,25 @@ let current = null, previous = {primary: null, compare: null}, meta = {compare: 
 function status(text, kind) { const s = $("status"); s.textContent = text; s.className = kind || ""; }
 function esc(v) { return String(v ?? "").replace(/[&<>"]/g, (c) => ({"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;"}[c])); }
 
+// Each refusal becomes one clear state on the page: busy (429, 503: retry later), error (4xx, 5xx),
+// down (no answer at all).
 async function getJson(url, options) {
-  const r = await fetch(url, options);
+  let r;
+  try { r = await fetch(url, options); }
+  catch (e) { throw {state: "error", msg: "server unreachable: " + (e.message || e)}; }
   const body = await r.json().catch(() => ({}));
-  if (r.status === 503) throw {state: "busy", msg: "server overloaded or model still loading: " + (body.detail || "retry shortly")};
-  if (r.status === 429) throw {state: "busy", msg: "rate limited: " + (body.detail || "")};
-  if (!r.ok) throw {state: "error", status: r.status, msg: typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail)};
+  const detail = typeof body.detail === "string" ? body.detail : JSON.stringify(body.detail ?? "");
+  const after = r.headers.get("Retry-After");
+  const retry = after && !/retry in/.test(detail) ? ` (retry in ${after} s)` : "";
+  if (r.status === 429) throw {state: "busy", status: 429, msg: `server overloaded (429): ${detail}${retry}`};
+  if (r.status === 503) throw {state: "busy", status: 503, msg: `service unavailable (503): ${detail || "retry shortly"}${retry}`};
+  if (!r.ok) throw {state: "error", status: r.status, msg: `${r.status}: ${detail}`};
   return body;
 }
 
 function renderHistory(user) {
-  const rows = user.history.map((h) => `<tr><td>${esc(h.title || h.item_id)}</td><td>${esc(h.category)}</td><td>${esc(h.publisher)}</td><td class="num">${esc(h.age_h)} h</td></tr>`);
-  $("history").innerHTML = "<tr><th>title</th><th>category</th><th>publisher</th><th>age</th></tr>" + rows.join("");
+  const rows = user.history.map((h) => `<tr data-item="${esc(h.item_id)}"><td>${esc(h.title || h.item_id)}</td><td>${esc(h.category)}</td><td>${esc(h.publisher)}</td><td class="num">${h.age_h == null ? "" : esc(h.age_h) + "&nbsp;h"}</td><td class="num">${h.dwell_s == null ? "" : esc(h.dwell_s) + "&nbsp;s"}</td></tr>`);
+  $("history").innerHTML = "<tr><th>title</th><th>category</th><th>publisher</th><th>age</th><th>dwell</th></tr>" + rows.join("");
   $("interests").innerHTML = user.interests ? "<b>true interests:</b> " + user.interests.map((t) => `${esc(t.topic)} ${t.weight}`).join(", ") : "";
 }
 
@@ -34,37 +41,45 @@ function renderFeed(which, feed, other) {
     const truth = meta.truth ? `<td class="num">${esc(it.true_utility)}</td>` : "";
     return `<tr class="${cls.join(" ")}" data-item="${esc(it.item_id)}"><td class="num">${n + 1}</td><td>${esc(it.title || it.item_id)}<div class="reason">${esc(it.reason)}</div></td>` +
       `<td>${esc(it.category)}</td><td class="num">${it.score.toFixed(3)}</td><td>${esc(it.source)}</td>${truth}` +
-      `<td><button class="click" data-item="${esc(it.item_id)}">click</button> <button class="hide" data-item="${esc(it.item_id)}">hide</button></td></tr>`;
+      `<td><button class="click" data-item="${esc(it.item_id)}" data-rank="${n}">click</button> <button class="hide" data-item="${esc(it.item_id)}" data-rank="${n}">hide</button></td></tr>`;
   });
-  const gone = before ? before.items.filter((i) => !nowIds.has(i.item_id)).map((i) => `<li class="gone">${esc(i.title || i.item_id)}</li>`) : [];
+  const gone = before ? before.items.filter((i) => !nowIds.has(i.item_id)).map((i) => `<li class="gone" data-item="${esc(i.item_id)}">${esc(i.title || i.item_id)}</li>`) : [];
   const timings = Object.entries(feed.timings_ms).map(([k, v]) => `${k} ${v.toFixed(1)} ms`).join(" · ");
-  $("feed-" + which).innerHTML = `<h2>Feed (${which}: ${esc(Object.values(feed.model_versions).join(", "))})</h2>` +
+  $("feed-" + which).innerHTML = `<h2>Feed (${which}: ${esc(Object.entries(feed.model_versions).map(([k, v]) => k + " " + String(v).slice(0, 12)).join(", "))})</h2>` +
     `<p class="timings">path ${esc(feed.path)} · cache ${esc(feed.cache)} · ${timings}</p>` +
     `<table><tr><th>#</th><th>title / reason</th><th>category</th><th>score</th><th>source</th>${meta.truth ? "<th>true utility</th>" : ""}<th></th></tr>${rows.join("")}</table>` +
     (gone.length ? `<p>gone since last load:</p><ul class="gone-list">${gone.join("")}</ul>` : "");
   previous[which] = feed;
 }
 
+// A load answered after a newer one started (two quick presses) is dropped, not drawn over it.
+// When a load is drawn, #feeds carries data-user and a rising data-loads: what a test waits on.
+let loads = 0;
 async function load(userId, keepPrevious) {
   if (!keepPrevious || current !== userId) previous = {primary: null, compare: null};
+  const mine = ++loads;
   current = userId; $("user").value = userId;
   status("loading " + userId + " ...", "busy");
   try {
-    let note = "";
-    try { renderHistory(await getJson("/inspect/user/" + encodeURIComponent(userId))); }
-    catch (e) { if (e.status !== 404) throw e; note = e.msg; $("history").innerHTML = ""; $("interests").textContent = ""; }
+    let note = "", user = null;
+    try { user = await getJson("/inspect/user/" + encodeURIComponent(userId)); }
+    catch (e) { if (e.status !== 404) throw e; note = e.msg.replace(/^404: /, ""); }
     const wantCompare = meta.compare && $("compare").checked;
     const primary = await getJson("/inspect/feed?user_id=" + encodeURIComponent(userId));
     const compare = wantCompare ? await getJson("/inspect/feed?bundle=compare&user_id=" + encodeURIComponent(userId)) : null;
+    if (mine !== loads) return;
+    if (user) renderHistory(user); else { $("history").innerHTML = ""; $("interests").textContent = ""; }
     renderFeed("primary", primary, compare);
     $("feed-compare").hidden = !compare;
     if (compare) renderFeed("compare", compare, primary);
+    $("feeds").dataset.user = userId; $("feeds").dataset.loads = String(mine);
     status(note || `user ${userId}`, note ? "error" : "");
-  } catch (e) { status(e.msg || String(e), e.state || "error"); }
+  } catch (e) { if (mine === loads) status(e.msg || String(e), e.state || "error"); }
 }
 
-async function send(itemId, clicked) {
-  const event = {user_id: current, item_id: itemId, clicked, dwell_s: clicked ? 30 : 0};
+// "click" is a click read for 30 s; "hide" is the user hiding the item. position: its 0-based rank.
+async function send(itemId, clicked, position) {
+  const event = {user_id: current, item_id: itemId, clicked, hidden: !clicked, dwell_s: clicked ? 30 : 0, position};
   try {
     await getJson("/events", {method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(event)});
     await load(current, true);
@@ -73,14 +88,35 @@ async function send(itemId, clicked) {
 
 document.addEventListener("click", (ev) => {
   const b = ev.target.closest("button.click, button.hide");
-  if (b) send(b.dataset.item, b.classList.contains("click"));
+  if (b) send(b.dataset.item, b.classList.contains("click"), Number(b.dataset.rank));
 });
 $("pick").addEventListener("submit", (ev) => { ev.preventDefault(); if ($("user").value.trim()) load($("user").value.trim()); });
+// /?seed=N makes the random buttons reproducible: the n-th press asks for seed N + n.
+const seed = new URLSearchParams(location.search).get("seed");
+let presses = 0;
 for (const kind of ["warm", "cold"]) {
   $(kind).addEventListener("click", async () => {
-    try { load((await getJson("/inspect/users?kind=" + kind)).user_id); } catch (e) { status(e.msg, e.state || "error"); }
+    const fixed = seed === null ? "" : "&seed=" + (Number(seed) + presses++);
+    try { load((await getJson("/inspect/users?kind=" + kind + fixed)).user_id); } catch (e) { status(e.msg, e.state || "error"); }
   });
 }
 $("compare").addEventListener("change", () => { if (current) load(current); });
-getJson("/inspect/meta").then((m) => { meta = m; $("compare-toggle").hidden = !m.compare; $("compare").checked = m.compare; })
-  .catch((e) => status(e.msg || String(e), e.state || "error"));
+
+// Until /inspect/meta answers (a 503 while the models load), say so and ask again.
+async function start() {
+  try {
+    meta = await getJson("/inspect/meta");
+  } catch (e) {
+    status(e.msg || String(e), e.state || "error");
+    if (e.status === 503 || e.status === 429) setTimeout(start, 1000);
+    return;
+  }
+  $("compare-toggle").hidden = !meta.compare; $("compare").checked = meta.compare;
+  const names = {report: "evaluation report", labs: "labs"};
+  for (const [name, url] of Object.entries(meta.pages || {})) {
+    if (url) $("links").insertAdjacentHTML("beforeend", ` <a id="link-${name}" href="${esc(url)}">${names[name] || name}</a>`);
+  }
+  document.body.dataset.ready = "true";
+  status("ready: open a user", "");
+}
+start();
