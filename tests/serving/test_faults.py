@@ -32,14 +32,13 @@ class Client:
     """Fresh connections per call (so calls spread over workers); counts statuses, fails on a 5xx."""
 
     def __init__(self, url: str) -> None:
-        self.url, self.requests = url, 0
+        self.url = url
 
     def call(self, method: str, path: str, **kwargs) -> tuple[httpx.Response, int]:
         """The response and the pid of the worker that answered (/healthz on the same connection)."""
         with httpx.Client(base_url=self.url, timeout=30.0) as client:
             response = client.request(method, path, **kwargs)
             pid = client.get("/healthz").json()["pid"]
-        self.requests += 2
         assert response.status_code < 500, (response.status_code, response.text[:300])
         return response, pid
 
@@ -97,13 +96,14 @@ def test_events_accepted_while_redis_is_paused_reach_every_worker(serving_world,
         finally:
             redis_server.resume()
         pending = {(u, pid) for u in users for pid in pids}  # every worker must stop showing every item
-        deadline = time.monotonic() + 60
-        while pending and time.monotonic() < deadline and client.requests < 2000:
+        deadline = time.monotonic() + 180  # time alone, paced: a loaded machine catches up slowly
+        while pending and time.monotonic() < deadline:
+            time.sleep(0.05)
             for user in users:
                 items, pid = client.feed_items(user)
                 if tops[user] not in items:
                     pending.discard((user, pid))
-        assert not pending, f"workers still showing clicked items after 60 s: {sorted(pending)}"
+        assert not pending, f"workers still showing clicked items after 180 s: {sorted(pending)}"
         for pid in pids:  # both workers alive throughout: none was restarted by a failure
             os.kill(pid, 0)
     assert read_events(tmp_path / "serving_log").num_rows == len(users)  # logged once each
@@ -121,8 +121,11 @@ def test_a_killed_worker_is_replaced_and_forgets_nothing(serving_world, tmp_path
         assert posted.status_code == 200
         os.kill(victim, signal.SIGKILL)
         seen: set[int] = set()
-        deadline = time.monotonic() + 120
-        while len(seen) < 2 and time.monotonic() < deadline and client.requests < 2000:
+        # The replacement imports torch and loads the models: on a loaded 2-core machine that took
+        # longer than a fixed number of back-to-back requests, so wait on time alone, pacing the polls.
+        deadline = time.monotonic() + 300
+        while len(seen) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
             try:
                 items, pid = client.feed_items(user)
             except httpx.TransportError:  # the connection the dead worker held
