@@ -98,12 +98,14 @@ from feedrank.evaluate.oracle import ORACLE, load_truth, oracle_scores
 from feedrank.evaluate.retrieval import RANDOM, cell, comparison_row, popularity_baseline, slice_rows
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, load_manifest, log_hash, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
+from feedrank.features.reuse import ensure_features
 from feedrank.features.vocab import FIRST_ID, Vocab, Vocabularies
 from feedrank.fsutil import staged_file
 from feedrank.models.calibration import correct_logit
 from feedrank.models.ranker import HeadWeights, Ranker, value_score
-from feedrank.train.task import EVAL_DIR, ensure_features
 
+#: Where a run keeps its evaluation (``RUN_DIR/eval/``): ``metrics.json`` and ``predictions.parquet``.
+EVAL_DIR = "eval"
 RANKING_METRICS = ("auc", "gauc", "mrr", "ndcg@5", "ndcg@10")
 PROBABILITY_METRICS = ("log_loss", "ne", "ece")
 #: Time spent, the north star: {bootstrap metric on the labels log2(1 + dwell seconds): shown name}.

@@ -128,7 +128,7 @@ class LabContext:
     def features_dir(self) -> Path:
         """Point-in-time features of ``world_log()`` (train up to the last day, test on it), built once."""
         from feedrank.features.build import FeatureConfig
-        from feedrank.train.task import ensure_features
+        from feedrank.features.reuse import ensure_features
 
         path = self.world_log().parent / f"{self.world_log().name}_features"
         ensure_features(self.world_log(), path, FeatureConfig(split_at=self.split_at(), history_len=50), progress=False)

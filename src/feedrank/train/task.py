@@ -21,8 +21,6 @@ Example::
 
 from __future__ import annotations
 
-import json
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,19 +29,19 @@ from typing import Any
 import pyarrow as pa
 
 from feedrank.bundle import build_catalogue
-from feedrank.config import to_dict
 from feedrank.data.batch import BatchLimits
 from feedrank.data.collate import BATCH_COLUMNS, Collator
 from feedrank.data.log import read_events
 from feedrank.data.stream import ParquetStream, make_loader
-from feedrank.features.build import FeatureConfig, build_features, load_manifest, log_hash, parse_ts
+from feedrank.evaluate.ranking import EVAL_DIR
+from feedrank.features.build import FeatureConfig, parse_ts
+from feedrank.features.reuse import ensure_features
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, Vocabularies
 from feedrank.train.checkpoint import latest_checkpoint
 from feedrank.train.trainer import Trainer
 
-log = logging.getLogger(__name__)
 
-FEATURES_DIR, TRAIN_DIR, EVAL_DIR = "features", "train", "eval"
+FEATURES_DIR, TRAIN_DIR = "features", "train"
 
 
 def train_dir(run_dir: str | Path, task: str) -> Path:
@@ -79,20 +77,6 @@ def require_fresh_run(run_dir: str | Path, task: str, resume: bool) -> None:
     out = train_dir(run_dir, task)
     if not resume and latest_checkpoint(out / "checkpoints") is not None:
         raise FileExistsError(f"{out} already holds checkpoints: resume them (--resume) or use a new run directory")
-
-
-def ensure_features(log_dir: str | Path, features_dir: str | Path, cfg: FeatureConfig, progress: bool = True) -> dict:
-    """The feature build of ``log_dir`` under ``cfg`` at ``features_dir``: reused when its manifest
-    records the same log content and config, rebuilt otherwise. Returns the manifest."""
-    try:
-        manifest = load_manifest(features_dir)
-    except (FileNotFoundError, ValueError):
-        manifest = None
-    wanted = json.loads(json.dumps(to_dict(cfg)))  # the manifest's config went through JSON
-    if manifest is not None and manifest.get("config") == wanted and manifest.get("source_hash") == log_hash(Path(log_dir)):
-        log.info("reusing the feature build at %s", features_dir)
-        return manifest
-    return build_features(log_dir, features_dir, cfg, progress=progress).manifest
 
 
 def training_catalogue(log_dir: str | Path, vocabs: Vocabularies, cfg: FeatureConfig) -> pa.Table:
