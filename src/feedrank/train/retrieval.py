@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from feedrank.bundle import Bundle, build_two_tower, catalogue_item_cats, load_bundle, save_bundle
+from feedrank.bundle import Bundle, build_two_tower, catalogue_item_cats, catalogue_item_tokens, load_bundle, save_bundle
 from feedrank.config import load_yaml, to_dict
 from feedrank.data.collate import Collator
 from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluate_holdout
@@ -169,7 +169,8 @@ def train_retrieval(
 
         torch.manual_seed(cfg.train.seed)
         model = build_two_tower(to_dict(cfg), vocabs)
-        model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()))
+        model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()),
+                               catalogue_item_tokens(catalogue))
         if cfg.two_tower.mask_known_positives:
             model.attach_known_positives(*training_positives(features_dir))
         with Trainer(model, two_tower_loss, train_cfg) as trainer:
