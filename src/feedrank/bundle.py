@@ -265,13 +265,16 @@ class Bundle:
 def catalogue_vectors(model: nn.Module, catalogue: pa.Table, at: dt.datetime, rows: np.ndarray,
                       chunk: int = 8192) -> torch.Tensor:  # fmt: skip
     """[len(rows), dim] item vectors of catalogue ``rows`` (item indices) at time ``at``: eval mode,
-    no gradients, in chunks (the item tower's activations for a large catalogue at once are big)."""
+    no gradients, in chunks (the item tower's activations for a large catalogue at once are big).
+    The titles are passed only to a model that reads them (``reads_titles``), so any object with
+    ``item_vectors(item_idx, item_cats, item_age_h)`` serves as an ID-only model."""
     cats, ages = catalogue_item_cats(catalogue), torch.from_numpy(catalogue_age_hours(catalogue, at))
-    tokens = catalogue_item_tokens(catalogue)
+    tokens = catalogue_item_tokens(catalogue) if getattr(model, "reads_titles", False) else None
     idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     model.eval()
     with torch.no_grad():
-        return torch.cat([model.item_vectors(part, cats[part], ages[part], tokens[part]) for part in idx.split(chunk)])
+        return torch.cat([model.item_vectors(part, cats[part], ages[part], *([] if tokens is None else [tokens[part]]))
+                          for part in idx.split(chunk)])  # fmt: skip
 
 
 def popularity_scores(catalogue: pa.Table, rows: np.ndarray) -> np.ndarray:

@@ -263,6 +263,11 @@ class TwoTower(nn.Module):
         history_emb = self.item_tower.id_embedding(batch.history)  # the shared table
         return self.user_tower(batch.user, batch.user_cats, batch.counters, history_emb, batch.history_mask)
 
+    @property
+    def reads_titles(self) -> bool:
+        """Whether ``item_vectors`` needs ``item_tokens`` (``cfg.title_dim > 0``)."""
+        return self.item_tower.reads_titles
+
     def item_vectors(self, item_idx: Tensor, item_cats: Tensor, item_age_h: Tensor, item_tokens: Tensor | None = None) -> Tensor:
         """[N, dim] unit item vectors from plain tensors (whole-catalogue embedding for the index);
         ``item_tokens`` [N, T] is required when the item tower reads titles (``cfg.title_dim > 0``)."""
