@@ -206,6 +206,14 @@ def catalogue_item_tokens(catalogue: pa.Table) -> torch.Tensor:
     return torch.from_numpy(pad_list(catalogue["title_tokens"], "title_tokens"))
 
 
+def attach_titles(model: nn.Module, catalogue: pa.Table) -> None:
+    """Give a model that reads titles the title tokens of every item index (its history lookups
+    need them, ``ItemTower.embed_history``); models without titles are left alone."""
+    for module in model.modules():
+        if hasattr(module, "attach_titles") and getattr(module, "reads_titles", False):
+            module.attach_titles(catalogue_item_tokens(catalogue))
+
+
 def lookup_quiet(vocab: Vocab, values: pa.ChunkedArray) -> np.ndarray:
     """``vocab.lookup`` that leaves ``oov_hits`` alone: building a catalogue is not an evaluation."""
     hits = vocab.oov_hits
@@ -374,7 +382,8 @@ def load_bundle(path: str | Path) -> Bundle:
     try:
         model = MODEL_BUILDERS[kind](meta["config"], vocabs)
         model.load_state_dict(state, strict=True)
-    except (ConfigError, RuntimeError) as exc:
+        attach_titles(model, catalogue)
+    except (ConfigError, RuntimeError, ValueError) as exc:
         raise BundleError(f"{path}: cannot rebuild the {kind} model from its config and vocabularies: {exc}") from exc
     model.eval()
     return Bundle(path=path, kind=kind, model=model, config=meta["config"], vocabs=vocabs, catalogue=catalogue, meta=meta)

@@ -15,7 +15,10 @@ Every feature is one *field* embedding of the same width ``dim`` so that both in
 ``feedrank.models.towers.build_history_encoder`` over the item ID table (shared with the candidate
 item, as in the two-tower); freshness (``log1p(age_h)``) and the log1p-scaled point-in-time counters
 go through small dense MLPs. The title (``cfg.title_tokens``) is one more field, the mean of its
-word embeddings (``feedrank.models.towers.TitleBag``, the two-tower's mechanism), and
+word embeddings (``feedrank.models.towers.TitleBag``, the two-tower's mechanism), with its user-side
+twin: the mean title bag of the history's items, by the same bag (titles by item index:
+``attach_titles``), so the interaction can match the words a user reads with a candidate's words
+even when the candidate's ID is unknown; and
 ``cfg.item_id_dropout`` trains the item side for items whose ID is unknown (``drop_ids``): a new
 article is then scored from its publisher, category, age and words. Unlike retrieval, the ranker sees the candidate when it scores, so item
 counters (impressions, clicks, CTR) are fair features here.
@@ -88,6 +91,7 @@ from feedrank.models.towers import (
     check_history,
     check_tokens,
     drop_ids,
+    masked_mean,
     mlp,
 )
 
@@ -268,11 +272,13 @@ class Ranker(nn.Module):
         self.item_counters = dense_field(n_item_counters, d) if n_item_counters else None
         self.freshness = dense_field(1, d)
         self.title = TitleBag(n_tokens, d) if cfg.title_tokens else None
+        # [n_items, T] title tokens by item index (attach_titles); not saved: the catalogue holds them
+        self.register_buffer("item_titles", torch.zeros(0, 1, dtype=torch.long), persistent=False)
         tt = cfg.two_tower_dim
         self.user_vector = OptionalVector(tt, d, cfg.two_tower_dropout) if tt else None
         self.item_vector = OptionalVector(tt, d, cfg.two_tower_dropout) if tt else None
 
-        n_user_fields = 2 + len(user_cat_sizes) + bool(n_user_counters) + bool(tt)  # id, history, ...
+        n_user_fields = 2 + len(user_cat_sizes) + cfg.title_tokens + bool(n_user_counters) + bool(tt)  # id, history, ...
         n_item_fields = 2 + len(item_cat_sizes) + cfg.title_tokens + bool(n_item_counters) + bool(tt)  # id, freshness, ...
         self.interaction = build_interaction(
             cfg.interaction, n_user_fields + n_item_fields, d, cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank
@@ -284,6 +290,25 @@ class Ranker(nn.Module):
         nn.init.zeros_(self.position_bias.weight)
 
     # ---------------------------------------------------------------------------------- fields
+
+    @property
+    def reads_titles(self) -> bool:
+        return self.title is not None
+
+    def attach_titles(self, tokens: Tensor) -> None:
+        """The title tokens [n_items, T] of every item index (``feedrank.bundle.catalogue_item_tokens``)."""
+        if tokens.dim() != 2 or tokens.shape[0] != self.n_items:
+            raise ValueError(f"item titles must be [n_items, T] = [{self.n_items}, T], got {tuple(tokens.shape)}")
+        self.item_titles = tokens.to(device=self.item_titles.device, dtype=torch.long)
+
+    def _history_titles(self, history: Tensor, mask: Tensor) -> Tensor:
+        """[B, dim] mean title bag of the history's items (zeros for an empty history)."""
+        if self.item_titles.shape[0] != self.n_items:
+            raise RuntimeError("this ranker reads titles: attach the catalogue's with attach_titles(tokens) first "
+                               "(load_bundle and the training task do)")  # fmt: skip
+        b, length = history.shape
+        bags = self.title(self.item_titles[history.reshape(-1)]).view(b, length, -1)
+        return masked_mean(bags, mask)
 
     def user_fields(
         self, user: Tensor, user_cats: Tensor, history: Tensor, history_mask: Tensor, counters: Tensor,
@@ -302,6 +327,8 @@ class Ranker(nn.Module):
         cats = self.user_cats(user_cats)
         pooled = self.history_encoder(self.item_id(history), history_mask, torch.cat([ident, cats], dim=-1))
         fields = [ident, *cats.split(self.cfg.dim, dim=-1), pooled.to(ident.dtype)]
+        if self.title is not None:
+            fields.append(self._history_titles(history, history_mask).to(ident.dtype))
         if self.user_counters is not None:
             fields.append(self.user_counters(counters.float()))
         fields += self._vector_field(self.user_vector, vector, b, "user_vec")

@@ -269,6 +269,9 @@ def check_tokens(tokens: Tensor, batch: int) -> None:
         raise ValueError(f"item_tokens must be [{batch}, T] int64 (batch, title words), got {tuple(tokens.shape)} {tokens.dtype}")
 
 
+TITLE_INIT_STD = 0.01
+
+
 class TitleBag(nn.Module):
     """Mean of a title's word embeddings (``nn.EmbeddingBag``, padding 0 left out): [N, T] -> [N, dim].
 
@@ -282,6 +285,13 @@ class TitleBag(nn.Module):
         if n_tokens < 2:
             raise ValueError(f"a title bag needs a token vocabulary (size >= 2 with padding and OOV), got {n_tokens}")
         self.bag = nn.EmbeddingBag(n_tokens, dim, mode="mean", padding_idx=0)
+        # Small init: an ID table may start random (a random vector tells items apart, which is all an
+        # ID has to do), but a word's vector is only useful once words of one topic are near each
+        # other, structure that training must build; at N(0, 1) the few hundred steps of a run move
+        # a word about 0.2 and the bags stay random fingerprints that do not generalise to new items.
+        nn.init.normal_(self.bag.weight, std=TITLE_INIT_STD)
+        with torch.no_grad():
+            self.bag.weight[0].zero_()
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.bag(tokens)
@@ -313,7 +323,12 @@ class ItemTower(nn.Module):
     Content (``title_dim > 0``): the title's words through a ``TitleBag``, so an item the model never
     saw (OOV ID) still gets a vector from its publisher, category, type, age and words; ``id_dropout``
     trains for that case (``drop_ids``). ``id_embedding`` stays a plain ``nn.Embedding`` attribute
-    (the user tower reads it for histories; sharded-table backends replace it from outside).
+    (sharded-table backends replace it from outside).
+
+    ``embed_history`` is what the user tower reads for a history: the ID rows, plus, with content,
+    a projection of each history item's title bag (titles by item index: ``attach_titles``, from the
+    bundle catalogue). Without it the user side would know items only by ID while a new candidate
+    is known only by content, and the two would not meet.
     """
 
     def __init__(
@@ -342,10 +357,31 @@ class ItemTower(nn.Module):
             else None
         )
         self.mlp = mlp(id_dim + self.cats.out_dim + title_dim + freshness_dim, hidden, out_dim, dropout)
+        self.history_title = nn.Linear(title_dim, id_dim, bias=False) if title_dim else None
+        # [n_items, T] title tokens by item index (attach_titles); not saved: the catalogue holds them
+        self.register_buffer("item_titles", torch.zeros(0, 1, dtype=torch.long), persistent=False)
 
     @property
     def reads_titles(self) -> bool:
         return self.title is not None
+
+    def attach_titles(self, tokens: Tensor) -> None:
+        """The title tokens [n_items, T] of every item index (``feedrank.bundle.catalogue_item_tokens``)."""
+        if tokens.dim() != 2 or tokens.shape[0] != self.n_items:
+            raise ValueError(f"item titles must be [n_items, T] = [{self.n_items}, T], got {tuple(tokens.shape)}")
+        self.item_titles = tokens.to(device=self.item_titles.device, dtype=torch.long)
+
+    def embed_history(self, history: Tensor) -> Tensor:
+        """[B, L] item indices -> [B, L, id_dim]: ID rows (+ projected title bags with content)."""
+        emb = self.id_embedding(history)
+        if self.title is None:
+            return emb
+        if self.item_titles.shape[0] != self.n_items:
+            raise RuntimeError("this item tower reads titles: attach the catalogue's with attach_titles(tokens) first "
+                               "(load_bundle and the training task do)")  # fmt: skip
+        b, length = history.shape
+        bags = self.title(self.item_titles[history.reshape(-1)]).view(b, length, -1)
+        return emb + self.history_title(bags).to(emb.dtype)
 
     def forward(self, item: Tensor, item_cats: Tensor, item_age_h: Tensor, item_tokens: Tensor | None = None) -> Tensor:
         """``item`` [N], ``item_cats`` [N, n_cats], ``item_age_h`` [N] hours >= 0, ``item_tokens``

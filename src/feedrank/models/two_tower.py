@@ -215,7 +215,6 @@ class TwoTower(nn.Module):
         self.temperature = Temperature(cfg.temperature, cfg.learn_temperature, cfg.temperature_min, cfg.temperature_max)
         self.sampler: NegativeSampler | None = None
         self.register_buffer("known_pairs", torch.empty(0, dtype=torch.long), persistent=False)
-        self.register_buffer("catalogue_tokens", torch.zeros(0, 1, dtype=torch.long), persistent=False)
 
     def attach_catalogue(self, item_cats: Tensor, item_counts: Tensor | None = None, item_tokens: Tensor | None = None) -> None:
         """Give the model the item catalogue it draws sampled-softmax negatives from.
@@ -223,12 +222,12 @@ class TwoTower(nn.Module):
         ``item_cats`` [n_items, n_item_cats] holds each item index's categorical features;
         ``item_counts`` [n_items] impressions or clicks per item, needed by the popularity sampler;
         ``item_tokens`` [n_items, T] title tokens (``catalogue_item_tokens``), needed when the item
-        tower reads titles.
+        tower reads titles (``ItemTower.attach_titles``).
         """
         if self.item_tower.reads_titles:
-            if item_tokens is None or item_tokens.shape[0] != self.n_items:
+            if item_tokens is None:
                 raise ValueError(f"this two-tower reads titles: attach_catalogue needs item_tokens [{self.n_items}, T]")
-            self.catalogue_tokens = item_tokens.to(self.catalogue_tokens.device)
+            self.item_tower.attach_titles(item_tokens)
         if item_cats.shape != (self.n_items, len(self.item_cat_sizes)):
             raise ValueError(
                 f"item_cats must be [n_items, n_item_cats] = [{self.n_items}, {len(self.item_cat_sizes)}], "
@@ -260,7 +259,7 @@ class TwoTower(nn.Module):
     def user_vectors(self, batch: Batch) -> Tensor:
         """[B, dim] unit user vectors; needs only the user-side fields of ``batch``."""
         check_history(batch.history, batch.history_mask)
-        history_emb = self.item_tower.id_embedding(batch.history)  # the shared table
+        history_emb = self.item_tower.embed_history(batch.history)  # the shared table (and titles)
         return self.user_tower(batch.user, batch.user_cats, batch.counters, history_emb, batch.history_mask)
 
     @property
@@ -299,7 +298,7 @@ class TwoTower(nn.Module):
             ages = batch.item_age_h[draw_rows(batch.clicked > 0, ids.shape[0])]
         else:
             ages = torch.zeros(ids.shape[0], device=ids.device)
-        tokens = self.catalogue_tokens[ids] if self.item_tower.reads_titles else None
+        tokens = self.item_tower.item_titles[ids] if self.item_tower.reads_titles else None
         vectors = self.item_vectors(ids, self.sampler.item_cats[ids], ages, tokens)
         return SampledNegatives(ids, vectors, self.sampler.log_q[ids], self.sampler.log_q[batch.item])
 

@@ -46,7 +46,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from feedrank.bundle import Bundle, build_two_tower, catalogue_item_cats, catalogue_item_tokens, load_bundle, save_bundle
+from feedrank.bundle import Bundle, attach_titles, build_two_tower, catalogue_item_cats, catalogue_item_tokens, load_bundle, save_bundle
 from feedrank.config import load_yaml, to_dict
 from feedrank.data.collate import Collator
 from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluate_holdout
@@ -186,6 +186,7 @@ def train_retrieval(
             return None
         final = build_two_tower(to_dict(cfg), vocabs)
         final.load_state_dict(load_checkpoint(result.checkpoint)["model"])
+        attach_titles(final, catalogue)
         evaluation = _evaluate(final, vocabs, catalogue, log_dir, cfg, manifest)
         metrics: dict[str, Any] = {"train": result.metrics}
         if evaluation is not None:
