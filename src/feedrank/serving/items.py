@@ -45,7 +45,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
 from feedrank.bundle import Bundle, item_title_tokens, lookup_quiet
 from feedrank.data.collate import pad_list
@@ -53,7 +55,7 @@ from feedrank.data.schema import ITEM_SCHEMA, TS_TYPE
 from feedrank.features.build import FeatureConfig
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV
 from feedrank.fsutil import staged_file
-from feedrank.serving.validation import check_id, check_ts
+from feedrank.serving.validation import EventContext, check_id, check_ts
 
 MAX_ITEMS_PER_POST = 1000
 MAX_TITLE_CHARS = 1000
@@ -169,15 +171,10 @@ def item_vectors(bundle: Bundle, inputs: ItemInputs, age_h: np.ndarray) -> np.nd
 # the HTTP route
 
 
-def add_item_routes(app, service, dependencies: list) -> None:
+def add_item_routes(app: FastAPI, service, dependencies: list) -> None:
     """``POST /items`` on ``app`` (``feedrank.serving.app``): a JSON item object or a list of them,
     the body limits of ``POST /events``; 422 names the first bad field, 413 a body or list too big."""
-    from fastapi import HTTPException, Request
-    from fastapi.concurrency import run_in_threadpool
-    from pydantic import TypeAdapter, ValidationError
-
-    from feedrank.serving import app as http
-    from feedrank.serving.validation import EventContext
+    from feedrank.serving import app as http  # here: app imports this module
 
     adapter = TypeAdapter(list[ItemIn])
     cfg = service.cfg
