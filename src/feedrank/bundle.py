@@ -57,7 +57,9 @@ from feedrank.features.user_state import latest_rows
 from feedrank.data.collate import pad_list
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies, title_tokens, token_indices
 from feedrank.fsutil import staged_dir
+from feedrank.features.text import title_word_vectors
 from feedrank.models.ranker import Ranker, RankerConfig
+from feedrank.models.towers import TitleBag
 from feedrank.models.two_tower import TwoTower, TwoTowerConfig
 
 BUNDLE_FORMAT = 1
@@ -206,12 +208,18 @@ def catalogue_item_tokens(catalogue: pa.Table) -> torch.Tensor:
     return torch.from_numpy(pad_list(catalogue["title_tokens"], "title_tokens"))
 
 
-def attach_titles(model: nn.Module, catalogue: pa.Table) -> None:
+def attach_titles(model: nn.Module, catalogue: pa.Table, start_words: bool = False) -> None:
     """Give a model that reads titles the title tokens of every item index (its history lookups
-    need them, ``ItemTower.embed_history``); models without titles are left alone."""
+    need them, ``ItemTower.embed_history``); models without titles are left alone. ``start_words``
+    (a training task, before training) also sets every title bag's word vectors to the catalogue
+    titles' co-occurrence vectors (``feedrank.features.text``)."""
+    tokens = catalogue_item_tokens(catalogue)
     for module in model.modules():
         if hasattr(module, "attach_titles") and getattr(module, "reads_titles", False):
-            module.attach_titles(catalogue_item_tokens(catalogue))
+            module.attach_titles(tokens)
+        if start_words and isinstance(module, TitleBag):
+            n_tokens, dim = module.bag.weight.shape
+            module.start_from(torch.from_numpy(title_word_vectors(tokens.numpy(), n_tokens, dim)))
 
 
 def lookup_quiet(vocab: Vocab, values: pa.ChunkedArray) -> np.ndarray:

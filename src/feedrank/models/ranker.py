@@ -17,8 +17,10 @@ item, as in the two-tower); freshness (``log1p(age_h)``) and the log1p-scaled po
 go through small dense MLPs. The title (``cfg.title_tokens``) is one more field, the mean of its
 word embeddings (``feedrank.models.towers.TitleBag``, the two-tower's mechanism), with its user-side
 twin: the mean title bag of the history's items, by the same bag (titles by item index:
-``attach_titles``), so the interaction can match the words a user reads with a candidate's words
-even when the candidate's ID is unknown; and
+``attach_titles``), and a third field made from the two: their cosine (the *title match*) through a
+small dense MLP. The explicit match matters: measured on the synthetic world, the cosine alone ranks
+new items' clicks at AUC 0.57, while the cross network and MLP, given only the two bags, did not
+learn to compute it (new-item AUC unchanged from the ID-only ranker). And
 ``cfg.item_id_dropout`` trains the item side for items whose ID is unknown (``drop_ids``): a new
 article is then scored from its publisher, category, age and words. Unlike retrieval, the ranker sees the candidate when it scores, so item
 counters (impressions, clicks, CTR) are fair features here.
@@ -272,6 +274,7 @@ class Ranker(nn.Module):
         self.item_counters = dense_field(n_item_counters, d) if n_item_counters else None
         self.freshness = dense_field(1, d)
         self.title = TitleBag(n_tokens, d) if cfg.title_tokens else None
+        self.title_match = dense_field(1, d) if cfg.title_tokens else None
         # [n_items, T] title tokens by item index (attach_titles); not saved: the catalogue holds them
         self.register_buffer("item_titles", torch.zeros(0, 1, dtype=torch.long), persistent=False)
         tt = cfg.two_tower_dim
@@ -280,8 +283,11 @@ class Ranker(nn.Module):
 
         n_user_fields = 2 + len(user_cat_sizes) + cfg.title_tokens + bool(n_user_counters) + bool(tt)  # id, history, ...
         n_item_fields = 2 + len(item_cat_sizes) + cfg.title_tokens + bool(n_item_counters) + bool(tt)  # id, freshness, ...
+        # where heads_from_fields finds the history's and the candidate's title bags (field order of
+        # user_fields and item_fields: id, categoricals, history | freshness, then the title field)
+        self._title_fields = (2 + len(user_cat_sizes), n_user_fields + 2 + len(item_cat_sizes))
         self.interaction = build_interaction(
-            cfg.interaction, n_user_fields + n_item_fields, d, cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank
+            cfg.interaction, n_user_fields + n_item_fields + cfg.title_tokens, d, cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank
         )
         # mlp() ends in a bare Linear; the shared bottom keeps only its Linear-LayerNorm-GELU blocks.
         self.bottom = mlp(self.interaction.out_dim, cfg.hidden, 1, cfg.dropout)[:-1]
@@ -369,7 +375,12 @@ class Ranker(nn.Module):
     # ---------------------------------------------------------------------------------- scoring
 
     def heads_from_fields(self, fields: Tensor) -> dict[str, Tensor]:
-        """Head outputs {click, dwell, share, hide} [B] of fields [B, F, dim]: interaction, bottom, heads."""
+        """Head outputs {click, dwell, share, hide} [B] of fields [B, F, dim]: interaction, bottom, heads
+        (with titles, the title-match field is computed here, where both sides meet)."""
+        if self.title_match is not None:
+            user_titles, item_titles = fields[:, self._title_fields[0]], fields[:, self._title_fields[1]]
+            match = F.cosine_similarity(user_titles.float(), item_titles.float(), dim=-1, eps=1e-6)
+            fields = torch.cat([fields, self.title_match(match[:, None]).to(fields.dtype)[:, None]], dim=1)
         shared = self.bottom(self.interaction(fields))
         return {name: head(shared).squeeze(-1) for name, head in self.heads.items()}
 

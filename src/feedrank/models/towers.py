@@ -296,6 +296,13 @@ class TitleBag(nn.Module):
     def forward(self, tokens: Tensor) -> Tensor:
         return self.bag(tokens)
 
+    @torch.no_grad()
+    def start_from(self, vectors: Tensor) -> None:
+        """Start training from these word vectors [n_tokens, dim] (``feedrank.features.text``)."""
+        if vectors.shape != self.bag.weight.shape:
+            raise ValueError(f"word vectors must be {tuple(self.bag.weight.shape)}, got {tuple(vectors.shape)}")
+        self.bag.weight.copy_(vectors)
+
 
 def drop_ids(ids: Tensor, rate: float, training: bool) -> Tensor:
     """``ids`` with a share ``rate`` replaced by OOV (1), in training only.

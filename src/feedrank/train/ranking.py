@@ -284,7 +284,7 @@ def train_ranking(
         torch.manual_seed(cfg.train.seed)
         model = build_ranker(to_dict(cfg), vocabs)
         catalogue = training_catalogue(log_dir, vocabs, cfg.features)
-        attach_titles(model, catalogue)  # a ranker that reads titles looks up its history's
+        attach_titles(model, catalogue, start_words=True)  # a ranker that reads titles looks up its history's
         frozen = None if two_tower is None else two_tower.model.to(env.device).eval()
         with Trainer(model, functools.partial(ranker_loss, two_tower=frozen), train_cfg) as trainer:
             if resume:

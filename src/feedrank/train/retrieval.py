@@ -169,6 +169,7 @@ def train_retrieval(
 
         torch.manual_seed(cfg.train.seed)
         model = build_two_tower(to_dict(cfg), vocabs)
+        attach_titles(model, catalogue, start_words=True)
         model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()),
                                catalogue_item_tokens(catalogue))
         if cfg.two_tower.mask_known_positives:
