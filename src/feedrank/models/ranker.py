@@ -18,11 +18,12 @@ go through small dense MLPs. The title (``cfg.title_tokens``) is one more field,
 word embeddings (``feedrank.models.towers.TitleBag``, the two-tower's mechanism), with its user-side
 twin: the mean title bag of the history's items, by the same bag (titles by item index:
 ``attach_titles``), and a third field made from the two: their cosine (the *title match*) through a
-small dense MLP. The explicit match matters: measured on the synthetic world, the cosine alone ranks
-new items' clicks at AUC 0.57, while the cross network and MLP, given only the two bags, did not
-learn to compute it (new-item AUC unchanged from the ID-only ranker). And
+small dense MLP. The explicit match matters: on the synthetic world (``benchmarks/content_tower.py``)
+the cosine alone ranks new items' clicks at AUC 0.57, and a ranker given only the two bags scored
+new items no better than the ID-only one (0.55); with the match field, 0.59. And
 ``cfg.item_id_dropout`` trains the item side for items whose ID is unknown (``drop_ids``): a new
-article is then scored from its publisher, category, age and words. Unlike retrieval, the ranker sees the candidate when it scores, so item
+article is then scored from its publisher, category, age and words. Unlike retrieval, the ranker
+sees the candidate when it scores, so item
 counters (impressions, clicks, CTR) are fair features here.
 
 **Two-tower vectors** (``cfg.two_tower_dim > 0``) are optional inputs: a field is
