@@ -7,7 +7,8 @@ feature build, then trains each variant once:
   content (``title_dim``, ``item_id_dropout``);
 - ``ranker``: the ranker of ``configs/ranking_demo.yaml`` *without* two-tower inputs (so the
   comparison isolates the ranker's own item side), ID-only and with ``title_tokens`` and
-  ``item_id_dropout``.
+  ``item_id_dropout``;
+- ``ranker+tt``: the same two rankers on the ID-only two-tower's vectors, as the demo stacks them.
 
 Each is scored on every held-out impression (the last day); the figures are AUC overall and on
 impressions of *new* items (not in the training vocabulary: the model saw neither their ID nor a
@@ -42,7 +43,7 @@ from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig
 from feedrank.data.world.world import load_world
 from feedrank.evaluate.metrics import auc
-from feedrank.evaluate.ranking import RankerScorer, TwoTowerScorer, score_rows
+from feedrank.evaluate.ranking import RankerScorer, TwoTowerScorer, linked_two_tower, score_rows
 from feedrank.features.build import split_files
 from feedrank.features.vocab import OOV
 from feedrank.train.ranking import load_ranking_config, train_ranking
@@ -78,7 +79,11 @@ def figures(scores: np.ndarray, rows: pa.Table, oracle: np.ndarray) -> dict:
 
 
 def score(bundle: Bundle, rows: pa.Table, max_history: int) -> np.ndarray:
-    scorer = RankerScorer(bundle.model) if bundle.kind == "ranker" else TwoTowerScorer(bundle.model)
+    if bundle.kind == "ranker":
+        two_tower = linked_two_tower(bundle)
+        scorer = RankerScorer(bundle.model, None if two_tower is None else two_tower.model)
+    else:
+        scorer = TwoTowerScorer(bundle.model)
     return score_rows(rows, scorer, max_history=max_history)["score"]
 
 
@@ -117,6 +122,11 @@ def main() -> None:
         rk = dataclasses.replace(ranking.ranker, title_tokens=content, item_id_dropout=ID_DROPOUT if content else 0.0)
         ranker = train_ranking(out / "log", run, dataclasses.replace(ranking, ranker=rk), progress=False, evaluate=False)
         results["models"][f"ranker/{variant}"] = figures(score(ranker, rows, rk.max_history_len), rows, oracle)
+        # as the demo runs it: on the vectors of the ID-only two-tower (a content two-tower's vectors
+        # need titles at evaluation, which feedrank.evaluate.ranking.RankerScorer does not pass yet)
+        stacked = train_ranking(out / "log", out / f"stacked_{variant}", dataclasses.replace(ranking, ranker=rk),
+                                two_tower_bundle=out / "id_only" / "bundle", progress=False, evaluate=False)  # fmt: skip
+        results["models"][f"ranker+tt/{variant}"] = figures(score(stacked, rows, rk.max_history_len), rows, oracle)
     results["seconds"] = time.perf_counter() - t0
 
     print(f"world: {results['world']}, held-out impressions {rows.num_rows}, "

@@ -131,6 +131,7 @@ def test_on_mind_files_the_content_ranker_beats_the_id_only_one_on_new_items(wor
     for variant in ("id_only", "content"):
         bundle = _ranker(tmp_path / "log", tmp_path / variant, ranking, content=variant == "content")
         figures[variant] = _new_item_auc(bundle, tmp_path / variant, exclude=("hist-",))
+    print("MIND-format fixture, (new-item AUC, AUC):", figures)
     assert figures["content"][0] > figures["id_only"][0] + 0.02, figures
 
 
