@@ -120,6 +120,16 @@ def test_the_ranker_scores_candidates_from_their_titles_and_matches_batch_scorin
     torch.testing.assert_close(model.score_candidates(user, items)["value"], model.predict(same_user)["value"], atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="reads titles"):
         model.score_candidates(user, dataclasses.replace(items, tokens=None))
+    empty = dataclasses.replace(user, history=torch.zeros(0, dtype=torch.long), history_mask=None)
+    assert model.score_candidates(empty, items)["value"].shape == (len(batch),)  # a cold user: no history at all
+
+
+def test_a_two_tower_reading_titles_embeds_a_user_without_history():
+    model = two_tower().eval()
+    batch = titled(random_batch())
+    cold = dataclasses.replace(batch, history=torch.zeros(len(batch), 0, dtype=torch.long),
+                               history_mask=torch.zeros(len(batch), 0, dtype=torch.bool))  # fmt: skip
+    assert model.user_vectors(cold).shape == (len(batch), 8)
 
 
 def test_word_vectors_put_words_that_share_titles_together():

@@ -314,7 +314,7 @@ class Ranker(nn.Module):
             raise RuntimeError("this ranker reads titles: attach the catalogue's with attach_titles(tokens) first "
                                "(load_bundle and the training task do)")  # fmt: skip
         b, length = history.shape
-        bags = self.title(self.item_titles[history.reshape(-1)]).view(b, length, -1)
+        bags = self.title(self.item_titles[history.reshape(-1)]).view(b, length, self.title.bag.embedding_dim)
         return masked_mean(bags, mask)
 
     def user_fields(

@@ -387,7 +387,7 @@ class ItemTower(nn.Module):
             raise RuntimeError("this item tower reads titles: attach the catalogue's with attach_titles(tokens) first "
                                "(load_bundle and the training task do)")  # fmt: skip
         b, length = history.shape
-        bags = self.title(self.item_titles[history.reshape(-1)]).view(b, length, -1)
+        bags = self.title(self.item_titles[history.reshape(-1)]).view(b, length, self.title.bag.embedding_dim)
         return emb + self.history_title(bags).to(emb.dtype)
 
     def forward(self, item: Tensor, item_cats: Tensor, item_age_h: Tensor, item_tokens: Tensor | None = None) -> Tensor:
