@@ -149,3 +149,25 @@ def test_published_created_ts_sets_the_age(service, serving_world):
     row = s._row_of("old")
     assert s.catalogue.born_us[row] == int(created.timestamp() * 1_000_000)
     assert dataclasses.asdict(s.catalogue) is not None
+
+
+def test_the_shared_lock_lets_readers_share_and_a_writer_wait_for_them():
+    import threading
+
+    from feedrank.serving.items import SharedLock
+
+    lock, order = SharedLock(), []
+
+    def writer():
+        with lock.writing():
+            order.append("write")
+
+    with lock.reading():
+        with lock.reading():  # a second reader does not wait for the first
+            order.append("read")
+        thread = threading.Thread(target=writer)
+        thread.start()
+        thread.join(timeout=0.2)
+        assert thread.is_alive() and order == ["read"]  # the writer waits while a reader holds it
+    thread.join(timeout=10)
+    assert order == ["read", "write"]

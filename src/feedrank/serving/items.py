@@ -9,7 +9,7 @@ the users whose history is about its words, so it reaches them through the ANN i
 through the fresh-candidate pool. (An ID-only tower gives every published item of one publisher,
 category and type the same vector: publishing still works, the vector is just not personal.)
 
-Three parts, each with one job:
+Four parts, each with one job:
 
 - ``ItemIn``: one item of a POST body, checked like ``POST /events`` events (strict types, ids by
   ``check_id``, ``created_ts`` within the ``serving.limits`` window of server time, a title of at
@@ -19,6 +19,7 @@ Three parts, each with one job:
   plus ``published_ts``), written under a hidden name, fsynced and renamed into place before the
   POST returns. At startup the service reads every file, in publish order, and publishes the items
   again, so a restart keeps them.
+- ``SharedLock``: feeds search the index side by side; a publish's ``add`` waits for none to be.
 - ``item_inputs``: a published item's model inputs in a model's vocabularies (item index OOV,
   categorical indices, title tokens), for the two-tower and for the ranker alike.
 
@@ -36,8 +37,11 @@ from __future__ import annotations
 
 import datetime as dt
 import re
+import threading
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -138,6 +142,47 @@ class ItemJournal:
         if not files:
             return JOURNAL_SCHEMA.empty_table()
         return pa.concat_tables(pq.read_table(f).cast(JOURNAL_SCHEMA) for f in files)
+
+
+class SharedLock:
+    """Many readers at once or one writer: feeds search the ANN index side by side, and a publish's
+    ``add`` (which may move FAISS's storage) waits until none is searching. A waiting writer stops
+    new readers, so a steady stream of feeds cannot hold a publish off."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._writers_waiting = 0
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._writers_waiting:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._writers_waiting += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writers_waiting -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
 
 
 @dataclass

@@ -94,7 +94,7 @@ from feedrank.serving.config import ServingConfig, parse_start_time
 from feedrank.serving.metrics import ServiceMetrics
 from feedrank.serving.rerank import Candidates, rerank
 from feedrank.serving.follow import LogFollower
-from feedrank.serving.items import ItemIn, ItemJournal, item_inputs, item_vectors, items_table
+from feedrank.serving.items import ItemIn, ItemJournal, SharedLock, item_inputs, item_vectors, items_table
 from feedrank.serving.state import EVENT_ID, SERVING_LOG_SCHEMA, EventIn, EventSink, UserStore, UserView, VocabIndex
 
 log = logging.getLogger(__name__)
@@ -305,7 +305,8 @@ class RankerInputs:
         counters = item_counters(ranker.catalogue, features)[idx][:, : model.n_item_counters]
         return cls(
             bundle=ranker, item_idx=idx, item_cats=catalogue_item_cats(ranker.catalogue)[torch.from_numpy(idx)],
-            item_tokens=catalogue_item_tokens(ranker.catalogue)[torch.from_numpy(idx)], item_counters=torch.from_numpy(np.ascontiguousarray(counters)), users=VocabIndex(ranker.vocabs.users),
+            item_tokens=catalogue_item_tokens(ranker.catalogue)[torch.from_numpy(idx)],
+            item_counters=torch.from_numpy(np.ascontiguousarray(counters)), users=VocabIndex(ranker.vocabs.users),
             user_cats={c: VocabIndex(v) for c, v in ranker.vocabs.user_cats.items()},
             use_vectors=model.cfg.two_tower_dim > 0,
         )  # fmt: skip
@@ -389,7 +390,7 @@ class FeedService:
         self.metrics = ServiceMetrics()
         # Published items first: the serving log's events may be about them.
         self._published: dict[str, int] = {}  # item id -> catalogue row, items published to this process
-        self._publish_lock, self._index_lock = threading.Lock(), threading.Lock()
+        self._publish_lock, self._index_lock = threading.Lock(), SharedLock()
         self.journal = ItemJournal(cfg.event_log.dir)
         self._add_items(self.journal.read())
         # The serving log is the source of truth: replay it now (a restart forgets nothing that was
@@ -500,7 +501,7 @@ class FeedService:
     def _candidates(self, vector: np.ndarray, view: UserView, now_us: int, cold: bool) -> tuple[np.ndarray, np.ndarray]:
         """Candidate rows and their source labels: ANN + fresh (+ popular when cold), deduplicated,
         published by ``now``, not already seen."""
-        with self._index_lock:  # publish_items adds to the index (FAISS: no search during an add)
+        with self._index_lock.reading():  # publish_items adds to the index (FAISS: no search during an add)
             k = min(self.cfg.ann_candidates, self.index.size)
             _, positions = self.index.search(vector[None], k)
             ann = self.index_rows[positions[0][positions[0] >= 0]]
@@ -716,7 +717,7 @@ class FeedService:
                                         if k in ("ctr_prior", "ctr_prior_weight")})  # fmt: skip
             self.ranker = self.ranker.extended(table, features)
         rows = np.arange(first, first + table.num_rows)
-        with self._index_lock:
+        with self._index_lock.writing():
             self.index_rows = np.concatenate([self.index_rows, rows])
             self.index.add(vectors, table["item_id"].to_numpy(zero_copy_only=False))
         self._published.update(zip(table["item_id"].to_pylist(), rows.tolist()))
