@@ -171,3 +171,15 @@ def test_the_shared_lock_lets_readers_share_and_a_writer_wait_for_them():
         assert thread.is_alive() and order == ["read"]  # the writer waits while a reader holds it
     thread.join(timeout=10)
     assert order == ["read", "write"]
+
+
+def test_another_worker_picks_up_a_published_item_and_the_events_on_it(service, serving_world):
+    a, b = service(), service()  # two workers of one server: one serving log
+    a.publish_items([ItemIn(item_id="shared", title=topic_words(serving_world))])
+    a.record_events([EventIn(user_id="u5", item_id="shared", clicked=True, dwell_s=9.0)])
+    assert b._row_of("shared") < 0
+    b._catch_up()  # the event file arrives: the journal is read first, so the event is not dropped
+    assert b._row_of("shared") >= 0 and b.index.size == a.index.size
+    assert b._row_of("shared") in b.store.view("u5", b.clock()).seen.tolist()  # applied, not dropped
+    b._sync_items(b.journal.read_new())  # nothing new: nothing added twice
+    assert b.index.size == a.index.size

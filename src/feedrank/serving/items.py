@@ -18,7 +18,8 @@ Four parts, each with one job:
   ``serving.event_log.dir``/``published_items/`` (``JOURNAL_SCHEMA``: the canonical ``ITEM_SCHEMA``
   plus ``published_ts``), written under a hidden name, fsynced and renamed into place before the
   POST returns. At startup the service reads every file, in publish order, and publishes the items
-  again, so a restart keeps them.
+  again, so a restart keeps them; while it runs it reads the files other workers write (every
+  ``store.catch_up_interval_s``, and before applying other workers' events, which may be about them).
 - ``SharedLock``: feeds search the index side by side; a publish's ``add`` waits for none to be.
 - ``item_inputs``: a published item's model inputs in a model's vocabularies (item index OOV,
   categorical indices, title tokens), for the two-tower and for the ranker alike.
@@ -40,7 +41,8 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+import logging
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,6 +62,8 @@ from feedrank.features.build import FeatureConfig
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV
 from feedrank.fsutil import staged_file
 from feedrank.serving.validation import EventContext, check_id, check_ts
+
+log = logging.getLogger(__name__)
 
 MAX_ITEMS_PER_POST = 1000
 MAX_TITLE_CHARS = 1000
@@ -122,26 +126,56 @@ def items_table(items: list[ItemIn], now: dt.datetime) -> pa.Table:
 
 
 class ItemJournal:
-    """The published items on disk (module docstring): one durable file per POST, read back in order."""
+    """The published items on disk (module docstring): one durable file per POST, read back in
+    order. ``read_new`` returns the files not read or written by this process yet: at startup all of
+    them, later those other workers wrote (``start`` polls for them)."""
 
     def __init__(self, serving_log_dir: str | Path) -> None:
         self.root = Path(serving_log_dir) / JOURNAL_DIR
         self.root.mkdir(parents=True, exist_ok=True)
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
 
     def write(self, table: pa.Table) -> Path:
         """Persist ``table`` (``JOURNAL_SCHEMA``); returns once the file is fsynced and in place."""
         # time_ns first: file names sort in publish order (the uuid keeps two workers apart)
         final = self.root / f"part-{time.time_ns():020d}-{uuid.uuid4().hex}.parquet"
+        with self._lock:
+            self._seen.add(final.name)
         with staged_file(final, durable=True) as tmp:
             pq.write_table(table.cast(JOURNAL_SCHEMA), tmp)
         return final
 
-    def read(self) -> pa.Table:
-        """Every published item, in publish order (hidden temporary files are skipped)."""
-        files = sorted(self.root.glob("part-*.parquet"))
+    def read_new(self) -> pa.Table:
+        """The items of every file not seen yet, in publish order (hidden temporary files skipped)."""
+        with self._lock:
+            files = sorted(p for p in self.root.glob("part-*.parquet") if p.name not in self._seen)
+            self._seen.update(p.name for p in files)
         if not files:
             return JOURNAL_SCHEMA.empty_table()
         return pa.concat_tables(pq.read_table(f).cast(JOURNAL_SCHEMA) for f in files)
+
+    def start(self, on_items: Callable[[pa.Table], None], interval_s: float) -> None:
+        """``on_items(read_new())`` every ``interval_s`` on a daemon thread (items other workers
+        published); a failure is logged, never fatal."""
+        def run() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    table = self.read_new()
+                    if table.num_rows:
+                        on_items(table)
+                except Exception:  # keep following: the next poll retries
+                    log.exception("published items: catching up failed")
+
+        self._thread = threading.Thread(target=run, name="feedrank-item-journal", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10.0)
 
 
 class SharedLock:

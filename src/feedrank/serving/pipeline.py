@@ -392,13 +392,14 @@ class FeedService:
         self._published: dict[str, int] = {}  # item id -> catalogue row, items published to this process
         self._publish_lock, self._index_lock = threading.Lock(), SharedLock()
         self.journal = ItemJournal(cfg.event_log.dir)
-        self._add_items(self.journal.read())
+        self._sync_items(self.journal.read_new())
         # The serving log is the source of truth: replay it now (a restart forgets nothing that was
         # accepted), then catch up on the files other workers write (feedrank.serving.follow).
         self.follower = LogFollower(cfg.event_log.dir)
         self.sink = EventSink(cfg.event_log, on_written=self.follower.mark)
         self.replayed = self._catch_up()
         self.follower.start(self._apply_from_log, cfg.store.catch_up_interval_s)
+        self.journal.start(self._sync_items, cfg.store.catch_up_interval_s)  # items other workers published
         # Workers that share a Redis cache also pass events over Redis: milliseconds instead of the
         # catch-up interval (feedrank.serving.bus).
         if bus is None and cfg.cache.backend == "redis":
@@ -628,6 +629,7 @@ class FeedService:
         a log written before a model change) are dropped (logged): an item outside this catalogue
         can be neither history nor a candidate here.
         """
+        self._sync_items(self.journal.read_new())  # the events may be about items another worker published
         ids = table["item_id"].to_pylist()
         rows = np.array([self._row_of(i) for i in ids], np.int64)
         known = rows >= 0
@@ -701,6 +703,16 @@ class FeedService:
                 self._add_items(table)
         return {"published": len(new), "known": len(items) - len(new)}
 
+    def _sync_items(self, table: pa.Table) -> None:
+        """Journal rows written by another worker (or before a restart) into this process, skipping
+        ids it knows already."""
+        with self._publish_lock:
+            ids = table["item_id"].to_pylist()
+            first = {i: k for k, i in reversed(list(enumerate(ids)))}
+            keep = [k for i, k in first.items() if self._row_of(i) < 0]
+            if keep:
+                self._add_items(table.take(pa.array(sorted(keep), pa.int64())))
+
     def _add_items(self, table: pa.Table) -> None:
         """Published items (``JOURNAL_SCHEMA`` rows) into the catalogue, the ranker's inputs, the
         index and the fresh pool. The order keeps concurrent feeds consistent: rows exist before
@@ -758,6 +770,7 @@ class FeedService:
         if self.bus is not None:
             self.bus.close()
         self.follower.close()
+        self.journal.close()
         self.sink.close()
         self.cache.close()
 
