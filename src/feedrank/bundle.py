@@ -9,8 +9,8 @@ test all need the same four things, so they travel together in one folder::
                           metrics, and the ids of the log and feature build it came from
       vocab/              ``Vocabularies.save``: the id -> index mappings the weights were trained with
       catalogue.parquet   one row per item vocabulary index (``CATALOGUE_SCHEMA``): what is needed to
-                          embed every item without the log (categorical indices, creation time,
-                          training impressions and clicks)
+                          embed every item without the log (categorical indices, title tokens,
+                          creation time, training impressions and clicks)
 
 The model is *rebuilt* from the saved config and the vocabulary sizes, never unpickled: a builder
 per ``kind`` (``MODEL_BUILDERS``) turns ``(config dict, vocabularies)`` into an ``nn.Module`` whose
@@ -51,12 +51,15 @@ from torch import nn
 import feedrank
 from feedrank.config import ConfigError, from_dict
 from feedrank.data.schema import TS_TYPE, to_epoch_us
-from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS
+from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, FeatureConfig
 from feedrank.features.counters import COUNTER_COLUMNS
 from feedrank.features.user_state import latest_rows
-from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
+from feedrank.data.collate import pad_list
+from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies, title_tokens, token_indices
 from feedrank.fsutil import staged_dir
+from feedrank.features.text import title_word_vectors
 from feedrank.models.ranker import Ranker, RankerConfig
+from feedrank.models.towers import TitleBag
 from feedrank.models.two_tower import TwoTower, TwoTowerConfig
 
 BUNDLE_FORMAT = 1
@@ -75,6 +78,7 @@ CATALOGUE_SCHEMA = pa.schema(
         pa.field("item_idx", pa.int64(), nullable=False),  # == row number
         pa.field("item_id", pa.string()),  # null for padding, OOV and hash-bucket rows
         *(pa.field(c, pa.int64(), nullable=False) for c in ITEM_CAT_INDEX_COLUMNS),
+        pa.field("title_tokens", pa.list_(pa.int64()), nullable=False),  # token indices of the latest title
         pa.field("created_ts", TS_TYPE),  # as logged; null when the source does not know it
         pa.field("first_seen_ts", TS_TYPE),  # first impression in the training window
         pa.field("train_impressions", pa.int64(), nullable=False),
@@ -103,6 +107,7 @@ def build_two_tower(config: dict[str, Any], vocabs: Vocabularies) -> TwoTower:
         user_cat_sizes=vocabs.user_cat_sizes,
         item_cat_sizes=vocabs.item_cat_sizes,
         n_counters=len(USER_COUNTER_COLUMNS),
+        n_tokens=vocabs.n_tokens,
     )
 
 
@@ -118,6 +123,7 @@ def build_ranker(config: dict[str, Any], vocabs: Vocabularies) -> Ranker:
         item_cat_sizes=vocabs.item_cat_sizes,
         n_user_counters=len(USER_COUNTER_COLUMNS),
         n_item_counters=len(COUNTER_COLUMNS) - len(USER_COUNTER_COLUMNS),
+        n_tokens=vocabs.n_tokens,
     )
 
 
@@ -134,13 +140,15 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
 # the catalogue
 
 
-def build_catalogue(events: pa.Table, vocabs: Vocabularies) -> pa.Table:
+def build_catalogue(events: pa.Table, vocabs: Vocabularies, title_len: int = FeatureConfig.title_len) -> pa.Table:
     """One ``CATALOGUE_SCHEMA`` row per item vocabulary index, from training-window events.
 
     ``events`` needs the columns ``item_id, ts, clicked, created_ts`` and the item categorical
-    columns. An item's categorical indices and ``created_ts`` come from its *latest* row (metadata
+    columns; ``title`` is optional (without it, or without a token vocabulary, titles are empty).
+    An item's categorical indices, title and ``created_ts`` come from its *latest* row (metadata
     can be corrected over time; the latest is what serving would see). Padding and OOV rows carry
-    the padding / OOV index in every categorical column; hash-bucket rows carry OOV categoricals.
+    the padding / OOV index in every categorical column; hash-bucket rows carry OOV categoricals;
+    rows that are not items have empty titles.
     """
     missing = [c for c in _CATALOGUE_LOG_COLUMNS if c not in events.column_names]
     if missing:
@@ -161,6 +169,8 @@ def build_catalogue(events: pa.Table, vocabs: Vocabularies) -> pa.Table:
         values = lookup_quiet(vocabs.item_cats[col], events[col].take(pa.array(row_of)))
         cats[idx_col] = np.where(has_row, values, OOV)
         cats[idx_col][PAD] = PAD
+    titles = events["title"].take(pa.array(row_of)) if "title" in events.column_names else pa.nulls(n, pa.string())
+    tokens = item_title_tokens(vocabs, pc.if_else(pa.array(has_row), titles, pa.nulls(n, pa.string())), title_len)
     created = events["created_ts"].take(pa.array(row_of))
     created = pc.if_else(pa.array(has_row), created, pa.nulls(n, TS_TYPE))
     item_ids = pa.array([None] * FIRST_ID + vocabs.items.ids + [None] * vocabs.items.hash_buckets, pa.string())
@@ -170,6 +180,7 @@ def build_catalogue(events: pa.Table, vocabs: Vocabularies) -> pa.Table:
             "item_idx": np.arange(n, dtype=np.int64),
             "item_id": item_ids,
             **cats,
+            "title_tokens": tokens,
             "created_ts": created.cast(TS_TYPE),
             "first_seen_ts": pa.array(np.where(seen, first_seen, 0), TS_TYPE, mask=~seen),
             "train_impressions": impressions.astype(np.int64),
@@ -177,6 +188,38 @@ def build_catalogue(events: pa.Table, vocabs: Vocabularies) -> pa.Table:
         },
         schema=CATALOGUE_SCHEMA,
     )
+
+
+def item_title_tokens(vocabs: Vocabularies, titles: pa.Array | pa.ChunkedArray, max_tokens: int) -> pa.ListArray:
+    """Token indices of each title (``[]`` for a null one, or for all without a token vocabulary),
+    leaving ``oov_hits`` alone: the one rule the catalogue and serving's published items share."""
+    words = title_tokens(titles, max_tokens)
+    if vocabs.tokens is None:
+        return pa.array([[]] * len(words), pa.list_(pa.int64()))
+    hits = vocabs.tokens.oov_hits
+    try:
+        return token_indices(vocabs.tokens, words)
+    finally:
+        vocabs.tokens.oov_hits = hits
+
+
+def catalogue_item_tokens(catalogue: pa.Table) -> torch.Tensor:
+    """[n_items, T] int64: each item index's title tokens, right-padded with 0 (``T >= 1``)."""
+    return torch.from_numpy(pad_list(catalogue["title_tokens"], "title_tokens"))
+
+
+def attach_titles(model: nn.Module, catalogue: pa.Table, start_words: bool = False) -> None:
+    """Give a model that reads titles the title tokens of every item index (its history lookups
+    need them, ``ItemTower.embed_history``); models without titles are left alone. ``start_words``
+    (a training task, before training) also sets every title bag's word vectors to the catalogue
+    titles' co-occurrence vectors (``feedrank.features.text``)."""
+    tokens = catalogue_item_tokens(catalogue)
+    for module in model.modules():
+        if hasattr(module, "attach_titles") and getattr(module, "reads_titles", False):
+            module.attach_titles(tokens)
+        if start_words and isinstance(module, TitleBag):
+            n_tokens, dim = module.bag.weight.shape
+            module.start_from(torch.from_numpy(title_word_vectors(tokens.numpy(), n_tokens, dim)))
 
 
 def lookup_quiet(vocab: Vocab, values: pa.ChunkedArray) -> np.ndarray:
@@ -238,12 +281,16 @@ class Bundle:
 def catalogue_vectors(model: nn.Module, catalogue: pa.Table, at: dt.datetime, rows: np.ndarray,
                       chunk: int = 8192) -> torch.Tensor:  # fmt: skip
     """[len(rows), dim] item vectors of catalogue ``rows`` (item indices) at time ``at``: eval mode,
-    no gradients, in chunks (the item tower's activations for a large catalogue at once are big)."""
+    no gradients, in chunks (the item tower's activations for a large catalogue at once are big).
+    The titles are passed only to a model that reads them (``reads_titles``), so any object with
+    ``item_vectors(item_idx, item_cats, item_age_h)`` serves as an ID-only model."""
     cats, ages = catalogue_item_cats(catalogue), torch.from_numpy(catalogue_age_hours(catalogue, at))
+    tokens = catalogue_item_tokens(catalogue) if getattr(model, "reads_titles", False) else None
     idx = torch.from_numpy(np.asarray(rows, dtype=np.int64))
     model.eval()
     with torch.no_grad():
-        return torch.cat([model.item_vectors(part, cats[part], ages[part]) for part in idx.split(chunk)])
+        return torch.cat([model.item_vectors(part, cats[part], ages[part], *([] if tokens is None else [tokens[part]]))
+                          for part in idx.split(chunk)])  # fmt: skip
 
 
 def popularity_scores(catalogue: pa.Table, rows: np.ndarray) -> np.ndarray:
@@ -343,7 +390,8 @@ def load_bundle(path: str | Path) -> Bundle:
     try:
         model = MODEL_BUILDERS[kind](meta["config"], vocabs)
         model.load_state_dict(state, strict=True)
-    except (ConfigError, RuntimeError) as exc:
+        attach_titles(model, catalogue)
+    except (ConfigError, RuntimeError, ValueError) as exc:
         raise BundleError(f"{path}: cannot rebuild the {kind} model from its config and vocabularies: {exc}") from exc
     model.eval()
     return Bundle(path=path, kind=kind, model=model, config=meta["config"], vocabs=vocabs, catalogue=catalogue, meta=meta)

@@ -16,6 +16,7 @@ def example_rows(histories=HISTORIES) -> pa.Table:
     cols |= {f.name: pa.array(np.arange(n) / 10, f.type) for f in EXAMPLE_SCHEMA if pa.types.is_floating(f.type)}
     cols |= {f.name: pa.array([True, False] * (n // 2) + [True] * (n % 2)) for f in EXAMPLE_SCHEMA if pa.types.is_boolean(f.type)}
     cols["history"] = pa.array(histories, pa.list_(pa.int64()))
+    cols["item_tokens"] = pa.array([[2, 3], [], [4], [3]][:n] + [[]] * max(0, n - 4), pa.list_(pa.int64()))
     return pa.table({c: cols[c] for c in BATCH_COLUMNS})
 
 

@@ -16,7 +16,7 @@ the model as one graph.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +34,7 @@ class BatchLimits:
     n_items: int  # also bounds the history
     user_cat_sizes: Sequence[int]  # one per column of Batch.user_cats
     item_cat_sizes: Sequence[int]  # one per column of Batch.item_cats
+    n_tokens: int | None = None  # title-token vocabulary size (Batch.item_tokens); None = not checked
 
 
 @dataclass
@@ -56,13 +57,21 @@ class Batch:
     weight: Tensor  # [B] float32 example weight from the label config
     item_logq: Tensor  # [B] float32 log of the item's sampling probability (logQ correction)
     request: Tensor  # [B] int64 request group id (for per-request metrics)
+    # [B, T] int64 title-token indices of each row's item, right-padded with 0 (T >= 1; an item
+    # without a title is an all-padding row). None: this batch carries no titles (a user-only batch,
+    # a hand-built one); a model that reads titles then refuses it.
+    item_tokens: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(**{f.name: getattr(self, f.name).to(device, non_blocking=non_blocking) for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
 
     def pin_memory(self) -> Batch:
         """Called by DataLoader(pin_memory=True) for custom batch types."""
-        return Batch(**{f.name: getattr(self, f.name).pin_memory() for f in dataclasses.fields(self)})
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        """A Batch of ``fn`` applied to every tensor field (absent ones stay None)."""
+        return Batch(**{f.name: None if (t := getattr(self, f.name)) is None else fn(t) for f in dataclasses.fields(self)})
 
     def __len__(self) -> int:
         return self.user.shape[0]

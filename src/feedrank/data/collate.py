@@ -11,9 +11,11 @@ Histories are variable-length lists, oldest first. Two packings:
 
 Everything is vectorised over the Arrow list buffers; no per-row Python.
 
+Item titles (``item_tokens``, lists of token indices) are padded the same way to ``[B, T]``.
+
 ``collate`` is where a ``Batch``'s values are checked (``check_values``), on the host, in NumPy,
 before any tensor exists: indices against the vocabulary sizes (``BatchLimits``; without them only
-``>= 0``), ages finite and ``>= 0``, counters finite, positions ``>= 0``. The models trust a Batch
+``>= 0``; title tokens against ``n_tokens``), ages finite and ``>= 0``, counters finite, positions ``>= 0``. The models trust a Batch
 and check only shapes, so their ``forward`` never reads a value back from the device (a sync per
 check per step, and a graph break under ``torch.compile``).
 
@@ -38,7 +40,7 @@ from feedrank.features.counters import COUNTER_COLUMNS
 
 #: The example columns a ``Batch`` is made of (read only these from the shards).
 BATCH_COLUMNS = (
-    "user_idx", *USER_CAT_INDEX_COLUMNS, "history", "item_idx", *ITEM_CAT_INDEX_COLUMNS, "item_age_h",
+    "user_idx", *USER_CAT_INDEX_COLUMNS, "history", "item_idx", *ITEM_CAT_INDEX_COLUMNS, "item_tokens", "item_age_h",
     *COUNTER_COLUMNS, "position", "clicked", "dwell_s", "shared", "hidden", "item_logq", "request",
 )  # fmt: skip
 
@@ -47,12 +49,12 @@ WeightFn = Callable[[Rows], np.ndarray]
 KeepFn = Callable[[Rows], np.ndarray]
 
 
-def _list_parts(histories: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _list_parts(histories: pa.Array | pa.ChunkedArray, max_len: int | None, name: str = "history") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values buffer, start of each kept slice, kept length) after keeping the last ``max_len``."""
     if isinstance(histories, pa.ChunkedArray):
         histories = histories.combine_chunks()
     if histories.null_count:
-        raise ValueError(f"history: {histories.null_count} null list(s); the builder writes [] for no history")
+        raise ValueError(f"{name}: {histories.null_count} null list(s); the builder writes [] for none")
     offsets = histories.offsets.to_numpy()  # absolute into .values, respects slicing
     values = histories.values.to_numpy()
     starts, ends = offsets[:-1], offsets[1:]
@@ -83,9 +85,14 @@ def pad_ragged(flat: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.nd
     return padded, mask
 
 
-def _pad(histories: pa.Array | pa.ChunkedArray, max_len: int | None) -> tuple[np.ndarray, np.ndarray]:
-    values, starts, lengths = _list_parts(histories, max_len)
+def _pad(histories: pa.Array | pa.ChunkedArray, max_len: int | None, name: str = "history") -> tuple[np.ndarray, np.ndarray]:
+    values, starts, lengths = _list_parts(histories, max_len, name)
     return pad_ragged(values[_ragged_gather(starts, lengths)], lengths)
+
+
+def pad_list(lists: pa.Array | pa.ChunkedArray, name: str) -> np.ndarray:
+    """``[B, L] int64`` of Arrow int lists, right-padded with 0, ``L >= 1``: titles as the models take them."""
+    return _pad(lists, None, name)[0]
 
 
 def pad_histories(histories: pa.Array | pa.ChunkedArray, max_len: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -142,17 +149,18 @@ def check_values(ints: dict[str, np.ndarray], floats: dict[str, np.ndarray], lim
     ``ints`` / ``floats`` are the arrays ``collate`` packs (names as in ``Batch``). Cheap: a min/max
     or an ``isfinite`` per column, on the host.
     """
-    sizes: dict[str, int | None] = {"user": None, "item": None, "history": None}
+    sizes: dict[str, int | None] = {"user": None, "item": None, "history": None, "item_tokens": None}
     user_cats: list[int | None] = [None] * ints["user_cats"].shape[1]
     item_cats: list[int | None] = [None] * ints["item_cats"].shape[1]
     if limits is not None:
-        sizes = {"user": limits.n_users, "item": limits.n_items, "history": limits.n_items}
+        sizes = {"user": limits.n_users, "item": limits.n_items, "history": limits.n_items, "item_tokens": limits.n_tokens}
         for name, got, want in (("user_cats", user_cats, limits.user_cat_sizes), ("item_cats", item_cats, limits.item_cat_sizes)):
             if len(got) != len(want):
                 raise ValueError(f"{name} has {len(got)} column(s) but the vocabularies have {len(want)}")
         user_cats, item_cats = list(limits.user_cat_sizes), list(limits.item_cat_sizes)
     for name, size in sizes.items():
-        _check_index(name, ints[name], size)
+        if name in ints:
+            _check_index(name, ints[name], size)
     for name, column_sizes in (("user_cats", user_cats), ("item_cats", item_cats)):
         for j, size in enumerate(column_sizes):
             _check_index(f"{name}[:, {j}]", ints[name][:, j], size)
@@ -200,12 +208,14 @@ def collate(
     col = lambda name: _numpy(rows, name)  # noqa: E731
     stack = lambda names: np.stack([col(c) for c in names], axis=1)  # noqa: E731
     history, mask = _pad(rows.column("history"), max_history)
+    tokens = pad_list(rows.column("item_tokens"), "item_tokens")
     ints = {
         "user": col("user_idx"),
         "user_cats": stack(USER_CAT_INDEX_COLUMNS),
         "history": history,
         "item": col("item_idx"),
         "item_cats": stack(ITEM_CAT_INDEX_COLUMNS),
+        "item_tokens": tokens,
         "position": col("position"),
         "request": col("request"),
     }

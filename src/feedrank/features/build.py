@@ -14,7 +14,9 @@ what a live system could have known at that moment:
 - item age in hours from ``created_ts``, or from the item's first impression in the log when
   ``created_ts`` is null;
 - ``item_logq``: the item's smoothed share of training-window engagements (a loss correction,
-  not a feature; the one column that is not point-in-time).
+  not a feature; the one column that is not point-in-time);
+- ``item_tokens``: the words of the row's own (logged) title as token-vocabulary indices, at most
+  ``title_len`` (``feedrank.features.vocab.title_tokens``): content that a new item has too.
 
 ``cutoff`` replays a past snapshot: rows at or after it are ignored as if not yet logged.
 ``split_at`` makes a time split: rows before it are ``train``, the rest ``test``. Test examples see
@@ -62,11 +64,19 @@ from feedrank.data.schema import KEY_COLUMNS, TS_TYPE, to_epoch_us
 from feedrank.features.counters import COUNTER_COLUMNS, item_age_hours, item_logq, point_in_time_counters
 from feedrank.features.history import EventIndex, dense_rank
 from feedrank.features.profile import ProfileSampler
-from feedrank.features.vocab import ITEM_CAT_COLUMNS, USER_CAT_COLUMNS, Vocabularies, VocabSpec, stable_hash
+from feedrank.features.vocab import (
+    ITEM_CAT_COLUMNS,
+    USER_CAT_COLUMNS,
+    Vocabularies,
+    VocabSpec,
+    stable_hash,
+    title_tokens,
+    token_indices,
+)
 from feedrank.fsutil import sha256_file, staged_dir
 from feedrank.progress import progress as progress_bar
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: item_tokens
 MANIFEST_FILE = "manifest.json"
 VOCAB_DIR = "vocab"
 SPLITS = ("train", "test")
@@ -92,6 +102,7 @@ EXAMPLE_SCHEMA = pa.schema(
         *(pa.field(c, pa.int64(), nullable=False) for c in USER_CAT_INDEX_COLUMNS),
         pa.field("item_idx", pa.int64(), nullable=False),
         *(pa.field(c, pa.int64(), nullable=False) for c in ITEM_CAT_INDEX_COLUMNS),
+        pa.field("item_tokens", pa.list_(pa.field("token", pa.int64(), nullable=False)), nullable=False),
         pa.field("history", pa.list_(pa.field("item", pa.int64(), nullable=False)), nullable=False),
         pa.field("item_age_h", pa.float32(), nullable=False),
         *(pa.field(c, pa.float32(), nullable=False) for c in COUNTER_COLUMNS),
@@ -106,7 +117,7 @@ EXAMPLE_SCHEMA = pa.schema(
 
 _LOG_COLUMNS = [
     "user_id", "item_id", "ts", "request_id", "position", "clicked", "dwell_s", "shared", "hidden",
-    "created_ts", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS,
+    "created_ts", "title", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS,
 ]  # fmt: skip
 _SORT_KEYS = [("ts", "ascending"), ("request_id", "ascending"), ("position", "ascending"),
               ("item_id", "ascending"), ("user_id", "ascending")]  # fmt: skip
@@ -145,6 +156,8 @@ class FeatureConfig:
     users: VocabSpec = field(default_factory=VocabSpec)
     items: VocabSpec = field(default_factory=VocabSpec)
     categorical: VocabSpec = field(default_factory=VocabSpec)
+    tokens: VocabSpec = field(default_factory=VocabSpec)  # title words, counted once per item
+    title_len: int = 16  # words kept per title (the first ones)
     ctr_prior: float = 0.05  # item CTR shrinkage target
     ctr_prior_weight: float = 20.0  # ... worth this many pseudo-impressions
     rows_per_file: int = 1_000_000
@@ -153,6 +166,8 @@ class FeatureConfig:
     def validate(self) -> None:
         if self.history_len < 0:
             raise ValueError(f"history_len must be >= 0, got {self.history_len}")
+        if self.title_len < 1:
+            raise ValueError(f"title_len must be >= 1, got {self.title_len}")
         if self.rows_per_file < 1 or self.row_group_size < 1:
             raise ValueError("rows_per_file and row_group_size must be >= 1")
         if self.rows_per_file * max(self.history_len, 1) >= 2**31:
@@ -167,7 +182,7 @@ class FeatureConfig:
         cutoff, split_at = parse_ts(self.cutoff, "cutoff"), parse_ts(self.split_at, "split_at")
         if cutoff is not None and split_at is not None and split_at >= cutoff:
             raise ValueError(f"split_at ({self.split_at}) must be before cutoff ({self.cutoff})")
-        for name in ("users", "items", "categorical"):
+        for name in ("users", "items", "categorical", "tokens"):
             getattr(self, name).validate()
 
 
@@ -207,8 +222,9 @@ def build_features(
         raise FeatureBuildError(f"{log_dir}: no events before split_at {cfg.split_at}; first event at {table['ts'][0]}")
     bounds = {"train": (0, n_train)} | ({"test": (n_train, len(ts_us))} if split_at is not None else {})
 
-    vocabs = Vocabularies.build(table.slice(0, n_train), cfg.users, cfg.items, cfg.categorical)
+    vocabs = Vocabularies.build(table.slice(0, n_train), cfg.users, cfg.items, cfg.categorical, cfg.tokens)
     columns, oov = _lookup_indices(table, vocabs, bounds)
+    columns["item_tokens"] = row_tokens(table["title"], vocabs, cfg.title_len)  # sliced per file like the rest
     timer.lap("vocab")
 
     rank, n_ranks = dense_rank(ts_us)
@@ -273,6 +289,18 @@ def _lookup_indices(table: pa.Table, vocabs: Vocabularies, bounds: dict[str, tup
     return {col: np.concatenate(p) for col, p in parts.items()}, oov
 
 
+def row_tokens(titles: pa.ChunkedArray, vocabs: Vocabularies, title_len: int) -> pa.ListArray:
+    """Token indices of each row's title (``item_tokens``): each distinct title tokenised once."""
+    encoded = titles.combine_chunks().dictionary_encode()
+    words = title_tokens(encoded.dictionary, title_len)
+    hits = vocabs.tokens.oov_hits
+    per_title = token_indices(vocabs.tokens, words)
+    vocabs.tokens.oov_hits = hits  # per distinct title, not per row: not a count worth reporting
+    codes = encoded.indices.fill_null(len(words))  # a null title: the empty list appended below
+    per_title = pa.concat_arrays([per_title, pa.array([[]], per_title.type)])
+    return per_title.take(codes)
+
+
 def _codes(ids: pa.ChunkedArray) -> np.ndarray:
     """Dense int64 codes of raw ids (grouping keys, independent of any vocabulary)."""
     return ids.combine_chunks().dictionary_encode().indices.to_numpy().astype(np.int64)
@@ -335,7 +363,7 @@ def _manifest(log_dir: Path, cfg: FeatureConfig, vocabs: Vocabularies, splits: d
             "item_cats": list(ITEM_CAT_INDEX_COLUMNS),
             "counters": list(COUNTER_COLUMNS),
         },
-        "vocab_sizes": {name: len(v) for name, v in vocabs.all().items()},
+        "vocab_sizes": {name: len(v) for name, v in vocabs.all().items()} | {"title_tokens": vocabs.n_tokens},
         "splits": splits,
         "content_hash": content.hexdigest(),
     }

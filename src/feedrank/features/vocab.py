@@ -16,10 +16,17 @@ Every lookup counts its unknown ids in ``Vocab.oov_hits`` (hashed ones included:
 the vocabulary) so that callers can report how much of an evaluation set the model never saw.
 Nulls (metadata a source does not have) map to OOV but are not counted: they are missing, not new.
 
+Title tokens (``title_tokens``) are the words of an item's title, lower-cased, split on anything
+that is not a letter or a digit (Unicode-aware), at most ``max_tokens`` per title. Their vocabulary
+(``Vocabularies.tokens``) counts each word once per *item* (document frequency), not per impression:
+a popular item would otherwise decide which words are kept. It is what lets the item tower embed
+an item it has never seen from its content (``feedrank.models.towers.ItemTower``).
+
 Example::
 
     v = Vocab.build(pa.array(["b", "a", "b", "c"]), name="items")
     v.lookup(["b", "a", "zzz", None])    # array([2, 3, 1, 1]); v.oov_hits == 1
+    title_tokens(["Storm hits coast", None])   # [["storm", "hits", "coast"], []]
 """
 
 from __future__ import annotations
@@ -40,6 +47,10 @@ FIRST_ID = 2
 #: Categorical columns of the canonical log that become embedding features, in ``Batch`` order.
 USER_CAT_COLUMNS = ("age_bucket", "country")
 ITEM_CAT_COLUMNS = ("publisher", "item_type", "category")
+
+#: Name of the title-token vocabulary (file ``title_tokens.json`` in a vocabulary folder).
+TOKENS_NAME = "title_tokens"
+_TOKEN_SPLIT = r"[^\p{L}\p{N}]+"
 
 _FNV_OFFSET = np.uint64(0xCBF29CE484222325)
 _FNV_PRIME = np.uint64(0x100000001B3)
@@ -86,6 +97,36 @@ def stable_hash(values: ArrayLike) -> np.ndarray:
         hs[:k] = (hs[:k] ^ data[sorted_starts[:k] + j].astype(np.uint64)) * _FNV_PRIME
     h[order] = hs
     return h
+
+
+def title_tokens(titles: ArrayLike, max_tokens: int | None = None) -> pa.ListArray:
+    """The words of each title (module docstring): a list per title, ``[]`` for a null or empty one,
+    keeping the first ``max_tokens`` words. Vectorised in Arrow; no per-title Python."""
+    arr = pc.utf8_lower(_as_string_array(titles).fill_null(""))
+    split = pc.split_pattern_regex(arr, _TOKEN_SPLIT)
+    words = pc.list_flatten(split)
+    parent = pc.list_parent_indices(split).to_numpy()
+    keep = pc.not_equal(words, "").to_numpy(zero_copy_only=False)
+    parent = parent[keep]
+    counts = np.bincount(parent, minlength=len(arr))
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(len(parent)) - starts[parent]  # position of each kept word in its title
+    if max_tokens is not None:
+        keep_rank = rank < max_tokens
+        keep[np.flatnonzero(keep)[~keep_rank]] = False
+        counts = np.minimum(counts, max_tokens)
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), words.filter(pa.array(keep)))
+
+
+def token_indices(vocab: Vocab, tokens: pa.ListArray) -> pa.ListArray:
+    """``tokens`` (lists of words) as lists of ``vocab`` indices: the same offsets, each word looked
+    up (an unknown word is OOV or its hash bucket, counted in ``vocab.oov_hits``)."""
+    if isinstance(tokens, pa.ChunkedArray):
+        tokens = tokens.combine_chunks()
+    values = vocab.lookup(pc.list_flatten(tokens))
+    offsets = pc.subtract(tokens.offsets, tokens.offsets[0]) if len(tokens) else tokens.offsets
+    return pa.ListArray.from_arrays(offsets, pa.array(values, pa.int64()))
 
 
 @dataclass(frozen=True)
@@ -197,6 +238,8 @@ class Vocabularies:
     items: Vocab
     user_cats: dict[str, Vocab]  # keys in USER_CAT_COLUMNS order
     item_cats: dict[str, Vocab]  # keys in ITEM_CAT_COLUMNS order
+    # Title words (module docstring); None for vocabularies saved before titles were features.
+    tokens: Vocab | None = None
 
     @classmethod
     def build(
@@ -205,14 +248,26 @@ class Vocabularies:
         users: VocabSpec = VocabSpec(),
         items: VocabSpec = VocabSpec(),
         categorical: VocabSpec = VocabSpec(),
+        tokens: VocabSpec = VocabSpec(),
     ) -> Vocabularies:
-        """Build from the (training-window) rows of a canonical-schema table; counts are impressions."""
+        """Build from the (training-window) rows of a canonical-schema table; counts are impressions,
+        except title words, counted once per item (its latest row's title) when ``events`` has titles."""
+        words = None
+        if "title" in events.column_names:
+            latest = _latest_per_id(events["item_id"], events["title"])
+            words = Vocab.build(pc.list_flatten(title_tokens(latest)), TOKENS_NAME, tokens)
         return cls(
             users=Vocab.build(events["user_id"], "user_id", users),
             items=Vocab.build(events["item_id"], "item_id", items),
             user_cats={c: Vocab.build(events[c], c, categorical) for c in USER_CAT_COLUMNS},
             item_cats={c: Vocab.build(events[c], c, categorical) for c in ITEM_CAT_COLUMNS},
+            tokens=words,
         )
+
+    @property
+    def n_tokens(self) -> int:
+        """Size of the title-token table (0 when there is no token vocabulary)."""
+        return len(self.tokens) if self.tokens is not None else 0
 
     @property
     def n_users(self) -> int:
@@ -253,6 +308,9 @@ class Vocabularies:
             "item_cats": list(self.item_cats),
             "sizes": {name: len(v) for name, v in self.all().items()},
         }
+        if self.tokens is not None:
+            self.tokens.save(directory / f"{TOKENS_NAME}.json")
+            index["tokens"] = TOKENS_NAME
         (directory / "vocabularies.json").write_text(json.dumps(index, indent=2) + "\n")
 
     @classmethod
@@ -271,4 +329,13 @@ class Vocabularies:
             items=load("item_id"),
             user_cats={c: load(c) for c in index["user_cats"]},
             item_cats={c: load(c) for c in index["item_cats"]},
+            tokens=load(index["tokens"]) if "tokens" in index else None,
         )
+
+
+def _latest_per_id(ids: pa.ChunkedArray | pa.Array, values: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One value per distinct id: the one on its last row (rows in log order)."""
+    codes = _as_string_array(ids).dictionary_encode().indices.to_numpy()
+    last = np.full(int(codes.max()) + 1 if len(codes) else 0, -1, dtype=np.int64)
+    last[codes] = np.arange(len(codes))  # later rows overwrite earlier ones
+    return _as_string_array(values).take(pa.array(last))

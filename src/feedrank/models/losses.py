@@ -227,7 +227,7 @@ def select_rows(batch: Batch, rows: Tensor) -> Batch:
     For evaluation and tests: a bool mask syncs the device (its result size is data-dependent),
     so the training losses mask rows instead (module docstring).
     """
-    return Batch(**{f.name: getattr(batch, f.name)[rows] for f in dataclasses.fields(batch)})
+    return batch._map(lambda t: t[rows])
 
 
 def unwrap(model: nn.Module) -> nn.Module:

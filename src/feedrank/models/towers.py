@@ -263,8 +263,62 @@ class CategoricalEmbeddings(nn.Module):
         return torch.cat([table(cats[:, j]) for j, table in enumerate(self.tables)], dim=-1)
 
 
+def check_tokens(tokens: Tensor, batch: int) -> None:
+    """Raise unless title tokens are ``[batch, T]`` int64 (values: ``feedrank.data.collate``)."""
+    if tokens.dim() != 2 or tokens.shape[0] != batch or tokens.dtype != torch.long:
+        raise ValueError(f"item_tokens must be [{batch}, T] int64 (batch, title words), got {tuple(tokens.shape)} {tokens.dtype}")
+
+
+TITLE_INIT_STD = 0.01
+
+
+class TitleBag(nn.Module):
+    """Mean of a title's word embeddings (``nn.EmbeddingBag``, padding 0 left out): [N, T] -> [N, dim].
+
+    A bag of words, not a sequence model: a news title's topic is carried by its words more than by
+    their order, and a bag is one gather and a mean per item, cheap enough to re-embed a catalogue
+    at every index rebuild. A title without words pools to zeros.
+    """
+
+    def __init__(self, n_tokens: int, dim: int):
+        super().__init__()
+        if n_tokens < 2:
+            raise ValueError(f"a title bag needs a token vocabulary (size >= 2 with padding and OOV), got {n_tokens}")
+        self.bag = nn.EmbeddingBag(n_tokens, dim, mode="mean", padding_idx=0)
+        # Small init: an ID table may start random (a random vector tells items apart, which is all an
+        # ID has to do), but a word's vector is only useful once words of one topic are near each
+        # other, structure that training must build; at N(0, 1) the few hundred steps of a run move
+        # a word about 0.2 and the bags stay random fingerprints that do not generalise to new items.
+        nn.init.normal_(self.bag.weight, std=TITLE_INIT_STD)
+        with torch.no_grad():
+            self.bag.weight[0].zero_()
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.bag(tokens)
+
+    @torch.no_grad()
+    def start_from(self, vectors: Tensor) -> None:
+        """Start training from these word vectors [n_tokens, dim] (``feedrank.features.text``)."""
+        if vectors.shape != self.bag.weight.shape:
+            raise ValueError(f"word vectors must be {tuple(self.bag.weight.shape)}, got {tuple(vectors.shape)}")
+        self.bag.weight.copy_(vectors)
+
+
+def drop_ids(ids: Tensor, rate: float, training: bool) -> Tensor:
+    """``ids`` with a share ``rate`` replaced by OOV (1), in training only.
+
+    ID dropout: a new item has no trained ID row (it is OOV), so a tower that always sees a trained
+    ID learns to lean on it and gives a new item the OOV row's vector whatever its content. Training
+    some rows as OOV teaches the OOV row to mean "unknown item" and the content inputs to carry the
+    item on their own.
+    """
+    if not training or rate == 0.0:
+        return ids
+    return torch.where(torch.rand(ids.shape, device=ids.device) < rate, torch.ones_like(ids), ids)
+
+
 class ItemTower(nn.Module):
-    """Item ID + categorical (publisher, type, category) embeddings + freshness -> MLP -> unit vector.
+    """Item ID + categorical (publisher, type, category) embeddings + title words + freshness -> MLP -> unit vector.
 
     Freshness enters as ``log1p(age_hours)`` through a small MLP: news value decays roughly
     logarithmically (the first hours matter most), and log1p keeps week-old items from dominating.
@@ -272,6 +326,16 @@ class ItemTower(nn.Module):
     creation time, "age" is the time since the item's first impression in the log, a clock; under
     in-batch softmax each negative carries the age of its own row's time, so the model can learn to
     tell positives by time, a shortcut serving (all candidates scored at one time) does not have.
+
+    Content (``title_dim > 0``): the title's words through a ``TitleBag``, so an item the model never
+    saw (OOV ID) still gets a vector from its publisher, category, type, age and words; ``id_dropout``
+    trains for that case (``drop_ids``). ``id_embedding`` stays a plain ``nn.Embedding`` attribute
+    (sharded-table backends replace it from outside).
+
+    ``embed_history`` is what the user tower reads for a history: the ID rows, plus, with content,
+    a projection of each history item's title bag (titles by item index: ``attach_titles``, from the
+    bundle catalogue). Without it the user side would know items only by ID while a new candidate
+    is known only by content, and the two would not meet.
     """
 
     def __init__(
@@ -285,20 +349,50 @@ class ItemTower(nn.Module):
         hidden: Sequence[int],
         out_dim: int,
         dropout: float,
+        n_tokens: int = 0,
+        title_dim: int = 0,
+        id_dropout: float = 0.0,
     ):
         super().__init__()
-        self.n_items = n_items
+        self.n_items, self.id_dropout = n_items, id_dropout
         self.id_embedding = nn.Embedding(n_items, id_dim, padding_idx=0)
         self.cats = CategoricalEmbeddings(cat_sizes, cat_dim)
+        self.title = TitleBag(n_tokens, title_dim) if title_dim else None
         self.freshness = (
             nn.Sequential(nn.Linear(1, freshness_dim), nn.GELU(), nn.Linear(freshness_dim, freshness_dim))
             if freshness_dim
             else None
         )
-        self.mlp = mlp(id_dim + self.cats.out_dim + freshness_dim, hidden, out_dim, dropout)
+        self.mlp = mlp(id_dim + self.cats.out_dim + title_dim + freshness_dim, hidden, out_dim, dropout)
+        self.history_title = nn.Linear(title_dim, id_dim, bias=False) if title_dim else None
+        # [n_items, T] title tokens by item index (attach_titles); not saved: the catalogue holds them
+        self.register_buffer("item_titles", torch.zeros(0, 1, dtype=torch.long), persistent=False)
 
-    def forward(self, item: Tensor, item_cats: Tensor, item_age_h: Tensor) -> Tensor:
-        """``item`` [N], ``item_cats`` [N, n_cats], ``item_age_h`` [N] hours >= 0 -> [N, out_dim], unit norm.
+    @property
+    def reads_titles(self) -> bool:
+        return self.title is not None
+
+    def attach_titles(self, tokens: Tensor) -> None:
+        """The title tokens [n_items, T] of every item index (``feedrank.bundle.catalogue_item_tokens``)."""
+        if tokens.dim() != 2 or tokens.shape[0] != self.n_items:
+            raise ValueError(f"item titles must be [n_items, T] = [{self.n_items}, T], got {tuple(tokens.shape)}")
+        self.item_titles = tokens.to(device=self.item_titles.device, dtype=torch.long)
+
+    def embed_history(self, history: Tensor) -> Tensor:
+        """[B, L] item indices -> [B, L, id_dim]: ID rows (+ projected title bags with content)."""
+        emb = self.id_embedding(history)
+        if self.title is None:
+            return emb
+        if self.item_titles.shape[0] != self.n_items:
+            raise RuntimeError("this item tower reads titles: attach the catalogue's with attach_titles(tokens) first "
+                               "(load_bundle and the training task do)")  # fmt: skip
+        b, length = history.shape
+        bags = self.title(self.item_titles[history.reshape(-1)]).view(b, length, self.title.bag.embedding_dim)
+        return emb + self.history_title(bags).to(emb.dtype)
+
+    def forward(self, item: Tensor, item_cats: Tensor, item_age_h: Tensor, item_tokens: Tensor | None = None) -> Tensor:
+        """``item`` [N], ``item_cats`` [N, n_cats], ``item_age_h`` [N] hours >= 0, ``item_tokens``
+        [N, T] title-token indices (required when the tower reads titles, else ignored) -> [N, out_dim], unit norm.
 
         Indices must be in their vocabularies and ages finite and >= 0: ``feedrank.data.collate``
         checks that; only shapes are checked here (see the input checks above).
@@ -306,7 +400,13 @@ class ItemTower(nn.Module):
         if item.dim() != 1 or item_age_h.shape != item.shape:
             raise ValueError(f"item {tuple(item.shape)} and item_age_h {tuple(item_age_h.shape)} must both be [N]")
         check_columns("item_cats", item_cats, item.shape[0], len(self.cats.sizes))
-        parts = [self.id_embedding(item), self.cats(item_cats)]
+        parts = [self.id_embedding(drop_ids(item, self.id_dropout, self.training)), self.cats(item_cats)]
+        if self.title is not None:
+            if item_tokens is None:
+                raise ValueError("this item tower reads titles (two_tower.title_dim > 0): pass item_tokens "
+                                 "(Batch.item_tokens, or feedrank.bundle.catalogue_item_tokens)")  # fmt: skip
+            check_tokens(item_tokens, item.shape[0])
+            parts.append(self.title(item_tokens).to(parts[0].dtype))
         if self.freshness is not None:
             parts.append(self.freshness(torch.log1p(item_age_h.float()).unsqueeze(-1)))
         x = torch.cat(parts, dim=-1)

@@ -11,7 +11,11 @@ Example::
     >>> cfg = TwoTowerConfig(dim=32, history_encoder="transformer")
     >>> model = TwoTower(cfg, n_users=1000, n_items=5000, user_cat_sizes=[8, 30], item_cat_sizes=[50, 4, 20])
     >>> loss, logs = two_tower_loss(model, batch)        # feedrank.models.losses
-    >>> index_vectors = model.item_vectors(items, item_cats, item_age_h)   # [N, 32]
+    >>> index_vectors = model.item_vectors(items, item_cats, item_age_h, item_tokens)   # [N, 32]
+
+Content: with ``title_dim > 0`` the item tower also reads the title's words (``n_tokens`` = the
+token vocabulary's size), and ``item_id_dropout`` trains it to embed items whose ID it never saw
+(``feedrank.models.towers.ItemTower``).
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class TwoTowerConfig:
     item_id_dim: int = 64  # also the width of the history encoder (the table is shared)
     cat_dim: int = 16  # per categorical column, users and items
     freshness_dim: int = 8  # 0 = no item-age input (see ItemTower: for logs without creation times)
+    # Content: width of the title bag of words (0 = ID, categoricals and age only), and the share of
+    # training rows whose item ID is replaced by OOV so that new (OOV) items are embedded by content.
+    title_dim: int = 0
+    item_id_dropout: float = 0.0
     # The user's point-in-time impression/click counts. Like item age they are a clock (they only
     # grow), which a split that is not by time does not reward: off for such benchmarks.
     user_counters: bool = True
@@ -97,6 +105,10 @@ class TwoTowerConfig:
             raise ValueError(f"user_id_dim must be >= 0 (0 = no user-ID embedding), got {self.user_id_dim}")
         if self.freshness_dim < 0:
             raise ValueError(f"freshness_dim must be >= 0 (0 = no item-age input), got {self.freshness_dim}")
+        if self.title_dim < 0:
+            raise ValueError(f"title_dim must be >= 0 (0 = no title input), got {self.title_dim}")
+        if not 0.0 <= self.item_id_dropout < 1.0:
+            raise ValueError(f"item_id_dropout must be in [0, 1), got {self.item_id_dropout}")
         if any(width <= 0 for width in self.hidden):
             raise ValueError(f"hidden widths must be > 0, got {self.hidden}")
         if not 0.0 <= self.dropout < 1.0:
@@ -187,6 +199,7 @@ class TwoTower(nn.Module):
         user_cat_sizes: Sequence[int],
         item_cat_sizes: Sequence[int],
         n_counters: int = 0,
+        n_tokens: int = 0,
     ):
         super().__init__()
         cfg.validate()
@@ -196,7 +209,8 @@ class TwoTower(nn.Module):
         self.user_cat_sizes, self.item_cat_sizes = list(user_cat_sizes), list(item_cat_sizes)
         self.item_tower = ItemTower(
             n_items, item_cat_sizes, id_dim=cfg.item_id_dim, cat_dim=cfg.cat_dim, freshness_dim=cfg.freshness_dim,
-            hidden=cfg.hidden, out_dim=cfg.dim, dropout=cfg.dropout,
+            hidden=cfg.hidden, out_dim=cfg.dim, dropout=cfg.dropout, n_tokens=n_tokens, title_dim=cfg.title_dim,
+            id_dropout=cfg.item_id_dropout,
         )
         encoder = build_history_encoder(
             cfg.history_encoder, cfg.item_id_dim, n_heads=cfg.n_heads, n_layers=cfg.n_layers,
@@ -212,12 +226,18 @@ class TwoTower(nn.Module):
         self.sampler: NegativeSampler | None = None
         self.register_buffer("known_pairs", torch.empty(0, dtype=torch.long), persistent=False)
 
-    def attach_catalogue(self, item_cats: Tensor, item_counts: Tensor | None = None) -> None:
+    def attach_catalogue(self, item_cats: Tensor, item_counts: Tensor | None = None, item_tokens: Tensor | None = None) -> None:
         """Give the model the item catalogue it draws sampled-softmax negatives from.
 
         ``item_cats`` [n_items, n_item_cats] holds each item index's categorical features;
-        ``item_counts`` [n_items] impressions or clicks per item, needed by the popularity sampler.
+        ``item_counts`` [n_items] impressions or clicks per item, needed by the popularity sampler;
+        ``item_tokens`` [n_items, T] title tokens (``catalogue_item_tokens``), needed when the item
+        tower reads titles (``ItemTower.attach_titles``).
         """
+        if self.item_tower.reads_titles:
+            if item_tokens is None:
+                raise ValueError(f"this two-tower reads titles: attach_catalogue needs item_tokens [{self.n_items}, T]")
+            self.item_tower.attach_titles(item_tokens)
         if item_cats.shape != (self.n_items, len(self.item_cat_sizes)):
             raise ValueError(
                 f"item_cats must be [n_items, n_item_cats] = [{self.n_items}, {len(self.item_cat_sizes)}], "
@@ -249,18 +269,28 @@ class TwoTower(nn.Module):
     def user_vectors(self, batch: Batch) -> Tensor:
         """[B, dim] unit user vectors; needs only the user-side fields of ``batch``."""
         check_history(batch.history, batch.history_mask)
-        history_emb = self.item_tower.id_embedding(batch.history)  # the shared table
+        history_emb = self.item_tower.embed_history(batch.history)  # the shared table (and titles)
         return self.user_tower(batch.user, batch.user_cats, batch.counters, history_emb, batch.history_mask)
 
-    def item_vectors(self, item_idx: Tensor, item_cats: Tensor, item_age_h: Tensor) -> Tensor:
-        """[N, dim] unit item vectors from plain tensors (whole-catalogue embedding for the index)."""
-        return self.item_tower(item_idx, item_cats, item_age_h)
+    @property
+    def reads_titles(self) -> bool:
+        """Whether ``item_vectors`` needs ``item_tokens`` (``cfg.title_dim > 0``)."""
+        return self.item_tower.reads_titles
+
+    def item_vectors(self, item_idx: Tensor, item_cats: Tensor, item_age_h: Tensor, item_tokens: Tensor | None = None) -> Tensor:
+        """[N, dim] unit item vectors from plain tensors (whole-catalogue embedding for the index);
+        ``item_tokens`` [N, T] is required when the item tower reads titles (``cfg.title_dim > 0``)."""
+        return self.item_tower(item_idx, item_cats, item_age_h, item_tokens)
+
+    def batch_item_vectors(self, batch: Batch) -> Tensor:
+        """[B, dim] unit vectors of each row's item: ``item_vectors`` on the Batch's item fields."""
+        return self.item_vectors(batch.item, batch.item_cats, batch.item_age_h, batch.item_tokens)
 
     def forward(self, batch: Batch) -> TwoTowerOutput:
         """User and item vectors of every row, plus sampled negatives when ``cfg.loss == 'sampled'``."""
         out = TwoTowerOutput(
             user=self.user_vectors(batch),
-            item=self.item_vectors(batch.item, batch.item_cats, batch.item_age_h),
+            item=self.batch_item_vectors(batch),
             temperature=self.temperature(),
             negatives=None,
         )
@@ -278,10 +308,11 @@ class TwoTower(nn.Module):
             ages = batch.item_age_h[draw_rows(batch.clicked > 0, ids.shape[0])]
         else:
             ages = torch.zeros(ids.shape[0], device=ids.device)
-        vectors = self.item_vectors(ids, self.sampler.item_cats[ids], ages)
+        tokens = self.item_tower.item_titles[ids] if self.item_tower.reads_titles else None
+        vectors = self.item_vectors(ids, self.sampler.item_cats[ids], ages, tokens)
         return SampledNegatives(ids, vectors, self.sampler.log_q[ids], self.sampler.log_q[batch.item])
 
     def score(self, batch: Batch) -> Tensor:
         """[B] retrieval score of each row's (user, item) pair: ``u . v / T``."""
-        item = self.item_vectors(batch.item, batch.item_cats, batch.item_age_h)
+        item = self.batch_item_vectors(batch)
         return (self.user_vectors(batch) * item).sum(dim=-1) / self.temperature()

@@ -76,6 +76,7 @@ from feedrank.config import from_dict, load_yaml
 from feedrank.serving.access import ApiKeyCheck, RateLimiter
 from feedrank.serving.config import ServingConfig
 from feedrank.serving.inspector import mount_inspector, page_routes
+from feedrank.serving.items import add_item_routes
 from feedrank.serving.loading import LoadingApp
 from feedrank.serving.metrics import CONTENT_TYPE
 from feedrank.serving.pipeline import EventError, FeedService, set_threads
@@ -176,6 +177,8 @@ def create_app(service: FeedService, compare: FeedService | None = None, log_dir
         except EventError as exc:
             raise HTTPException(422, detail=str(exc)) from exc
         return {"accepted": accepted}
+
+    add_item_routes(app, service, guarded)  # POST /items (feedrank.serving.items)
 
     @app.get("/healthz")
     def healthz() -> dict:

@@ -37,6 +37,10 @@ path, and applies other workers' events the same way.
 
 Item vectors and the index are a snapshot of the catalogue at startup: the item tower's freshness
 input ages with them until the next restart or index rebuild (``feedrank.index.needs_rebuild``).
+``publish_items`` (``POST /items``, ``feedrank.serving.items``) adds new items to that snapshot
+while the server runs: their content vectors join the catalogue rows, the ANN index and the fresh
+pool, and a journal in the serving log folder brings them back at the next start. Catalogue rows
+past the two-tower's vocabulary are published items; the models read them as the OOV item.
 
 Example::
 
@@ -64,9 +68,18 @@ import faiss
 import numpy as np
 import pyarrow as pa
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from feedrank.bundle import Bundle, catalogue_born_us, catalogue_item_cats, catalogue_vectors, lookup_quiet, popularity_scores
+from feedrank.bundle import (
+    Bundle,
+    catalogue_born_us,
+    catalogue_item_cats,
+    catalogue_item_tokens,
+    catalogue_vectors,
+    lookup_quiet,
+    popularity_scores,
+)
 from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform, to_epoch_us, validate
 from feedrank.data.user_batch import user_batch
 from feedrank.features.build import FeatureConfig
@@ -81,6 +94,7 @@ from feedrank.serving.config import ServingConfig, parse_start_time
 from feedrank.serving.metrics import ServiceMetrics
 from feedrank.serving.rerank import Candidates, rerank
 from feedrank.serving.follow import LogFollower
+from feedrank.serving.items import ItemIn, ItemJournal, SharedLock, item_inputs, item_vectors, items_table
 from feedrank.serving.state import EVENT_ID, SERVING_LOG_SCHEMA, EventIn, EventSink, UserStore, UserView, VocabIndex
 
 log = logging.getLogger(__name__)
@@ -208,6 +222,26 @@ class CatalogueArrays:
                    cat["created_ts"].combine_chunks(), born_us, popularity, popular_rows, fresh_rows, -born_us[fresh_rows],
                    vectors)  # fmt: skip
 
+    def extended(self, items: pa.Table, born_us: np.ndarray, vectors: np.ndarray) -> CatalogueArrays:
+        """These arrays plus one row per published item (``feedrank.serving.items.JOURNAL_SCHEMA``
+        rows), appended after the last row: no popularity, in the fresh pool by birth time."""
+        n, m = len(self.item_ids), items.num_rows
+        new_rows = np.arange(n, n + m)
+        rankable = np.concatenate([self.rankable, new_rows])
+        raw = {c: items[c].to_numpy(zero_copy_only=False).astype(object) for c in ITEM_CAT_COLUMNS}
+        all_born = np.concatenate([self.born_us, born_us])
+        fresh_rows = rankable[np.argsort(-all_born[rankable], kind="stable")]
+        groups = np.where(np.equal(raw["publisher"], None), UNKNOWN_PUBLISHER, raw["publisher"]).astype(str)
+        item_ids = np.concatenate([self.item_ids.astype(object), items["item_id"].to_numpy(zero_copy_only=False)]).astype(str)
+        return CatalogueArrays(
+            item_ids, rankable, np.concatenate([self.publishers, raw["publisher"]]),
+            np.concatenate([self.publisher_groups.astype(object), groups]).astype(str),
+            np.concatenate([self.item_types, raw["item_type"]]), np.concatenate([self.categories, raw["category"]]),
+            pa.concat_arrays([self.created_ts, items["created_ts"].combine_chunks()]), all_born,
+            np.concatenate([self.popularity, np.zeros(m, np.float32)]), self.popular_rows, fresh_rows,
+            -all_born[fresh_rows], np.concatenate([self.vectors, vectors.astype(np.float32)]),
+        )  # fmt: skip
+
     def newest(self, now_us: int, n: int) -> np.ndarray:
         """The ``n`` newest items already published at ``now_us``."""
         first = int(np.searchsorted(self.fresh_born_neg, -now_us, side="left"))
@@ -252,6 +286,7 @@ class RankerInputs:
     bundle: Bundle
     item_idx: np.ndarray  # [n_tt_items] ranker item index of each two-tower row
     item_cats: Tensor  # [n_tt_items, n_item_cats]
+    item_tokens: Tensor  # [n_tt_items, T] title tokens in the ranker's token vocabulary
     item_counters: Tensor  # [n_tt_items, n_item_counters]
     users: VocabIndex
     user_cats: dict[str, VocabIndex]
@@ -274,10 +309,30 @@ class RankerInputs:
         counters = item_counters(ranker.catalogue, features)[idx][:, : model.n_item_counters]
         return cls(
             bundle=ranker, item_idx=idx, item_cats=catalogue_item_cats(ranker.catalogue)[torch.from_numpy(idx)],
+            item_tokens=catalogue_item_tokens(ranker.catalogue)[torch.from_numpy(idx)],
             item_counters=torch.from_numpy(np.ascontiguousarray(counters)), users=VocabIndex(ranker.vocabs.users),
             user_cats={c: VocabIndex(v) for c, v in ranker.vocabs.user_cats.items()},
             use_vectors=model.cfg.two_tower_dim > 0,
         )  # fmt: skip
+
+    def extended(self, items: pa.Table, features: FeatureConfig) -> RankerInputs:
+        """These inputs plus one row per published item: OOV index, its content in the ranker's
+        vocabularies, the counters of an item without impressions."""
+        inputs = item_inputs(self.bundle, items)
+        zeros = np.zeros(items.num_rows, np.int64)
+        counters = np.stack([scale_counts(zeros), scale_counts(zeros), shrunk_ctr(zeros, zeros, features.ctr_prior,
+                             features.ctr_prior_weight)], axis=1)[:, : self.bundle.model.n_item_counters]  # fmt: skip
+        return dataclasses.replace(
+            self, item_idx=np.concatenate([self.item_idx, inputs.item.numpy()]),
+            item_cats=torch.cat([self.item_cats, inputs.item_cats]), item_tokens=cat_padded(self.item_tokens, inputs.tokens),
+            item_counters=torch.cat([self.item_counters, torch.from_numpy(counters.astype(np.float32))]),
+        )  # fmt: skip
+
+
+def cat_padded(a: Tensor, b: Tensor) -> Tensor:
+    """Rows of ``a`` then ``b`` ([N, T] token tensors, right-padded with 0), padded to one width."""
+    width = max(a.shape[1], b.shape[1])
+    return torch.cat([F.pad(t, (0, width - t.shape[1])) for t in (a, b)])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -337,12 +392,18 @@ class FeedService:
             else UserStore(two_tower.vocabs.items, cfg.history_len, cfg.max_seen, max_live_users=max_live)
         )
         self.metrics = ServiceMetrics()
+        # Published items first: the serving log's events may be about them.
+        self._published: dict[str, int] = {}  # item id -> catalogue row, items published to this process
+        self._publish_lock, self._index_lock = threading.Lock(), SharedLock()
+        self.journal = ItemJournal(cfg.event_log.dir)
+        self._sync_items(self.journal.read_new())
         # The serving log is the source of truth: replay it now (a restart forgets nothing that was
         # accepted), then catch up on the files other workers write (feedrank.serving.follow).
         self.follower = LogFollower(cfg.event_log.dir)
         self.sink = EventSink(cfg.event_log, on_written=self.follower.mark)
         self.replayed = self._catch_up()
         self.follower.start(self._apply_from_log, cfg.store.catch_up_interval_s)
+        self.journal.start(self._sync_items, cfg.store.catch_up_interval_s)  # items other workers published
         # Workers that share a Redis cache also pass events over Redis: milliseconds instead of the
         # catch-up interval (feedrank.serving.bus).
         if bus is None and cfg.cache.backend == "redis":
@@ -433,6 +494,7 @@ class FeedService:
     def _tower_vector(self, view: UserView, known_user: bool) -> np.ndarray:
         """The two-tower user vector of ``view``'s state (``known_user`` False: the OOV id)."""
         history = view.history[-self.model.cfg.max_history_len :] if len(view.history) else view.history
+        history = np.where(history < self.model.n_items, history, OOV)  # published items: the OOV item
         batch = user_batch(
             np.array([self.users(view.user_id) if known_user else OOV], dtype=np.int64),
             np.array([[self.user_cats[c](view.cats[c]) for c in USER_CAT_COLUMNS]], dtype=np.int64),
@@ -445,9 +507,10 @@ class FeedService:
     def _candidates(self, vector: np.ndarray, view: UserView, now_us: int, cold: bool) -> tuple[np.ndarray, np.ndarray]:
         """Candidate rows and their source labels: ANN + fresh (+ popular when cold), deduplicated,
         published by ``now``, not already seen."""
-        k = min(self.cfg.ann_candidates, self.index.size)
-        _, positions = self.index.search(vector[None], k)
-        ann = self.index_rows[positions[0][positions[0] >= 0]]
+        with self._index_lock.reading():  # publish_items adds to the index (FAISS: no search during an add)
+            k = min(self.cfg.ann_candidates, self.index.size)
+            _, positions = self.index.search(vector[None], k)
+            ann = self.index_rows[positions[0][positions[0] >= 0]]
         found = [ann, self.catalogue.newest(now_us, self.cfg.fresh_candidates)]
         if cold:
             found.append(self.catalogue.popular_rows[: self.cfg.cold_start.popular_candidates])
@@ -482,6 +545,7 @@ class FeedService:
             item=torch.from_numpy(r.item_idx[rows]), item_cats=r.item_cats[idx],
             item_age_h=torch.from_numpy(age_h.astype(np.float32)), counters=r.item_counters[idx],
             vectors=torch.from_numpy(vectors) if r.use_vectors else None,
+            tokens=r.item_tokens[idx],
         )  # fmt: skip
         with torch.inference_mode():
             return model.score_candidates(user, items)["value"].numpy().astype(np.float64)
@@ -572,8 +636,9 @@ class FeedService:
         a log written before a model change) are dropped (logged): an item outside this catalogue
         can be neither history nor a candidate here.
         """
+        self._sync_items(self.journal.read_new())  # the events may be about items another worker published
         ids = table["item_id"].to_pylist()
-        rows = np.array([self.items.index_of(i) for i in ids], np.int64)
+        rows = np.array([self._row_of(i) for i in ids], np.int64)
         known = rows >= 0
         if not known.all():
             log.warning("dropped %d events from %s: items unknown to two-tower %s",
@@ -588,7 +653,7 @@ class FeedService:
             raise EventError(f"{len(events)} events in one request; at most {self.cfg.max_events_per_post}")
         rows = np.empty(len(events), np.int64)
         for i, event in enumerate(events):
-            row = self.items.index_of(event.item_id)
+            row = self._row_of(event.item_id)
             if row < 0 or not self.catalogue.item_ids[row]:
                 raise EventError(f"events[{i}].item_id: unknown item {event.item_id!r}: not in the catalogue of "
                                  f"two-tower model {self.two_tower.version[:12]}")  # fmt: skip
@@ -624,6 +689,57 @@ class FeedService:
             raise EventError("; ".join(str(v) for v in report.violations))
         event_ids = pa.array([e.event_id or uuid.uuid4().hex for e in events], pa.string())
         return table.cast(EVENT_SCHEMA).append_column(SERVING_LOG_SCHEMA.field(EVENT_ID), event_ids), rows
+
+    # ---------------------------------------------------------------------------------- items
+
+    def _row_of(self, item_id: str) -> int:
+        """The catalogue row of ``item_id``: its two-tower index, else its published row; -1 if neither."""
+        row = self.items.index_of(item_id)
+        return row if row >= 0 else self._published.get(item_id, -1)
+
+    def publish_items(self, items: Sequence[ItemIn]) -> dict[str, int]:
+        """Persist, embed and index new items (``POST /items``, ``feedrank.serving.items``); items
+        already in the catalogue are acknowledged as ``known``, not published twice."""
+        if not items:
+            raise EventError("no items: send one item or a non-empty list")
+        with self._publish_lock:
+            new = list({i.item_id: i for i in items if self._row_of(i.item_id) < 0}.values())
+            if new:
+                table = items_table(new, self.clock())
+                self.journal.write(table)  # on disk before it is served: a restart keeps it
+                self._add_items(table)
+        return {"published": len(new), "known": len(items) - len(new)}
+
+    def _sync_items(self, table: pa.Table) -> None:
+        """Journal rows written by another worker (or before a restart) into this process, skipping
+        ids it knows already."""
+        with self._publish_lock:
+            ids = table["item_id"].to_pylist()
+            first = {i: k for k, i in reversed(list(enumerate(ids)))}
+            keep = [k for i, k in first.items() if self._row_of(i) < 0]
+            if keep:
+                self._add_items(table.take(pa.array(sorted(keep), pa.int64())))
+
+    def _add_items(self, table: pa.Table) -> None:
+        """Published items (``JOURNAL_SCHEMA`` rows) into the catalogue, the ranker's inputs, the
+        index and the fresh pool. The order keeps concurrent feeds consistent: rows exist before
+        the index can return them."""
+        if table.num_rows == 0:
+            return
+        born_us = table["created_ts"].cast(pa.int64()).to_numpy()
+        age_h = np.maximum(table["published_ts"].cast(pa.int64()).to_numpy() - born_us, 0) / _US_PER_HOUR
+        vectors = item_vectors(self.two_tower, item_inputs(self.two_tower, table), age_h)
+        first = len(self.catalogue.item_ids)
+        self.catalogue = self.catalogue.extended(table, born_us, vectors)
+        if self.ranker is not None:
+            features = FeatureConfig(**{k: v for k, v in self.ranker.bundle.config.get("features", {}).items()
+                                        if k in ("ctr_prior", "ctr_prior_weight")})  # fmt: skip
+            self.ranker = self.ranker.extended(table, features)
+        rows = np.arange(first, first + table.num_rows)
+        with self._index_lock.writing():
+            self.index_rows = np.concatenate([self.index_rows, rows])
+            self.index.add(vectors, table["item_id"].to_numpy(zero_copy_only=False))
+        self._published.update(zip(table["item_id"].to_pylist(), rows.tolist()))
 
     # ---------------------------------------------------------------------------------- admin
 
@@ -661,6 +777,7 @@ class FeedService:
         if self.bus is not None:
             self.bus.close()
         self.follower.close()
+        self.journal.close()
         self.sink.close()
         self.cache.close()
 

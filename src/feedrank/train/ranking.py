@@ -55,7 +55,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from feedrank.bundle import Bundle, build_ranker, load_bundle, save_bundle
+from feedrank.bundle import Bundle, attach_titles, build_ranker, load_bundle, save_bundle
 from feedrank.config import ConfigError, from_dict, load_yaml, to_dict
 from feedrank.data.collate import Collator
 from feedrank.evaluate.ranking import (
@@ -283,6 +283,8 @@ def train_ranking(
 
         torch.manual_seed(cfg.train.seed)
         model = build_ranker(to_dict(cfg), vocabs)
+        catalogue = training_catalogue(log_dir, vocabs, cfg.features)
+        attach_titles(model, catalogue, start_words=True)  # a ranker that reads titles looks up its history's
         frozen = None if two_tower is None else two_tower.model.to(env.device).eval()
         with Trainer(model, functools.partial(ranker_loss, two_tower=frozen), train_cfg) as trainer:
             if resume:
@@ -296,7 +298,7 @@ def train_ranking(
         final = build_ranker(to_dict(cfg), vocabs)
         final.load_state_dict(load_model_state(result.checkpoint))
         final.eval()
-        catalogue = training_catalogue(log_dir, vocabs, cfg.features)
+        attach_titles(final, catalogue)
         metrics: dict[str, Any] = {"train": result.metrics, "label_weight_means": {
             "clicked": weights.clicked_mean, "unclicked": weights.unclicked_mean}}  # fmt: skip
         evaluation = None

@@ -47,7 +47,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 
-from feedrank.bundle import Bundle, build_two_tower, catalogue_item_cats, load_bundle, save_bundle
+from feedrank.bundle import Bundle, attach_titles, build_two_tower, catalogue_item_cats, catalogue_item_tokens, load_bundle, save_bundle
 from feedrank.config import load_yaml, to_dict
 from feedrank.data.collate import Collator
 from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluate_holdout
@@ -170,7 +170,9 @@ def train_retrieval(
 
         torch.manual_seed(cfg.train.seed)
         model = build_two_tower(to_dict(cfg), vocabs)
-        model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()))
+        attach_titles(model, catalogue, start_words=True)
+        model.attach_catalogue(catalogue_item_cats(catalogue), torch.tensor(catalogue["train_clicks"].to_numpy()),
+                               catalogue_item_tokens(catalogue))
         if cfg.two_tower.mask_known_positives:
             model.attach_known_positives(*training_positives(features_dir))
         pool = GlobalPool.new(env.control) if env.is_distributed and cfg.two_tower.data_parallel_loss == "global" else None
@@ -191,6 +193,7 @@ def train_retrieval(
             return None
         final = build_two_tower(to_dict(cfg), vocabs)
         final.load_state_dict(load_model_state(result.checkpoint))
+        attach_titles(final, catalogue)
         evaluation = _evaluate(final, vocabs, catalogue, log_dir, cfg, manifest)
         metrics: dict[str, Any] = {"train": result.metrics}
         if evaluation is not None:

@@ -82,14 +82,14 @@ def require_fresh_run(run_dir: str | Path, task: str, resume: bool) -> None:
 def training_catalogue(log_dir: str | Path, vocabs: Vocabularies, cfg: FeatureConfig) -> pa.Table:
     """The bundle catalogue from the log's training window (before ``split_at`` and ``cutoff``)."""
     ends = [t for t in (parse_ts(cfg.split_at, "split_at"), parse_ts(cfg.cutoff, "cutoff")) if t is not None]
-    events = read_events(log_dir, columns=["item_id", "ts", "clicked", "created_ts", *ITEM_CAT_COLUMNS],
+    events = read_events(log_dir, columns=["item_id", "ts", "clicked", "created_ts", "title", *ITEM_CAT_COLUMNS],
                          end=min(ends) if ends else None)  # fmt: skip
-    return build_catalogue(events, vocabs)
+    return build_catalogue(events, vocabs, cfg.title_len)
 
 
 def batch_limits(vocabs: Vocabularies) -> BatchLimits:
     """The vocabulary sizes the collator checks every training Batch's indices against."""
-    return BatchLimits(vocabs.n_users, vocabs.n_items, vocabs.user_cat_sizes, vocabs.item_cat_sizes)
+    return BatchLimits(vocabs.n_users, vocabs.n_items, vocabs.user_cat_sizes, vocabs.item_cat_sizes, vocabs.n_tokens or None)
 
 
 @dataclass
