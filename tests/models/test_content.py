@@ -97,8 +97,8 @@ def test_config_checks_name_the_setting():
         TitleBag(0, 4)
 
 
-def ranker() -> Ranker:
-    model = Ranker(RankerConfig(dim=8, hidden=[16], title_tokens=True, item_id_dropout=0.2), N_USERS, N_ITEMS,
+def ranker(**cfg) -> Ranker:
+    model = Ranker(RankerConfig(dim=8, hidden=[16], title_tokens=True, item_id_dropout=0.2, **cfg), N_USERS, N_ITEMS,
                    USER_CAT_SIZES, ITEM_CAT_SIZES, n_user_counters=2, n_item_counters=0, n_tokens=N_TOKENS)  # fmt: skip
     model.attach_titles(item_titles())
     return model
@@ -144,3 +144,12 @@ def test_word_vectors_put_words_that_share_titles_together():
     cos = unit @ unit.T
     assert cos[:4, :4].mean() > cos[:4, 4:].mean() + 0.5
     np.testing.assert_array_equal(vectors, title_word_vectors(titles, n_tokens=12, dim=4))  # deterministic
+
+
+def test_evaluation_scores_a_two_tower_that_reads_titles_with_its_titles():
+    from feedrank.evaluate.ranking import TWO_TOWER, RankerScorer
+
+    tower, batch = two_tower().eval(), titled(random_batch())
+    out = RankerScorer(ranker(two_tower_dim=8).eval(), tower)(batch)
+    expected = (tower.user_vectors(batch) * tower.batch_item_vectors(batch)).sum(-1) / tower.temperature()
+    torch.testing.assert_close(out[TWO_TOWER], expected)

@@ -263,7 +263,7 @@ class RankerScorer:
         if self.two_tower is not None:
             self.two_tower.eval()
             user_vec = self.two_tower.user_vectors(batch)
-            item_vec = self.two_tower.item_vectors(batch.item, batch.item_cats, batch.item_age_h)
+            item_vec = self.two_tower.batch_item_vectors(batch)  # its titles too, when it reads them
             out[TWO_TOWER] = (user_vec * item_vec).sum(-1) / self.two_tower.temperature()
         heads = self.model.batch_heads(batch, user_vec, item_vec)
         rate = self.model.cfg.negative_rate
