@@ -49,6 +49,7 @@ from typing import Any
 DATASET = "ml-100k"
 SPLITS = ("train", "valid", "test")
 METRICS = ("recall@10", "ndcg@10", "mrr@10", "hit@10", "precision@10")
+TOP_K = 10  # the length of the exported test lists (test_top)
 
 # The hyperparameters searched per model: 8 points each, both containing RecBole's
 # defaults (BPR: lr 1e-3, 64 dims; LightGCN: 2 layers, lr 1e-3, 64 dims, reg 1e-5).
@@ -139,6 +140,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     # ~10x slower (68.6 s vs 6.6 s for 5 epochs at load ~7), with the same numbers.
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default)")
     parser.add_argument("--verbose", action="store_true", help="show RecBole's own per-epoch log")
+    parser.add_argument("--split-only", action="store_true",
+                        help="export the split and stop (the caller trains its side while this runner tunes)")
     args = parser.parse_args(argv)
     args.models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in args.models if m not in SEARCH_SPACES]
@@ -270,6 +273,7 @@ def run_trial(model_name: str, params: dict[str, Any], base: dict[str, Any], dat
     train_seconds = time.perf_counter() - start
     test = trainer.evaluate(test_data, load_best_model=True, show_progress=False)
     trainer.tensorboard.close()
+    top = test_top_lists(model, dataset, built[2], test_data)
 
     epochs_run = len(trainer.train_loss_dict)
     return {
@@ -280,7 +284,23 @@ def run_trial(model_name: str, params: dict[str, Any], base: dict[str, Any], dat
         "epochs_run": epochs_run,
         "best_epoch": epochs_run - 1 - trainer.cur_step * config["eval_step"],
         "settings": {k: config[k] for k in (*RECORDED_SETTINGS, *SEARCH_SPACES[model_name])},
+        "test_top": top,
     }
+
+
+def test_top_lists(model: Any, dataset: Any, test_set: Any, test_data: Any, k: int = TOP_K) -> dict[str, list[str]]:
+    """Each test user's top ``k`` item ids (original tokens), best first, by RecBole's own full-sort
+    scoring with its test-time exclusion of the user's train and valid items: the lists behind the
+    test metrics, so the caller can pair users across systems (bootstrap)."""
+    import torch
+    from recbole.utils.case_study import full_sort_topk
+
+    uid, iid = dataset.uid_field, dataset.iid_field
+    users = torch.unique(test_set.inter_feat[uid]).numpy()
+    with torch.no_grad():
+        _, index = full_sort_topk(users, model, test_data, k)
+    tokens = dataset.id2token(iid, index.numpy().reshape(-1)).reshape(index.shape)
+    return {str(u): [str(t) for t in row] for u, row in zip(dataset.id2token(uid, users), tokens)}
 
 
 def tune_model(model_name: str, args: argparse.Namespace, base: dict[str, Any], dataset: Any, built: Sequence[Any]) -> dict[str, Any]:
@@ -303,8 +323,12 @@ def tune_model(model_name: str, args: argparse.Namespace, base: dict[str, Any], 
             flush=True,
         )
     best = max(trials, key=lambda t: t["valid"][metric])  # first wins ties: defaults preferred
+    test_top = best["test_top"]
+    for trial in trials:
+        del trial["test_top"]
     return {
         "test": best["test"],
+        "test_top": test_top,
         "valid": best["valid"],
         "train_seconds": best["train_seconds"],
         "config": best["settings"],
@@ -376,6 +400,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         built = dataset.build()
         split = export_split(dataset, built, work / "data" / DATASET / f"{DATASET}.inter", out)
         print(f"split exported to {out}: {split['rows']}", file=sys.stderr, flush=True)
+        if args.split_only:
+            return
 
         models = {name: tune_model(name, args, base, dataset, built) for name in args.models}
 
