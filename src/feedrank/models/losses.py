@@ -241,9 +241,12 @@ def two_tower_loss(model: TwoTower | nn.Module, batch: Batch) -> tuple[Tensor, d
         loss = in_batch_softmax_loss(logits, batch.item, batch.user, logq, batch.weight, known, batch.clicked > 0)
     else:
         neg = out.negatives
-        pos_logits = (out.user * out.item).sum(dim=-1) / out.temperature
-        neg_logits = out.user @ neg.vectors.T / out.temperature
-        pos_logq, neg_logq = (neg.pos_logq, neg.logq) if cfg.logq_correction else (None, None)
+        user = out.user / out.temperature  # [B, dim]: cheaper than dividing the [B, K] logits
+        pos_logits = (user * out.item).sum(dim=-1)
+        neg_logits = user @ neg.vectors.T
+        # the 'all' sampler's log q is uniform: it cancels in the softmax, so skip the [B, K] subtraction
+        correct = cfg.logq_correction and cfg.negative_sampler != "all"
+        pos_logq, neg_logq = (neg.pos_logq, neg.logq) if correct else (None, None)
         known = unwrap(model).known_positive_mask(batch.user, neg.ids)
         weight = batch.weight * (batch.clicked > 0)
         loss = sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq, weight, known)
