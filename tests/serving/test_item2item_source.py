@@ -1,10 +1,14 @@
 """The ``item2item`` candidate source: served in /feed beside the ANN, mapped through item ids."""
 
+import json
+
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
 from feedrank.bundle import load_bundle, save_bundle
+from feedrank.cli import app
 from feedrank.data.log import read_events
 from feedrank.features.vocab import FIRST_ID
 from feedrank.models.item2item import Item2ItemModel, fit_covisit, interactions
@@ -72,3 +76,16 @@ def test_indices_are_mapped_through_item_ids(serving_world, item2item_bundle):
 def test_a_two_tower_bundle_is_refused_as_item2item(serving_world):
     with pytest.raises(ValueError, match="expected an item2item bundle"):
         Item2ItemSource(serving_world.two_tower, serving_world.two_tower)
+
+
+def test_serve_dry_run_loads_the_item2item_bundle(serving_world, item2item_bundle, tmp_path):
+    config = tmp_path / "serving.yaml"
+    config.write_text(f"serving:\n  index: {{kind: flat}}\n  start_time: '{serving_world.start.isoformat()}'\n")
+    result = CliRunner().invoke(app, ["serve", str(serving_world.two_tower.path), "--item2item", str(item2item_bundle.path),
+                                      "--log", str(serving_world.log), "--config", str(config),
+                                      "--serving-log", str(tmp_path / "slog"), "--dry-run"])  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["models"]["item2item"] == item2item_bundle.version
+    refused = CliRunner().invoke(app, ["serve", str(serving_world.two_tower.path), "--item2item", str(serving_world.two_tower.path),
+                                       "--config", str(config), "--serving-log", str(tmp_path / "slog2"), "--dry-run"])  # fmt: skip
+    assert refused.exit_code == 2 and "expected an item2item bundle" in refused.output
