@@ -58,6 +58,7 @@ from feedrank.data.collate import pad_list
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies, title_tokens, token_indices
 from feedrank.fsutil import staged_dir
 from feedrank.features.text import title_word_vectors
+from feedrank.models.item2item import Item2ItemModel
 from feedrank.models.ranker import Ranker, RankerConfig
 from feedrank.models.towers import TitleBag
 from feedrank.models.two_tower import TwoTower, TwoTowerConfig
@@ -127,12 +128,19 @@ def build_ranker(config: dict[str, Any], vocabs: Vocabularies) -> Ranker:
     )
 
 
+def build_item2item(config: dict[str, Any], vocabs: Vocabularies) -> Item2ItemModel:
+    """An empty item-to-item model over the vocabulary's items; its neighbour lists come from the
+    state_dict it loads (their size is the fit's, not the config's)."""
+    return Item2ItemModel(vocabs.n_items)
+
+
 ModelBuilder = Callable[[dict[str, Any], Vocabularies], nn.Module]
 
 #: Every model kind a bundle can hold. A new kind adds its builder here (one line).
 MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "two_tower": build_two_tower,
     "ranker": build_ranker,
+    "item2item": build_item2item,
 }
 
 

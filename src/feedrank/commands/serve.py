@@ -68,6 +68,9 @@ def serve_command(
                                  "(overrides serving.quantize; measure yours first with `feedrank lab quantize`).",
     ),  # fmt: skip
     compare: Optional[Path] = typer.Option(None, "--compare", help="A candidate bundle the inspector at / shows beside the serving one."),
+    item2item: Optional[Path] = typer.Option(
+        None, "--item2item", help="An item2item bundle (retrieval.kind ease or covisit): candidate source `item2item` beside the ANN."
+    ),
     dry_run: bool = typer.Option(False, "--dry-run", help="Build the service once, print its health report and exit."),
 ) -> None:
     """Serve GET /feed, POST /events, /healthz and /metrics."""
@@ -79,11 +82,11 @@ def serve_command(
         bundle=str(bundle), ranker=None if ranker is None else str(ranker), log=None if log is None else str(log),
         config=None if config is None else str(config), redis_url=redis_url,
         serving_log=None if serving_log is None else str(serving_log), quantize=quantize,
-        compare=None if compare is None else str(compare),
+        compare=None if compare is None else str(compare), item2item=None if item2item is None else str(item2item),
         answer_while_loading=workers == 1,  # one process: say "model still loading" (503) rather than hang
     )  # fmt: skip
     try:
-        for path in (bundle, ranker, log, compare):
+        for path in (bundle, ranker, log, compare, item2item):
             if path is not None and not path.is_dir():
                 raise FileNotFoundError(f"{path}: no such directory")
         cfg = serving_config(settings)  # fail here, once, rather than in every worker

@@ -66,6 +66,7 @@ import torch
 from torch import Tensor, nn
 
 from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_vectors, lookup_quiet
+from feedrank.config import from_dict
 from feedrank.data.batch import Batch
 from feedrank.data.log import read_events
 from feedrank.data.user_batch import user_batch
@@ -79,6 +80,7 @@ from feedrank.features.counters import user_counters
 from feedrank.features.user_state import UserState, user_state
 from feedrank.features.vocab import FIRST_ID, USER_CAT_COLUMNS, Vocab, Vocabularies
 from feedrank.fsutil import staged_file
+from feedrank.models.item2item import Item2ItemConfig, Item2ItemModel
 
 DEFAULT_KS = (10, 50, 100)
 METRICS_FILE = "metrics.json"
@@ -205,9 +207,10 @@ def evaluate_ranking(
 
     ``relevant`` and ``exclude`` are tables of raw ``(user_id, item_id)`` pairs (duplicates are
     fine); every user in them must be one of ``users``. ``model`` must provide ``user_vectors(Batch)``
-    and ``item_vectors(item_idx, item_cats, item_age_h)`` (``TwoTower``). ``at`` is the cut: item
-    ages are measured at it. ``random`` scores every item alike: the tie rule makes that exactly
-    the expectation of a uniformly random ranking. See the module docstring for every definition.
+    and ``item_vectors(item_idx, item_cats, item_age_h)`` (``TwoTower``), or be an ``Item2ItemModel``
+    (scored from each user's history). ``at`` is the cut: item ages are measured at it. ``random``
+    scores every item alike: the tie rule makes that exactly the expectation of a uniformly random
+    ranking. See the module docstring for every definition.
     """
     ks = sorted({int(k) for k in ks})
     if not ks or ks[0] < 1:
@@ -233,10 +236,15 @@ def evaluate_ranking(
     pair_user, pair_item = rel_keys[~is_seen] // vocabs.n_items, rel_keys[~is_seen] % vocabs.n_items
 
     batches = lambda: user_batches(users, vocabs, chunk_users)  # noqa: E731 (a fresh iterator per ranking)
-    item_vecs = catalogue_vectors(model, catalogue, at, rankable)
+    if isinstance(model, Item2ItemModel):  # scores from the history alone: no vectors
+        columns = torch.from_numpy(rankable)
+        model_score = lambda lo, b: model.score_batch(b)[:, columns]  # noqa: E731
+    else:
+        item_vecs = catalogue_vectors(model, catalogue, at, rankable)
+        model_score = lambda lo, b: model.user_vectors(b) @ item_vecs.T  # noqa: E731
     pop = torch.from_numpy(popularity_baseline(catalogue, rankable))
     scorers: dict[str, Callable[[int, Batch], Tensor]] = {
-        model_name: lambda lo, b: model.user_vectors(b) @ item_vecs.T,
+        model_name: model_score,
         POPULARITY: lambda lo, b: pop.expand(len(b), -1),
         RANDOM: lambda lo, b: torch.zeros(len(b), rankable.size, dtype=torch.float64),
     }
@@ -317,12 +325,6 @@ def _pairs(pairs: pa.Table, users: pa.Array, items: Vocab, name: str) -> tuple[n
                          f"({row.null_count} pair(s) like this)")
     known, idx = _known(items, pairs["item_id"])
     return row.to_numpy().astype(np.int64), idx, known
-
-
-def _csr(rows: np.ndarray, items: np.ndarray, n_rows: int) -> tuple[np.ndarray, np.ndarray]:
-    order = np.lexsort((items, rows))
-    indptr = np.concatenate([[0], np.cumsum(np.bincount(rows, minlength=n_rows))])
-    return indptr, items[order]
 
 
 def user_batches(users: UserState, vocabs: Vocabularies, chunk: int = 1024) -> Iterator[tuple[int, Batch]]:
@@ -419,7 +421,7 @@ def evaluate_bundle(
     max_users: int | None = None,
     seed: int | None = None,
 ) -> RetrievalEvaluation:
-    """``evaluate_holdout`` of a two-tower bundle; unset arguments come from its run config
+    """``evaluate_holdout`` of a two-tower or item2item bundle; unset arguments come from its run config
     (``features.split_at``/``cutoff``/``history_len``, ``eval.ks``/``max_users``/``seed``).
 
     Writes ``out_dir/metrics.json`` (default: ``eval/`` beside the bundle folder).
@@ -430,7 +432,10 @@ def evaluate_bundle(
     if at is None:
         raise ValueError(f"{bundle.path}: its run had no features.split_at; give the evaluation cut (--split-at)")
     end = parse_ts(features.get("cutoff"), "cutoff") if split_at is None else None
-    history_len = min(features.get("history_len", 50), cfg.get("two_tower", {}).get("max_history_len", 50))
+    if bundle.kind == "item2item":
+        history_len = from_dict(Item2ItemConfig, cfg.get("item2item"), "item2item").history_len
+    else:
+        history_len = min(features.get("history_len", 50), cfg.get("two_tower", {}).get("max_history_len", 50))
     result = evaluate_holdout(
         bundle.model, bundle.vocabs, bundle.catalogue, log_dir, at, end=end, history_len=history_len,
         ks=ks or ev.get("ks", DEFAULT_KS), max_users=max_users if max_users is not None else ev.get("max_users"),

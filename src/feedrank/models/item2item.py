@@ -14,7 +14,16 @@ Both models map a user's engagement history (a set of item indices) to a score p
 
 Neighbours are stored as ``Item2Item`` (CSR arrays: ``indptr``, ``indices``, ``weights``), the same
 structure for both models (EASE keeps its ``top_k`` per row when asked, or all of them), so one
-scoring function and one bundle format serve both.
+scoring function and one bundle format serve both. ``Item2ItemModel`` holds those arrays as buffers
+of an ``nn.Module``, so the bundle machinery (state_dict, content version) saves it like any model;
+``Item2ItemConfig`` is the run config's ``item2item`` section.
+
+Two ways to score, one weight matrix:
+
+- ``Item2Item.scores`` / ``Item2ItemModel.score_batch``: many users against the whole catalogue
+  (offline evaluation), a sparse-dense product;
+- ``Item2Item.recommend``: one user's history, touching only its items' neighbour lists (serving:
+  O(history x neighbours), whatever the catalogue size).
 
 Example::
 
@@ -26,9 +35,38 @@ Example::
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
+import torch
+from torch import Tensor, nn
+
+from feedrank.data.batch import Batch
+
+
+@dataclass
+class Item2ItemConfig:
+    """The run config's ``item2item`` section: how the item-to-item retrieval kinds are fitted and used.
+
+    ``retrieval.kind`` (``feedrank.train.retrieval.RetrievalConfig``) picks the method; these are its
+    settings. ``reg`` and ``top_k`` are EASE's, ``neighbours`` and ``chunk_items`` co-visitation's.
+    """
+
+    reg: float = 250.0  # EASE: L2 weight on the item-item matrix (RecBole's default for ml-100k)
+    top_k: int | None = None  # EASE: neighbours kept per item (None: all, a dense matrix)
+    neighbours: int = 100  # co-visitation: the k most co-engaged items kept per item
+    chunk_items: int = 4096  # co-visitation: items whose co-counts are computed at once (memory)
+    history_len: int = 1000  # a user is scored from their last this many engagements
+
+    def validate(self) -> None:
+        if self.reg <= 0:
+            raise ValueError(f"reg must be > 0, got {self.reg}")
+        for name in ("neighbours", "chunk_items", "history_len"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or null, got {self.top_k}")
 
 
 @dataclass
@@ -54,6 +92,23 @@ class Item2Item:
         if histories.shape[1] != self.n_items:
             raise ValueError(f"histories have {histories.shape[1]} item columns, the model {self.n_items}")
         return np.asarray((histories @ self.matrix()).todense(), dtype=np.float32)
+
+    def recommend(self, history: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """The ``n`` best items (and their scores, best first) for one user's ``history`` (item
+        indices; duplicates count once), history items excluded. Reads only the history's neighbour
+        lists, so its cost does not grow with the catalogue."""
+        history = np.unique(np.asarray(history, dtype=np.int64))
+        history = history[(history >= 0) & (history < self.n_items)]
+        lo, hi = self.indptr[history], self.indptr[history + 1]
+        if n < 1 or not (hi > lo).any():
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        take = np.concatenate([np.arange(a, b) for a, b in zip(lo, hi)])
+        items, inverse = np.unique(self.indices[take], return_inverse=True)
+        scores = np.bincount(inverse, weights=self.weights[take], minlength=len(items)).astype(np.float32)
+        keep = ~np.isin(items, history)
+        items, scores = items[keep], scores[keep]
+        order = np.lexsort((items, -scores))[:n]  # ties: lower item index first
+        return items[order], scores[order]
 
     def top_k(self, histories: sp.csr_matrix, k: int, exclude_history: bool = True) -> np.ndarray:
         """``[n_users, k]`` item indices by descending score; items in the history excluded."""
@@ -143,3 +198,53 @@ def _sparse_top_k(block: sp.csr_matrix, k: int) -> sp.csr_matrix:
     out = sp.csr_matrix((cat(data, np.float32), cat(indices, np.int64), np.array(indptr)), shape=block.shape)
     out.sort_indices()
     return out
+
+
+class Item2ItemModel(nn.Module):
+    """An ``Item2Item`` as an ``nn.Module``: its CSR arrays are buffers, so a bundle saves and versions it.
+
+    The number of neighbours is known only after fitting, so an empty model (what a bundle's builder
+    makes from the config) takes its buffers' sizes from the state_dict it loads.
+    """
+
+    def __init__(self, n_items: int, fitted: Item2Item | None = None) -> None:
+        super().__init__()
+        if fitted is not None and fitted.n_items != n_items:
+            raise ValueError(f"a model of {fitted.n_items} items given for a catalogue of {n_items}")
+        self.n_items = n_items
+        f = fitted or Item2Item(np.zeros(n_items + 1, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), n_items)
+        self.register_buffer("indptr", torch.from_numpy(np.ascontiguousarray(f.indptr, np.int64)))
+        self.register_buffer("indices", torch.from_numpy(np.ascontiguousarray(f.indices, np.int64)))
+        self.register_buffer("weights", torch.from_numpy(np.ascontiguousarray(f.weights, np.float32)))
+        self._cached: Item2Item | None = None
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        for name in ("indices", "weights"):  # sized by the fit: take the saved shape
+            saved = state_dict.get(prefix + name)
+            if saved is not None:
+                setattr(self, name, torch.empty_like(saved))
+        self._cached = None
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    @property
+    def item2item(self) -> Item2Item:
+        """The numpy view of the buffers (built once per load)."""
+        if self._cached is None:
+            self._cached = Item2Item(self.indptr.numpy(), self.indices.numpy(), self.weights.numpy(), self.n_items)
+        return self._cached
+
+    def score_batch(self, batch: Batch) -> Tensor:
+        """``[B, n_items]`` scores of a batch's users from their (masked) histories; duplicates count once."""
+        rows, cols = torch.nonzero(batch.history_mask, as_tuple=True)
+        items = batch.history[rows, cols].numpy()
+        histories = interactions(rows.numpy(), items, len(batch.history), self.n_items)
+        return torch.from_numpy(self.item2item.scores(histories))
+
+
+def fit(x: sp.csr_matrix, method: str, cfg: Item2ItemConfig) -> Item2Item:
+    """Fit the item-to-item ``method`` ("ease" or "covisit") on a binary users x items matrix."""
+    if method == "ease":
+        return fit_ease(x, reg=cfg.reg, top_k=cfg.top_k)
+    if method == "covisit":
+        return fit_covisit(x, k=cfg.neighbours, chunk_items=cfg.chunk_items)
+    raise ValueError(f"unknown item-to-item method {method!r}; known: ease, covisit")

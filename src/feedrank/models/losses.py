@@ -426,9 +426,12 @@ def step_loss(model: TwoTower, outs: list[TwoTowerOutput], batches: list[Batch],
 def _sampled(model: TwoTower, out: TwoTowerOutput, batch: Batch, temperature: Tensor, total: Tensor) -> Tensor:
     """One micro-batch's share (``total``: the step's weight) of the sampled softmax loss."""
     neg = out.negatives
-    pos_logits = (out.user * out.item).sum(dim=-1) / temperature
-    neg_logits = out.user @ neg.vectors.T / temperature
-    pos_logq, neg_logq = (neg.pos_logq, neg.logq) if model.cfg.logq_correction else (None, None)
+    user = out.user / temperature  # [B, dim]: cheaper than dividing the [B, K] logits
+    pos_logits = (user * out.item).sum(dim=-1)
+    neg_logits = user @ neg.vectors.T
+    # the 'all' sampler's log q is uniform: it cancels in the softmax, so skip the [B, K] subtraction
+    correct = model.cfg.logq_correction and model.cfg.negative_sampler != "all"
+    pos_logq, neg_logq = (neg.pos_logq, neg.logq) if correct else (None, None)
     known = model.known_positive_mask(batch.user, neg.ids)
     return sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq,
                                 batch.weight * (batch.clicked > 0), known, total)

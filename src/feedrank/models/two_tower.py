@@ -41,6 +41,9 @@ from feedrank.models.towers import (
     check_history,
 )
 
+#: ``mask_known_positives`` keeps a dense users x items bool grid up to this many cells (64 MB).
+DENSE_KNOWN_MAX_CELLS = 1 << 26
+
 
 @dataclass
 class TwoTowerConfig:
@@ -225,6 +228,8 @@ class TwoTower(nn.Module):
         self.temperature = Temperature(cfg.temperature, cfg.learn_temperature, cfg.temperature_min, cfg.temperature_max)
         self.sampler: NegativeSampler | None = None
         self.register_buffer("known_pairs", torch.empty(0, dtype=torch.long), persistent=False)
+        # [n_users, n_items] bool for small grids (attach_known_positives), else empty
+        self.register_buffer("known_dense", torch.zeros(0, 0, dtype=torch.bool), persistent=False)
 
     def attach_catalogue(self, item_cats: Tensor, item_counts: Tensor | None = None, item_tokens: Tensor | None = None) -> None:
         """Give the model the item catalogue it draws sampled-softmax negatives from.
@@ -257,11 +262,20 @@ class TwoTower(nn.Module):
         known = user_idx > OOV
         keys = user_idx[known].long() * self.n_items + item_idx[known].long()
         self.known_pairs = torch.unique(keys).to(self.known_pairs.device)  # sorted
+        # A small users x items grid is kept dense: the mask is then two gathers, not a binary search
+        # per (row, negative) pair (MovieLens: 1.6 MB, and the search was 40% of a training step).
+        self.known_dense = torch.zeros(0, 0, dtype=torch.bool, device=self.known_pairs.device)
+        if self.n_users * self.n_items <= DENSE_KNOWN_MAX_CELLS:
+            dense = torch.zeros(self.n_users * self.n_items, dtype=torch.bool, device=self.known_pairs.device)
+            dense[self.known_pairs] = True
+            self.known_dense = dense.view(self.n_users, self.n_items)
 
     def known_positive_mask(self, users: Tensor, items: Tensor) -> Tensor | None:
         """[B, K] True where ``items[j]`` is a known positive of ``users[i]``; None when not configured."""
         if not self.cfg.mask_known_positives or self.known_pairs.numel() == 0:
             return None
+        if self.known_dense.numel():
+            return self.known_dense.index_select(0, users).index_select(1, items)
         keys = users[:, None].long() * self.n_items + items[None, :].long()
         pos = torch.searchsorted(self.known_pairs, keys).clamp_(max=self.known_pairs.numel() - 1)
         return self.known_pairs[pos] == keys

@@ -276,6 +276,7 @@ class ServeSettings:
     quantize: str | None = None  # overrides serving.quantize
     compare: str | None = None  # a candidate two-tower bundle the inspector shows beside the serving one
     answer_while_loading: bool = False  # 503 "model still loading" until built (feedrank.serving.loading)
+    item2item: str | None = None  # an item2item bundle: the item2item candidate source beside the ANN
 
     def to_env(self) -> dict[str, str]:
         return {SETTINGS_ENV: json.dumps(dataclasses.asdict(self))}
@@ -299,7 +300,8 @@ def build_service(settings: ServeSettings) -> FeedService:
     cfg = serving_config(settings)
     set_threads(cfg.torch_threads)
     ranker = load_bundle(settings.ranker) if settings.ranker else None
-    return FeedService(load_bundle(settings.bundle), cfg, ranker=ranker, log_dir=settings.log)
+    item2item = load_bundle(settings.item2item) if settings.item2item else None
+    return FeedService(load_bundle(settings.bundle), cfg, ranker=ranker, log_dir=settings.log, item2item=item2item)
 
 
 def build_compare(settings: ServeSettings) -> FeedService | None:

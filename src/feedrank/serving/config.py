@@ -202,6 +202,7 @@ class ServingConfig:
 
     ann_candidates: int = 400
     fresh_candidates: int = 100
+    item2item_candidates: int = 200  # from the item2item source, when an item2item bundle is served
     k_default: int = 20
     k_max: int = 100
     history_len: int = 50
@@ -231,7 +232,7 @@ class ServingConfig:
         for name in ("ann_candidates", "k_default", "k_max", "max_events_per_post", "max_body_bytes", "torch_threads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("fresh_candidates", "history_len", "max_seen"):
+        for name in ("fresh_candidates", "item2item_candidates", "history_len", "max_seen"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.k_default > self.k_max:

@@ -14,7 +14,8 @@ serving log. The HTTP layer (``feedrank.serving.app``) only parses and formats.
              else (no stored state, id unknown to the model): the learned default vector, the
                two-tower's output for the OOV user with an empty history -> path "cold_start"
     ann      ANN top ``ann_candidates`` + the ``fresh_candidates`` newest items (+ the
-             ``cold_start.popular_candidates`` most clicked, cold start only); union, each
+             ``cold_start.popular_candidates`` most clicked, cold start only) (+ the
+             ``item2item_candidates`` neighbours of the history, with an item2item bundle); union, each
              candidate tagged with every source that found it ("ann+fresh"); items not yet
              published at ``now`` and (``rerank.remove_seen``) items already shown are dropped
              here, before they cost ranker time
@@ -94,13 +95,14 @@ from feedrank.serving.config import ServingConfig, parse_start_time
 from feedrank.serving.metrics import ServiceMetrics
 from feedrank.serving.rerank import Candidates, rerank
 from feedrank.serving.follow import LogFollower
+from feedrank.serving.item2item import Item2ItemSource
 from feedrank.serving.items import ItemIn, ItemJournal, SharedLock, item_inputs, item_vectors, items_table
 from feedrank.serving.state import EVENT_ID, SERVING_LOG_SCHEMA, EventIn, EventSink, UserStore, UserView, VocabIndex
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], dt.datetime]
-SOURCES = ("ann", "fresh", "popular")  # bit i of a candidate's source mask = found by SOURCES[i]
+SOURCES = ("ann", "fresh", "popular", "item2item")  # bit i of a candidate's source mask = found by SOURCES[i]
 _US_PER_HOUR = 3.6e9
 UNKNOWN_PUBLISHER = "(unknown publisher)"
 
@@ -355,6 +357,7 @@ class FeedService:
         cache: UserVectorCache | None = None,
         clock: Clock | None = None,
         bus: EventBus | None = None,
+        item2item: Bundle | None = None,
     ) -> None:
         cfg.validate()
         if two_tower.kind != "two_tower":
@@ -378,6 +381,7 @@ class FeedService:
         if ranker is not None and cfg.quantize != "none":
             ranker = dataclasses.replace(ranker, model=quantize_ranker(ranker.model.eval(), cfg.quantize))
         self.ranker = RankerInputs.build(ranker, two_tower) if ranker is not None else None
+        self.item2item = Item2ItemSource(item2item, two_tower) if item2item is not None else None
         self.cache = cache if cache is not None else make_cache(cfg.cache)
         # Users whose cached vector could not be invalidated (Redis down or paused): a hit for them
         # may predate their last event, so their feeds skip the cache until an invalidate succeeds.
@@ -423,6 +427,8 @@ class FeedService:
         versions = {"two_tower": self.two_tower.version}
         if self.ranker_bundle is not None:
             versions["ranker"] = self.ranker_bundle.version
+        if self.item2item is not None:
+            versions["item2item"] = self.item2item.bundle.version
         return versions
 
     def check_k(self, k: int | None) -> int:
@@ -505,15 +511,16 @@ class FeedService:
             return self.model.user_vectors(batch)[0].numpy()
 
     def _candidates(self, vector: np.ndarray, view: UserView, now_us: int, cold: bool) -> tuple[np.ndarray, np.ndarray]:
-        """Candidate rows and their source labels: ANN + fresh (+ popular when cold), deduplicated,
-        published by ``now``, not already seen."""
+        """Candidate rows and their source labels: ANN + fresh (+ popular when cold, + item2item when
+        loaded), deduplicated, published by ``now``, not already seen."""
         with self._index_lock.reading():  # publish_items adds to the index (FAISS: no search during an add)
             k = min(self.cfg.ann_candidates, self.index.size)
             _, positions = self.index.search(vector[None], k)
             ann = self.index_rows[positions[0][positions[0] >= 0]]
-        found = [ann, self.catalogue.newest(now_us, self.cfg.fresh_candidates)]
-        if cold:
-            found.append(self.catalogue.popular_rows[: self.cfg.cold_start.popular_candidates])
+        found = [ann, self.catalogue.newest(now_us, self.cfg.fresh_candidates),
+                 self.catalogue.popular_rows[: self.cfg.cold_start.popular_candidates if cold else 0]]  # fmt: skip
+        if self.item2item is not None:
+            found.append(self.item2item.candidates(view.history, self.cfg.item2item_candidates))
         rows = np.concatenate(found)
         bits = np.concatenate([np.full(len(part), 1 << i, np.int64) for i, part in enumerate(found)])
         unique, inverse = np.unique(rows, return_inverse=True)

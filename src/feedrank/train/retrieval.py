@@ -11,6 +11,13 @@
     evaluate   full-catalogue top-k on the time holdout, vs popularity -> OUT/eval/metrics.json
     bundle     save_bundle -> OUT/bundle            (weights, config, vocab, catalogue, metrics)
 
+``retrieval.kind`` picks the model: ``two_tower`` (the default, above) or an item-to-item kind,
+``ease`` or ``covisit`` (``feedrank.models.item2item``, settings in the ``item2item`` section): the
+same features, check, evaluation and bundle steps, with the model fitted in closed form (EASE) or
+by counting (co-visitation) on the train split's engagements instead of trained by the ``Trainer``.
+Its bundle has kind ``item2item``; serving uses it as the ``item2item`` candidate source beside the
+two-tower's ANN (``feedrank serve --item2item``).
+
 The run directory layout, the feature reuse, the loader and preemption are shared with the
 ranking task (``feedrank.train.task``), so both can train in one run directory on one feature build.
 
@@ -37,9 +44,10 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -54,6 +62,7 @@ from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluat
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, check_trainable, load_manifest, parse_ts, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import Vocabularies
+from feedrank.models import item2item as i2i
 from feedrank.models.losses import CachedStep, GlobalPool, accumulation_note, two_tower_loss
 from feedrank.models.two_tower import TwoTowerConfig
 from feedrank.train import distributed as D
@@ -95,6 +104,17 @@ class EvalConfig:
             raise ValueError(f"chunk_users must be >= 1, got {self.chunk_users}")
 
 
+RetrievalKind = Literal["two_tower", "ease", "covisit"]
+ITEM2ITEM_KINDS = ("ease", "covisit")
+
+
+@dataclass
+class RetrievalConfig:
+    """Which retrieval model a run trains (YAML section ``retrieval``)."""
+
+    kind: RetrievalKind = "two_tower"
+
+
 @dataclass
 class RetrievalRunConfig:
     """Everything one retrieval run needs; one YAML file, one section per part.
@@ -103,9 +123,11 @@ class RetrievalRunConfig:
     everything goes (``OUT/train/retrieval`` for the trainer).
     """
 
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     labels: LabelConfig = field(default_factory=LabelConfig)
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
+    item2item: i2i.Item2ItemConfig = field(default_factory=i2i.Item2ItemConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -168,6 +190,11 @@ def train_retrieval(
         vocabs = Vocabularies.load(features_dir / VOCAB_DIR)
         catalogue = training_catalogue(log_dir, vocabs, cfg.features)
 
+        sources = {"log": str(log_dir.resolve()), "log_hash": manifest["source_hash"],
+                   "features": str(features_dir.resolve()), "features_hash": manifest["content_hash"]}
+        if cfg.retrieval.kind in ITEM2ITEM_KINDS:
+            return _fit_item2item(features_dir, out, cfg, vocabs, catalogue, log_dir, manifest, sources) if env.is_main else None
+
         torch.manual_seed(cfg.train.seed)
         model = build_two_tower(to_dict(cfg), vocabs)
         attach_titles(model, catalogue, start_words=True)
@@ -199,14 +226,39 @@ def train_retrieval(
         if evaluation is not None:
             evaluation.write(out / EVAL_DIR)
             metrics |= {"eval": evaluation.metrics_file()}
-        path = save_bundle(
-            out / BUNDLE_DIR, kind="two_tower", model=final, config=to_dict(cfg), vocabs=vocabs, catalogue=catalogue,
-            metrics=metrics, sources={"log": str(log_dir.resolve()), "log_hash": manifest["source_hash"],
-                                      "features": str(features_dir.resolve()), "features_hash": manifest["content_hash"]},
-        )  # fmt: skip
+        path = save_bundle(out / BUNDLE_DIR, kind="two_tower", model=final, config=to_dict(cfg), vocabs=vocabs,
+                           catalogue=catalogue, metrics=metrics, sources=sources)  # fmt: skip
         return load_bundle(path)
     finally:
         D.shutdown(env)
+
+
+def _fit_item2item(features_dir: Path, out: Path, cfg: RetrievalRunConfig, vocabs: Vocabularies, catalogue: pa.Table,
+                   log_dir: Path, manifest: dict, sources: dict[str, Any]) -> Bundle:  # fmt: skip
+    """The item-to-item kinds: fit on the train split's engagements, evaluate, bundle (kind ``item2item``)."""
+    users, items = training_positives(features_dir)
+    x = i2i.interactions(users.numpy(), items.numpy(), vocabs.n_users, vocabs.n_items)
+    started = time.perf_counter()
+    model = i2i.Item2ItemModel(vocabs.n_items, i2i.fit(x, cfg.retrieval.kind, cfg.item2item))
+    seconds = time.perf_counter() - started
+    log.info("%s fitted on %d engagements x %d items in %.1f s (%d neighbours)", cfg.retrieval.kind, x.nnz,
+             vocabs.n_items, seconds, model.indices.numel())  # fmt: skip
+    metrics: dict[str, Any] = {"train": {"fit_seconds": round(seconds, 3), "engagements": int(x.nnz),
+                                         "neighbours": int(model.indices.numel())}}  # fmt: skip
+    evaluation = _evaluate(model, vocabs, catalogue, log_dir, cfg, manifest)
+    if evaluation is not None:
+        evaluation.write(out / EVAL_DIR)
+        metrics |= {"eval": evaluation.metrics_file()}
+    path = save_bundle(out / BUNDLE_DIR, kind="item2item", model=model, config=to_dict(cfg), vocabs=vocabs,
+                       catalogue=catalogue, metrics=metrics, sources=sources)  # fmt: skip
+    return load_bundle(path)
+
+
+def scoring_history_len(cfg: RetrievalRunConfig) -> int:
+    """How many of a user's last engagements the run's model scores from (evaluation and benchmarks)."""
+    if cfg.retrieval.kind in ITEM2ITEM_KINDS:
+        return cfg.item2item.history_len
+    return min(cfg.features.history_len, cfg.two_tower.max_history_len)
 
 
 def _evaluate(model: torch.nn.Module, vocabs: Vocabularies, catalogue: pa.Table, log_dir: Path,
@@ -220,6 +272,6 @@ def _evaluate(model: torch.nn.Module, vocabs: Vocabularies, catalogue: pa.Table,
         return None
     return evaluate_holdout(
         model, vocabs, catalogue, log_dir, split_at, end=parse_ts(cfg.features.cutoff, "cutoff"),
-        history_len=min(cfg.features.history_len, cfg.two_tower.max_history_len), ks=cfg.eval.ks,
-        max_users=cfg.eval.max_users, seed=cfg.eval.seed, chunk_users=cfg.eval.chunk_users,
+        history_len=scoring_history_len(cfg), ks=cfg.eval.ks, max_users=cfg.eval.max_users, seed=cfg.eval.seed,
+        chunk_users=cfg.eval.chunk_users, model_name="two_tower" if cfg.retrieval.kind == "two_tower" else "item2item",
     )  # fmt: skip
