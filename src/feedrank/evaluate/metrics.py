@@ -308,19 +308,24 @@ def _group_ids(sorted_groups: np.ndarray | None, starts: np.ndarray) -> np.ndarr
     return np.zeros(1, dtype=np.int64) if sorted_groups is None else sorted_groups[starts]
 
 
+def _tie_blocks(sorted_scores: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Tie blocks of a group-then-score-sorted array: a block is a run of equal scores inside one
+    group. Returns each row's block index and each block's first row."""
+    n = sorted_scores.shape[0]
+    new_block = np.empty(n, dtype=bool)
+    new_block[0] = True
+    np.not_equal(sorted_scores[1:], sorted_scores[:-1], out=new_block[1:])
+    new_block[starts] = True
+    return np.cumsum(new_block) - 1, np.flatnonzero(new_block)
+
+
 def _rank(labels: np.ndarray, scores: np.ndarray, groups: np.ndarray | None) -> _Ranked:
     """Rank rows within their group by score, descending, and find each row's tie block."""
     order = _lexsort([-scores] if groups is None else [-scores, groups])
     sorted_groups = None if groups is None else groups[order]
     n = order.shape[0]
     group, starts = _group_index(sorted_groups, n)
-    s = scores[order]
-    new_block = np.empty(n, dtype=bool)
-    new_block[0] = True
-    np.not_equal(s[1:], s[:-1], out=new_block[1:])
-    new_block[starts] = True
-    block = np.cumsum(new_block) - 1
-    block_start = np.flatnonzero(new_block)
+    block, block_start = _tie_blocks(scores[order], starts)
     block_size = np.diff(np.append(block_start, n))
     return _Ranked(labels=labels[order], group=group, above=block_start[block] - starts[group],
                    tied=block_size[block], block=block, ids=_group_ids(sorted_groups, starts))  # fmt: skip
@@ -436,15 +441,7 @@ def _auc_per_group(
     order = _lexsort([scores] if groups is None else [scores, groups])
     sorted_groups = None if groups is None else groups[order]
     group, starts = _group_index(sorted_groups, n)
-    s = scores[order]
-    # A tie block is a run of equal scores inside one group; every row in it gets the block's
-    # average position.
-    new_block = np.empty(n, dtype=bool)
-    new_block[0] = True
-    np.not_equal(s[1:], s[:-1], out=new_block[1:])
-    new_block[starts] = True
-    block = np.cumsum(new_block) - 1
-    block_start = np.flatnonzero(new_block)
+    block, block_start = _tie_blocks(scores[order], starts)  # every row in a block: its average position
     block_end = np.append(block_start[1:], n) - 1
     avg_rank = (block_start + block_end)[block] / 2.0 - starts[group] + 1.0
 

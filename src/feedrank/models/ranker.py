@@ -94,6 +94,7 @@ from feedrank.models.towers import (
     check_history,
     check_tokens,
     drop_ids,
+    item_title_table,
     masked_mean,
     mlp,
 )
@@ -304,9 +305,7 @@ class Ranker(nn.Module):
 
     def attach_titles(self, tokens: Tensor) -> None:
         """The title tokens [n_items, T] of every item index (``feedrank.bundle.catalogue_item_tokens``)."""
-        if tokens.dim() != 2 or tokens.shape[0] != self.n_items:
-            raise ValueError(f"item titles must be [n_items, T] = [{self.n_items}, T], got {tuple(tokens.shape)}")
-        self.item_titles = tokens.to(device=self.item_titles.device, dtype=torch.long)
+        self.item_titles = item_title_table(tokens, self.n_items, self.item_titles.device)
 
     def _history_titles(self, history: Tensor, mask: Tensor) -> Tensor:
         """[B, dim] mean title bag of the history's items (zeros for an empty history)."""

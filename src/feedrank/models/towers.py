@@ -304,6 +304,14 @@ class TitleBag(nn.Module):
         self.bag.weight.copy_(vectors)
 
 
+def item_title_table(tokens: Tensor, n_items: int, device: torch.device) -> Tensor:
+    """``tokens`` checked as the [n_items, T] title table by item index, as long on ``device``
+    (the one check behind every model's ``attach_titles``)."""
+    if tokens.dim() != 2 or tokens.shape[0] != n_items:
+        raise ValueError(f"item titles must be [n_items, T] = [{n_items}, T], got {tuple(tokens.shape)}")
+    return tokens.to(device=device, dtype=torch.long)
+
+
 def drop_ids(ids: Tensor, rate: float, training: bool) -> Tensor:
     """``ids`` with a share ``rate`` replaced by OOV (1), in training only.
 
@@ -374,9 +382,7 @@ class ItemTower(nn.Module):
 
     def attach_titles(self, tokens: Tensor) -> None:
         """The title tokens [n_items, T] of every item index (``feedrank.bundle.catalogue_item_tokens``)."""
-        if tokens.dim() != 2 or tokens.shape[0] != self.n_items:
-            raise ValueError(f"item titles must be [n_items, T] = [{self.n_items}, T], got {tuple(tokens.shape)}")
-        self.item_titles = tokens.to(device=self.item_titles.device, dtype=torch.long)
+        self.item_titles = item_title_table(tokens, self.n_items, self.item_titles.device)
 
     def embed_history(self, history: Tensor) -> Tensor:
         """[B, L] item indices -> [B, L, id_dim]: ID rows (+ projected title bags with content)."""

@@ -61,7 +61,7 @@ from feedrank.data.schema import ITEM_SCHEMA, TS_TYPE
 from feedrank.features.build import FeatureConfig
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV
 from feedrank.fsutil import staged_file
-from feedrank.serving.validation import EventContext, check_id, check_ts
+from feedrank.serving.validation import EventContext, check_id, check_ts, check_ts_text
 
 log = logging.getLogger(__name__)
 
@@ -103,9 +103,7 @@ class ItemIn(BaseModel):
     @field_validator("created_ts", mode="before")
     @classmethod
     def _ts_is_text(cls, value: object) -> object:
-        if value is None or isinstance(value, (str, dt.datetime)):
-            return value
-        raise ValueError(f"must be an ISO-8601 string such as '2024-05-01T12:00:00Z', got {type(value).__name__}")
+        return check_ts_text(value)
 
     @field_validator("created_ts")
     @classmethod

@@ -64,7 +64,7 @@ from feedrank.features.user_state import user_state
 from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab
 from feedrank.fsutil import staged_file
 from feedrank.serving.config import EventLogConfig
-from feedrank.serving.validation import check_dwell, check_id, check_ts
+from feedrank.serving.validation import check_dwell, check_id, check_ts, check_ts_text
 
 log = logging.getLogger(__name__)
 
@@ -461,9 +461,7 @@ class EventIn(BaseModel):
     @field_validator("ts", mode="before")
     @classmethod
     def _ts_is_text(cls, value: object) -> object:
-        if value is None or isinstance(value, (str, dt.datetime)):
-            return value
-        raise ValueError(f"must be an ISO-8601 string such as '2024-05-01T12:00:00Z', got {type(value).__name__}")
+        return check_ts_text(value)
 
     @field_validator("ts")
     @classmethod

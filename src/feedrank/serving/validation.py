@@ -57,6 +57,14 @@ class EventContext:
     limits: RequestLimits
 
 
+def check_ts_text(value: object) -> object:
+    """A timestamp field's raw value before parsing: ISO-8601 text (or a datetime), or None.
+    Refuses numbers, which pydantic would otherwise read as epoch seconds."""
+    if value is None or isinstance(value, (str, dt.datetime)):
+        return value
+    raise ValueError(f"must be an ISO-8601 string such as '2024-05-01T12:00:00Z', got {type(value).__name__}")
+
+
 def check_ts(ts: dt.datetime, ctx: EventContext | None) -> dt.datetime:
     """``ts`` as aware UTC (naive is taken as UTC), refused outside ``ctx``'s window of ``ctx.now``.
 
