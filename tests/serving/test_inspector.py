@@ -131,3 +131,12 @@ def test_truth_view_is_the_worlds_truth(client, serving_world):
     items = client.get("/inspect/feed", params={"user_id": user}).json()["items"]
     truth = world.true_affinity(np.int64(row), world.item_index([i["item_id"] for i in items]))
     assert [i["true_utility"] for i in items] == pytest.approx(truth.tolist(), abs=1e-4)
+
+
+def test_a_click_reaches_the_compare_feed_too(client):
+    user = client.get("/inspect/users", params={"kind": "warm"}).json()["user_id"]
+    shown = [i["item_id"] for i in client.get("/inspect/feed", params={"user_id": user, "bundle": "compare"}).json()["items"]]
+    event = {"user_id": user, "item_id": shown[0], "clicked": True, "dwell_s": 12.0}
+    assert client.post("/events", json=event).json() == {"accepted": 1}
+    after = [i["item_id"] for i in client.get("/inspect/feed", params={"user_id": user, "bundle": "compare"}).json()["items"]]
+    assert shown[0] not in after  # the compare service applied the click: its feed no longer shows it

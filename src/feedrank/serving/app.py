@@ -56,8 +56,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import os
+import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -84,6 +86,7 @@ from feedrank.serving.state import EventIn
 from feedrank.serving.validation import EventContext, check_id, json_depth, short
 
 SETTINGS_ENV = "FEEDRANK_SERVE_SETTINGS"
+log = logging.getLogger(__name__)
 _EVENTS = TypeAdapter(list[EventIn])
 _DETAIL_BYTES = 160  # a string detail
 _FIELD_BYTES, _MSG_BYTES = 48, 100  # one entry of a 422's list
@@ -172,10 +175,14 @@ def create_app(service: FeedService, compare: FeedService | None = None, log_dir
         except HTTPException:
             service.metrics.events.labels("rejected").inc(count)
             raise
+        if compare is not None:  # one event id for both services: a copy arriving on the bus is a retry
+            parsed = [e if e.event_id else e.model_copy(update={"event_id": uuid.uuid4().hex}) for e in parsed]
         try:
             accepted = await run_in_threadpool(service.record_events, parsed)  # counts its own rejections
         except EventError as exc:
             raise HTTPException(422, detail=str(exc)) from exc
+        if compare is not None:
+            await run_in_threadpool(_mirror_events, compare, parsed)
         return {"accepted": accepted}
 
     add_item_routes(app, service, guarded)  # POST /items (feedrank.serving.items)
@@ -302,6 +309,16 @@ def build_service(settings: ServeSettings) -> FeedService:
     ranker = load_bundle(settings.ranker) if settings.ranker else None
     item2item = load_bundle(settings.item2item) if settings.item2item else None
     return FeedService(load_bundle(settings.bundle), cfg, ranker=ranker, log_dir=settings.log, item2item=item2item)
+
+
+def _mirror_events(compare: FeedService, events: list[EventIn]) -> None:
+    """The primary's accepted events into the inspector's compare service (its own event log), so
+    a click on the page changes both feeds. An event the compare bundle cannot take (an item its
+    catalogue lacks) is logged and skipped: the compare view never fails the real POST."""
+    try:
+        compare.record_events(events)
+    except EventError as exc:
+        log.warning("compare service did not take the events: %s", exc)
 
 
 def build_compare(settings: ServeSettings) -> FeedService | None:
