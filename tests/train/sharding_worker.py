@@ -86,7 +86,7 @@ def make_data(micro: int, shards: int, rank: int = 0, world: int = 1) -> Callabl
     def data(epoch: int) -> Iterator[Batch]:
         for i in range(BATCHES_PER_EPOCH):
             b = global_batch(epoch, i, micro * shards)
-            yield Batch(**{k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in vars(b).items()})
+            yield Batch(**{k: None if v is None else v[rank * per_rank:(rank + 1) * per_rank] for k, v in vars(b).items()})
 
     return data
 

@@ -47,7 +47,7 @@ def test_ease_run_bundles_the_closed_form_of_the_train_engagements(ease_run):
 def test_ease_run_is_evaluated_against_popularity(ease_run, world):
     out, bundle = ease_run
     doc = json.loads((out / "eval" / "metrics.json").read_text())
-    assert set(doc["models"]) == {"item2item", "popularity"}
+    assert set(doc["models"]) == {"item2item", "popularity", "random", "oracle"}  # the world has truth/: an oracle row
     again = evaluate_bundle(bundle, world, out_dir=out / "eval2")  # `evaluate retrieval`'s path: same numbers
     assert again.model["recall@10"] == pytest.approx(doc["models"]["item2item"]["recall@10"]["value"])
     # scored from the histories, not a copy of the popularity list (the quality is the benchmark's to measure)
