@@ -111,6 +111,7 @@ def catalogue(vocabs: Vocabularies, rng: np.random.Generator) -> pa.Table:
         "first_seen_ts": pa.array(created_us, TS_TYPE, mask=~real),
         "train_impressions": imps.astype(np.int64),
         "train_clicks": rng.binomial(imps, 0.05).astype(np.int64),
+        "title_tokens": pa.ListArray.from_arrays(np.zeros(n + 1, np.int32), pa.array([], pa.int64())),  # ID-only models
     }, schema=CATALOGUE_SCHEMA)  # fmt: skip
 
 
