@@ -1,10 +1,14 @@
 """Fixtures for tests/index: a small clustered catalogue (uniform random vectors are a pathological
-ANN case; real embeddings cluster by topic) and its item ids."""
+ANN case; real embeddings cluster by topic) and its item ids, and a typer app with the
+`feedrank index` group registered (the CLI tests)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+import typer
+
+from feedrank.commands import index as index_commands
 
 
 def clustered(n: int, dim: int, seed: int, clusters: int = 20) -> np.ndarray:
@@ -30,3 +34,15 @@ def user_queries() -> np.ndarray:
 def make_clustered():
     """``clustered`` itself, for tests that need their own sizes (conftest is not importable)."""
     return clustered
+
+
+@pytest.fixture(scope="module")
+def app() -> typer.Typer:
+    root = typer.Typer()
+
+    @root.callback()
+    def main() -> None:
+        """Keeps the test app a group."""
+
+    index_commands.register(root)
+    return root

@@ -8,25 +8,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from feedrank.commands import index as index_commands
 from feedrank.index import load_index, read_manifest
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    root = typer.Typer()
-
-    @root.callback()
-    def main() -> None:
-        """Keeps the test app a group."""
-
-    index_commands.register(root)
-    return root
 
 
 @pytest.fixture

@@ -7,10 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-import typer
 from typer.testing import CliRunner
 
-from feedrank.commands import index as index_commands
 from feedrank.index import IndexConfig, build_index, load_index, read_manifest
 from feedrank.index import build as build_module
 from feedrank.index.build import IndexInputError, check_vectors
@@ -63,18 +61,6 @@ def test_refine_depth_is_a_search_knob(memmapped) -> None:
     plain = build_index(memmapped[:2_000], ids[:2_000], IndexConfig(kind="ivfpq", nlist=8, pq_m=8, pq_nbits=4))
     with pytest.raises(IndexInputError, match="only an ivfpq index built with a re-rank"):
         plain.tune(refine_k_factor=4)
-
-
-@pytest.fixture(scope="module")
-def app() -> typer.Typer:
-    root = typer.Typer()
-
-    @root.callback()
-    def main() -> None:
-        """Keeps the test app a group."""
-
-    index_commands.register(root)
-    return root
 
 
 @pytest.mark.slow
