@@ -221,14 +221,8 @@ def train_retrieval(
         final = build_two_tower(to_dict(cfg), vocabs)
         final.load_state_dict(load_model_state(result.checkpoint))
         attach_titles(final, catalogue)
-        evaluation = _evaluate(final, vocabs, catalogue, log_dir, cfg, manifest)
-        metrics: dict[str, Any] = {"train": result.metrics}
-        if evaluation is not None:
-            evaluation.write(out / EVAL_DIR)
-            metrics |= {"eval": evaluation.metrics_file()}
-        path = save_bundle(out / BUNDLE_DIR, kind="two_tower", model=final, config=to_dict(cfg), vocabs=vocabs,
-                           catalogue=catalogue, metrics=metrics, sources=sources)  # fmt: skip
-        return load_bundle(path)
+        return _evaluate_and_bundle(final, "two_tower", {"train": result.metrics}, out, cfg, vocabs, catalogue,
+                                    log_dir, manifest, sources)  # fmt: skip
     finally:
         D.shutdown(env)
 
@@ -243,13 +237,21 @@ def _fit_item2item(features_dir: Path, out: Path, cfg: RetrievalRunConfig, vocab
     seconds = time.perf_counter() - started
     log.info("%s fitted on %d engagements x %d items in %.1f s (%d neighbours)", cfg.retrieval.kind, x.nnz,
              vocabs.n_items, seconds, model.indices.numel())  # fmt: skip
-    metrics: dict[str, Any] = {"train": {"fit_seconds": round(seconds, 3), "engagements": int(x.nnz),
-                                         "neighbours": int(model.indices.numel())}}  # fmt: skip
+    train = {"fit_seconds": round(seconds, 3), "engagements": int(x.nnz), "neighbours": int(model.indices.numel())}
+    return _evaluate_and_bundle(model, "item2item", {"train": train}, out, cfg, vocabs, catalogue, log_dir, manifest,
+                                sources)  # fmt: skip
+
+
+def _evaluate_and_bundle(model: torch.nn.Module, kind: str, metrics: dict[str, Any], out: Path, cfg: RetrievalRunConfig,
+                         vocabs: Vocabularies, catalogue: pa.Table, log_dir: Path, manifest: dict,
+                         sources: dict[str, Any]) -> Bundle:  # fmt: skip
+    """Every retrieval kind's last step: the holdout evaluation (written to ``OUT/eval`` and named in
+    the bundle's metrics when the build has a test split), then the bundle, loaded back."""
     evaluation = _evaluate(model, vocabs, catalogue, log_dir, cfg, manifest)
     if evaluation is not None:
         evaluation.write(out / EVAL_DIR)
-        metrics |= {"eval": evaluation.metrics_file()}
-    path = save_bundle(out / BUNDLE_DIR, kind="item2item", model=model, config=to_dict(cfg), vocabs=vocabs,
+        metrics = metrics | {"eval": evaluation.metrics_file()}
+    path = save_bundle(out / BUNDLE_DIR, kind=kind, model=model, config=to_dict(cfg), vocabs=vocabs,
                        catalogue=catalogue, metrics=metrics, sources=sources)  # fmt: skip
     return load_bundle(path)
 
