@@ -175,9 +175,20 @@ def item_counters(catalogue: pa.Table, features: FeatureConfig) -> np.ndarray:
     clicks, scaled, and the CTR shrunk to ``features.ctr_prior``, by the functions
     ``point_in_time_counters`` uses), static at serving: the item side of the ranker's inputs,
     computed once."""
-    imps, clicks = catalogue["train_impressions"].to_numpy(), catalogue["train_clicks"].to_numpy()
+    return counter_rows(catalogue["train_impressions"].to_numpy(), catalogue["train_clicks"].to_numpy(), features)
+
+
+def counter_rows(imps: np.ndarray, clicks: np.ndarray, features: FeatureConfig) -> np.ndarray:
+    """[n, 3] float item counters of ``imps`` impressions and ``clicks`` clicks per item."""
     ctr = shrunk_ctr(clicks, imps, features.ctr_prior, features.ctr_prior_weight)
     return np.stack([scale_counts(imps), scale_counts(clicks), ctr], axis=1)
+
+
+def counter_config(ranker: Bundle) -> FeatureConfig:
+    """The CTR prior the ranker was trained with (its bundle's ``features``), the one setting of
+    the feature build the serving-side item counters need."""
+    return FeatureConfig(**{k: v for k, v in ranker.config.get("features", {}).items()
+                            if k in ("ctr_prior", "ctr_prior_weight")})  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------------------
@@ -306,9 +317,7 @@ class RankerInputs:
                              f"the two-tower bundle {two_tower.path} makes dim {tt_dim}")  # fmt: skip
         idx = lookup_quiet(ranker.vocabs.items, two_tower.catalogue["item_id"])
         idx[PAD] = PAD
-        features = FeatureConfig(**{k: v for k, v in ranker.config.get("features", {}).items()
-                                    if k in ("ctr_prior", "ctr_prior_weight")})  # fmt: skip
-        counters = item_counters(ranker.catalogue, features)[idx][:, : model.n_item_counters]
+        counters = item_counters(ranker.catalogue, counter_config(ranker))[idx][:, : model.n_item_counters]
         return cls(
             bundle=ranker, item_idx=idx, item_cats=catalogue_item_cats(ranker.catalogue)[torch.from_numpy(idx)],
             item_tokens=catalogue_item_tokens(ranker.catalogue)[torch.from_numpy(idx)],
@@ -317,13 +326,12 @@ class RankerInputs:
             use_vectors=model.cfg.two_tower_dim > 0,
         )  # fmt: skip
 
-    def extended(self, items: pa.Table, features: FeatureConfig) -> RankerInputs:
+    def extended(self, items: pa.Table) -> RankerInputs:
         """These inputs plus one row per published item: OOV index, its content in the ranker's
         vocabularies, the counters of an item without impressions."""
         inputs = item_inputs(self.bundle, items)
         zeros = np.zeros(items.num_rows, np.int64)
-        counters = np.stack([scale_counts(zeros), scale_counts(zeros), shrunk_ctr(zeros, zeros, features.ctr_prior,
-                             features.ctr_prior_weight)], axis=1)[:, : self.bundle.model.n_item_counters]  # fmt: skip
+        counters = counter_rows(zeros, zeros, counter_config(self.bundle))[:, : self.bundle.model.n_item_counters]
         return dataclasses.replace(
             self, item_idx=np.concatenate([self.item_idx, inputs.item.numpy()]),
             item_cats=torch.cat([self.item_cats, inputs.item_cats]), item_tokens=cat_padded(self.item_tokens, inputs.tokens),
@@ -739,9 +747,7 @@ class FeedService:
         first = len(self.catalogue.item_ids)
         self.catalogue = self.catalogue.extended(table, born_us, vectors)
         if self.ranker is not None:
-            features = FeatureConfig(**{k: v for k, v in self.ranker.bundle.config.get("features", {}).items()
-                                        if k in ("ctr_prior", "ctr_prior_weight")})  # fmt: skip
-            self.ranker = self.ranker.extended(table, features)
+            self.ranker = self.ranker.extended(table)
         rows = np.arange(first, first + table.num_rows)
         with self._index_lock.writing():
             self.index_rows = np.concatenate([self.index_rows, rows])
