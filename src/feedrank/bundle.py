@@ -220,11 +220,14 @@ def attach_titles(model: nn.Module, catalogue: pa.Table, start_words: bool = Fal
     """Give a model that reads titles the title tokens of every item index (its history lookups
     need them, ``ItemTower.embed_history``); models without titles are left alone. ``start_words``
     (a training task, before training) also sets every title bag's word vectors to the catalogue
-    titles' co-occurrence vectors (``feedrank.features.text``)."""
+    titles' co-occurrence vectors (``feedrank.features.text``). A ranker that matches its history's
+    categoricals (``ranker.history_match``) gets every item index's categorical indices the same way."""
     tokens = catalogue_item_tokens(catalogue)
     for module in model.modules():
         if hasattr(module, "attach_titles") and getattr(module, "reads_titles", False):
             module.attach_titles(tokens)
+        if getattr(module, "reads_history_cats", False):
+            module.attach_item_cats(catalogue_item_cats(catalogue))
         if start_words and isinstance(module, TitleBag):
             n_tokens, dim = module.bag.weight.shape
             module.start_from(torch.from_numpy(title_word_vectors(tokens.numpy(), n_tokens, dim)))

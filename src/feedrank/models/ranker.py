@@ -139,6 +139,7 @@ class RankerConfig:
     max_history_len: int = 50
     max_positions: int = 20  # positions >= this share the last position bias
     title_tokens: bool = False  # a title bag-of-words field on the item side (needs a token vocabulary)
+    history_match: bool = False  # the history's categorical bags as user fields + every history/candidate cosine
     item_id_dropout: float = 0.0  # training rows whose item ID is read as OOV (new items: content only)
     two_tower_dim: int = 0  # 0 = no two-tower inputs; else the width of the two-tower vectors
     two_tower_dropout: float = 0.1  # training rows whose two-tower vectors are marked missing
@@ -276,20 +277,33 @@ class Ranker(nn.Module):
         self.item_counters = dense_field(n_item_counters, d) if n_item_counters else None
         self.freshness = dense_field(1, d)
         self.title = TitleBag(n_tokens, d) if cfg.title_tokens else None
-        self.title_match = dense_field(1, d) if cfg.title_tokens else None
+        n_cats = len(item_cat_sizes)
+        # (user field, item field) pairs whose cosines make the match field (heads_from_fields): the
+        # history's title bag and the candidate's; with history_match also the pooled history and the
+        # candidate's ID, and each categorical column's history bag and the candidate's value.
+        n_user_fields = (2 + len(user_cat_sizes) + cfg.title_tokens + n_cats * cfg.history_match
+                         + bool(n_user_counters) + bool(cfg.two_tower_dim))  # fmt: skip
+        n_item_fields = 2 + n_cats + cfg.title_tokens + bool(n_item_counters) + bool(cfg.two_tower_dim)
+        history_field, item_cat_field = 1 + len(user_cat_sizes), n_user_fields + 1  # field order: user_fields, item_fields
+        pairs = []
+        if cfg.title_tokens:
+            pairs.append((history_field + 1, n_user_fields + 2 + n_cats))
+        if cfg.history_match:
+            first_bag = history_field + 1 + cfg.title_tokens
+            pairs += [(history_field, n_user_fields)] + [(first_bag + j, item_cat_field + j) for j in range(n_cats)]
+        self._match_pairs = tuple(pairs)
+        self.match = dense_field(len(pairs), d) if pairs else None
         # [n_items, T] title tokens by item index (attach_titles); not saved: the catalogue holds them
         self.register_buffer("item_titles", torch.zeros(0, 1, dtype=torch.long), persistent=False)
+        # [n_items, n_item_cats] categorical indices by item index (attach_item_cats), for history_match
+        self.register_buffer("item_cat_table", torch.zeros(0, n_cats, dtype=torch.long), persistent=False)
         tt = cfg.two_tower_dim
         self.user_vector = OptionalVector(tt, d, cfg.two_tower_dropout) if tt else None
         self.item_vector = OptionalVector(tt, d, cfg.two_tower_dropout) if tt else None
 
-        n_user_fields = 2 + len(user_cat_sizes) + cfg.title_tokens + bool(n_user_counters) + bool(tt)  # id, history, ...
-        n_item_fields = 2 + len(item_cat_sizes) + cfg.title_tokens + bool(n_item_counters) + bool(tt)  # id, freshness, ...
-        # where heads_from_fields finds the history's and the candidate's title bags (field order of
-        # user_fields and item_fields: id, categoricals, history | freshness, then the title field)
-        self._title_fields = (2 + len(user_cat_sizes), n_user_fields + 2 + len(item_cat_sizes))
         self.interaction = build_interaction(
-            cfg.interaction, n_user_fields + n_item_fields + cfg.title_tokens, d, cross_layers=cfg.cross_layers, cross_rank=cfg.cross_rank
+            cfg.interaction, n_user_fields + n_item_fields + bool(pairs), d, cross_layers=cfg.cross_layers,
+            cross_rank=cfg.cross_rank,
         )
         # mlp() ends in a bare Linear; the shared bottom keeps only its Linear-LayerNorm-GELU blocks.
         self.bottom = mlp(self.interaction.out_dim, cfg.hidden, 1, cfg.dropout)[:-1]
@@ -306,6 +320,26 @@ class Ranker(nn.Module):
     def attach_titles(self, tokens: Tensor) -> None:
         """The title tokens [n_items, T] of every item index (``feedrank.bundle.catalogue_item_tokens``)."""
         self.item_titles = item_title_table(tokens, self.n_items, self.item_titles.device)
+
+    @property
+    def reads_history_cats(self) -> bool:
+        return self.cfg.history_match
+
+    def attach_item_cats(self, item_cats: Tensor) -> None:
+        """The categorical indices [n_items, n_item_cats] of every item index (``feedrank.bundle.catalogue_item_cats``)."""
+        if item_cats.dim() != 2 or item_cats.shape != (self.n_items, len(self.item_cats.sizes)):
+            raise ValueError(f"item categoricals must be [n_items, n_item_cats] = [{self.n_items}, "
+                             f"{len(self.item_cats.sizes)}], got {tuple(item_cats.shape)}")  # fmt: skip
+        self.item_cat_table = item_cats.to(device=self.item_cat_table.device, dtype=torch.long)
+
+    def _history_cats(self, history: Tensor, mask: Tensor) -> list[Tensor]:
+        """Per item categorical column, the [B, dim] mean embedding of the history items' values (the
+        candidate's table, so a history bag and a candidate's value live in one space)."""
+        if self.item_cat_table.shape[0] != self.n_items:
+            raise RuntimeError("this ranker matches history categoricals: attach the catalogue's with "
+                               "attach_item_cats(cats) first (load_bundle and the training task do)")  # fmt: skip
+        cats = self.item_cat_table[history]  # [B, L, n_item_cats]
+        return [masked_mean(table(cats[..., j]), mask) for j, table in enumerate(self.item_cats.tables)]
 
     def _history_titles(self, history: Tensor, mask: Tensor) -> Tensor:
         """[B, dim] mean title bag of the history's items (zeros for an empty history)."""
@@ -335,6 +369,8 @@ class Ranker(nn.Module):
         fields = [ident, *cats.split(self.cfg.dim, dim=-1), pooled.to(ident.dtype)]
         if self.title is not None:
             fields.append(self._history_titles(history, history_mask).to(ident.dtype))
+        if self.cfg.history_match:
+            fields += [bag.to(ident.dtype) for bag in self._history_cats(history, history_mask)]
         if self.user_counters is not None:
             fields.append(self.user_counters(counters.float()))
         fields += self._vector_field(self.user_vector, vector, b, "user_vec")
@@ -376,11 +412,11 @@ class Ranker(nn.Module):
 
     def heads_from_fields(self, fields: Tensor) -> dict[str, Tensor]:
         """Head outputs {click, dwell, share, hide} [B] of fields [B, F, dim]: interaction, bottom, heads
-        (with titles, the title-match field is computed here, where both sides meet)."""
-        if self.title_match is not None:
-            user_titles, item_titles = fields[:, self._title_fields[0]], fields[:, self._title_fields[1]]
-            match = F.cosine_similarity(user_titles.float(), item_titles.float(), dim=-1, eps=1e-6)
-            fields = torch.cat([fields, self.title_match(match[:, None]).to(fields.dtype)[:, None]], dim=1)
+        (the match field is computed here, where both sides meet)."""
+        if self.match is not None:
+            users, items = (torch.tensor(side, device=fields.device) for side in zip(*self._match_pairs))
+            cosines = F.cosine_similarity(fields[:, users].float(), fields[:, items].float(), dim=-1, eps=1e-6)
+            fields = torch.cat([fields, self.match(cosines).to(fields.dtype)[:, None]], dim=1)
         shared = self.bottom(self.interaction(fields))
         return {name: head(shared).squeeze(-1) for name, head in self.heads.items()}
 
