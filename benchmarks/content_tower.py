@@ -119,7 +119,8 @@ def main() -> None:
             rows = holdout(run / "features")
             oracle = oracle_scores(out / "log", rows)
         results["models"][f"two_tower/{variant}"] = figures(score(bundle, rows, tt.max_history_len), rows, oracle)
-        rk = dataclasses.replace(ranking.ranker, title_tokens=content, item_id_dropout=ID_DROPOUT if content else 0.0)
+        rk = dataclasses.replace(ranking.ranker, title_tokens=content, history_match=content and ranking.ranker.history_match,
+                                 item_id_dropout=ID_DROPOUT if content else 0.0)  # fmt: skip
         ranker = train_ranking(out / "log", run, dataclasses.replace(ranking, ranker=rk), progress=False, evaluate=False)
         results["models"][f"ranker/{variant}"] = figures(score(ranker, rows, rk.max_history_len), rows, oracle)
         # as the demo runs it: on the vectors of the ID-only two-tower (a content two-tower's vectors

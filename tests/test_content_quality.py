@@ -59,7 +59,8 @@ def _configs(features=None):
 
 
 def _ranker(log: Path, run: Path, ranking, content: bool):
-    rk = dataclasses.replace(ranking.ranker, title_tokens=content, item_id_dropout=ID_DROPOUT if content else 0.0)
+    rk = dataclasses.replace(ranking.ranker, title_tokens=content, history_match=content and ranking.ranker.history_match,
+                             item_id_dropout=ID_DROPOUT if content else 0.0)  # fmt: skip
     return train_ranking(log, run, dataclasses.replace(ranking, ranker=rk), progress=False, evaluate=False)
 
 

@@ -185,7 +185,7 @@ def split_batches(ctx: LabContext, n_train: int, n_holdout: int, batch_size: int
 
 def build_lab_ranker(ctx: LabContext) -> nn.Module:
     """``configs/ranking_demo.yaml``'s ranker without two-tower inputs and with negative_rate 1 (the
-    lab trains on every impression), and without titles (the labs' figures are of the ID-only
+    lab trains on every impression), and without titles or history match (the labs' figures are of the ID-only
     ranker, docs/labs.md), seeded by ``ctx.seed``."""
     from feedrank.bundle import build_ranker
     from feedrank.config import to_dict
@@ -193,7 +193,8 @@ def build_lab_ranker(ctx: LabContext) -> nn.Module:
 
     cfg = load_ranking_config(RANKING_CONFIG)
     cfg = dataclasses.replace(cfg, ranker=dataclasses.replace(cfg.ranker, two_tower_dim=0, negative_rate=1.0,
-                                                              title_tokens=False, item_id_dropout=0.0))
+                                                              title_tokens=False, history_match=False,
+                                                              item_id_dropout=0.0))
     torch.manual_seed(ctx.seed)
     return build_ranker(to_dict(cfg), ctx.vocabs)
 
