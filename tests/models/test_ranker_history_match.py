@@ -108,3 +108,13 @@ def test_history_match_needs_the_catalogue_categoricals():
         model.predict(batch)
     with pytest.raises(ValueError, match=r"\[n_items, n_item_cats\]"):
         model.attach_item_cats(torch.zeros(N_ITEMS, 1, dtype=torch.long))
+
+
+def test_weights_saved_under_the_old_title_match_name_still_load():
+    model = ranker(history_match=False)
+    old = {(k.replace("match.", "title_match.", 1) if k.startswith("match.") else k): v for k, v in model.state_dict().items()}
+    assert any(k.startswith("title_match.") for k in old)
+    fresh = ranker(history_match=False)
+    torch.nn.init.zeros_(fresh.match[0].weight)
+    fresh.load_state_dict(old, strict=True)
+    torch.testing.assert_close(fresh.match[0].weight, model.match[0].weight)

@@ -303,6 +303,7 @@ class Ranker(nn.Module):
             pairs += [(history_field, n_user_fields)] + [(first_bag + j, item_cat_field + j) for j in range(n_cats)]
         self._match_pairs = tuple(pairs)
         self.match = dense_field(len(pairs), d) if pairs else None
+        self._register_load_state_dict_pre_hook(_renamed_title_match)
         # [n_items, T] title tokens by item index (attach_titles); not saved: the catalogue holds them
         self.register_buffer("item_titles", torch.zeros(0, 1, dtype=torch.long), persistent=False)
         # [n_items, n_item_cats] categorical indices by item index (attach_item_cats), for history_match
@@ -496,6 +497,13 @@ class Ranker(nn.Module):
         item_rows = self.item_fields(items.item, items.item_cats, items.item_age_h, items.counters, items.vectors, items.tokens)
         fields = torch.cat([users.expand(item_rows.shape[0], -1, -1), item_rows], dim=1)
         return self.predictions(self.heads_from_fields(fields))
+
+
+def _renamed_title_match(state: dict, prefix: str, *_args) -> None:
+    """Bundles saved before the match field read more than titles call it ``title_match``: the same
+    module with one input (the title cosine), so their weights load under the new name."""
+    for key in [k for k in state if k.startswith(prefix + "title_match.")]:
+        state[prefix + "match." + key[len(prefix + "title_match."):]] = state.pop(key)
 
 
 def value_score(preds: Mapping[str, Tensor], weights: HeadWeights) -> Tensor:
