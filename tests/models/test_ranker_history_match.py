@@ -24,12 +24,14 @@ def titles(seed: int = 1) -> torch.Tensor:
     return torch.randint(2, N_TOKENS, (N_ITEMS, T), generator=torch.Generator().manual_seed(seed))
 
 
-def ranker(history_match: bool = True, **cfg) -> Ranker:
+def ranker(history_match: bool = True, title_tokens: bool = True, **cfg) -> Ranker:
     torch.manual_seed(0)
-    model = Ranker(RankerConfig(dim=8, hidden=[16], dropout=0.0, title_tokens=True, history_match=history_match, **cfg),
+    model = Ranker(RankerConfig(dim=8, hidden=[16], dropout=0.0, title_tokens=title_tokens, history_match=history_match,
+                                **cfg),
                    N_USERS, N_ITEMS, USER_CAT_SIZES, ITEM_CAT_SIZES, n_user_counters=1, n_item_counters=1,
                    n_tokens=N_TOKENS)  # fmt: skip
-    model.attach_titles(titles())
+    if title_tokens:
+        model.attach_titles(titles())
     if history_match:
         model.attach_item_cats(catalogue_cats())
     return model.eval()
@@ -51,12 +53,13 @@ def match_inputs(model: Ranker, batch) -> torch.Tensor:
     return seen[0]
 
 
-def test_every_pair_matches_a_history_of_the_candidate_itself():
-    model = ranker()
+@pytest.mark.parametrize("title_tokens", [True, False])
+def test_every_pair_matches_a_history_of_the_candidate_itself(title_tokens):
+    model = ranker(title_tokens=title_tokens)
     batch = with_catalogue(random_batch(b=6, empty_rows=0), catalogue_cats())
     own = dataclasses.replace(batch, history=batch.item[:, None].repeat(1, 3), history_mask=torch.ones(6, 3, dtype=torch.bool))
     cosines = match_inputs(model, own)
-    assert cosines.shape == (6, 2 + len(ITEM_CAT_SIZES))  # title, id, one per item categorical
+    assert cosines.shape == (6, title_tokens + 1 + len(ITEM_CAT_SIZES))  # title, id, one per item categorical
     # the history's mean of the candidate's own title, ID and values is the candidate's: cosine 1
     # for every pair, which a pair pointing at the wrong field would not give
     torch.testing.assert_close(cosines, torch.ones_like(cosines))

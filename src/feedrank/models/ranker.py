@@ -301,8 +301,11 @@ class Ranker(nn.Module):
         if cfg.history_match:
             first_bag = history_field + 1 + cfg.title_tokens
             pairs += [(history_field, n_user_fields)] + [(first_bag + j, item_cat_field + j) for j in range(n_cats)]
-        self._match_pairs = tuple(pairs)
         self.match = dense_field(len(pairs), d) if pairs else None
+        # the pairs' field indices (not saved: derived from the config), on the model's device
+        users, items = zip(*pairs) if pairs else ((), ())
+        self.register_buffer("_match_users", torch.tensor(users, dtype=torch.long), persistent=False)
+        self.register_buffer("_match_items", torch.tensor(items, dtype=torch.long), persistent=False)
         self._register_load_state_dict_pre_hook(_renamed_title_match)
         # [n_items, T] title tokens by item index (attach_titles); not saved: the catalogue holds them
         self.register_buffer("item_titles", torch.zeros(0, 1, dtype=torch.long), persistent=False)
@@ -425,8 +428,8 @@ class Ranker(nn.Module):
         """Head outputs {click, dwell, share, hide} [B] of fields [B, F, dim]: interaction, bottom, heads
         (the match field is computed here, where both sides meet)."""
         if self.match is not None:
-            users, items = (torch.tensor(side, device=fields.device) for side in zip(*self._match_pairs))
-            cosines = F.cosine_similarity(fields[:, users].float(), fields[:, items].float(), dim=-1, eps=1e-6)
+            users, items = fields[:, self._match_users].float(), fields[:, self._match_items].float()
+            cosines = F.cosine_similarity(users, items, dim=-1, eps=1e-6)
             fields = torch.cat([fields, self.match(cosines).to(fields.dtype)[:, None]], dim=1)
         shared = self.bottom(self.interaction(fields))
         return {name: head(shared).squeeze(-1) for name, head in self.heads.items()}
