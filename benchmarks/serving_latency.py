@@ -16,11 +16,15 @@ and a large fp32 matmul's GFLOP/s, the roofline; it prints the GFLOP/s the rank 
 The summary prints each run against issue #15's targets as ratios: sequential e2e p99 against 10 ms,
 concurrent QPS against 300 and concurrent p99 against 50 ms (the targets are for 2 workers).
 
-The models are untrained but full-size: a two-tower (dim 64) and a ranker (DCN-v2, two-tower
-inputs) with vocabularies of ``--items`` items and ``--users`` users, so every embedding lookup,
-the item tower over the catalogue at startup, the index and the ranker's 500-candidate pass cost
-what they would with trained weights. Users with a history of ``--history`` engagements (seeded
-from a synthetic canonical log) make up most requests; ``--cold-share`` are unknown users.
+The two-tower is a trained one scaled to ``--items`` items and ``--users`` users (``--vectors
+trained``, the default): ``--trained-bundle``'s weights (``make demo`` writes ``runs/demo/bundle``),
+with each ID-table row a random trained row plus ``--noise`` times that column's spread in
+Gaussian noise (``scaled_two_tower``), so the item vectors are clustered as trained ones are and
+the printed IVF/HNSW recall is that of a trained distribution. ``--vectors untrained`` builds a
+full-size untrained two-tower (dim 64) instead. The ranker (DCN-v2, two-tower inputs) is untrained
+but full-size: its 500-candidate pass costs what it would with trained weights. Users with a
+history of ``--history`` engagements (seeded from a synthetic canonical log) make up most
+requests; ``--cold-share`` are unknown users.
 
 ``--profile N`` also runs N feeds in-process under cProfile (after a warm-up) and prints the top
 functions by cumulative time: where the milliseconds go.
@@ -30,7 +34,8 @@ functions by cumulative time: where the milliseconds go.
     .venv/bin/python benchmarks/serving_latency.py --items 100000 --sequential 100 --concurrent 200
     .venv/bin/python benchmarks/serving_latency.py --kinds ivf --workers 1,2 --sequential 200 --concurrent 300   # docs/benchmarks.md
 
-Artifacts (bundles, log, one index per kind) are kept in ``--workdir`` and reused by later runs.
+Artifacts (bundles, log, one index per kind) are kept in ``--workdir`` and reused by later runs
+(rebuilt when ``--vectors``, the source bundle, ``--noise``, ``--items`` or ``--users`` change).
 """
 
 from __future__ import annotations
