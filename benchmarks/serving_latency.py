@@ -2,7 +2,7 @@
 
 For each index kind (flat, IVF, HNSW) and each worker count of ``--workers`` this starts ``feedrank
 serve`` in a subprocess on a free 127.0.0.1 port (``feedrank.serving.demo.ServerProcess``), then
-drives it with a bounded load generator (httpx): ``--sequential`` requests one after another, then
+drives it with a bounded load generator (``http.client``, keep-alive): ``--sequential`` requests one after another, then
 ``--clients`` concurrent clients for ``--concurrent`` requests in all (or ``--max-seconds``). It
 prints p50/p95/p99 per stage (from the ``Server-Timing`` header) and end to end (client-side, so
 HTTP and JSON included), QPS, the cache hit ratio and the server's CPU milliseconds per request
@@ -16,11 +16,15 @@ and a large fp32 matmul's GFLOP/s, the roofline; it prints the GFLOP/s the rank 
 The summary prints each run against issue #15's targets as ratios: sequential e2e p99 against 10 ms,
 concurrent QPS against 300 and concurrent p99 against 50 ms (the targets are for 2 workers).
 
-The models are untrained but full-size: a two-tower (dim 64) and a ranker (DCN-v2, two-tower
-inputs) with vocabularies of ``--items`` items and ``--users`` users, so every embedding lookup,
-the item tower over the catalogue at startup, the index and the ranker's 500-candidate pass cost
-what they would with trained weights. Users with a history of ``--history`` engagements (seeded
-from a synthetic canonical log) make up most requests; ``--cold-share`` are unknown users.
+The two-tower is a trained one scaled to ``--items`` items and ``--users`` users (``--vectors
+trained``, the default): ``--trained-bundle``'s weights (``make demo`` writes ``runs/demo/bundle``),
+with each ID-table row a random trained row plus ``--noise`` times that column's spread in
+Gaussian noise (``scaled_two_tower``), so the item vectors are clustered as trained ones are and
+the printed IVF/HNSW recall is that of a trained distribution. ``--vectors untrained`` builds a
+full-size untrained two-tower (dim 64) instead. The ranker (DCN-v2, two-tower inputs) is untrained
+but full-size: its 500-candidate pass costs what it would with trained weights. Users with a
+history of ``--history`` engagements (seeded from a synthetic canonical log) make up most
+requests; ``--cold-share`` are unknown users.
 
 ``--profile N`` also runs N feeds in-process under cProfile (after a warm-up) and prints the top
 functions by cumulative time: where the milliseconds go.
@@ -30,39 +34,43 @@ functions by cumulative time: where the milliseconds go.
     .venv/bin/python benchmarks/serving_latency.py --items 100000 --sequential 100 --concurrent 200
     .venv/bin/python benchmarks/serving_latency.py --kinds ivf --workers 1,2 --sequential 200 --concurrent 300   # docs/benchmarks.md
 
-Artifacts (bundles, log, one index per kind) are kept in ``--workdir`` and reused by later runs.
+Artifacts (bundles, log, one index per kind) are kept in ``--workdir`` and reused by later runs
+(rebuilt when ``--vectors``, the source bundle, ``--noise``, ``--items`` or ``--users`` change).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
+import dataclasses
 import datetime as dt
+import http.client
 import io
 import json
 import os
 import pstats
 import re
+import shutil
 import tempfile
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pyarrow as pa
 import torch
 import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
-from feedrank.bundle import CATALOGUE_SCHEMA, build_two_tower, load_bundle, save_bundle
+from feedrank.bundle import CATALOGUE_SCHEMA, Bundle, build_two_tower, load_bundle, save_bundle
 from feedrank.commands.serve import default_workers
 from feedrank.config import to_dict
 from feedrank.data.log import write_log
 from feedrank.data.schema import TS_TYPE
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS
-from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, Vocab, Vocabularies
+from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
 from feedrank.index import IndexConfig, read_manifest
 from feedrank.models.ranker import ItemInputs, Ranker, RankerConfig, UserInputs
 from feedrank.serving.app import ServeSettings, serving_config
@@ -83,8 +91,13 @@ RANKER = RankerConfig(dim=16, interaction="dcn", hidden=[256, 128], dropout=0.0,
 # artifacts
 
 
-def vocabularies(n_items: int, n_users: int) -> Vocabularies:
+def vocabularies(n_items: int, n_users: int, like: Vocabularies | None = None) -> Vocabularies:
+    """``n_items`` items and ``n_users`` users; the categoricals of ``like`` (a trained bundle's,
+    so its tables fit) or made-up ones."""
     ids = lambda prefix, n: [f"{prefix}{i}" for i in range(n)]  # noqa: E731
+    if like is not None:
+        return Vocabularies(users=Vocab("user_id", ids("u", n_users)), items=Vocab("item_id", ids("i", n_items)),
+                            user_cats=like.user_cats, item_cats=like.item_cats)  # fmt: skip
     return Vocabularies(
         users=Vocab("user_id", ids("u", n_users)),
         items=Vocab("item_id", ids("i", n_items)),
@@ -94,14 +107,16 @@ def vocabularies(n_items: int, n_users: int) -> Vocabularies:
     )
 
 
-def catalogue(vocabs: Vocabularies, rng: np.random.Generator) -> pa.Table:
-    """One row per item index: random categoricals, creation over the 30 days before START."""
+def catalogue(vocabs: Vocabularies, rng: np.random.Generator, cats: dict[str, np.ndarray] | None = None) -> pa.Table:
+    """One row per item index: categoricals ``cats`` (index columns, one value per row) or random
+    ones, creation over the 30 days before START."""
     n = vocabs.n_items
     real = np.arange(n) >= FIRST_ID
     created = START - dt.timedelta(days=30)
     created_us = int(created.timestamp() * 1e6) + rng.integers(0, 30 * 86_400 * 10**6, n)
-    cats = {c: np.where(real, rng.integers(FIRST_ID, len(vocabs.item_cats[name]), n), 0)
-            for c, name in zip(ITEM_CAT_INDEX_COLUMNS, ITEM_CAT_COLUMNS)}  # fmt: skip
+    if cats is None:
+        cats = {c: np.where(real, rng.integers(FIRST_ID, len(vocabs.item_cats[name]), n), 0)
+                for c, name in zip(ITEM_CAT_INDEX_COLUMNS, ITEM_CAT_COLUMNS)}  # fmt: skip
     imps = np.where(real, rng.poisson(50, n), 0)
     return pa.table({
         "item_idx": np.arange(n, dtype=np.int64),
@@ -113,6 +128,38 @@ def catalogue(vocabs: Vocabularies, rng: np.random.Generator) -> pa.Table:
         "train_clicks": rng.binomial(imps, 0.05).astype(np.int64),
         "title_tokens": pa.ListArray.from_arrays(np.zeros(n + 1, np.int32), pa.array([], pa.int64())),  # ID-only models
     }, schema=CATALOGUE_SCHEMA)  # fmt: skip
+
+
+def sampled_rows(n: int, n_source: int, rng: np.random.Generator) -> np.ndarray:
+    """[n] source index of each index: PAD and OOV keep their own, every real index a random real one."""
+    return np.concatenate([[PAD, OOV], rng.integers(FIRST_ID, n_source, n - FIRST_ID)])
+
+
+def scaled_two_tower(source: Bundle, vocabs: Vocabularies, items: np.ndarray, users: np.ndarray, noise: float,
+                     rng: np.random.Generator) -> torch.nn.Module:  # fmt: skip
+    """``source``'s trained two-tower at the sizes of ``vocabs``: every weight copied; the item and
+    user ID tables (the only ones whose size differs) take, for index ``j``, the trained row
+    ``items[j]`` / ``users[j]`` plus Gaussian noise of ``noise`` times that column's spread over
+    the trained rows, so the 1M item vectors are as clustered as trained ones (a trained item's
+    copies are near it, not equal), and the index and the history lookups do real work."""
+    model = build_two_tower(source.config, vocabs)
+    trained = source.model.state_dict()
+    n_items, n_users = source.vocabs.n_items, source.vocabs.n_users
+    state = {}
+    for name, value in model.state_dict().items():
+        have = trained[name]
+        if have.shape == value.shape:
+            state[name] = have
+            continue
+        if have.dim() != 2 or have.shape[0] not in (n_items, n_users) or have.shape[1] != value.shape[1]:
+            raise ValueError(f"{name}: cannot scale {tuple(have.shape)} to {tuple(value.shape)}")
+        rows = items if have.shape[0] == n_items else users
+        spread = have[FIRST_ID:].std(dim=0, keepdim=True)
+        jitter = torch.from_numpy(rng.standard_normal(tuple(value.shape)).astype(np.float32)) * spread * noise
+        jitter[:FIRST_ID] = 0.0
+        state[name] = have[torch.from_numpy(rows)] + jitter
+    model.load_state_dict(state)
+    return model
 
 
 def history_log(vocabs: Vocabularies, cat: pa.Table, n_users: int, per_user: int, rng: np.random.Generator) -> pa.Table:
@@ -133,36 +180,53 @@ def history_log(vocabs: Vocabularies, cat: pa.Table, n_users: int, per_user: int
         "clicked": np.ones(rows, bool), "dwell_s": np.full(rows, 30.0, np.float32),
         "publisher": names(vocabs.item_cats["publisher"], cat["publisher_idx"].to_numpy()[items]),
         "created_ts": cat["created_ts"].take(pa.array(items)),
-        "country": names(vocabs.user_cats["country"], FIRST_ID + users % 30),
+        "country": names(vocabs.user_cats["country"], FIRST_ID + users % len(vocabs.user_cats["country"].ids)),
     })  # fmt: skip
 
 
 def make_artifacts(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Path]:
-    """(two-tower bundle, ranker bundle, log): built once per workdir, then reused."""
+    """(two-tower bundle, ranker bundle, log): built once per workdir and vector mode, then reused."""
     tt_dir, rk_dir, log_dir = work / "two_tower", work / "ranker", work / "log"
-    if tt_dir.is_dir() and rk_dir.is_dir() and log_dir.is_dir():
+    source = load_bundle(args.trained_bundle) if args.vectors == "trained" else None
+    made_from = {"vectors": args.vectors, "source": source.version if source else None, "noise": args.noise,
+                 "items": args.items, "users": args.users}  # fmt: skip
+    stamp = work / "artifacts.json"
+    if tt_dir.is_dir() and rk_dir.is_dir() and log_dir.is_dir() and stamp.exists() and json.loads(stamp.read_text()) == made_from:
         return tt_dir, rk_dir, log_dir
     t0 = time.perf_counter()
     rng = np.random.default_rng(0)
     torch.manual_seed(0)
-    vocabs = vocabularies(args.items, args.users)
-    cat = catalogue(vocabs, rng)
-    config = {"two_tower": TWO_TOWER}
-    save_bundle(tt_dir, kind="two_tower", model=build_two_tower(config, vocabs), config=config, vocabs=vocabs, catalogue=cat)
-    ranker = Ranker(RANKER, vocabs.n_users, vocabs.n_items, vocabs.user_cat_sizes, vocabs.item_cat_sizes, 2, 3)
-    save_bundle(rk_dir, kind="ranker", model=ranker, config={"ranker": to_dict(RANKER)}, vocabs=vocabs, catalogue=cat)
+    vocabs = vocabularies(args.items, args.users, like=source.vocabs if source else None)
+    if source is None:
+        config, cat = {"two_tower": TWO_TOWER}, catalogue(vocabs, rng)
+        two_tower = build_two_tower(config, vocabs)
+    else:
+        config = {"two_tower": source.config["two_tower"]}
+        items = sampled_rows(vocabs.n_items, source.vocabs.n_items, rng)
+        users = sampled_rows(vocabs.n_users, source.vocabs.n_users, rng)
+        cat = catalogue(vocabs, rng, {c: source.catalogue[c].to_numpy()[items] for c in ITEM_CAT_INDEX_COLUMNS})
+        two_tower = scaled_two_tower(source, vocabs, items, users, args.noise, rng)
+    save_bundle(tt_dir, kind="two_tower", model=two_tower, config=config, vocabs=vocabs, catalogue=cat)
+    ranker_cfg = dataclasses.replace(RANKER, two_tower_dim=two_tower.cfg.dim)
+    ranker = Ranker(ranker_cfg, vocabs.n_users, vocabs.n_items, vocabs.user_cat_sizes, vocabs.item_cat_sizes, 2, 3)
+    save_bundle(rk_dir, kind="ranker", model=ranker, config={"ranker": to_dict(ranker_cfg)}, vocabs=vocabs, catalogue=cat)
+    shutil.rmtree(log_dir, ignore_errors=True)
     result = write_log(log_dir, history_log(vocabs, cat, args.history_users, args.history + 10, rng))
     if not result.ok:
         raise RuntimeError(f"synthetic log refused: {result.refused}")
-    print(f"artifacts: {args.items:,} items, {args.users:,} users, {result.rows:,} log rows in {time.perf_counter() - t0:.0f} s")
+    for index_dir in work.glob("index-*"):  # built for other vectors
+        shutil.rmtree(index_dir)
+    stamp.write_text(json.dumps(made_from))
+    print(f"artifacts ({args.vectors} vectors): {args.items:,} items, {args.users:,} users, {result.rows:,} log rows "
+          f"in {time.perf_counter() - t0:.0f} s")
     return tt_dir, rk_dir, log_dir
 
 
 def serving_cfg(work: Path, kind: str, args: argparse.Namespace) -> ServingConfig:
     return ServingConfig(
         ann_candidates=args.ann, fresh_candidates=args.fresh, k_default=args.k, history_len=args.history,
-        # untrained towers make unclustered vectors on which IVF/HNSW recall is low; this run measures
-        # time, so the recall gate must not stop the index from being saved and reused
+        # the recall is measured and printed; the gate must not stop the index from being saved and
+        # reused (untrained towers make unclustered vectors on which IVF/HNSW recall is low)
         start_time=START.isoformat(), index=IndexConfig(kind=kind, recall_floor=0.0), index_dir=str(work / f"index-{kind}"),
         event_log=EventLogConfig(dir=str(work / "serving_log")),
     )  # fmt: skip
@@ -175,6 +239,40 @@ def serving_cfg(work: Path, kind: str, args: argparse.Namespace) -> ServingConfi
 _TIMING = re.compile(r"(\w+);dur=([0-9.]+)")
 
 
+class Client:
+    """One keep-alive HTTP/1.1 connection over the standard library's ``http.client``.
+
+    The load generator shares the server's cores, so its own CPU counts against the server's:
+    httpx spent 0.51 ms of CPU a request and this 0.14 ms, measured in one run against the same
+    server (docs/benchmarks.md). Each request still sends, receives and parses all of a real
+    HTTP exchange and the JSON body.
+    """
+
+    def __init__(self, url: str, timeout: float = 30.0) -> None:
+        parts = urllib.parse.urlsplit(url)
+        self.conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+
+    def get(self, path: str, params: dict | None = None) -> tuple[int, str, bytes]:
+        """(status, Server-Timing header, body) of ``GET path?params``."""
+        target = f"{path}?{urllib.parse.urlencode(params)}" if params else path
+        for attempt in (0, 1):
+            try:
+                self.conn.request("GET", target)
+                response = self.conn.getresponse()
+                return response.status, response.getheader("server-timing", ""), response.read()
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                self.conn.close()  # the server closed an idle keep-alive connection: reconnect once
+                if attempt:
+                    raise
+        raise AssertionError("unreachable")
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.conn.close()
+
+
 class Recorder:
     """Per-request figures: client end-to-end ms, server stage ms, path; thread-safe."""
 
@@ -185,18 +283,19 @@ class Recorder:
         self.paths: list[str] = []
         self.errors = 0
 
-    def get(self, client: httpx.Client, user: str, k: int) -> None:
+    def get(self, client: Client, user: str, k: int) -> None:
         start = time.perf_counter()
-        response = client.get("/feed", params={"user_id": user, "k": k})
+        status, timing, body = client.get("/feed", {"user_id": user, "k": k})
+        path = json.loads(body)["path"] if status == 200 else None
         ms = (time.perf_counter() - start) * 1000.0
         with self.lock:
-            if response.status_code != 200:
+            if status != 200:
                 self.errors += 1
                 return
             self.e2e.append(ms)
-            for stage, dur in _TIMING.findall(response.headers.get("server-timing", "")):
+            for stage, dur in _TIMING.findall(timing):
                 self.stages[stage].append(float(dur))
-            self.paths.append(response.json()["path"])
+            self.paths.append(path)
 
     def summary(self, seconds: float) -> dict:
         pct = lambda xs: {f"p{q}": float(np.percentile(xs, q)) for q in (50, 95, 99)} if xs else {}  # noqa: E731
@@ -212,9 +311,9 @@ def users_for(n: int, args: argparse.Namespace, rng: np.random.Generator) -> lis
     return [f"new{i}" if c else f"u{w}" for i, (w, c) in enumerate(zip(warm, cold))]
 
 
-def cache_ratio(client: httpx.Client) -> float:
+def cache_ratio(client: Client) -> float:
     """Hits / lookups since the server started, from ``feedrank_cache_lookups_total{outcome}``."""
-    text = client.get("/metrics").text
+    text = client.get("/metrics")[2].decode()
     counts = {m.group(1): float(m.group(2)) for m in re.finditer(r'^feedrank_cache_lookups_total\{outcome="(\w+)"\} (\S+)$', text, re.M)}
     total = sum(counts.values())
     return counts.get("hit", 0.0) / total if total else float("nan")
@@ -244,9 +343,9 @@ def cpu_seconds(pid: int) -> float:
 def drive(url: str, pid: int, args: argparse.Namespace, seed: int) -> dict:
     rng = np.random.default_rng(seed)
     out = {}
-    with httpx.Client(base_url=url, timeout=30.0) as client:
+    with Client(url) as client:
         for user in users_for(20, args, rng):  # warm-up: first-call allocations, thread pool
-            client.get("/feed", params={"user_id": user, "k": args.k})
+            client.get("/feed", {"user_id": user, "k": args.k})
         seq = Recorder()
         start, cpu = time.perf_counter(), cpu_seconds(pid)
         for user in users_for(args.sequential, args, rng):
@@ -260,7 +359,7 @@ def drive(url: str, pid: int, args: argparse.Namespace, seed: int) -> dict:
     lock, deadline = threading.Lock(), time.monotonic() + args.max_seconds
 
     def worker() -> None:
-        with httpx.Client(base_url=url, timeout=30.0) as client:
+        with Client(url) as client:
             while time.monotonic() < deadline:
                 with lock:
                     if not queue:
@@ -276,7 +375,7 @@ def drive(url: str, pid: int, args: argparse.Namespace, seed: int) -> dict:
         t.join()
     out["concurrent"] = conc.summary(time.perf_counter() - start)
     out["concurrent"]["server_cpu_ms"] = (cpu_seconds(pid) - cpu) * 1000.0 / max(1, len(conc.e2e) + conc.errors)
-    with httpx.Client(base_url=url, timeout=30.0) as client:
+    with Client(url) as client:
         out["concurrent"]["cache_hit_ratio"] = cache_ratio(client)
     return out
 
@@ -341,6 +440,12 @@ def main() -> None:
     parser.add_argument("--items", type=int, default=1_000_000)
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--history-users", type=int, default=2000, help="users with a seeded history")
+    parser.add_argument("--vectors", choices=("trained", "untrained"), default="trained",
+                        help="trained: --trained-bundle's two-tower scaled to --items (default); untrained: random weights")
+    parser.add_argument("--trained-bundle", type=Path, default=Path("runs/demo/bundle"),
+                        help="a trained two-tower bundle (make demo writes runs/demo/bundle)")
+    parser.add_argument("--noise", type=float, default=0.5,
+                        help="trained: each scaled ID row is a trained row plus this times the column's spread in noise")
     parser.add_argument("--history", type=int, default=50)
     parser.add_argument("--ann", type=int, default=400)
     parser.add_argument("--fresh", type=int, default=100)
@@ -360,9 +465,12 @@ def main() -> None:
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="feedrank-serving-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    if args.vectors == "trained" and not (args.trained_bundle / "bundle.json").exists():
+        parser.error(f"--trained-bundle {args.trained_bundle}: no bundle there; run `make demo` (it writes runs/demo/bundle), "
+                     "pass another trained two-tower bundle, or --vectors untrained")
     tt, rk, log = make_artifacts(work, args)
     load_before = os.getloadavg()
-    results = {"items": args.items, "history": args.history, "candidates": args.ann + args.fresh, "runs": {}}
+    results = {"items": args.items, "history": args.history, "candidates": args.ann + args.fresh, "vectors": args.vectors, "runs": {}}
     worker_counts = [int(w) for w in args.workers.split(",")]
     for kind in args.kinds.split(","):
         cfg = serving_cfg(work, kind, args)
@@ -374,13 +482,14 @@ def main() -> None:
             start = time.perf_counter()
             with ServerProcess(settings, work, startup_timeout_s=900, workers=workers) as server:
                 startup_s = time.perf_counter() - start
-                health = httpx.get(f"{server.url}/healthz", timeout=10).json()
+                with Client(server.url) as client:
+                    health = json.loads(client.get("/healthz")[2])
                 figures = drive(server.url, server.proc.pid, args, seed=1)
             recall = read_manifest(work / f"index-{kind}").recall
             name = f"{kind}, {workers} worker{'s' if workers > 1 else ''}"
             results["runs"][name] = {"kind": kind, "workers": workers, "startup_s": startup_s,
                                      "index": {**health["index"], "recall": recall}, **figures}  # fmt: skip
-            report(name, results["runs"][name])
+            report(name, results["runs"][name], args.vectors)
         if args.profile:
             print(profile(tt, rk, log, cfg, args))
     roof = results["ranker"] = ranker_roofline(rk, args.ann + args.fresh, reps=100)
@@ -408,9 +517,9 @@ def main() -> None:
               f"  server CPU {conc['server_cpu_ms']:.1f} ms/feed")
 
 
-def report(name: str, r: dict) -> None:
+def report(name: str, r: dict, vectors: str) -> None:
     print(f"\n=== {name}: index {r['index']['size']:,} items ({r['index']['origin']}, recall@100 {r['index']['recall']:.3f} "
-          f"on these untrained vectors), server startup {r['startup_s']:.0f} s")
+          f"on these {vectors} vectors), server startup {r['startup_s']:.0f} s")
     for phase in ("sequential", "concurrent"):
         s = r[phase]
         print(f"  {phase}: {s['requests']} requests, {s['errors']} errors, {s['qps']:.1f} QPS, "
