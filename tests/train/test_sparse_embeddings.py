@@ -6,53 +6,31 @@ resume, mixed precision, the real two-tower, and the combinations the config ref
 """
 
 import copy
+import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 from feedrank.config import ConfigError, from_dict
 from feedrank.train import Trainer, TrainConfig, load_checkpoint
+from feedrank.train.distributed import run_torchrun
 from feedrank.train.sparse import SplitAdam
 
-N_IDS, DIM = 200, 4
+WORKER = Path(__file__).with_name("sparse_worker.py")
+_spec = importlib.util.spec_from_file_location("sparse_toy", WORKER)
+toy = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(toy)
+TableModel, mse, make_data, N_IDS = toy.TableModel, toy.mse, toy.make_data, toy.N_IDS
 LR, BETAS, EPS = 0.01, (0.9, 0.999), 1e-8
 
 
-class TableModel(nn.Module):
-    """An ID table (padding row 0) and a small categorical table feeding a linear head."""
-
-    def __init__(self, dropout: float = 0.0, seed: int = 0) -> None:
-        super().__init__()
-        torch.manual_seed(seed)
-        self.ids = nn.Embedding(N_IDS, DIM, padding_idx=0)
-        self.cat = nn.Embedding(5, 2)
-        self.head = nn.Sequential(nn.Linear(DIM + 2, 8), nn.ReLU(), nn.Dropout(dropout), nn.Linear(8, 1))
-
-    def forward(self, ids: Tensor, cat: Tensor) -> Tensor:
-        x = torch.cat([self.ids(ids).mean(1), self.cat(cat)], dim=-1)
-        return self.head(x).sum(-1)
-
-
-def mse(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
-    return nn.functional.mse_loss(model(batch["ids"], batch["cat"]).float(), batch["y"]), {}
-
-
-def make_data(micro: int = 8, batches: int = 6):
-    """Seeded batches over ids 0..59 only (rows 60.. are never looked up), 3 ids a row."""
-    g = torch.Generator().manual_seed(7)
-    rows = [{"ids": torch.randint(0, 60, (micro, 3), generator=g), "cat": torch.randint(0, 5, (micro,), generator=g),
-             "y": torch.randn(micro, generator=g)} for _ in range(batches)]
-    return lambda epoch: iter(rows[epoch % 2::2] + rows[1 - epoch % 2::2])
-
-
 def _cfg(out: Path, **overrides) -> TrainConfig:
-    base = {"steps": 1, "lr": LR, "schedule": "constant", "log_every": 1, "device": "cpu", "progress": False,
-            "sparse_embeddings": True, "out_dir": str(out)}
-    return from_dict(TrainConfig, base | overrides)
+    return toy.train_config(str(out), **overrides)
 
 
 def _train(out: Path, model: nn.Module, data=None, **overrides) -> nn.Module:
@@ -187,3 +165,24 @@ def test_two_tower_sampled_softmax_trains_with_sparse_tables(tmp_path):
         assert any(p is model.item_tower.id_embedding.weight for p in tables)
         trainer.fit(lambda epoch: iter([batch]))
     assert all(math.isfinite(r["loss"]) for r in _metrics(tmp_path))
+
+
+@pytest.mark.slow  # two torchrun workers start in ~5-10 s
+def test_two_ddp_ranks_with_sparse_tables_match_one_process_on_the_union(tmp_path):
+    """DDP all-reduces the sparse table gradients (gloo): 2 ranks x half batches, accumulation 2 and a
+    binding clip give one process's parameters on the whole batches."""
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(WORKER),
+           "--out", str(out), "--steps", "4", "--accum", "2"]
+    returncode, stderr = run_torchrun(cmd, timeout_s=300)
+    assert returncode == 0, stderr[-3000:]
+    single, threads = tmp_path / "single", torch.get_num_threads()
+    try:
+        toy.main(["--out", str(single), "--steps", "4", "--accum", "2"])  # one thread, as each worker
+    finally:
+        torch.set_num_threads(threads)
+    want = torch.load(single / "final_rank0.pt")
+    rank0, rank1 = torch.load(out / "final_rank0.pt"), torch.load(out / "final_rank1.pt")
+    for name in want:
+        assert torch.equal(rank0[name], rank1[name]), f"ranks diverged on {name}"
+        torch.testing.assert_close(rank0[name], want[name], rtol=0, atol=1e-6, msg=name)
