@@ -68,9 +68,9 @@ ID_CHUNK = 1 << 20  # ids read (and checked) a million at a time
 def read_item_ids(path: Path, chunk_rows: int | None = None) -> pa.ChunkedArray:
     """Item ids from a ``.txt`` file (one per line) or a ``.parquet`` file (string column ``item_id``).
 
-    Read ``chunk_rows`` (default ``ID_CHUNK``) at a time into one Arrow string array (~13 B an id at 10M), never a list
-    of Python strings: the index turns it into its own array of ids once (``check_ids``), so a
-    10M-item build holds one copy of the ids as Python objects, not two.
+    Read ``chunk_rows`` (default ``ID_CHUNK``) at a time into one Arrow string array (~13 B an id
+    at 10M), never a list of Python strings: the index turns it into its own array of ids once
+    (``check_ids``), so a 10M-item build holds one copy of the ids as Python objects, not two.
     """
     import numpy as np
     import pyarrow as pa
@@ -105,7 +105,7 @@ def _txt_id_chunks(path: Path, chunk_rows: int) -> list[pa.Array]:
     """The lines of ``path`` as Arrow string arrays of ``chunk_rows`` lines; a blank line is an error."""
     import pyarrow as pa
 
-    chunks, lines, number = [], [], 0
+    chunks, lines = [], []
     with path.open(encoding="utf-8") as f:
         for number, line in enumerate(f, start=1):
             line = line[:-1] if line.endswith("\n") else line
