@@ -19,7 +19,8 @@ The loop knows nothing about models: it is given a module, a loss function and a
 
 One optimizer step = ``grad_accum_steps`` micro-batches (the effective batch is
 ``micro_batch * grad_accum_steps * world_size``); accumulation runs on across epoch boundaries, so
-every step sees the same number of examples. Per step: AdamW on a warmup + cosine/constant
+every step sees the same number of examples. Per step: AdamW (with ``sparse_embeddings``, SparseAdam
+for the embedding tables and AdamW for the rest: ``feedrank.train.sparse``) on a warmup + cosine/constant
 learning rate that is a pure function of the step (so the "scheduler state" is just ``step``),
 optional bf16/fp16 autocast (fp16 with a GradScaler), gradient clipping after unscaling.
 
