@@ -7,15 +7,15 @@ per optimizer step on one fixed batch (median of ``--steps`` after ``--warmup``)
 - ``draw``: the sampler alone (``NegativeSampler.sample``: inverse-CDF binary search, O(K log n));
 - ``fwd``: forward of both towers on the batch and the K negatives, plus the loss;
 - ``bwd``: backward;
-- ``opt``: the optimizer step;
+- ``opt``: the trainer's own optimizer step (``Trainer._optimizer_step``: gradient clipping at the
+  default ``clip_grad_norm`` 1.0, the update, zero_grad);
 
-twice: ``dense`` is the model and optimizer as ``feedrank train`` runs them today (``nn.Embedding``
-with a dense gradient, fused AdamW over every parameter), ``sparse`` turns the shared item-ID table's
-gradient sparse (``nn.Embedding.sparse``) and steps that table with ``torch.optim.SparseAdam`` (the
-rest with AdamW), so the table costs only the rows a batch touches. The sampled softmax itself (draw +
-fwd) should not grow with the catalogue; a dense table gradient and a dense Adam update over the whole
-table do, O(n * dim) a step, which is the part that has to change (sparse rows here, TorchRec's fused
-row-wise optimizer under sharding) before a 10M-item catalogue trains at the speed of a 100k one.
+in both modes of ``feedrank train``'s ``train.sparse_embeddings`` switch, on a ``Trainer`` built from
+the same ``TrainConfig`` a run uses: ``dense`` (the default: dense ``nn.Embedding`` gradients, fused
+AdamW over every parameter) and ``sparse`` (every embedding table with sparse gradients, stepped by
+``torch.optim.SparseAdam``; the rest fused AdamW; ``feedrank.train.sparse``). The sampled softmax
+itself (draw + fwd) should not grow with the catalogue; a dense table gradient, its clip and a dense
+Adam update over the whole table do, O(n * dim) a step, which the sparse switch removes.
 
     .venv/bin/python benchmarks/sampled_softmax_scale.py                        # 100k, 1M, 10M; ~5 GB at 10M
     .venv/bin/python benchmarks/sampled_softmax_scale.py --items 100000 1000000 --id-dim 64
@@ -26,12 +26,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 
 import torch
 
+from feedrank.config import from_dict
 from feedrank.data.batch import Batch
 from feedrank.models import TwoTower, TwoTowerConfig, two_tower_loss
+from feedrank.train import Trainer, TrainConfig
 
 USER_CATS = (8, 12)
 ITEM_CATS = (50, 6, 20)
@@ -58,7 +61,7 @@ def make_batch(gen: torch.Generator, n_items: int, batch: int, history: int) -> 
     )  # fmt: skip
 
 
-def build(n_items: int, args: argparse.Namespace, sparse: bool) -> tuple[TwoTower, list[torch.optim.Optimizer]]:
+def build(n_items: int, args: argparse.Namespace) -> TwoTower:
     cfg = TwoTowerConfig(
         loss="sampled", negative_sampler="popularity", num_negatives=args.negatives, logq_correction=True,
         item_id_dim=args.id_dim, dropout=0.0,
@@ -68,28 +71,23 @@ def build(n_items: int, args: argparse.Namespace, sparse: bool) -> tuple[TwoTowe
     item_cats = torch.stack([torch.randint(2, s, (n_items,), generator=gen) for s in ITEM_CATS], 1)
     counts = (1e6 / torch.arange(1, n_items + 1, dtype=torch.float64)).floor()  # Zipf(1) clicks
     model.attach_catalogue(item_cats, counts)
-    table = model.item_tower.id_embedding
-    if not sparse:
-        return model, [torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)]
-    table.sparse = True
-    rest = [p for p in model.parameters() if p is not table.weight]
-    return model, [torch.optim.SparseAdam([table.weight], lr=1e-3), torch.optim.AdamW(rest, lr=1e-3, fused=True)]
+    return model
 
 
-def time_steps(model: TwoTower, optimizers: list[torch.optim.Optimizer], batch: Batch, args: argparse.Namespace) -> dict:
-    parts: dict[str, list[float]] = {"draw": [], "fwd": [], "bwd": [], "opt": []}
+def time_steps(trainer: Trainer, batch: Batch, args: argparse.Namespace) -> dict:
+    """Per-part times of the trainer's step; the forward and backward are ``_forward_backward``'s, split."""
+    model, parts = trainer.model, {"draw": [], "fwd": [], "bwd": [], "opt": []}
     clock = time.process_time if args.cpu_time else time.perf_counter
+    model.train()
     for step in range(args.warmup + args.steps):
         t0 = clock()
         model.sampler.sample(args.negatives)
         t1 = clock()
-        loss, _ = two_tower_loss(model, batch)
+        loss, _ = two_tower_loss(trainer.module, batch)
         t2 = clock()
         loss.backward()
         t3 = clock()
-        for opt in optimizers:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+        trainer._optimizer_step(trainer.cfg.lr, need_norm=False)
         t4 = clock()
         if step >= args.warmup:
             for name, seconds in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3)):
@@ -119,19 +117,22 @@ def main() -> None:
           f"item-ID dim {args.id_dim}, {args.threads} thread(s); {'CPU' if args.cpu_time else 'wall'} ms a step, median of {args.steps}", flush=True)
     print(f"{'items':>11} {'mode':>6} {'draw':>7} {'fwd':>8} {'bwd':>8} {'opt':>8} {'step':>8} {'RSS GB':>7}")
     results = []
-    for n_items in args.items:
-        batch = make_batch(torch.Generator().manual_seed(0), n_items, args.batch, args.history)
-        for mode in ("sparse", "dense"):
-            model, optimizers = build(n_items, args, sparse=mode == "sparse")
-            row = {"items": n_items, "mode": mode, **time_steps(model, optimizers, batch, args), "rss_gb": rss_gb()}
-            results.append(row)
-            print(f"{n_items:>11,} {mode:>6} {row['draw']:7.2f} {row['fwd']:8.1f} {row['bwd']:8.1f} {row['opt']:8.1f} "
-                  f"{row['step']:8.1f} {row['rss_gb']:7.2f}", flush=True)
-            del model, optimizers
+    with tempfile.TemporaryDirectory(prefix="feedrank-softmax-") as out_dir:  # the trainer's out_dir, never written
+        for n_items in args.items:
+            batch = make_batch(torch.Generator().manual_seed(0), n_items, args.batch, args.history)
+            for mode in ("sparse", "dense"):
+                train = from_dict(TrainConfig, {"lr": 1e-3, "device": "cpu", "progress": False, "out_dir": out_dir,
+                                                "sparse_embeddings": mode == "sparse"})
+                with Trainer(build(n_items, args), two_tower_loss, train) as trainer:
+                    row = {"items": n_items, "mode": mode, **time_steps(trainer, batch, args), "rss_gb": rss_gb()}
+                results.append(row)
+                print(f"{n_items:>11,} {mode:>6} {row['draw']:7.2f} {row['fwd']:8.1f} {row['bwd']:8.1f} {row['opt']:8.1f} "
+                      f"{row['step']:8.1f} {row['rss_gb']:7.2f}", flush=True)
+                del trainer
     for mode in ("sparse", "dense"):
         rows = [r for r in results if r["mode"] == mode]
-        ratio = rows[-1]["step"] / rows[0]["step"]
-        print(f"{mode}: step at {rows[-1]['items']:,} items / at {rows[0]['items']:,} = {ratio:.2f}x")
+        ratios = ", ".join(f"{r['items']:,}: {r['step'] / rows[0]['step']:.2f}x" for r in rows)
+        print(f"{mode}: full step relative to {rows[0]['items']:,} items: {ratios}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

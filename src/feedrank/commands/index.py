@@ -27,6 +27,7 @@ from feedrank.index.config import IndexConfig, IndexKind
 
 if TYPE_CHECKING:
     import numpy as np
+    import pyarrow as pa
 
 Kind = Enum("Kind", {k: k for k in get_args(IndexKind)}, type=str)
 
@@ -61,32 +62,62 @@ def read_vectors(path: Path) -> np.ndarray:
         raise ValueError(f"{path}: not a readable .npy array: {exc}") from exc
 
 
-def read_item_ids(path: Path) -> np.ndarray:
-    """Item ids from a ``.txt`` file (one per line) or a ``.parquet`` file (string column ``item_id``)."""
+ID_CHUNK = 1 << 20  # ids read (and checked) a million at a time
+
+
+def read_item_ids(path: Path, chunk_rows: int | None = None) -> pa.ChunkedArray:
+    """Item ids from a ``.txt`` file (one per line) or a ``.parquet`` file (string column ``item_id``).
+
+    Read ``chunk_rows`` (default ``ID_CHUNK``) at a time into one Arrow string array (~13 B an id
+    at 10M), never a list of Python strings: the index turns it into its own array of ids once
+    (``check_ids``), so a 10M-item build holds one copy of the ids as Python objects, not two.
+    """
     import numpy as np
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    chunk_rows = chunk_rows or ID_CHUNK
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix == ".txt":
-        lines = path.read_text().splitlines()
-        blank = [i for i, line in enumerate(lines, start=1) if not line.strip()]
-        if blank:
-            raise ValueError(f"{path}: line {blank[0]} is blank ({len(blank)} blank line(s)); one item id per line")
-        return np.asarray(lines, dtype=object)
+        return pa.chunked_array(_txt_id_chunks(path, chunk_rows), pa.string())
     if path.suffix == ".parquet":
-        table = pq.read_table(path)
-        if "item_id" not in table.column_names:
-            raise ValueError(f"{path}: no column 'item_id' (columns: {', '.join(table.column_names)})")
-        column = table.column("item_id")
-        if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
-            raise ValueError(f"{path}: column item_id is {column.type}, item ids must be strings")
-        if column.null_count:
-            first = int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
-            raise ValueError(f"{path}: item_id has {column.null_count} null(s), first at row {first}")
-        return column.to_numpy(zero_copy_only=False).astype(object)
+        file = pq.ParquetFile(path)
+        names = file.schema_arrow.names
+        if "item_id" not in names:
+            raise ValueError(f"{path}: no column 'item_id' (columns: {', '.join(names)})")
+        kind = file.schema_arrow.field("item_id").type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise ValueError(f"{path}: column item_id is {kind}, item ids must be strings")
+        chunks, start = [], 0
+        for batch in file.iter_batches(batch_size=chunk_rows, columns=["item_id"]):
+            column = batch.column(0)
+            if column.null_count:
+                first = start + int(np.flatnonzero(column.is_null().to_numpy(zero_copy_only=False))[0])
+                raise ValueError(f"{path}: item_id has null(s), first at row {first}")
+            chunks.append(column)
+            start += len(column)
+        return pa.chunked_array(chunks, kind)
     raise ValueError(f"{path}: item ids must be a .txt or .parquet file")
+
+
+def _txt_id_chunks(path: Path, chunk_rows: int) -> list[pa.Array]:
+    """The lines of ``path`` as Arrow string arrays of ``chunk_rows`` lines; a blank line is an error."""
+    import pyarrow as pa
+
+    chunks, lines = [], []
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, start=1):
+            line = line[:-1] if line.endswith("\n") else line
+            if not line.strip():
+                raise ValueError(f"{path}: line {number} is blank; one item id per line")
+            lines.append(line)
+            if len(lines) == chunk_rows:
+                chunks.append(pa.array(lines, pa.string()))
+                lines = []
+    if lines or not chunks:
+        chunks.append(pa.array(lines, pa.string()))
+    return chunks
 
 
 @index_app.command("build")

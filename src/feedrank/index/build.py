@@ -18,6 +18,7 @@ concurrently with ``search`` (serving should add under a write lock or swap in a
 
 from __future__ import annotations
 
+import mmap
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -51,10 +52,11 @@ def check_vectors(vectors: np.ndarray, name: str = "vectors", dim: int | None = 
     if dim is not None and array.shape[1] != dim:
         raise IndexInputError(f"{name} have dim {array.shape[1]}, the index has dim {dim}")
     array = np.ascontiguousarray(array, dtype=np.float32)  # a float32 memmap passes through uncopied
-    bad_rows = [
-        begin + np.flatnonzero(~np.isfinite(array[begin : begin + CHECK_CHUNK]).all(axis=1))
-        for begin in range(0, array.shape[0], CHECK_CHUNK)
-    ]
+    bad_rows = []
+    for begin in range(0, array.shape[0], CHECK_CHUNK):
+        chunk = array[begin : begin + CHECK_CHUNK]
+        bad_rows.append(begin + np.flatnonzero(~np.isfinite(chunk).all(axis=1)))
+        release_pages(chunk)
     bad = np.concatenate(bad_rows)
     if bad.size:
         raise IndexInputError(f"{name} has {bad.size} row(s) with NaN or inf, first at row {bad[0]}")
@@ -64,16 +66,57 @@ def check_vectors(vectors: np.ndarray, name: str = "vectors", dim: int | None = 
 CHECK_CHUNK = 1 << 20  # rows per finiteness check: a (chunk, dim) bool mask, not one for all 10M rows
 
 
-def check_ids(item_ids: Sequence[str] | np.ndarray, n: int, name: str = "item_ids") -> np.ndarray:
-    """``item_ids`` as an object array of ``n`` unique strings, or ``IndexInputError``."""
-    ids = np.asarray(item_ids, dtype=object)
-    if ids.ndim != 1 or ids.shape[0] != n:
-        raise IndexInputError(f"{name} has shape {ids.shape}, expected ({n},) to match the vectors")
-    try:
-        strings = pa.array(ids, type=pa.string())
-    except (pa.ArrowInvalid, pa.ArrowTypeError):
-        strings = None
+def release_pages(array: np.ndarray) -> None:
+    """Drop the pages of ``array`` from this process's resident memory, if it is a C-contiguous view of
+    a read-only memory map (``np.load(path, mmap_mode="r")``); otherwise do nothing.
+
+    A pass over a memory-mapped catalogue leaves every page it read resident: file-backed and
+    reclaimable, but counted in RSS beside the copy FAISS keeps of the same rows (2.4 GiB each at
+    10M x 64). The chunked passes (the finiteness check, ``add``, the exact search) release each chunk
+    behind them (``MADV_DONTNEED``: the page cache keeps the data, a later read maps it back), so the
+    process holds one copy of the vectors. Writable and copy-on-write maps are left alone: dropping
+    their pages could drop changes.
+    """
+    mm = array.base
+    while mm is not None and not isinstance(mm, mmap.mmap):
+        mm = getattr(mm, "base", None)
+    if mm is None or not array.flags.c_contiguous or not hasattr(mm, "madvise"):
+        return
+    with memoryview(mm) as view:
+        if not view.readonly:
+            return
+        start = array.ctypes.data - np.frombuffer(view, dtype=np.uint8).ctypes.data
+    page = mmap.PAGESIZE
+    lo, hi = -(-start // page) * page, (start + array.nbytes) // page * page  # whole pages inside the rows
+    if hi > lo:
+        mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
+
+def check_ids(item_ids: Sequence[str] | np.ndarray | pa.Array | pa.ChunkedArray, n: int, name: str = "item_ids") -> np.ndarray:
+    """``item_ids`` as an object array of ``n`` unique strings, or ``IndexInputError``.
+
+    Arrow string arrays (what ``feedrank index build`` and ``load_index`` read, chunk by chunk) are
+    checked in Arrow and turned into Python strings once: the returned array is the only copy of
+    the ids as Python objects (~65 B an id), the Arrow input ~13 B an id.
+    """
+    if isinstance(item_ids, (pa.Array, pa.ChunkedArray)):
+        if not (pa.types.is_string(item_ids.type) or pa.types.is_large_string(item_ids.type)):
+            raise IndexInputError(f"{name} is an Arrow {item_ids.type} array, item ids must be strings")
+        if len(item_ids) != n:
+            raise IndexInputError(f"{name} has shape ({len(item_ids)},), expected ({n},) to match the vectors")
+        strings, ids = item_ids, None
+    else:
+        ids = np.asarray(item_ids, dtype=object)
+        if ids.ndim != 1 or ids.shape[0] != n:
+            raise IndexInputError(f"{name} has shape {ids.shape}, expected ({n},) to match the vectors")
+        try:
+            strings = pa.array(ids, type=pa.string())
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            strings = None
     if strings is None or strings.null_count:
+        if ids is None:
+            first = int(np.flatnonzero(strings.is_null().to_numpy(zero_copy_only=False))[0])
+            raise IndexInputError(f"{name}[{first}] is None, item ids must be strings")
         first = next(i for i, v in enumerate(ids) if not isinstance(v, str))  # only on the error path
         raise IndexInputError(f"{name}[{first}] is {ids[first]!r}, item ids must be strings")
     empty = pc.equal(pc.utf8_length(strings), 0).to_numpy(zero_copy_only=False)
@@ -233,7 +276,9 @@ def _training_sample(vectors: np.ndarray, index: faiss.Index, cfg: IndexConfig) 
     if vectors.shape[0] <= need:
         return vectors
     rows = np.sort(np.random.default_rng(cfg.seed).choice(vectors.shape[0], size=need, replace=False))
-    return vectors[rows]
+    sample = vectors[rows]  # a copy: the rows' pages can go
+    release_pages(vectors)
+    return sample
 
 
 def build_index(
@@ -257,7 +302,9 @@ def build_index(
     if not index.is_trained:
         index.train(_training_sample(vectors, index, cfg))
     for begin in range(0, vectors.shape[0], ADD_CHUNK):
-        index.add(vectors[begin : begin + ADD_CHUNK])
+        chunk = vectors[begin : begin + ADD_CHUNK]
+        index.add(chunk)  # FAISS copies or encodes the rows
+        release_pages(chunk)
     apply_search_params(index, cfg)
     return ItemIndex(
         faiss_index=index,

@@ -147,7 +147,7 @@ def load_index(directory: str | Path) -> ItemIndex:
         if manifest.files.get(name) != sha256_file(path):
             raise IndexFileError(f"{path} does not match the sha256 in {MANIFEST_FILE} (changed or corrupt)")
     faiss_index = faiss.read_index(str(directory / INDEX_FILE))
-    item_ids = pq.read_table(directory / IDS_FILE).column("item_id").to_numpy(zero_copy_only=False).astype(object)
+    item_ids = pq.read_table(directory / IDS_FILE).column("item_id")  # Arrow: check_ids makes the one Python copy
     problems = [
         f"{what}: manifest says {expected}, files have {actual}"
         for what, expected, actual in (

@@ -19,7 +19,8 @@ The loop knows nothing about models: it is given a module, a loss function and a
 
 One optimizer step = ``grad_accum_steps`` micro-batches (the effective batch is
 ``micro_batch * grad_accum_steps * world_size``); accumulation runs on across epoch boundaries, so
-every step sees the same number of examples. Per step: AdamW on a warmup + cosine/constant
+every step sees the same number of examples. Per step: AdamW (with ``sparse_embeddings``, SparseAdam
+for the embedding tables and AdamW for the rest: ``feedrank.train.sparse``) on a warmup + cosine/constant
 learning rate that is a pure function of the step (so the "scheduler state" is just ``step``),
 optional bf16/fp16 autocast (fp16 with a GradScaler), gradient clipping after unscaling.
 
@@ -78,6 +79,7 @@ from feedrank.train.checkpoint import (
     sharded_dir,
 )
 from feedrank.train.sharding import EmbeddingsBackend, ShardingKind
+from feedrank.train.sparse import SplitAdam, clip_grads, make_tables_sparse, split_adam
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +120,9 @@ class TrainConfig:
     # torchrun, also with one process); the rest of the model is data-parallel (DDP).
     embeddings: EmbeddingsBackend = "torch"
     embedding_sharding: ShardingKind = "auto"  # row_wise needs CUDA
+    # true: every embedding table gets sparse gradients and SparseAdam (no weight decay on tables), the
+    # rest AdamW, so a step costs the same at 100k and 10M items (train/sparse.py says what else changes)
+    sparse_embeddings: bool = False
     checkpoint_every: int = 0  # steps; 0 = only at the end and on SIGTERM
     keep_checkpoints: int = 3
     log_every: int = 10  # steps between metrics records (each one synchronises the device)
@@ -150,6 +155,9 @@ class TrainConfig:
         if self.embeddings == "torchrec" and (self.strategy != "ddp" or self.compile):
             raise ValueError("embeddings 'torchrec' shards the ID tables and runs the rest as DDP: it needs "
                              "strategy 'ddp' and compile false")
+        if self.sparse_embeddings and (self.embeddings == "torchrec" or self.strategy == "fsdp" or self.compile):
+            raise ValueError("sparse_embeddings needs embeddings 'torch', strategy 'ddp' and compile false (TorchRec "
+                             "has its own row-wise optimizers; FSDP shards and torch.compile traces dense gradients only)")
         if self.strategy == "fsdp" and self.precision == "fp16":
             raise ValueError("precision 'fp16' is not supported with strategy 'fsdp' (its GradScaler "
                              "would see only local shards); use 'bf16'")
@@ -267,6 +275,7 @@ class Trainer:
 
         self.model = model.to(self.env.device)
         self.sharded = None  # feedrank.train.sharding.ShardedEmbeddings when embeddings == "torchrec"
+        tables = make_tables_sparse(self.model) if cfg.sparse_embeddings else None  # before DDP wraps it
         if cfg.embeddings == "torchrec":
             from feedrank.train.sharding import shard_model
 
@@ -275,7 +284,7 @@ class Trainer:
         else:
             self._wrapped = D.wrap_model(self.model, self.env, cfg.strategy, cfg.bucket_cap_mb)
         self.module: nn.Module = torch.compile(self._wrapped, mode=cfg.compile_mode) if cfg.compile else self._wrapped
-        self.optimizer = _adamw(self.model, cfg, self.env.device)
+        self.optimizer = make_optimizer(self.model, cfg, self.env.device, tables)
         self.scaler = torch.amp.GradScaler(self.env.device.type, enabled=cfg.precision == "fp16")
         self.state = TrainState()
         self._stop_requested = False
@@ -305,6 +314,8 @@ class Trainer:
         if self.sharded is not None:  # every rank writes its shards; the .pt below commits them
             model_sd, optim_sd = {}, {}
             self.sharded.save(sharded_dir(path), self.optimizer)
+        elif self.cfg.sparse_embeddings:  # never FSDP: the plain module's state, the two Adams' own
+            model_sd, optim_sd = self.model.state_dict(), self.optimizer.state_dict()
         else:
             model_sd, optim_sd = gather_state(self.model, self.optimizer)
         rng = D.all_gather_objects(self.env, capture_rng())
@@ -319,6 +330,7 @@ class Trainer:
                 "rng": rng,
                 "world_size": self.env.world_size,
                 "sharded": sharded_dir(path).name if self.sharded is not None else None,
+                "sparse_embeddings": self.cfg.sparse_embeddings,
                 "config": to_dict(self.cfg),
             })
             prune_checkpoints(self.ckpt_dir, self.cfg.keep_checkpoints)
@@ -336,8 +348,14 @@ class Trainer:
         if bool(payload.get("sharded")) != (self.sharded is not None):
             raise ValueError(f"checkpoint {path} was written with embeddings "
                              f"{'torchrec' if payload.get('sharded') else 'torch'}: resume it with the same setting")
+        if payload.get("sparse_embeddings", False) != self.cfg.sparse_embeddings:
+            raise ValueError(f"checkpoint {path} was written with sparse_embeddings "
+                             f"{payload.get('sparse_embeddings', False)}: resume it with the same setting")
         if self.sharded is not None:
             self.sharded.load(path.parent / payload["sharded"], self.optimizer)
+        elif self.cfg.sparse_embeddings:
+            self.model.load_state_dict(payload["model"])
+            self.optimizer.load_state_dict(payload["optimizer"])
         else:
             apply_state(self.model, self.optimizer, payload["model"], payload["optimizer"])
         self.scaler.load_state_dict(payload["scaler"])
@@ -518,6 +536,8 @@ class Trainer:
         norm = None
         if self.sharded is not None and (self.cfg.clip_grad_norm is not None or need_norm):
             norm = self.sharded.clip_grad_norm_(params, self.cfg.clip_grad_norm)  # global over shards
+        elif self.cfg.sparse_embeddings and (self.cfg.clip_grad_norm is not None or need_norm):
+            norm = clip_grads(params, self.cfg.clip_grad_norm)  # clip_grad_norm_ refuses sparse gradients
         elif self.cfg.clip_grad_norm is not None:
             norm = nn.utils.clip_grad_norm_(params, self.cfg.clip_grad_norm)
         elif need_norm:
@@ -669,8 +689,10 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with weight decay on matrices and embedding tables only (nanoGPT's split).
+def make_optimizer(model: nn.Module, cfg: TrainConfig, device: torch.device,
+                   sparse_tables: list[nn.Parameter] | None = None) -> torch.optim.Optimizer | SplitAdam:
+    """AdamW with weight decay on matrices and embedding tables only (nanoGPT's split); with
+    ``sparse_tables`` (``sparse_embeddings``), SparseAdam for those tables and AdamW for the rest.
 
     Decaying biases and norm gains only pulls them towards 0 for no regularisation benefit.
     The fused kernel (one launch for all parameters) exists for CPU and CUDA in torch 2.13.
@@ -678,6 +700,9 @@ def _adamw(model: nn.Module, cfg: TrainConfig, device: torch.device) -> torch.op
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("model has no trainable parameters")
+    if sparse_tables:
+        return split_adam(model, sparse_tables, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay,
+                          device=device)
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": cfg.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
