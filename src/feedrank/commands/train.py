@@ -149,7 +149,7 @@ def retrieval_command(
     out: Path = typer.Option(..., "--out", help="Run directory: features/, train/, eval/, bundle/ go here."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in RUN_DIR/train."),
 ) -> None:
-    """Train the retrieval model (retrieval.kind: two_tower, ease or covisit), evaluate it, save a bundle."""
+    """Train the retrieval model (retrieval.kind: two_tower, ease, covisit or blend), evaluate it, save a bundle."""
     from rich.console import Console
 
     from feedrank.train.retrieval import load_run_config, train_retrieval
@@ -170,7 +170,11 @@ def retrieval_command(
     else:
         console.print("no evaluation: the run has no test split (set features.split_at)")
     train = bundle.metrics.get("train", {})
-    if bundle.kind == "item2item":
+    if bundle.kind == "blend":
+        chosen = train["selection"]
+        console.print(f"blend of {', '.join(cfg.blend.parts)}: weights {chosen['weights']} ({chosen['selected_by']}); "
+                      f"parts and selection took {train['seconds']:.1f} s")  # fmt: skip
+    elif bundle.kind == "item2item":
         console.print(f"{cfg.retrieval.kind} fitted in {train['fit_seconds']:.2f} s on {train['engagements']} "
                       f"engagements ({train['neighbours']} neighbours kept)")  # fmt: skip
     else:
