@@ -7,11 +7,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+import yaml
 from torch import nn
+from typer.testing import CliRunner
 
 from feedrank.bundle import load_bundle
+from feedrank.cli import app
 from feedrank.config import from_dict
-from feedrank.data.log import read_events
+from feedrank.data.log import read_events, read_items, write_items, write_log
 from feedrank.evaluate.retrieval import Holdout, blend_grid_metrics, evaluate_bundle, evaluate_ranking
 from feedrank.features.user_state import user_state
 from feedrank.features.vocab import FIRST_ID
@@ -133,3 +136,20 @@ def test_blend_serves_as_its_parts(blend_run):
 def test_blend_without_fixed_weights_needs_a_validation_holdout(world, tmp_path):
     with pytest.raises(ValueError, match="validation holdout"):
         train_retrieval(world, tmp_path, run_config(), progress=False)
+
+
+def test_cli_trains_a_blend_choosing_its_weights_on_a_validation_log(world, tmp_path):
+    cut = dt.datetime.fromisoformat(SPLIT).replace(tzinfo=dt.timezone.utc)
+    for name, rows in (("train", read_events(world, end=cut)), ("valid", read_events(world, start=cut))):
+        write_log(tmp_path / name, rows)
+        write_items(tmp_path / name, read_items(world))
+    config = {key: value for key, value in RUN.items() if key != "features"}
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({**config, "retrieval": {"kind": "blend"}, "blend": {"grid_step": 0.5}}))
+    run = lambda *a: CliRunner().invoke(app, [str(x) for x in a])  # noqa: E731
+    args = ("train", "retrieval", "--config", tmp_path / "run.yaml", "--log", tmp_path / "train", "--out", tmp_path / "run")
+    refused = run(*args)
+    assert refused.exit_code == 2 and "validation holdout" in refused.output
+    result = run(*args, "--valid-log", tmp_path / "valid")
+    assert result.exit_code == 0, result.output
+    assert "blend of two_tower, ease: weights" in result.output and "valid mrr@10" in result.output
+    assert load_bundle(tmp_path / "run" / "bundle").kind == "blend"

@@ -418,6 +418,24 @@ class Holdout:
     at: dt.datetime
 
 
+def holdout_from_logs(train_log: str | Path, valid_log: str | Path, history_len: int,
+                      exclude_prefixes: Sequence[str] = HISTORY_REQUESTS) -> Holdout:  # fmt: skip
+    """A validation holdout kept in its own log (e.g. a random split's valid rows, ingested apart
+    from the train log): its users are those with an engagement in an impression of ``valid_log``,
+    their state and exclusions come from ``train_log`` (every row of it), and the cut is the train
+    log's last timestamp. The same definitions as ``evaluate_holdout`` (module docstring)."""
+    before = read_events(train_log, columns=_STATE_COLUMNS)
+    after = impression_rows(read_events(valid_log, columns=_STATE_COLUMNS), exclude_prefixes)
+    engaged = after.filter(pc.and_(after["clicked"], pc.invert(after["hidden"])))
+    users = pc.unique(engaged["user_id"]).sort()
+    if len(users) == 0 or before.num_rows == 0:
+        raise ValueError(f"{valid_log}: no engagement to validate on" if len(users) == 0 else f"{train_log}: no rows")
+    in_sample = lambda t: t.filter(pc.is_in(t["user_id"], value_set=users)).select(["user_id", "item_id"])  # noqa: E731
+    at = pc.max(before["ts"]).as_py()
+    return Holdout(user_state(before, users, history_len, fallback=after), in_sample(engaged),
+                   in_sample(before.filter(before["clicked"])), at)  # fmt: skip
+
+
 def blend_grid_metrics(model: BlendModel, grid: Sequence[Sequence[float]], holdout: Holdout, vocabs: Vocabularies,
                        catalogue: pa.Table, metric: str = "mrr@10", chunk_users: int = 1024) -> list[float]:  # fmt: skip
     """``metric`` (``name@k``, averaged over the users with a relevant item) of ``model`` on

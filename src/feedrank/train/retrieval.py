@@ -56,7 +56,7 @@ import pyarrow.parquet as pq
 import torch
 
 from feedrank.bundle import Bundle, attach_titles, build_two_tower, catalogue_item_cats, catalogue_item_tokens, load_bundle, save_bundle
-from feedrank.config import load_yaml, to_dict
+from feedrank.config import ConfigError, load_yaml, to_dict
 from feedrank.data.collate import Collator
 from feedrank.evaluate.retrieval import DEFAULT_KS, Holdout, RetrievalEvaluation, blend_grid_metrics, evaluate_holdout
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, check_trainable, load_manifest, parse_ts, split_files
@@ -271,11 +271,11 @@ def _train_blend(log_dir: Path, out: Path, cfg: RetrievalRunConfig, valid: Holdo
     evaluate and bundle the blend (kind ``blend``). Its ``train.seconds`` is the whole of it: the
     parts' training and the selection (what a benchmark compares with a single model's training)."""
     if cfg.blend.weights is None and valid is None:
-        raise ValueError("retrieval.kind blend: blend.weights is null, so the weights are chosen on a validation "
-                         "holdout, and none was given (train_retrieval(..., valid=Holdout)); set blend.weights "
-                         "to train with fixed weights")  # fmt: skip
+        raise ConfigError("retrieval.kind blend: blend.weights is null, so the weights are chosen on a validation "
+                          "holdout, and none was given (--valid-log, or train_retrieval(..., valid=Holdout)); "
+                          "set blend.weights to train with fixed weights")  # fmt: skip
     if D.launched_by_torchrun():
-        raise ValueError("retrieval.kind blend trains its parts one after the other in one process; run it without torchrun")
+        raise ConfigError("retrieval.kind blend trains its parts one after the other in one process; run it without torchrun")
     started = time.perf_counter()
     ensure_features(log_dir, out / FEATURES_DIR, cfg.features, progress=progress)
     parts: dict[str, torch.nn.Module] = {}
