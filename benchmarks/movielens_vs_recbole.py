@@ -16,8 +16,8 @@ Protocol (docs/benchmarks.md has the table and every trial):
    random sample of its space), EASE and co-visitation (``retrieval.kind`` ease / covisit, trial 1 their defaults). Each
    trial trains on TRAIN only and is scored on VALID; the best by valid MRR@10 (RecBole's selection
    metric) is scored on TEST. The blend (``retrieval.kind: blend``, the product's own path:
-   ``feedrank.models.blend``) trains the parts of ``BLEND`` with their selected trials' settings and
-   chooses its weights on VALID from ``BLEND_CONFIG``'s grid (per-user z-scores of each part's
+   ``feedrank.models.blend``) of each of ``BLENDS`` trains its parts with their selected trials'
+   settings and chooses its weights on VALID from ``BLEND_CONFIG``'s grid (per-user z-scores of each part's
    scores, mixed). feedrank's selected model is the best of all of these by valid MRR@10.
 4. Ranking as RecBole does it: full ranking over every item; for valid the user's train items are
    excluded, for test their train AND valid items; metrics averaged over users with a positive.
@@ -114,10 +114,14 @@ FEEDRANK_MODELS: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
     "EASE": ({"retrieval.kind": "ease"}, {"item2item.reg": [250.0, 50.0, 100.0, 500.0, 1000.0, 2000.0]}),
     "covisit": ({"retrieval.kind": "covisit"}, {"item2item.neighbours": [100, 50, 200, 400]}),
 }
-#: The blend's parts (benchmark name -> retrieval kind), each with its selected trial's settings, and
-#: the rest of its ``blend`` section: the product (``retrieval.kind: blend``) chooses the weights on
-#: VALID from the grid (the simplex at this step: 11 points for two parts) by RecBole's valid metric.
-BLEND = {"two-tower": "two_tower", "EASE": "ease"}
+#: The blends: name -> parts (benchmark model name -> retrieval kind), each part with its selected
+#: trial's settings; ``BLEND_CONFIG`` is the rest of their ``blend`` section: the product
+#: (``retrieval.kind: blend``) chooses the weights on VALID from the grid (the simplex at this step:
+#: 11 points for two parts, 66 for three) by RecBole's valid metric.
+BLENDS: dict[str, dict[str, str]] = {
+    "blend": {"two-tower": "two_tower", "EASE": "ease"},
+    "blend3": {"two-tower": "two_tower", "EASE": "ease", "covisit": "covisit"},
+}
 BLEND_CONFIG: dict[str, Any] = {"grid_step": 0.1, "normalise": "zscore", "select_by": SELECT_BY}
 BOOTSTRAP_REPS, BOOTSTRAP_SEED = 2000, 0
 
@@ -381,20 +385,20 @@ def tune_feedrank(name: str, log_dir: Path, runs_dir: Path, features_dir: Path, 
     }, selected
 
 
-def tune_blend(results: dict[str, dict[str, Any]], log_dir: Path, runs_dir: Path, features_dir: Path,
+def tune_blend(name: str, results: dict[str, dict[str, Any]], log_dir: Path, runs_dir: Path, features_dir: Path,
                valid: SplitContext, test: SplitContext) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
-    """The product's ``retrieval.kind: blend`` of the selected trials of ``BLEND``'s models: each
+    """The product's ``retrieval.kind: blend`` of the selected trials of ``BLENDS[name]``'s models: each
     part's selected config, trained again by ``train_retrieval`` (its train time is the whole of it:
     the parts and the weight selection), the weights chosen by the product on VALID; tested on TEST.
     Returns the result and, like ``tune_feedrank``, the bundle and its history length."""
-    names = list(BLEND)
+    names = list(BLENDS[name])
     merged = copy.deepcopy(results[names[0]]["config"])
-    for name in names[1:]:  # each other part's tuned settings come from its own selected trial
-        merged = with_overrides(merged, {key: _get(results[name]["config"], key) for key in FEEDRANK_MODELS[name][1]})
+    for part in names[1:]:  # each other part's tuned settings come from its own selected trial
+        merged = with_overrides(merged, {key: _get(results[part]["config"], key) for key in FEEDRANK_MODELS[part][1]})
     merged["retrieval"] = {"kind": "blend"}
-    merged["blend"] = to_dict(BlendConfig(parts=list(BLEND.values()), **BLEND_CONFIG))
+    merged["blend"] = to_dict(BlendConfig(parts=list(BLENDS[name].values()), **BLEND_CONFIG))
     cfg = from_dict(RetrievalRunConfig, merged)
-    run_dir = runs_dir / "blend"
+    run_dir = runs_dir / name
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
     (run_dir / "features").symlink_to(features_dir)
@@ -406,7 +410,7 @@ def tune_blend(results: dict[str, dict[str, Any]], log_dir: Path, runs_dir: Path
     selection = bundle.metrics["train"]["selection"]
     validated, tested = evaluate_split(bundle, valid, history_len), evaluate_split(bundle, test, history_len)
     trials = [{"params": {"weights": row["weights"]}, "valid": {SELECT_BY: row[SELECT_BY]}} for row in selection["grid"]]
-    print(f"[blend] weights {selection['weights']}: valid {SELECT_BY}={validated.model[SELECT_BY]:.4f} ({seconds:.1f} s)",
+    print(f"[{name}] weights {selection['weights']}: valid {SELECT_BY}={validated.model[SELECT_BY]:.4f} ({seconds:.1f} s)",
           file=sys.stderr, flush=True)  # fmt: skip
     return {
         "test": _pick(tested.model), "test_counts": tested.counts, "valid": _pick(validated.model),
@@ -474,7 +478,8 @@ def main(argv: list[str] | None = None) -> None:
     for name in FEEDRANK_MODELS:
         feedrank[name], selected[name] = tune_feedrank(name, log_dir, runs_dir, runs_dir / "features", valid, test,
                                                        args.budget_trials, args.seed)  # fmt: skip
-    feedrank["blend"], selected["blend"] = tune_blend(feedrank, log_dir, runs_dir, runs_dir / "features", valid, test)
+    for name in BLENDS:
+        feedrank[name], selected[name] = tune_blend(name, feedrank, log_dir, runs_dir, runs_dir / "features", valid, test)
     recbole = finish_recbole(recbole_run, out / "recbole")
     tops = {name: top_lists(score_matrix(p["bundle"], test, p["history_len"]), test, p["bundle"].catalogue)
             for name, p in selected.items()}  # fmt: skip
