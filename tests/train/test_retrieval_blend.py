@@ -153,3 +153,16 @@ def test_cli_trains_a_blend_choosing_its_weights_on_a_validation_log(world, tmp_
     assert result.exit_code == 0, result.output
     assert "blend of two_tower, ease: weights" in result.output and "valid mrr@10" in result.output
     assert load_bundle(tmp_path / "run" / "bundle").kind == "blend"
+
+
+def test_recent_history_keeps_each_users_last_n_items():
+    from feedrank.data.user_batch import user_batch
+    from feedrank.evaluate.retrieval import recent_history
+
+    # user 0 has items 5, 6, 7 (oldest first), user 1 item 9, user 2 none
+    batch = user_batch(np.zeros(3, np.int64), np.zeros((3, 0), np.int64), np.array([0, 3, 4, 4]), np.array([5, 6, 7, 9]),
+                       np.zeros((3, 2), np.float32), 0)  # fmt: skip
+    kept = lambda b: [b.history[r][b.history_mask[r]].tolist() for r in range(3)]  # noqa: E731
+    assert kept(recent_history(batch, 2)) == [[6, 7], [9], []]
+    assert kept(recent_history(batch, 0)) == [[], [], []]
+    assert kept(recent_history(batch, 10)) == kept(batch) == [[5, 6, 7], [9], []]
