@@ -1,4 +1,4 @@
-"""The retrieval training task: event log in, evaluated two-tower bundle out.
+"""The retrieval training task: event log in, evaluated retrieval bundle out.
 
 ``train_retrieval(log_dir, out_dir, cfg)`` wires the existing parts, in this order::
 
@@ -16,7 +16,10 @@
 same features, check, evaluation and bundle steps, with the model fitted in closed form (EASE) or
 by counting (co-visitation) on the train split's engagements instead of trained by the ``Trainer``.
 Its bundle has kind ``item2item``; serving uses it as the ``item2item`` candidate source beside the
-two-tower's ANN (``feedrank serve --item2item``).
+two-tower's ANN (``feedrank serve --item2item``). ``blend`` (``feedrank.models.blend``, section
+``blend``) trains each of ``blend.parts`` as its own kind in ``OUT/parts/<kind>`` on the one feature
+build, then takes ``blend.weights`` or chooses them from ``blend.grid()`` on the ``valid`` holdout
+(``--valid-log``; never the test split), and evaluates and bundles the mix (kind ``blend``).
 
 The run directory layout, the feature reuse, the loader and preemption are shared with the
 ranking task (``feedrank.train.task``), so both can train in one run directory on one feature build.
