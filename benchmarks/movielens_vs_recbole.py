@@ -15,9 +15,10 @@ Protocol (docs/benchmarks.md has the table and every trial):
    configs/movielens.yaml with ``RANDOM_SPLIT`` and ``FAST_TWO_TOWER`` applied, then a seeded
    random sample of its space), EASE and co-visitation (``retrieval.kind`` ease / covisit, trial 1 their defaults). Each
    trial trains on TRAIN only and is scored on VALID; the best by valid MRR@10 (RecBole's selection
-   metric) is scored on TEST. The blend of the selected two-tower and EASE (per-user standardised
-   scores, ``w * two-tower + (1 - w) * EASE``) picks ``w`` from ``BLEND_WEIGHTS`` on VALID too.
-   feedrank's selected model is the best of all of these by valid MRR@10.
+   metric) is scored on TEST. The blend (``retrieval.kind: blend``, the product's own path:
+   ``feedrank.models.blend``) of each of ``BLENDS`` trains its parts with their selected trials'
+   settings and chooses its weights on VALID from ``BLEND_CONFIG``'s grid (per-user z-scores of each part's
+   scores, mixed). feedrank's selected model is the best of all of these by valid MRR@10.
 4. Ranking as RecBole does it: full ranking over every item; for valid the user's train items are
    excluded, for test their train AND valid items; metrics averaged over users with a positive.
    A user's state (ID, age bucket, history) comes from their train interactions only: the RecBole
@@ -27,7 +28,8 @@ Protocol (docs/benchmarks.md has the table and every trial):
    come from both systems' own top-10 lists (their means are checked against the reported ones).
 
 Train time is each selected trial's own fit (RecBole: ``trainer.fit``; feedrank: ``train_retrieval``
-on the shared features, which are built once and timed apart); the blend's is its two parts'.
+on the shared features, which are built once and timed apart); the blend's is its own
+``train_retrieval`` call: its parts trained again and the weight selection.
 
 Usage::
 
@@ -63,15 +65,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import torch
 
-from feedrank.bundle import Bundle, catalogue_vectors, lookup_quiet
+from feedrank.bundle import Bundle, lookup_quiet
 from feedrank.config import from_dict, load_yaml, to_dict
 from feedrank.data.ingest import ingest
 from feedrank.data.log import read_events
 from feedrank.data.readers.common import ReadResult
 from feedrank.data.readers.movielens import read_movielens
-from feedrank.evaluate.retrieval import RetrievalEvaluation, evaluate_ranking, user_batches, user_state
+from feedrank.evaluate.retrieval import Holdout, RetrievalEvaluation, catalogue_scorer, evaluate_ranking, user_batches, user_state
 from feedrank.features.vocab import USER_CAT_COLUMNS
-from feedrank.models.item2item import Item2ItemModel
+from feedrank.models.blend import BlendConfig
 from feedrank.train.retrieval import RetrievalRunConfig, ensure_features, scoring_history_len, train_retrieval
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,8 +114,15 @@ FEEDRANK_MODELS: dict[str, tuple[dict[str, Any], dict[str, list[Any]]]] = {
     "EASE": ({"retrieval.kind": "ease"}, {"item2item.reg": [250.0, 50.0, 100.0, 500.0, 1000.0, 2000.0]}),
     "covisit": ({"retrieval.kind": "covisit"}, {"item2item.neighbours": [100, 50, 200, 400]}),
 }
-BLEND = ("two-tower", "EASE")  # the blend's parts, each its selected trial
-BLEND_WEIGHTS = [round(0.1 * i, 1) for i in range(11)]  # the two-tower's weight, chosen on valid
+#: The blends: name -> parts (benchmark model name -> retrieval kind), each part with its selected
+#: trial's settings; ``BLEND_CONFIG`` is the rest of their ``blend`` section: the product
+#: (``retrieval.kind: blend``) chooses the weights on VALID from the grid (the simplex at this step:
+#: 11 points for two parts, 66 for three) by RecBole's valid metric.
+BLENDS: dict[str, dict[str, str]] = {
+    "blend": {"two-tower": "two_tower", "EASE": "ease"},
+    "blend3": {"two-tower": "two_tower", "EASE": "ease", "covisit": "covisit"},
+}
+BLEND_CONFIG: dict[str, Any] = {"grid_step": 0.1, "normalise": "zscore", "select_by": SELECT_BY}
 BOOTSTRAP_REPS, BOOTSTRAP_SEED = 2000, 0
 
 #: What each system was explored with before its trial budget, stated beside the results.
@@ -121,14 +130,22 @@ EXPLORATION = {
     "RecBole": "none on this split: trial 1 is each model's RecBole default and the grids were set around "
                "the defaults without runs (one 1-trial, 5-epoch timing run of EASE, ItemKNN and MultiVAE, and "
                "one 1-trial EASE run checking the exported lists)",
-    "feedrank two-tower": "about 44 runs on valid chose its config (docs/benchmarks.md); here a 30-epoch "
-                          "budget-1 benchmark run, 1 batch-4096 run (stopped, not adopted), 1 one-epoch wiring run "
-                          "and 2 short runs blended with EASE on valid, which chose FAST_TWO_TOWER and the epochs "
-                          "{6, 12} of the search space",
-    "feedrank EASE / covisit": "grids set around the defaults without runs; 1 valid run of EASE reg 250 to "
-                               "check the wiring",
-    "feedrank blend": "the weight grid and the per-user standardisation were fixed before any run; one wiring "
-                      "run on valid (with the one-epoch two-tower) changed neither",
+    "feedrank two-tower": "about 44 runs on valid chose its config (docs/benchmarks.md); then a 30-epoch budget-1 "
+                          "benchmark run, 1 batch-4096 run (stopped, not adopted), 1 one-epoch wiring run and 2 short "
+                          "runs blended with EASE on valid, which chose FAST_TWO_TOWER and the epochs {6, 12}; then 5 "
+                          "valid runs each blended with EASE (the base config; uniform 256 sampled negatives x 30 "
+                          "epochs; batch 2048 at lr 0.04; linear towers; batch 512 at lr 0.01) and 1 two-epoch "
+                          "profile: none beat the base config, which stayed",
+    "feedrank EASE / covisit": "grids set around the defaults without runs; 1 valid run of EASE reg 250 to check the "
+                               "wiring; 30 numpy runs on valid of item-item variants (EASE reg, EDLAE dropout "
+                               "emphasis, RP3beta, user-normalised EASE; EASE blended with covisit, RP3beta, cosine "
+                               "kNN or popularity): none beat EASE reg 250 by more than 0.0012 valid MRR@10, none "
+                               "adopted",
+    "feedrank blends": "the weight grid (step 0.1) and the per-user z-score were fixed before any run; rank "
+                       "normalisation was tried in the 5 valid runs above (never better than z-score with the "
+                       "base two-tower); the three-part blend (+ covisit) was added after those runs, where it "
+                       "scored 0.4345 vs 0.4300 valid MRR@10 with the base two-tower (0.4229-0.4263 vs "
+                       "0.4223-0.4237 with the others; its grid holds the two-part one)",
 }
 
 
@@ -280,29 +297,19 @@ def evaluate_split(bundle: Bundle, split: SplitContext, history_len: int) -> Ret
 
 
 def score_matrix(bundle: Bundle, split: SplitContext, history_len: int) -> np.ndarray:
-    """[users, items] float32 scores of ``bundle`` for ``split``'s users (vocabulary item indices);
-    padding/OOV/bucket columns and each user's excluded items are -inf."""
-    model, cat = bundle.model, bundle.catalogue
+    """[users, items] float32 scores of ``bundle`` for ``split``'s users (vocabulary item indices),
+    from the product's scorer of every retrieval kind (``catalogue_scorer``); padding/OOV/bucket
+    columns and each user's excluded items are -inf."""
+    cat = bundle.catalogue
     rankable = np.flatnonzero(cat["item_id"].is_valid().to_numpy(zero_copy_only=False))
     out = np.full((len(split.users), bundle.vocabs.n_items), -np.inf, np.float32)
     with torch.no_grad():
-        vectors = None if isinstance(model, Item2ItemModel) else catalogue_vectors(model, cat, split.at, rankable)
+        score = catalogue_scorer(bundle.model, cat, split.at, rankable)
         for lo, batch in user_batches(split.state(history_len), bundle.vocabs):
-            part = model.score_batch(batch)[:, rankable] if vectors is None else model.user_vectors(batch) @ vectors.T
-            out[lo : lo + len(batch), rankable] = part.numpy()
+            out[lo : lo + len(batch), rankable] = score(batch).numpy()
     rows = pc.index_in(split.exclude["user_id"], value_set=split.users).to_numpy(zero_copy_only=False)
     out[rows.astype(np.int64), lookup_quiet(bundle.vocabs.items, split.exclude["item_id"])] = -np.inf
     return out
-
-
-def standardised(scores: np.ndarray) -> np.ndarray:
-    """Per-user z-scores over the finite (rankable, not excluded) entries; -inf stays -inf."""
-    finite = np.isfinite(scores)
-    x = np.where(finite, scores, 0.0)
-    n = finite.sum(axis=1, keepdims=True)
-    mean = x.sum(axis=1, keepdims=True) / n
-    std = np.sqrt((np.where(finite, x - mean, 0.0) ** 2).sum(axis=1, keepdims=True) / n)
-    return np.where(finite, (x - mean) / np.maximum(std, 1e-12), -np.inf).astype(np.float32)
 
 
 def top_lists(scores: np.ndarray, split: SplitContext, catalogue: pa.Table, k: int = 10) -> dict[str, list[str]]:
@@ -386,43 +393,39 @@ def tune_feedrank(name: str, log_dir: Path, runs_dir: Path, features_dir: Path, 
     }, selected
 
 
-def blend(parts: dict[str, dict[str, Any]], results: dict[str, dict[str, Any]], valid: SplitContext,
-          test: SplitContext) -> tuple[dict[str, Any], dict[str, list[str]]]:  # fmt: skip
-    """The blend of the selected ``BLEND`` models: its weight chosen on valid; (result, test top lists)."""
-    a, b = (parts[name] for name in BLEND)
-    catalogue = a["bundle"].catalogue
-    if a["bundle"].vocabs.n_items != b["bundle"].vocabs.n_items:
-        raise ValueError("the blend's parts were trained on different item vocabularies")
-    z = {split.name: [standardised(score_matrix(p["bundle"], split, p["history_len"])) for p in (a, b)]
-         for split in (valid, test)}  # fmt: skip
-    mix = lambda name, w: np.where(np.isfinite(z[name][0]), w * z[name][0] + (1 - w) * z[name][1], -np.inf)  # noqa: E731
-    trials = []
-    for w in BLEND_WEIGHTS:
-        with np.errstate(invalid="ignore"):  # -inf entries (excluded items) are masked by the where
-            top = top_lists(mix("valid", w), valid, catalogue)
-        metrics = {m: float(v.mean()) for m, v in per_user_metrics(top, valid).items()}
-        metrics["mrr@10"] = _mrr(top, valid)
-        trials.append({"params": {"weight": w}, "valid": metrics})
-    best = max(trials, key=lambda t: t["valid"][SELECT_BY])
-    w = best["params"]["weight"]
-    with np.errstate(invalid="ignore"):
-        top = top_lists(mix("test", w), test, catalogue)
-    tested = {m: float(v.mean()) for m, v in per_user_metrics(top, test).items()} | {"mrr@10": _mrr(top, test)}
-    seconds = sum(results[name]["train_seconds"] for name in BLEND)
+def tune_blend(name: str, results: dict[str, dict[str, Any]], log_dir: Path, runs_dir: Path, features_dir: Path,
+               valid: SplitContext, test: SplitContext) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
+    """The product's ``retrieval.kind: blend`` of the selected trials of ``BLENDS[name]``'s models: each
+    part's selected config, trained again by ``train_retrieval`` (its train time is the whole of it:
+    the parts and the weight selection), the weights chosen by the product on VALID; tested on TEST.
+    Returns the result and, like ``tune_feedrank``, the bundle and its history length."""
+    names = list(BLENDS[name])
+    merged = copy.deepcopy(results[names[0]]["config"])
+    for part in names[1:]:  # each other part's tuned settings come from its own selected trial
+        merged = with_overrides(merged, {key: _get(results[part]["config"], key) for key in FEEDRANK_MODELS[part][1]})
+    merged["retrieval"] = {"kind": "blend"}
+    merged["blend"] = to_dict(BlendConfig(parts=list(BLENDS[name].values()), **BLEND_CONFIG))
+    cfg = from_dict(RetrievalRunConfig, merged)
+    run_dir = runs_dir / name
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    (run_dir / "features").symlink_to(features_dir)
+    history_len = scoring_history_len(cfg)
+    holdout = Holdout(valid.state(history_len), valid.relevant, valid.exclude, valid.at)
+    started = time.perf_counter()
+    bundle = train_retrieval(log_dir, run_dir, cfg, progress=False, valid=holdout)
+    seconds = time.perf_counter() - started
+    selection = bundle.metrics["train"]["selection"]
+    validated, tested = evaluate_split(bundle, valid, history_len), evaluate_split(bundle, test, history_len)
+    trials = [{"params": {"weights": row["weights"]}, "valid": {SELECT_BY: row[SELECT_BY]}} for row in selection["grid"]]
+    print(f"[{name}] weights {selection['weights']}: valid {SELECT_BY}={validated.model[SELECT_BY]:.4f} ({seconds:.1f} s)",
+          file=sys.stderr, flush=True)  # fmt: skip
     return {
-        "test": tested, "valid": best["valid"], "train_seconds": round(seconds, 2),
-        "config": {"weight": w, "parts": list(BLEND), "score": "w * z(two-tower) + (1 - w) * z(EASE), per-user z-scores"},
-        "selected_by": f"valid {SELECT_BY}", "selected_trial": trials.index(best) + 1,
-        "search_space": {"weight": BLEND_WEIGHTS}, "trials": trials,
-    }, top  # fmt: skip
-
-
-def _mrr(top: dict[str, list[str]], split: SplitContext, k: int = 10) -> float:
-    relevant: dict[str, set[str]] = {}
-    for u, i in zip(split.relevant["user_id"].to_pylist(), split.relevant["item_id"].to_pylist()):
-        relevant.setdefault(u, set()).add(i)
-    ranks = [next((r for r, item in enumerate(top[u][:k], 1) if item in relevant[u]), None) for u in split.users.to_pylist()]
-    return float(np.mean([0.0 if r is None else 1.0 / r for r in ranks]))
+        "test": _pick(tested.model), "test_counts": tested.counts, "valid": _pick(validated.model),
+        "train_seconds": round(seconds, 2), "config": to_dict(cfg), "weights": selection["weights"],
+        "selected_by": f"valid {SELECT_BY}", "selected_trial": 1 + [t["params"]["weights"] for t in trials].index(selection["weights"]),
+        "search_space": {"blend.grid()": f"step {cfg.blend.grid_step}, {len(trials)} weight vectors"}, "trials": trials,
+    }, {"bundle": bundle, "history_len": history_len}  # fmt: skip
 
 
 def _pick(metrics: dict[str, float]) -> dict[str, float]:
@@ -448,7 +451,7 @@ def format_trials(name: str, result: dict[str, Any]) -> str:
     lines = [f"{name} trials (selected: {result['selected_trial']}, by {result['selected_by']}):"]
     for number, trial in enumerate(result["trials"], start=1):
         shown = " ".join(f"{k}={v}" for k, v in trial["params"].items())
-        valid = " ".join(f"{m}={trial['valid'][m]:.4f}" for m in ("recall@10", "ndcg@10", "mrr@10"))
+        valid = " ".join(f"{m}={trial['valid'][m]:.4f}" for m in ("recall@10", "ndcg@10", "mrr@10") if m in trial["valid"])
         seconds = f" ({trial['train_seconds']:.1f} s)" if "train_seconds" in trial else ""
         lines.append(f"  {number}. {shown}: valid {valid}{seconds}")
     return "\n".join(lines)
@@ -483,10 +486,11 @@ def main(argv: list[str] | None = None) -> None:
     for name in FEEDRANK_MODELS:
         feedrank[name], selected[name] = tune_feedrank(name, log_dir, runs_dir, runs_dir / "features", valid, test,
                                                        args.budget_trials, args.seed)  # fmt: skip
-    feedrank["blend"], blend_top = blend(selected, feedrank, valid, test)
+    for name in BLENDS:
+        feedrank[name], selected[name] = tune_blend(name, feedrank, log_dir, runs_dir, runs_dir / "features", valid, test)
     recbole = finish_recbole(recbole_run, out / "recbole")
     tops = {name: top_lists(score_matrix(p["bundle"], test, p["history_len"]), test, p["bundle"].catalogue)
-            for name, p in selected.items()} | {"blend": blend_top}  # fmt: skip
+            for name, p in selected.items()}  # fmt: skip
     best_name = max(feedrank, key=lambda n: feedrank[n]["valid"][SELECT_BY])
 
     models = {f"feedrank {n}": r for n, r in feedrank.items()} | {f"RecBole {n}": recbole["models"][n] for n in RECBOLE_MODELS}

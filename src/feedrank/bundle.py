@@ -58,6 +58,7 @@ from feedrank.data.collate import pad_list
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies, title_tokens, token_indices
 from feedrank.fsutil import staged_dir
 from feedrank.features.text import title_word_vectors
+from feedrank.models.blend import BlendConfig, BlendModel
 from feedrank.models.item2item import Item2ItemModel
 from feedrank.models.ranker import Ranker, RankerConfig
 from feedrank.models.towers import TitleBag
@@ -134,6 +135,15 @@ def build_item2item(config: dict[str, Any], vocabs: Vocabularies) -> Item2ItemMo
     return Item2ItemModel(vocabs.n_items)
 
 
+def build_blend(config: dict[str, Any], vocabs: Vocabularies) -> BlendModel:
+    """A blend's parts, each built as its own kind would be (``blend.parts`` order); the weights and
+    history lengths come from the state_dict it loads."""
+    cfg = from_dict(BlendConfig, config.get("blend"), "blend")
+    parts = {kind: build_two_tower(config, vocabs) if kind == "two_tower" else build_item2item(config, vocabs)
+             for kind in cfg.parts}  # fmt: skip
+    return BlendModel(parts, [0] * len(parts), cfg.normalise)
+
+
 ModelBuilder = Callable[[dict[str, Any], Vocabularies], nn.Module]
 
 #: Every model kind a bundle can hold. A new kind adds its builder here (one line).
@@ -141,6 +151,7 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
     "two_tower": build_two_tower,
     "ranker": build_ranker,
     "item2item": build_item2item,
+    "blend": build_blend,
 }
 
 

@@ -1,4 +1,5 @@
-"""The ``item2item`` candidate source: served in /feed beside the ANN, mapped through item ids."""
+"""The ``item2item`` candidate source: served in /feed beside the ANN, mapped through item ids; a
+blend bundle served as its parts."""
 
 import json
 
@@ -11,9 +12,10 @@ from feedrank.bundle import load_bundle, save_bundle
 from feedrank.cli import app
 from feedrank.data.log import read_events
 from feedrank.features.vocab import FIRST_ID
+from feedrank.models.blend import BlendModel
 from feedrank.models.item2item import Item2ItemModel, fit_covisit, interactions
-from feedrank.serving.app import create_app
-from feedrank.serving.item2item import Item2ItemSource
+from feedrank.serving.app import ServeSettings, build_service, create_app
+from feedrank.serving.item2item import Item2ItemSource, serving_parts
 from feedrank.serving.pipeline import FeedService
 
 from .conftest import TickingClock, serving_config
@@ -93,3 +95,43 @@ def test_serve_dry_run_loads_the_item2item_bundle(serving_world, item2item_bundl
     refused = CliRunner().invoke(app, ["serve", str(serving_world.two_tower.path), "--item2item", str(serving_world.two_tower.path),
                                        "--config", str(config), "--serving-log", str(tmp_path / "slog2"), "--dry-run"])  # fmt: skip
     assert refused.exit_code == 2 and "expected an item2item bundle" in refused.output
+
+
+@pytest.fixture(scope="module")
+def blend_bundle(serving_world, item2item_bundle, tmp_path_factory):
+    """A two-tower + co-visitation blend over the serving world (kind ``blend``, one bundle)."""
+    tt = serving_world.two_tower
+    model = BlendModel({"two_tower": tt.model, "covisit": item2item_bundle.model}, [50, 1000], "zscore", [0.6, 0.4])
+    config = {**tt.config, "retrieval": {"kind": "blend"}, "blend": {"parts": ["two_tower", "covisit"], "weights": [0.6, 0.4]}}
+    path = save_bundle(tmp_path_factory.mktemp("blend") / "bundle", kind="blend", model=model, config=config,
+                       vocabs=tt.vocabs, catalogue=tt.catalogue)  # fmt: skip
+    return load_bundle(path)
+
+
+def test_a_blend_bundle_serves_its_parts_as_sources_ann_and_item2item(serving_world, blend_bundle, tmp_path):
+    config = tmp_path / "serving.yaml"
+    config.write_text(f"serving:\n  index: {{kind: flat}}\n  start_time: '{serving_world.start.isoformat()}'\n"
+                      "  ann_candidates: 1\n  fresh_candidates: 0\n  item2item_candidates: 40\n")  # fmt: skip
+    settings = ServeSettings(bundle=str(blend_bundle.path), log=str(serving_world.log), config=str(config),
+                             serving_log=str(tmp_path / "slog"))  # fmt: skip
+    service = build_service(settings)  # `feedrank serve BLEND_BUNDLE`'s path
+    try:
+        assert service.item2item is not None and service.item2item.bundle.version == blend_bundle.version
+        user = warm_user(service)
+        with TestClient(create_app(service)) as client:
+            body = client.get("/feed", params={"user_id": user, "k": 10}).json()
+        sources = {s for item in body["items"] for s in item["source"].split("+")}
+        assert "item2item" in sources, body["items"]
+        assert body["model_versions"]["item2item"] == blend_bundle.version
+    finally:
+        service.close()
+
+
+def test_a_blend_without_a_two_tower_part_cannot_be_served(blend_bundle):
+    import dataclasses
+
+    only_items = dataclasses.replace(blend_bundle, model=BlendModel({"ease": blend_bundle.model.parts["covisit"],
+                                                                    "covisit": blend_bundle.model.parts["covisit"]},
+                                                                   [1000, 1000], "zscore"))  # fmt: skip
+    with pytest.raises(ValueError, match="no two_tower part"):
+        serving_parts(only_items)

@@ -44,7 +44,7 @@ def default_workers() -> int:
 
 
 def serve_command(
-    bundle: Path = typer.Argument(..., help="Two-tower bundle directory (feedrank train retrieval)."),
+    bundle: Path = typer.Argument(..., help="Two-tower or blend bundle directory (feedrank train retrieval; a blend serves as its parts)."),
     ranker: Optional[Path] = typer.Option(None, "--ranker", help="Ranker bundle directory; without it the two-tower score ranks."),
     log: Optional[Path] = typer.Option(None, "--log", help="Canonical event log that seeds user histories."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with a `serving` section (ServingConfig)."),

@@ -148,14 +148,20 @@ def retrieval_command(
     log: Path = typer.Option(..., "--log", help="Event log directory (feedrank simulate / ingest output)."),
     out: Path = typer.Option(..., "--out", help="Run directory: features/, train/, eval/, bundle/ go here."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the latest checkpoint in RUN_DIR/train."),
+    valid_log: Optional[Path] = typer.Option(
+        None, "--valid-log", help="Validation engagements in their own log: a blend's weights are chosen on them."
+    ),
 ) -> None:
-    """Train the retrieval model (retrieval.kind: two_tower, ease or covisit), evaluate it, save a bundle."""
+    """Train the retrieval model (retrieval.kind: two_tower, ease, covisit or blend), evaluate it, save a bundle."""
     from rich.console import Console
 
-    from feedrank.train.retrieval import load_run_config, train_retrieval
+    from feedrank.evaluate.retrieval import holdout_from_logs
+    from feedrank.train.retrieval import load_run_config, scoring_history_len, train_retrieval
 
     cfg = run_cli(lambda: load_run_config(config))
-    bundle = run_cli(lambda: train_retrieval(log, out, cfg, resume=resume))
+    valid = None if valid_log is None else run_cli(lambda: holdout_from_logs(log, valid_log, scoring_history_len(cfg)),
+                                                   also=(ValueError,))  # fmt: skip
+    bundle = run_cli(lambda: train_retrieval(log, out, cfg, resume=resume, valid=valid))
     if bundle is None:  # a non-zero torchrun rank: rank 0 reports
         return
     console = Console()
@@ -170,7 +176,11 @@ def retrieval_command(
     else:
         console.print("no evaluation: the run has no test split (set features.split_at)")
     train = bundle.metrics.get("train", {})
-    if bundle.kind == "item2item":
+    if bundle.kind == "blend":
+        chosen = train["selection"]
+        console.print(f"blend of {', '.join(cfg.blend.parts)}: weights {chosen['weights']} ({chosen['selected_by']}); "
+                      f"parts and selection took {train['seconds']:.1f} s")  # fmt: skip
+    elif bundle.kind == "item2item":
         console.print(f"{cfg.retrieval.kind} fitted in {train['fit_seconds']:.2f} s on {train['engagements']} "
                       f"engagements ({train['neighbours']} neighbours kept)")  # fmt: skip
     else:

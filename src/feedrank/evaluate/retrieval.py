@@ -51,13 +51,14 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import math
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -80,6 +81,7 @@ from feedrank.features.counters import user_counters
 from feedrank.features.user_state import UserState, user_state
 from feedrank.features.vocab import FIRST_ID, USER_CAT_COLUMNS, Vocab, Vocabularies
 from feedrank.fsutil import staged_file
+from feedrank.models.blend import BlendModel
 from feedrank.models.item2item import Item2ItemConfig, Item2ItemModel
 
 DEFAULT_KS = (10, 50, 100)
@@ -206,9 +208,8 @@ def evaluate_ranking(
     ``world``, its oracle); score the top k with intervals from a bootstrap over users.
 
     ``relevant`` and ``exclude`` are tables of raw ``(user_id, item_id)`` pairs (duplicates are
-    fine); every user in them must be one of ``users``. ``model`` must provide ``user_vectors(Batch)``
-    and ``item_vectors(item_idx, item_cats, item_age_h)`` (``TwoTower``), or be an ``Item2ItemModel``
-    (scored from each user's history). ``at`` is the cut: item ages are measured at it. ``random``
+    fine); every user in them must be one of ``users``. ``model`` is anything ``catalogue_scorer``
+    scores: a two-tower, an ``Item2ItemModel`` or a ``BlendModel`` of them. ``at`` is the cut: item ages are measured at it. ``random``
     scores every item alike: the tie rule makes that exactly the expectation of a uniformly random
     ranking. See the module docstring for every definition.
     """
@@ -226,22 +227,13 @@ def evaluate_ranking(
     rankable = np.flatnonzero(catalogue["item_id"].is_valid().to_numpy(zero_copy_only=False))
     if rankable.size == 0:
         raise ValueError("the catalogue has no item to rank")
-    excl_rows, excl_items, _ = _pairs(exclude, users.user_id, vocabs.items, "exclude")
-    rel_rows, rel_items, rel_known = _pairs(relevant, users.user_id, vocabs.items, "relevant")
-    oov_pairs = relevant.select(["user_id", "item_id"]).filter(pa.array(~rel_known))
-    oov_pairs = oov_pairs.group_by(["user_id", "item_id"]).aggregate([])  # distinct pairs
-    seen_keys = np.unique(excl_rows * vocabs.n_items + excl_items)
-    rel_keys = np.unique(rel_rows[rel_known] * vocabs.n_items + rel_items[rel_known])
-    is_seen = np.isin(rel_keys, seen_keys)
-    pair_user, pair_item = rel_keys[~is_seen] // vocabs.n_items, rel_keys[~is_seen] % vocabs.n_items
+    pairs = _ranking_pairs(users, vocabs, relevant, exclude)
+    excl_rows, excl_items, pair_user, pair_item = pairs.excl_rows, pairs.excl_items, pairs.pair_user, pairs.pair_item
+    oov_pairs = pairs.oov_pairs
 
     batches = lambda: user_batches(users, vocabs, chunk_users)  # noqa: E731 (a fresh iterator per ranking)
-    if isinstance(model, Item2ItemModel):  # scores from the history alone: no vectors
-        columns = torch.from_numpy(rankable)
-        model_score = lambda lo, b: model.score_batch(b)[:, columns]  # noqa: E731
-    else:
-        item_vecs = catalogue_vectors(model, catalogue, at, rankable)
-        model_score = lambda lo, b: model.user_vectors(b) @ item_vecs.T  # noqa: E731
+    model_scorer = catalogue_scorer(model, catalogue, at, rankable)
+    model_score = lambda lo, b: model_scorer(b)  # noqa: E731
     pop = torch.from_numpy(popularity_baseline(catalogue, rankable))
     scorers: dict[str, Callable[[int, Batch], Tensor]] = {
         model_name: model_score,
@@ -294,15 +286,39 @@ def evaluate_ranking(
         "n_users_evaluated": int((np.bincount(pair_user, minlength=len(users)) > 0).sum()),
         "n_oov_users": int((~user_known).sum()),
         "n_items_ranked": int(rankable.size),
-        "n_relevant": int(rel_keys.size - is_seen.sum()),
+        "n_relevant": int(pair_user.size),
         "n_relevant_oov": oov_pairs.num_rows,
         "n_oov_items": len(pc.unique(oov_pairs["item_id"])),
-        "n_relevant_seen": int(is_seen.sum()),
+        "n_relevant_seen": pairs.n_seen,
     }
     models = {m: {k: table.interval(m, k) for k in names} for m in table.models}
     return RetrievalEvaluation(ks=ks, model_name=model_name, models=models, comparisons=comparisons, counts=counts,
                                split_at=at.isoformat(), slices=slices,
                                bootstrap=f"{n_resamples} resamples of users, {level:.0%} percentile intervals")  # fmt: skip
+
+
+class _RankingPairs(NamedTuple):
+    """The excluded and the relevant (user row, item index) pairs of a ranking, and what was dropped."""
+
+    excl_rows: np.ndarray
+    excl_items: np.ndarray
+    pair_user: np.ndarray  # relevant pairs that can be hit: known items, not excluded, distinct
+    pair_item: np.ndarray
+    oov_pairs: pa.Table  # distinct relevant (user_id, item_id) pairs whose item is not in the vocabulary
+    n_seen: int  # relevant pairs dropped because the user's ranking excludes the item
+
+
+def _ranking_pairs(users: UserState, vocabs: Vocabularies, relevant: pa.Table, exclude: pa.Table) -> _RankingPairs:
+    """``relevant`` and ``exclude`` (raw id pairs) as row/index pairs (module docstring: definitions)."""
+    excl_rows, excl_items, _ = _pairs(exclude, users.user_id, vocabs.items, "exclude")
+    rel_rows, rel_items, rel_known = _pairs(relevant, users.user_id, vocabs.items, "relevant")
+    oov_pairs = relevant.select(["user_id", "item_id"]).filter(pa.array(~rel_known))
+    oov_pairs = oov_pairs.group_by(["user_id", "item_id"]).aggregate([])  # distinct pairs
+    seen_keys = np.unique(excl_rows * vocabs.n_items + excl_items)
+    rel_keys = np.unique(rel_rows[rel_known] * vocabs.n_items + rel_items[rel_known])
+    is_seen = np.isin(rel_keys, seen_keys)
+    pair_user, pair_item = rel_keys[~is_seen] // vocabs.n_items, rel_keys[~is_seen] % vocabs.n_items
+    return _RankingPairs(excl_rows, excl_items, pair_user, pair_item, oov_pairs, int(is_seen.sum()))
 
 
 def _restricted(values: GroupValues, users: np.ndarray) -> GroupValues:
@@ -359,6 +375,90 @@ def _relevant_blocks(score: Callable[[int, Batch], Tensor], batches, rankable: n
         pairs = np.flatnonzero((pair_user >= lo) & (pair_user < lo + len(batch)) & (pair_col >= 0))
         above[pairs], tied[pairs] = tie_blocks(scores, pair_user[pairs] - lo, pair_col[pairs])
     return above, tied
+
+
+# ------------------------------------------------------------------------------------------------
+# scoring the catalogue: one function for every retrieval model kind
+
+
+def recent_history(batch: Batch, n: int) -> Batch:
+    """``batch`` with each user's history cut to their last ``n`` items (the mask only): a blend's
+    parts were trained with different history lengths and each must score from its own."""
+    mask = batch.history_mask
+    from_end = mask.flip(1).long().cumsum(1).flip(1)  # 1 = the user's most recent item
+    return dataclasses.replace(batch, history_mask=mask & (from_end <= n))
+
+
+def catalogue_scorer(model: nn.Module, catalogue: pa.Table, at: dt.datetime, rankable: np.ndarray,
+                     history_len: int | None = None) -> Callable[[Batch], Tensor]:  # fmt: skip
+    """A function from a users' ``Batch`` to their ``[B, len(rankable)]`` scores of the catalogue
+    ``rankable`` rows, for any retrieval model: a two-tower (user vectors against the item vectors
+    at ``at``, computed here once), an ``Item2ItemModel`` (from the history) or a ``BlendModel``
+    (each part's scorer, from its own ``history_lens`` entry, normalised and mixed)."""
+    cut = (lambda b: b) if history_len is None else (lambda b: recent_history(b, history_len))  # noqa: E731
+    if isinstance(model, BlendModel):
+        parts = [catalogue_scorer(m, catalogue, at, rankable, int(h)) for m, h in zip(model.parts.values(), model.history_lens)]
+        return lambda b: model.mix([score(b) for score in parts])
+    if isinstance(model, Item2ItemModel):  # scores from the history alone: no vectors
+        columns = torch.from_numpy(rankable)
+        return lambda b: model.score_batch(cut(b))[:, columns]
+    item_vecs = catalogue_vectors(model, catalogue, at, rankable)
+    return lambda b: model.user_vectors(cut(b)) @ item_vecs.T
+
+
+@dataclass
+class Holdout:
+    """A validation (or test) split given explicitly: the users' state, their held-out positives
+    and the pairs their rankings exclude (raw ids), and the cut (item ages are measured at it).
+    What ``evaluate_ranking`` takes, bundled, for callers that rank the same split many times."""
+
+    users: UserState
+    relevant: pa.Table
+    exclude: pa.Table
+    at: dt.datetime
+
+
+def holdout_from_logs(train_log: str | Path, valid_log: str | Path, history_len: int,
+                      exclude_prefixes: Sequence[str] = HISTORY_REQUESTS) -> Holdout:  # fmt: skip
+    """A validation holdout kept in its own log (e.g. a random split's valid rows, ingested apart
+    from the train log): its users are those with an engagement in an impression of ``valid_log``,
+    their state and exclusions come from ``train_log`` (every row of it), and the cut is the train
+    log's last timestamp. The same definitions as ``evaluate_holdout`` (module docstring)."""
+    before = read_events(train_log, columns=_STATE_COLUMNS)
+    after = impression_rows(read_events(valid_log, columns=_STATE_COLUMNS), exclude_prefixes)
+    engaged = after.filter(pc.and_(after["clicked"], pc.invert(after["hidden"])))
+    users = pc.unique(engaged["user_id"]).sort()
+    if len(users) == 0 or before.num_rows == 0:
+        raise ValueError(f"{valid_log}: no engagement to validate on" if len(users) == 0 else f"{train_log}: no rows")
+    in_sample = lambda t: t.filter(pc.is_in(t["user_id"], value_set=users)).select(["user_id", "item_id"])  # noqa: E731
+    at = pc.max(before["ts"]).as_py()
+    return Holdout(user_state(before, users, history_len, fallback=after), in_sample(engaged),
+                   in_sample(before.filter(before["clicked"])), at)  # fmt: skip
+
+
+def blend_grid_metrics(model: BlendModel, grid: Sequence[Sequence[float]], holdout: Holdout, vocabs: Vocabularies,
+                       catalogue: pa.Table, metric: str = "mrr@10", chunk_users: int = 1024) -> list[float]:  # fmt: skip
+    """``metric`` (``name@k``, averaged over the users with a relevant item) of ``model`` on
+    ``holdout`` with each weight vector of ``grid``: the parts score each chunk of users once, and
+    every grid point mixes those scores (the weights are what the training path selects)."""
+    name, k = metric.split("@")
+    k = int(k)
+    rankable = np.flatnonzero(catalogue["item_id"].is_valid().to_numpy(zero_copy_only=False))
+    pairs = _ranking_pairs(holdout.users, vocabs, holdout.relevant, holdout.exclude)
+    parts = [catalogue_scorer(m, catalogue, holdout.at, rankable, int(h))
+             for m, h in zip(model.parts.values(), model.history_lens)]  # fmt: skip
+    with torch.no_grad():
+        chunks = [(lo, [score(b) for score in parts]) for lo, b in user_batches(holdout.users, vocabs, chunk_users)]
+    n_rel = np.bincount(pairs.pair_user, minlength=len(holdout.users))
+    values = []
+    for weights in grid:
+        w = torch.tensor(weights, dtype=torch.float64)
+        cached = iter(chunks)
+        score = lambda lo, b: model.mix(next(cached)[1], w)  # noqa: E731 (the chunks come in user_batches' order)
+        above, tied = _relevant_blocks(score, user_batches(holdout.users, vocabs, chunk_users), rankable, pairs.excl_rows,
+                                       pairs.excl_items, pairs.pair_user, pairs.pair_item)  # fmt: skip
+        values.append(topk_values(pairs.pair_user, above, tied, n_rel, k)[name].mean())
+    return values
 
 
 # ------------------------------------------------------------------------------------------------
@@ -421,7 +521,7 @@ def evaluate_bundle(
     max_users: int | None = None,
     seed: int | None = None,
 ) -> RetrievalEvaluation:
-    """``evaluate_holdout`` of a two-tower or item2item bundle; unset arguments come from its run config
+    """``evaluate_holdout`` of a two-tower, item2item or blend bundle; unset arguments come from its run config
     (``features.split_at``/``cutoff``/``history_len``, ``eval.ks``/``max_users``/``seed``).
 
     Writes ``out_dir/metrics.json`` (default: ``eval/`` beside the bundle folder).
@@ -434,6 +534,8 @@ def evaluate_bundle(
     end = parse_ts(features.get("cutoff"), "cutoff") if split_at is None else None
     if bundle.kind == "item2item":
         history_len = from_dict(Item2ItemConfig, cfg.get("item2item"), "item2item").history_len
+    elif bundle.kind == "blend":  # each part cuts the history to its own length (catalogue_scorer)
+        history_len = int(bundle.model.history_lens.max())
     else:
         history_len = min(features.get("history_len", 50), cfg.get("two_tower", {}).get("max_history_len", 50))
     result = evaluate_holdout(

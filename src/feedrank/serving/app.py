@@ -78,6 +78,7 @@ from feedrank.config import from_dict, load_yaml
 from feedrank.serving.access import ApiKeyCheck, RateLimiter
 from feedrank.serving.config import ServingConfig
 from feedrank.serving.inspector import mount_inspector, page_routes
+from feedrank.serving.item2item import serving_parts
 from feedrank.serving.items import add_item_routes
 from feedrank.serving.loading import LoadingApp
 from feedrank.serving.metrics import CONTENT_TYPE
@@ -309,8 +310,9 @@ def build_service(settings: ServeSettings) -> FeedService:
     cfg = serving_config(settings)
     set_threads(cfg.torch_threads)
     ranker = load_bundle(settings.ranker) if settings.ranker else None
-    item2item = load_bundle(settings.item2item) if settings.item2item else None
-    return FeedService(load_bundle(settings.bundle), cfg, ranker=ranker, log_dir=settings.log, item2item=item2item)
+    two_tower, own_item2item = serving_parts(load_bundle(settings.bundle))  # a blend serves as its parts
+    item2item = load_bundle(settings.item2item) if settings.item2item else own_item2item
+    return FeedService(two_tower, cfg, ranker=ranker, log_dir=settings.log, item2item=item2item)
 
 
 def _mirror_events(compare: FeedService, events: list[EventIn]) -> None:

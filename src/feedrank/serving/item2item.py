@@ -8,13 +8,24 @@ ids (an item the other vocabulary lacks is simply never proposed, nor used as a 
 A request reads only the neighbour lists of the history's items (``Item2Item.recommend``), so the
 cost is O(history x neighbours per item) whatever the catalogue size.
 
+A **blend** bundle (``retrieval.kind: blend``, ``feedrank.models.blend``) serves as its parts:
+``serving_parts`` splits it into its two-tower (the ANN source's model) and its item-to-item part
+(this source), so ``feedrank serve --bundle RUN/bundle`` of a two-tower + EASE blend serves sources
+``ann`` and ``item2item`` side by side. The blend's weights are not applied at serving: they mix
+two full-catalogue rankings offline, while serving unions each source's candidates and the ranker
+orders the union (``feedrank.serving.pipeline``); the weights say how much each part contributes
+to retrieval quality, the union keeps every part's candidates for the ranker to weigh.
+
 Example::
 
     source = Item2ItemSource(load_bundle("runs/ease/bundle"), two_tower_bundle)
     rows = source.candidates(view.history, 200)   # two-tower catalogue rows, best first
+    tower, item2item = serving_parts(load_bundle("runs/blend/bundle"))
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import numpy as np
 import pyarrow as pa
@@ -48,3 +59,17 @@ class Item2ItemSource:
         items, _ = self.model.recommend(seeds[seeds >= 0], n)
         rows = self.from_own[items]
         return rows[rows >= 0]
+
+
+def serving_parts(bundle: Bundle) -> tuple[Bundle, Bundle | None]:
+    """(the two-tower bundle to serve, the item2item bundle beside it or None) of a served bundle:
+    a two-tower bundle is itself with no item-to-item part; a blend is split into its parts, views
+    of the one blend bundle (same path, version and catalogue) with the part's model and kind."""
+    if bundle.kind != "blend":
+        return bundle, None
+    parts = dict(bundle.model.parts.items())
+    if "two_tower" not in parts:
+        raise ValueError(f"{bundle.path}: a blend of {list(parts)} has no two_tower part to serve the ANN source from")
+    view = lambda kind, model: dataclasses.replace(bundle, kind=kind, model=model)  # noqa: E731
+    item2item = next((view("item2item", m) for name, m in parts.items() if name != "two_tower"), None)
+    return view("two_tower", parts["two_tower"]), item2item

@@ -1,4 +1,4 @@
-"""The retrieval training task: event log in, evaluated two-tower bundle out.
+"""The retrieval training task: event log in, evaluated retrieval bundle out.
 
 ``train_retrieval(log_dir, out_dir, cfg)`` wires the existing parts, in this order::
 
@@ -16,7 +16,10 @@
 same features, check, evaluation and bundle steps, with the model fitted in closed form (EASE) or
 by counting (co-visitation) on the train split's engagements instead of trained by the ``Trainer``.
 Its bundle has kind ``item2item``; serving uses it as the ``item2item`` candidate source beside the
-two-tower's ANN (``feedrank serve --item2item``).
+two-tower's ANN (``feedrank serve --item2item``). ``blend`` (``feedrank.models.blend``, section
+``blend``) trains each of ``blend.parts`` as its own kind in ``OUT/parts/<kind>`` on the one feature
+build, then takes ``blend.weights`` or chooses them from ``blend.grid()`` on the ``valid`` holdout
+(``--valid-log``; never the test split), and evaluates and bundles the mix (kind ``blend``).
 
 The run directory layout, the feature reuse, the loader and preemption are shared with the
 ranking task (``feedrank.train.task``), so both can train in one run directory on one feature build.
@@ -56,13 +59,14 @@ import pyarrow.parquet as pq
 import torch
 
 from feedrank.bundle import Bundle, attach_titles, build_two_tower, catalogue_item_cats, catalogue_item_tokens, load_bundle, save_bundle
-from feedrank.config import load_yaml, to_dict
+from feedrank.config import ConfigError, load_yaml, to_dict
 from feedrank.data.collate import Collator
-from feedrank.evaluate.retrieval import DEFAULT_KS, RetrievalEvaluation, evaluate_holdout
+from feedrank.evaluate.retrieval import DEFAULT_KS, Holdout, RetrievalEvaluation, blend_grid_metrics, evaluate_holdout
 from feedrank.features.build import VOCAB_DIR, FeatureConfig, check_trainable, load_manifest, parse_ts, split_files
 from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import Vocabularies
 from feedrank.models import item2item as i2i
+from feedrank.models.blend import BlendConfig, BlendModel
 from feedrank.models.losses import CachedStep, GlobalPool, accumulation_note, two_tower_loss
 from feedrank.models.two_tower import TwoTowerConfig
 from feedrank.train import distributed as D
@@ -104,8 +108,9 @@ class EvalConfig:
             raise ValueError(f"chunk_users must be >= 1, got {self.chunk_users}")
 
 
-RetrievalKind = Literal["two_tower", "ease", "covisit"]
+RetrievalKind = Literal["two_tower", "ease", "covisit", "blend"]
 ITEM2ITEM_KINDS = ("ease", "covisit")
+PARTS_DIR = "parts"  # a blend's parts train in OUT/parts/<kind>, on OUT/features
 
 
 @dataclass
@@ -128,6 +133,7 @@ class RetrievalRunConfig:
     labels: LabelConfig = field(default_factory=LabelConfig)
     two_tower: TwoTowerConfig = field(default_factory=TwoTowerConfig)
     item2item: i2i.Item2ItemConfig = field(default_factory=i2i.Item2ItemConfig)
+    blend: BlendConfig = field(default_factory=BlendConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
@@ -167,15 +173,20 @@ def training_positives(features_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def train_retrieval(
-    log_dir: str | Path, out_dir: str | Path, cfg: RetrievalRunConfig, resume: bool = False, progress: bool = True
+    log_dir: str | Path, out_dir: str | Path, cfg: RetrievalRunConfig, resume: bool = False, progress: bool = True,
+    valid: Holdout | None = None,
 ) -> Bundle | None:
-    """Train, evaluate and bundle a two-tower model (see the module docstring); the bundle on rank 0.
+    """Train, evaluate and bundle a retrieval model of ``cfg.retrieval.kind`` (see the module
+    docstring); the bundle on rank 0. ``valid`` is the holdout a blend's weights are chosen on
+    (required by ``kind: blend`` without fixed ``blend.weights``; the other kinds ignore it).
 
     Raises ``FeatureBuildError`` / ``NotTrainableError`` before training on unusable data,
     ``FileExistsError`` when ``OUT/train/retrieval`` holds checkpoints and ``resume`` is False, and
     ``Preempted`` when SIGTERM stopped training (the checkpoint is kept).
     """
     log_dir, out = Path(log_dir), Path(out_dir)
+    if cfg.retrieval.kind == "blend":
+        return _train_blend(log_dir, out, cfg, valid, resume, progress)
     features_dir = out / FEATURES_DIR
     train_cfg = dataclasses.replace(cfg.train, out_dir=str(train_dir(out, TASK)), progress=cfg.train.progress and progress)
     require_fresh_run(out, TASK, resume)
@@ -256,8 +267,57 @@ def _evaluate_and_bundle(model: torch.nn.Module, kind: str, metrics: dict[str, A
     return load_bundle(path)
 
 
+def _train_blend(log_dir: Path, out: Path, cfg: RetrievalRunConfig, valid: Holdout | None, resume: bool,
+                 progress: bool) -> Bundle | None:  # fmt: skip
+    """``kind: blend``: train each part as its own kind (``OUT/parts/<kind>``, one shared feature
+    build), choose the weights on ``valid`` from ``blend.grid()`` (or take ``blend.weights``), then
+    evaluate and bundle the blend (kind ``blend``). Its ``train.seconds`` is the whole of it: the
+    parts' training and the selection (what a benchmark compares with a single model's training)."""
+    if cfg.blend.weights is None and valid is None:
+        raise ConfigError("retrieval.kind blend: blend.weights is null, so the weights are chosen on a validation "
+                          "holdout, and none was given (--valid-log, or train_retrieval(..., valid=Holdout)); "
+                          "set blend.weights to train with fixed weights")  # fmt: skip
+    if D.launched_by_torchrun():
+        raise ConfigError("retrieval.kind blend trains its parts one after the other in one process; run it without torchrun")
+    started = time.perf_counter()
+    ensure_features(log_dir, out / FEATURES_DIR, cfg.features, progress=progress)
+    parts: dict[str, torch.nn.Module] = {}
+    history_lens, part_metrics = [], {}
+    for kind in cfg.blend.parts:
+        part_cfg = dataclasses.replace(cfg, retrieval=RetrievalConfig(kind=kind))  # type: ignore[arg-type]
+        part_dir = out / PARTS_DIR / kind
+        part_dir.mkdir(parents=True, exist_ok=True)
+        if not (part_dir / FEATURES_DIR).exists():
+            (part_dir / FEATURES_DIR).symlink_to((out / FEATURES_DIR).resolve(), target_is_directory=True)
+        bundle = train_retrieval(log_dir, part_dir, part_cfg, resume=resume, progress=progress)
+        assert bundle is not None, "a single process is rank 0"
+        parts[kind], vocabs, catalogue = bundle.model, bundle.vocabs, bundle.catalogue
+        history_lens.append(scoring_history_len(part_cfg))
+        part_metrics[kind] = {"bundle": str(bundle.path), "version": bundle.version, **bundle.metrics}
+    model = BlendModel(parts, history_lens, cfg.blend.normalise, cfg.blend.weights)
+    selection: dict[str, Any] = {"weights": cfg.blend.weights, "selected_by": "fixed (blend.weights)"}
+    if cfg.blend.weights is None:
+        grid = cfg.blend.grid()
+        values = blend_grid_metrics(model, grid, valid, vocabs, catalogue, cfg.blend.select_by, cfg.eval.chunk_users)
+        best = int(np.nanargmax(values))  # the first of equal values: the grid's order (BlendConfig.grid)
+        model.weights = torch.tensor(grid[best], dtype=torch.float64)
+        selection = {"weights": grid[best], "selected_by": f"valid {cfg.blend.select_by}",
+                     "grid": [{"weights": w, cfg.blend.select_by: v} for w, v in zip(grid, values)]}  # fmt: skip
+    seconds = time.perf_counter() - started
+    log.info("blend of %s: weights %s (%s), %.1f s", cfg.blend.parts, selection["weights"], selection["selected_by"], seconds)
+    manifest = load_manifest(out / FEATURES_DIR)
+    sources = {"log": str(log_dir.resolve()), "log_hash": manifest["source_hash"],
+               "features": str((out / FEATURES_DIR).resolve()), "features_hash": manifest["content_hash"]}  # fmt: skip
+    train = {"seconds": round(seconds, 3), "selection": selection, "parts": part_metrics}
+    return _evaluate_and_bundle(model, "blend", {"train": train}, out, cfg, vocabs, catalogue, log_dir, manifest, sources)
+
+
 def scoring_history_len(cfg: RetrievalRunConfig) -> int:
-    """How many of a user's last engagements the run's model scores from (evaluation and benchmarks)."""
+    """How many of a user's last engagements the run's model scores from (evaluation and benchmarks);
+    a blend's is its longest part's (each part then scores from its own, ``BlendModel.history_lens``)."""
+    if cfg.retrieval.kind == "blend":
+        return max(scoring_history_len(dataclasses.replace(cfg, retrieval=RetrievalConfig(kind=k)))  # type: ignore[arg-type]
+                   for k in cfg.blend.parts)  # fmt: skip
     if cfg.retrieval.kind in ITEM2ITEM_KINDS:
         return cfg.item2item.history_len
     return min(cfg.features.history_len, cfg.two_tower.max_history_len)
@@ -275,5 +335,5 @@ def _evaluate(model: torch.nn.Module, vocabs: Vocabularies, catalogue: pa.Table,
     return evaluate_holdout(
         model, vocabs, catalogue, log_dir, split_at, end=parse_ts(cfg.features.cutoff, "cutoff"),
         history_len=scoring_history_len(cfg), ks=cfg.eval.ks, max_users=cfg.eval.max_users, seed=cfg.eval.seed,
-        chunk_users=cfg.eval.chunk_users, model_name="two_tower" if cfg.retrieval.kind == "two_tower" else "item2item",
+        chunk_users=cfg.eval.chunk_users, model_name={"two_tower": "two_tower", "blend": "blend"}.get(cfg.retrieval.kind, "item2item"),
     )  # fmt: skip
