@@ -118,7 +118,25 @@ def record(work: Path) -> dict:
         expected[name] = {"manifest": comparable(result.manifest)}  # its sha256s pin every file's bytes
         if name == ROWS_OF:
             expected[name]["rows"] = split_rows(work / name)  # to say which column differs, when one does
+    expected["catalogue"] = catalogue_rows(training_catalogue_of(log, work / ROWS_OF))
     return expected
+
+
+def training_catalogue_of(log: Path, features: Path) -> pa.Table:
+    """``train.task.training_catalogue`` of the ``ROWS_OF`` build: the training window's catalogue."""
+    from feedrank.config import from_dict
+    from feedrank.features.build import VOCAB_DIR
+    from feedrank.features.vocab import Vocabularies
+    from feedrank.train.task import training_catalogue
+
+    cfg = from_dict(FeatureConfig, CONFIGS[ROWS_OF], "features")
+    return training_catalogue(log, Vocabularies.load(features / VOCAB_DIR), cfg)
+
+
+def catalogue_rows(catalogue: pa.Table) -> dict:
+    for name in ("created_ts", "first_seen_ts"):
+        catalogue = catalogue.set_column(catalogue.schema.get_field_index(name), name, catalogue[name].cast(pa.int64()))
+    return catalogue.to_pydict()
 
 
 if __name__ == "__main__":
