@@ -167,18 +167,42 @@ def read_events(
     end: dt.datetime | None = None,
 ) -> pa.Table:
     """Read the log (optionally a column subset and a ``[start, end)`` time window) into memory."""
+    return open_events(root).to_table(columns=columns, filter=_window(start, end))
+
+
+def _window(start: dt.datetime | None, end: dt.datetime | None) -> pc.Expression | None:
+    """The dataset filter of ``start <= ts < end`` (either side optional)."""
     expr = None
     if start is not None:
         expr = pc.field("ts") >= pa.scalar(start, EVENT_SCHEMA.field("ts").type)
     if end is not None:
         cond = pc.field("ts") < pa.scalar(end, EVENT_SCHEMA.field("ts").type)
         expr = cond if expr is None else expr & cond
-    return open_events(root).to_table(columns=columns, filter=expr)
+    return expr
 
 
-def iter_event_batches(root: str | Path, columns: list[str] | None = None, batch_size: int = 65536) -> Iterator[pa.RecordBatch]:
-    """Stream the log in record batches, in day order, without loading it whole."""
-    yield from open_events(root).to_batches(columns=columns, batch_size=batch_size)
+def iter_days(root: str | Path, columns: list[str] | None = None, end: dt.datetime | None = None) -> Iterator[pa.Table]:
+    """The log one UTC day at a time, in day order, each day's rows with ``ts < end``; a day after
+    ``end`` is not read. Days are disjoint in time (``write_day`` checks every row's day), so a
+    pass that sorts each day on its own sees the whole log in time order, holding one day at once."""
+    open_events(root)  # the "no event log" error
+    for day in list_days(root):
+        if end is not None and dt.datetime.fromisoformat(day).replace(tzinfo=dt.timezone.utc) >= end:
+            break
+        part = ds.dataset(Path(root) / EVENTS_DIR / f"date={day}", format="parquet", schema=EVENT_SCHEMA, partitioning=None)
+        yield part.to_table(columns=columns, filter=_window(None, end))
+
+
+def iter_event_batches(
+    root: str | Path,
+    columns: list[str] | None = None,
+    batch_size: int = 65536,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+) -> Iterator[pa.RecordBatch]:
+    """Stream the log (optionally a ``[start, end)`` window) in record batches, in the order
+    ``read_events`` returns its rows (day order, then file order), without loading it whole."""
+    yield from open_events(root).to_batches(columns=columns, filter=_window(start, end), batch_size=batch_size)
 
 
 def read_items(root: str | Path) -> pa.Table:
