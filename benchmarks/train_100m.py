@@ -168,6 +168,8 @@ def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
         if overrides:
             (work / "features.yaml").write_text(json.dumps({"features": overrides}) + "\n")  # JSON is YAML
             cmd += ["--config", str(work / "features.yaml")]
+        if args.chunk_rows:
+            cmd += ["--chunk-rows", str(args.chunk_rows)]
         result["features"] = stage(cmd)
         result["features"]["disk_bytes"] = disk_bytes(features_dir)
     if "train" in args.stages:
@@ -229,6 +231,7 @@ def main() -> int:
     parser.add_argument("--shuffle-buffer-rows", type=int, default=None, help="default: the loader config's")
     parser.add_argument("--row-group-size", type=int, default=None, help="feature files' row groups (default: the feature config's)")
     parser.add_argument("--history-len", type=int, default=None, help="features' history length (default: the feature config's)")
+    parser.add_argument("--chunk-rows", type=int, default=None, help="feature build's rows a chunk (default: the build's)")
     parser.add_argument("--max-batches", type=int, default=None, help="stop the pass after this many batches")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the train pass (1: no spin-waiting on a shared machine)")
     parser.add_argument("--limit-gib", type=float, default=4.0)
