@@ -16,7 +16,7 @@ import pyarrow as pa
 import pytest
 
 from feedrank.config import from_dict
-from feedrank.data.log import iter_event_batches, read_events
+from feedrank.data.log import read_events
 from feedrank.features import FeatureConfig, build_features
 
 _spec = importlib.util.spec_from_file_location("streaming_world", Path(__file__).with_name("streaming_world.py"))
@@ -51,14 +51,13 @@ def test_catalogue_read_batch_by_batch_equals_the_whole_table(log, tmp_path) -> 
     build_features(log, tmp_path / world.ROWS_OF, from_dict(FeatureConfig, world.CONFIGS[world.ROWS_OF], "features"),
                    progress=False)  # fmt: skip
     assert world.catalogue_rows(world.training_catalogue_of(log, tmp_path / world.ROWS_OF)) == EXPECTED["catalogue"]
-    # build_catalogue folds any batches in log order: a table, or batches of 5 rows, give one catalogue
+    # build_catalogue folds batches in log order: a table, or its batches of 5 rows, give one catalogue
     from feedrank.features.vocab import Vocabularies
 
     vocabs = Vocabularies.load(tmp_path / world.ROWS_OF / "vocab")
     end = from_dict(FeatureConfig, world.CONFIGS[world.ROWS_OF], "features").split_at
-    table = build_catalogue(read_events(log, end=_ts(end)), vocabs)
-    batches = build_catalogue(iter_event_batches(log, batch_size=5, end=_ts(end)), vocabs)
-    assert batches.equals(table)
+    events = read_events(log, end=_ts(end))
+    assert build_catalogue(events.to_batches(max_chunksize=5), vocabs).equals(build_catalogue(events, vocabs))
 
 
 def _ts(value: str):
