@@ -22,7 +22,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from feedrank.data.log import write_log
-from feedrank.features import FeatureConfig, VocabSpec, build_features, split_files
+from feedrank.features import FeatureConfig, build_features, split_files
 
 EXPECTED = Path(__file__).parent / "data" / "streaming_expected.json"
 T0 = dt.datetime(2024, 1, 1, tzinfo=dt.timezone.utc)

@@ -12,7 +12,6 @@ import importlib.util
 import json
 from pathlib import Path
 
-import pyarrow as pa
 import pytest
 
 from feedrank.config import from_dict
