@@ -150,17 +150,18 @@ def reset_peak_rss() -> None:
 
 
 def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
+    """Every stage of ``args.stages`` at one size; each stage's figures are also appended to
+    ``work/stages.jsonl`` as it ends, so a long run that is stopped keeps what it measured."""
     users, items, days = args.users, args.items, days_for(rows, args.users)
     log_dir, features_dir = work / f"log-{rows}", work / f"features-{rows}"
     python = [sys.executable]
-    result: dict = {"rows_target": rows, "users": users, "items": items, "days": days}
+    result = _Logged({"rows_target": rows, "users": users, "items": items, "days": days}, work / "stages.jsonl")
     if "simulate" in args.stages:
-        result["simulate"] = stage(python + ["-m", "feedrank.cli", "simulate", "--out", str(log_dir), "--overwrite",
-                                             "--users", str(users), "--items", str(items), "--days", str(days),
-                                             "--seed", "0"])  # fmt: skip
-        summary = json.loads((log_dir / "summary.json").read_text())
-        result["events"] = summary["events"]
-        result["simulate"]["disk_bytes"] = disk_bytes(log_dir)
+        simulated = stage(python + ["-m", "feedrank.cli", "simulate", "--out", str(log_dir), "--overwrite",
+                                    "--users", str(users), "--items", str(items), "--days", str(days),
+                                    "--seed", "0"])  # fmt: skip
+        result["events"] = json.loads((log_dir / "summary.json").read_text())["events"]
+        result["simulate"] = simulated | {"disk_bytes": disk_bytes(log_dir)}
     if "features" in args.stages:
         cmd = python + ["-m", "feedrank.cli", "features", "build", str(log_dir), str(features_dir)]
         overrides = {"row_group_size": args.row_group_size, "history_len": args.history_len}
@@ -170,8 +171,7 @@ def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
             cmd += ["--config", str(work / "features.yaml")]
         if args.chunk_rows:
             cmd += ["--chunk-rows", str(args.chunk_rows)]
-        result["features"] = stage(cmd)
-        result["features"]["disk_bytes"] = disk_bytes(features_dir)
+        result["features"] = stage(cmd) | {"disk_bytes": disk_bytes(features_dir)}
     if "train" in args.stages:
         cmd = python + [__file__, "--child-train", str(features_dir), "--child-log", str(log_dir),
                         "--batch-size", str(args.batch_size), "--threads", str(args.threads)]  # fmt: skip
@@ -181,6 +181,20 @@ def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
             cmd += ["--max-batches", str(args.max_batches)]
         result["train"] = stage(cmd)
     return result
+
+
+class _Logged(dict):
+    """A size's result dict that appends each stage's figures to a JSON-lines file when set."""
+
+    def __init__(self, data: dict, path: Path):
+        super().__init__(data)
+        self.path = path
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if key in STAGES:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"rows_target": self["rows_target"], "stage": key, **value}) + "\n")
 
 
 def report(results: list[dict], limit_mib: float) -> dict:
