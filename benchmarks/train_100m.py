@@ -18,8 +18,8 @@ in-memory one does not. ``--limit-gib`` (4) is the bound a stage must stay under
 ``--out`` writes every figure as JSON (what ``tests/data/test_streaming_memory.py`` reads).
 
     .venv/bin/python benchmarks/train_100m.py --rows 1000000 2000000 3000000 --max-batches 300 --work /tmp/t100m
-    .venv/bin/python benchmarks/train_100m.py --rows 100000 400000 --users 1000 --items 1000 --history-len 5 \
-        --max-batches 40 --shuffle-buffer-rows 8192 --row-group-size 8192     # the CI test's sizes
+    .venv/bin/python benchmarks/train_100m.py --rows 100000 800000 --users 1000 --items 1000 --history-len 5 \
+        --max-batches 40 --shuffle-buffer-rows 8192 --row-group-size 8192 --chunk-rows 8192   # the CI test's sizes
 """
 
 from __future__ import annotations
