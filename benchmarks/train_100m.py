@@ -18,8 +18,8 @@ in-memory one does not. ``--limit-gib`` (4) is the bound a stage must stay under
 ``--out`` writes every figure as JSON (what ``tests/data/test_streaming_memory.py`` reads).
 
     .venv/bin/python benchmarks/train_100m.py --rows 1000000 2000000 3000000 --max-batches 300 --work /tmp/t100m
-    .venv/bin/python benchmarks/train_100m.py --rows 100000 400000 --users 1000 --items 1000 --history-len 5 \
-        --max-batches 40 --shuffle-buffer-rows 8192 --row-group-size 8192     # the CI test's sizes
+    .venv/bin/python benchmarks/train_100m.py --rows 100000 800000 --users 1000 --items 1000 --history-len 5 \
+        --max-batches 40 --shuffle-buffer-rows 8192 --row-group-size 8192 --chunk-rows 8192   # the CI test's sizes
 """
 
 from __future__ import annotations
@@ -150,17 +150,18 @@ def reset_peak_rss() -> None:
 
 
 def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
+    """Every stage of ``args.stages`` at one size; each stage's figures are also appended to
+    ``work/stages.jsonl`` as it ends, so a long run that is stopped keeps what it measured."""
     users, items, days = args.users, args.items, days_for(rows, args.users)
     log_dir, features_dir = work / f"log-{rows}", work / f"features-{rows}"
     python = [sys.executable]
-    result: dict = {"rows_target": rows, "users": users, "items": items, "days": days}
+    result = _Logged({"rows_target": rows, "users": users, "items": items, "days": days}, work / "stages.jsonl")
     if "simulate" in args.stages:
-        result["simulate"] = stage(python + ["-m", "feedrank.cli", "simulate", "--out", str(log_dir), "--overwrite",
-                                             "--users", str(users), "--items", str(items), "--days", str(days),
-                                             "--seed", "0"])  # fmt: skip
-        summary = json.loads((log_dir / "summary.json").read_text())
-        result["events"] = summary["events"]
-        result["simulate"]["disk_bytes"] = disk_bytes(log_dir)
+        simulated = stage(python + ["-m", "feedrank.cli", "simulate", "--out", str(log_dir), "--overwrite",
+                                    "--users", str(users), "--items", str(items), "--days", str(days),
+                                    "--seed", "0"])  # fmt: skip
+        result["events"] = json.loads((log_dir / "summary.json").read_text())["events"]
+        result["simulate"] = simulated | {"disk_bytes": disk_bytes(log_dir)}
     if "features" in args.stages:
         cmd = python + ["-m", "feedrank.cli", "features", "build", str(log_dir), str(features_dir)]
         overrides = {"row_group_size": args.row_group_size, "history_len": args.history_len}
@@ -168,8 +169,9 @@ def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
         if overrides:
             (work / "features.yaml").write_text(json.dumps({"features": overrides}) + "\n")  # JSON is YAML
             cmd += ["--config", str(work / "features.yaml")]
-        result["features"] = stage(cmd)
-        result["features"]["disk_bytes"] = disk_bytes(features_dir)
+        if args.chunk_rows:
+            cmd += ["--chunk-rows", str(args.chunk_rows)]
+        result["features"] = stage(cmd) | {"disk_bytes": disk_bytes(features_dir)}
     if "train" in args.stages:
         cmd = python + [__file__, "--child-train", str(features_dir), "--child-log", str(log_dir),
                         "--batch-size", str(args.batch_size), "--threads", str(args.threads)]  # fmt: skip
@@ -179,6 +181,20 @@ def run_size(rows: int, work: Path, args: argparse.Namespace) -> dict:
             cmd += ["--max-batches", str(args.max_batches)]
         result["train"] = stage(cmd)
     return result
+
+
+class _Logged(dict):
+    """A size's result dict that appends each stage's figures to a JSON-lines file when set."""
+
+    def __init__(self, data: dict, path: Path):
+        super().__init__(data)
+        self.path = path
+
+    def __setitem__(self, key, value) -> None:
+        super().__setitem__(key, value)
+        if key in STAGES:
+            with self.path.open("a") as f:
+                f.write(json.dumps({"rows_target": self["rows_target"], "stage": key, **value}) + "\n")
 
 
 def report(results: list[dict], limit_mib: float) -> dict:
@@ -229,6 +245,7 @@ def main() -> int:
     parser.add_argument("--shuffle-buffer-rows", type=int, default=None, help="default: the loader config's")
     parser.add_argument("--row-group-size", type=int, default=None, help="feature files' row groups (default: the feature config's)")
     parser.add_argument("--history-len", type=int, default=None, help="features' history length (default: the feature config's)")
+    parser.add_argument("--chunk-rows", type=int, default=None, help="feature build's rows a chunk (default: the build's)")
     parser.add_argument("--max-batches", type=int, default=None, help="stop the pass after this many batches")
     parser.add_argument("--threads", type=int, default=1, help="torch threads of the train pass (1: no spin-waiting on a shared machine)")
     parser.add_argument("--limit-gib", type=float, default=4.0)

@@ -36,7 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +53,7 @@ from feedrank.config import ConfigError, from_dict
 from feedrank.data.schema import TS_TYPE, to_epoch_us
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, FeatureConfig
 from feedrank.features.counters import COUNTER_COLUMNS
-from feedrank.features.user_state import latest_rows
+from feedrank.features.latest import LatestRows
 from feedrank.data.collate import pad_list
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies, title_tokens, token_indices
 from feedrank.fsutil import staged_dir
@@ -159,39 +159,49 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
 # the catalogue
 
 
-def build_catalogue(events: pa.Table, vocabs: Vocabularies, title_len: int = FeatureConfig.title_len) -> pa.Table:
+def build_catalogue(
+    events: pa.Table | Iterable[pa.Table | pa.RecordBatch], vocabs: Vocabularies, title_len: int = FeatureConfig.title_len
+) -> pa.Table:
     """One ``CATALOGUE_SCHEMA`` row per item vocabulary index, from training-window events.
 
-    ``events`` needs the columns ``item_id, ts, clicked, created_ts`` and the item categorical
-    columns; ``title`` is optional (without it, or without a token vocabulary, titles are empty).
+    ``events`` is a table, or its rows as batches in log order (``feedrank.data.log.iter_event_batches``):
+    either way they are folded one batch at a time (counts, first impressions, each item's latest
+    row: ``feedrank.features.latest``), so memory is O(items + a batch), not O(rows). They need the
+    columns ``item_id, ts, clicked, created_ts`` and the item categorical columns; ``title`` is
+    optional (without it, or without a token vocabulary, titles are empty).
     An item's categorical indices, title and ``created_ts`` come from its *latest* row (metadata
     can be corrected over time; the latest is what serving would see). Padding and OOV rows carry
     the padding / OOV index in every categorical column; hash-bucket rows carry OOV categoricals;
     rows that are not items have empty titles.
     """
-    missing = [c for c in _CATALOGUE_LOG_COLUMNS if c not in events.column_names]
-    if missing:
-        raise ValueError(f"build_catalogue: events lack column(s) {missing}")
     n = vocabs.n_items
-    idx = lookup_quiet(vocabs.items, events["item_id"])
-    ts = events["ts"].cast(pa.int64()).to_numpy()
-    clicked = events["clicked"].to_numpy(zero_copy_only=False)
-    impressions = np.bincount(idx, minlength=n)
-    clicks = np.bincount(idx[clicked], minlength=n)
+    impressions = np.zeros(n, np.int64)
+    clicks = np.zeros(n, np.int64)
     first_seen = np.full(n, np.iinfo(np.int64).max, dtype=np.int64)
-    np.minimum.at(first_seen, idx, ts)
-
-    row_of, has_row = latest_rows(idx, ts, n)
+    latest = LatestRows(n)
+    if isinstance(events, pa.Table):
+        _require_catalogue_columns(events)
+    for batch in events.to_batches() if isinstance(events, pa.Table) else events:
+        batch = _require_catalogue_columns(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch)
+        kept = [*ITEM_CAT_COLUMNS, "created_ts", *(["title"] if "title" in batch.column_names else [])]
+        idx = lookup_quiet(vocabs.items, batch["item_id"])
+        ts = batch["ts"].cast(pa.int64()).to_numpy()
+        clicked = batch["clicked"].to_numpy(zero_copy_only=False)
+        impressions += np.bincount(idx, minlength=n)
+        clicks += np.bincount(idx[clicked], minlength=n)
+        np.minimum.at(first_seen, idx, ts)
+        latest.add(idx, ts, batch.select(kept))
+    rows, has_row = latest.result()
+    null = lambda t: pa.nulls(n, t)  # noqa: E731
+    column = lambda c, t: pc.if_else(pa.array(has_row), rows[c], null(t)) if rows is not None and c in rows.column_names else null(t)  # noqa: E731
 
     cats = {}
     for col, idx_col in zip(ITEM_CAT_COLUMNS, ITEM_CAT_INDEX_COLUMNS):
-        values = lookup_quiet(vocabs.item_cats[col], events[col].take(pa.array(row_of)))
+        values = lookup_quiet(vocabs.item_cats[col], column(col, pa.string()))
         cats[idx_col] = np.where(has_row, values, OOV)
         cats[idx_col][PAD] = PAD
-    titles = events["title"].take(pa.array(row_of)) if "title" in events.column_names else pa.nulls(n, pa.string())
-    tokens = item_title_tokens(vocabs, pc.if_else(pa.array(has_row), titles, pa.nulls(n, pa.string())), title_len)
-    created = events["created_ts"].take(pa.array(row_of))
-    created = pc.if_else(pa.array(has_row), created, pa.nulls(n, TS_TYPE))
+    tokens = item_title_tokens(vocabs, column("title", pa.string()), title_len)
+    created = column("created_ts", TS_TYPE)
     item_ids = pa.array([None] * FIRST_ID + vocabs.items.ids + [None] * vocabs.items.hash_buckets, pa.string())
     seen = first_seen != np.iinfo(np.int64).max
     return pa.table(
@@ -207,6 +217,13 @@ def build_catalogue(events: pa.Table, vocabs: Vocabularies, title_len: int = Fea
         },
         schema=CATALOGUE_SCHEMA,
     )
+
+
+def _require_catalogue_columns(events: pa.Table) -> pa.Table:
+    missing = [c for c in _CATALOGUE_LOG_COLUMNS if c not in events.column_names]
+    if missing:
+        raise ValueError(f"build_catalogue: events lack column(s) {missing}")
+    return events
 
 
 def item_title_tokens(vocabs: Vocabularies, titles: pa.Array | pa.ChunkedArray, max_tokens: int) -> pa.ListArray:

@@ -68,7 +68,9 @@ def test_item_logq_smoothed_over_window_only():
     engaged = np.array([True, True, False, True, True])
     window = np.array([True, True, True, True, False])
     # window: items 0,1,2 shown (V=3), engagements E=3 (item 0: 2, item 2: 1); item 3 not in window
-    q = np.exp(item_logq(item, engaged, window))
+    engagements = np.bincount(item[engaged & window], minlength=4)
+    shown = np.bincount(item[window], minlength=4) > 0
+    q = np.exp(item_logq(engagements, shown)[item])
     np.testing.assert_allclose(q, [3 / 6, 3 / 6, 1 / 6, 2 / 6, 1 / 6], rtol=1e-6)
     with pytest.raises(ValueError, match="no rows"):
-        item_logq(item, engaged, np.zeros(5, bool))
+        item_logq(np.zeros(4, np.int64), np.zeros(4, bool))

@@ -20,9 +20,14 @@ from feedrank.features import FeatureConfig, build_features, split_files
 from feedrank.features.profile import ProfileSampler
 
 
-def histories(sampler: ProfileSampler, lo: int, hi: int) -> list[list[int]]:
-    offsets, values = sampler.sample(lo, hi)
-    return [values[offsets[i] : offsets[i + 1]].tolist() for i in range(hi - lo)]
+def profiles(user, item, engaged, values, n: int, seed: int) -> ProfileSampler:
+    """The sampler of rows ``user, item``: its pool is their engaged rows, in row order."""
+    return ProfileSampler(user[engaged], item[engaged], values[engaged], n=n, seed=seed, n_item_codes=int(item.max()) + 1)
+
+
+def histories(sampler: ProfileSampler, user, item) -> list[list[int]]:
+    offsets, values = sampler.sample(user, item)
+    return [values[offsets[i] : offsets[i + 1]].tolist() for i in range(len(user))]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -34,15 +39,15 @@ def test_hand_computed_profiles():
     item = np.array([10, 11, 12, 10, 13, 14])
     engaged = np.array([True, True, True, True, False, False])
     values = item * 100  # what the history holds, told apart from the grouping codes
-    got = histories(ProfileSampler(user, item, engaged, values, n=5, seed=0), 0, 6)
+    got = histories(profiles(user, item, engaged, values, n=5, seed=0), user, item)
     assert [sorted(h) for h in got] == [[1100, 1200], [1000, 1200], [1000, 1100], [], [1000], []]
     # n=1: one of the user's other items, never the row's own
-    got = histories(ProfileSampler(user, item, engaged, values, n=1, seed=0), 0, 6)
+    got = histories(profiles(user, item, engaged, values, n=1, seed=0), user, item)
     assert [len(h) for h in got] == [1, 1, 1, 0, 1, 0]
     assert got[0][0] in (1100, 1200) and got[1][0] in (1000, 1200) and got[2][0] in (1000, 1100)
     assert got[4] == [1000]
     # n=0: no history at all
-    assert histories(ProfileSampler(user, item, engaged, values, n=0, seed=0), 0, 6) == [[]] * 6
+    assert histories(profiles(user, item, engaged, values, n=0, seed=0), user, item) == [[]] * 6
 
 
 def random_rows(seed: int, n: int = 400, n_users: int = 12, n_items: int = 30):
@@ -56,7 +61,7 @@ def random_rows(seed: int, n: int = 400, n_users: int = 12, n_items: int = 30):
 @pytest.mark.parametrize("n", [1, 4, 100])
 def test_histories_are_other_engagements_of_the_same_user(n):
     user, item, engaged, values = random_rows(1)
-    got = histories(ProfileSampler(user, item, engaged, values, n=n, seed=3), 0, len(user))
+    got = histories(profiles(user, item, engaged, values, n=n, seed=3), user, item)
     for row, h in enumerate(got):
         others = values[(user == user[row]) & engaged & (item != item[row])]
         assert item[row] + 1000 not in h  # never the row's own item
@@ -69,12 +74,12 @@ def test_histories_are_other_engagements_of_the_same_user(n):
 
 def test_chunked_sampling_equals_one_pass_and_is_deterministic():
     user, item, engaged, values = random_rows(2)
-    whole = ProfileSampler(user, item, engaged, values, n=3, seed=7).sample(0, len(user))
-    again = ProfileSampler(user, item, engaged, values, n=3, seed=7)
-    parts = [again.sample(lo, min(lo + 37, len(user))) for lo in range(0, len(user), 37)]
+    whole = profiles(user, item, engaged, values, n=3, seed=7).sample(user, item)
+    again = profiles(user, item, engaged, values, n=3, seed=7)
+    parts = [again.sample(user[lo : lo + 37], item[lo : lo + 37]) for lo in range(0, len(user), 37)]
     assert np.array_equal(np.concatenate([p[1] for p in parts]), whole[1])
     assert np.array_equal(np.concatenate([[0], *(np.diff(p[0]) for p in parts)]).cumsum(), whole[0])
-    other_seed = ProfileSampler(user, item, engaged, values, n=3, seed=8).sample(0, len(user))
+    other_seed = profiles(user, item, engaged, values, n=3, seed=8).sample(user, item)
     assert not np.array_equal(other_seed[1], whole[1])
 
 
@@ -84,15 +89,15 @@ def test_rows_of_one_user_see_different_samples():
     200 seeded starts over 200 positions hit about 200 * (1 - 1/e) = 126 of them)."""
     user = np.zeros(200, dtype=np.int64)
     item = np.arange(200)
-    got = histories(ProfileSampler(user, item, np.ones(200, bool), item, n=5, seed=0), 0, 200)
+    got = histories(profiles(user, item, np.ones(200, bool), item, n=5, seed=0), user, item)
     assert len({tuple(sorted(h)) for h in got}) > 100
 
 
 def test_bad_input_is_named():
     with pytest.raises(ValueError, match="must be 1-d of one length"):
-        ProfileSampler(np.zeros(3), np.zeros(2), np.ones(3, bool), np.zeros(3), n=2, seed=0)
+        ProfileSampler(np.zeros(3), np.zeros(2), np.zeros(3), n=2, seed=0, n_item_codes=1)
     with pytest.raises(ValueError, match="history length must be >= 0, got -1"):
-        ProfileSampler(np.zeros(3), np.zeros(3), np.ones(3, bool), np.zeros(3), n=-1, seed=0)
+        ProfileSampler(np.zeros(3), np.zeros(3), np.zeros(3), n=-1, seed=0, n_item_codes=1)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -44,13 +44,15 @@ def build_command(
     log: Path = typer.Argument(..., metavar="LOG", help="Event log directory."),
     out: Path = typer.Argument(..., metavar="OUT", help="Output folder (replaced atomically when the build succeeds)."),
     config: Optional[Path] = typer.Option(None, "--config", help="YAML with a 'features' section (or only feature keys)."),
+    chunk_rows: Optional[int] = typer.Option(None, "--chunk-rows", min=1, help="Rows processed at once (memory only; the output is the same)."),
 ) -> None:
     """Build examples, vocabularies and manifest.json for LOG into OUT."""
     import yaml
 
     from feedrank.features.build import build_features
 
-    result = run_cli(lambda: build_features(log, out, load_feature_config(config), progress=True),
+    sized = {} if chunk_rows is None else {"chunk_rows": chunk_rows}
+    result = run_cli(lambda: build_features(log, out, load_feature_config(config), progress=True, **sized),
                      also=(yaml.YAMLError,))
     m = result.manifest
     for split, stats in m["splits"].items():

@@ -31,10 +31,14 @@ Output directory (byte-identical for the same log and config, so builds can be c
     OUT/train/part-00000.parquet rows sorted by (ts, request_id, position, item_id, user_id);
     OUT/test/part-00000.parquet  ``rows_per_file`` rows per file, row groups of ``row_group_size``
 
-The build holds the needed log columns and a few int64 arrays per row in memory (about 0.3 KB per
-event, so ~3 GB for 10M events); histories are materialised one output file at a time. The output
-is written to a temporary folder renamed into place at the end: a failed build leaves any previous
-build of ``OUT`` untouched.
+The build streams: it reads the log twice in time-ordered chunks that never split a timestamp
+(``feedrank.features.chunks``). The first pass counts (vocabularies, ``item_logq``, and with
+``other_engagements`` the engaged rows each profile samples from); the second computes each
+chunk's features from state carried over from earlier chunks (``PointInTimeCounters``,
+``HistoryState``, first impressions) and appends the rows to the output files. Memory is one day
+of the log plus one chunk plus O(users x history_len + items), not O(rows), and the output does
+not depend on ``chunk_rows``. The output is written to a temporary folder renamed into place at the
+end: a failed build leaves any previous build of ``OUT`` untouched.
 
 Example::
 
@@ -51,7 +55,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 
 import numpy as np
 import pyarrow as pa
@@ -59,16 +63,20 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from feedrank.config import to_dict
-from feedrank.data.log import EVENTS_DIR, read_events
-from feedrank.data.schema import KEY_COLUMNS, TS_TYPE, to_epoch_us
-from feedrank.features.counters import COUNTER_COLUMNS, item_age_hours, item_logq, point_in_time_counters
-from feedrank.features.history import EventIndex, dense_rank
+from feedrank.data.log import EVENTS_DIR
+from feedrank.data.schema import TS_TYPE, to_epoch_us
+from feedrank.features.chunks import DEFAULT_CHUNK_ROWS, time_ordered_chunks
+from feedrank.features.counters import COUNTER_COLUMNS, PointInTimeCounters, item_age_hours, item_logq
+from feedrank.features.history import HistoryState, dense_rank
 from feedrank.features.profile import ProfileSampler
 from feedrank.features.vocab import (
     ITEM_CAT_COLUMNS,
     USER_CAT_COLUMNS,
+    Vocab,
     Vocabularies,
+    VocabCounter,
     VocabSpec,
+    add_counts,
     stable_hash,
     title_tokens,
     token_indices,
@@ -89,6 +97,8 @@ def index_column(name: str) -> str:
 
 USER_CAT_INDEX_COLUMNS = tuple(index_column(c) for c in USER_CAT_COLUMNS)
 ITEM_CAT_INDEX_COLUMNS = tuple(index_column(c) for c in ITEM_CAT_COLUMNS)
+#: Log column -> the example column holding its vocabulary index.
+_INDEX_COLUMNS = {"user_id": "user_idx", "item_id": "item_idx"} | {c: index_column(c) for c in (*USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS)}
 
 EXAMPLE_SCHEMA = pa.schema(
     [
@@ -119,8 +129,11 @@ _LOG_COLUMNS = [
     "user_id", "item_id", "ts", "request_id", "position", "clicked", "dwell_s", "shared", "hidden",
     "created_ts", "title", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS,
 ]  # fmt: skip
-_SORT_KEYS = [("ts", "ascending"), ("request_id", "ascending"), ("position", "ascending"),
-              ("item_id", "ascending"), ("user_id", "ascending")]  # fmt: skip
+#: The columns the counting pass reads (vocabularies, item_logq, profiles; the sort keys).
+_COUNT_COLUMNS = ["user_id", "item_id", "ts", "request_id", "position", "clicked", "hidden", "title",
+                  *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS]  # fmt: skip
+#: Log columns copied into the examples as they are.
+_PASSED_COLUMNS = ("ts", "user_id", "item_id", "request_id", "position", "clicked", "dwell_s", "shared", "hidden")
 
 
 class FeatureBuildError(ValueError):
@@ -128,8 +141,6 @@ class FeatureBuildError(ValueError):
 
 
 HistoryMode = Literal["point_in_time", "other_engagements"]
-#: Histories of rows ``lo:hi`` as a ragged (offsets, values) pair.
-Histories = Callable[[int, int], tuple[np.ndarray, np.ndarray]]
 
 
 class NotTrainableError(ValueError):
@@ -205,88 +216,169 @@ class BuildResult:
 
 
 def build_features(
-    log_dir: str | Path, out_dir: str | Path, cfg: FeatureConfig | None = None, progress: bool = True
+    log_dir: str | Path,
+    out_dir: str | Path,
+    cfg: FeatureConfig | None = None,
+    progress: bool = True,
+    chunk_rows: int = DEFAULT_CHUNK_ROWS,
 ) -> BuildResult:
-    """Build examples, vocabularies and manifest for the log at ``log_dir`` into ``out_dir``."""
+    """Build examples, vocabularies and manifest for the log at ``log_dir`` into ``out_dir``.
+
+    ``chunk_rows`` bounds the rows processed at once (memory, not output: the same log and config
+    give byte-identical output at any chunk size, so it is not part of the config or manifest)."""
     cfg = cfg or FeatureConfig()
     cfg.validate()
+    if chunk_rows < 1 or chunk_rows * max(cfg.history_len, 1) >= 2**31:
+        raise ValueError(f"chunk_rows must be >= 1 and chunk_rows * history_len below 2**31, got {chunk_rows}")
     log_dir, out_dir = Path(log_dir), Path(out_dir)
+    cutoff, split_at = parse_ts(cfg.cutoff, "cutoff"), parse_ts(cfg.split_at, "split_at")
+    split_us = None if split_at is None else to_epoch_us(split_at)
     timer = _Timer()
-    table = _read_log(log_dir, parse_ts(cfg.cutoff, "cutoff"))
-    timer.lap("read")
 
-    ts_us = table["ts"].cast(pa.int64()).to_numpy()
-    split_at = parse_ts(cfg.split_at, "split_at")
-    n_train = len(ts_us) if split_at is None else int(np.searchsorted(ts_us, to_epoch_us(split_at), side="left"))
-    if n_train == 0:
-        raise FeatureBuildError(f"{log_dir}: no events before split_at {cfg.split_at}; first event at {table['ts'][0]}")
-    bounds = {"train": (0, n_train)} | ({"test": (n_train, len(ts_us))} if split_at is not None else {})
+    def chunks(columns: list[str]):
+        try:
+            yield from time_ordered_chunks(log_dir, columns, cutoff, chunk_rows)
+        except FileNotFoundError as exc:
+            raise FeatureBuildError(str(exc)) from exc
+        except ValueError as exc:  # a null key column
+            raise FeatureBuildError(str(exc)) from exc
 
-    vocabs = Vocabularies.build(table.slice(0, n_train), cfg.users, cfg.items, cfg.categorical, cfg.tokens)
-    columns, oov = _lookup_indices(table, vocabs, bounds)
-    columns["item_tokens"] = row_tokens(table["title"], vocabs, cfg.title_len)  # sliced per file like the rest
-    timer.lap("vocab")
-
-    rank, n_ranks = dense_rank(ts_us)
-    user_code = _codes(table["user_id"])
-    item_code = _codes(table["item_id"])
-    clicked = table["clicked"].to_numpy()
-    engaged = clicked & ~table["hidden"].to_numpy()
-    columns.update(point_in_time_counters(user_code, item_code, rank, n_ranks, clicked, cfg.ctr_prior, cfg.ctr_prior_weight))
-    created = table["created_ts"]
-    columns["item_age_h"] = item_age_hours(
-        ts_us, created.cast(pa.int64()).fill_null(0).to_numpy(), created.is_valid().to_numpy(zero_copy_only=False), item_code
-    )
-    columns["item_logq"] = item_logq(item_code, engaged, np.arange(len(ts_us)) < n_train)
-    columns["request"] = _request_hash(table["request_id"])
-    histories = _histories(cfg, user_code, item_code, rank, n_ranks, engaged, columns["item_idx"])
-    timer.lap("features")
+    census = _Census.count(chunks(_COUNT_COLUMNS), split_us, cfg.history_mode == "other_engagements")
+    if census.rows == 0:
+        raise FeatureBuildError(f"{log_dir}: the event log has no rows" + (f" before cutoff {cutoff.isoformat()}" if cutoff else ""))
+    if census.train_rows == 0:
+        raise FeatureBuildError(f"{log_dir}: no events before split_at {cfg.split_at}; first event at {census.first_ts}")
+    vocabs = census.counter.vocabularies(cfg.users, cfg.items, cfg.categorical, cfg.tokens)
+    timer.lap("count")
 
     with staged_dir(out_dir) as tmp:
         vocabs.save(tmp / VOCAB_DIR)
+        examples = _Examples(census, vocabs, cfg)
+        writers = {split: _SplitWriter(tmp, split, cfg) for split in ("train",) + (("test",) if split_at else ())}
+        bar = progress_bar(total=census.rows, desc="features", unit="row", unit_scale=True, enabled=progress)
+        for chunk in chunks(_LOG_COLUMNS):
+            n_train = chunk.num_rows if split_us is None else int(np.searchsorted(_ts_us(chunk), split_us, side="left"))
+            parts = {"train": (0, n_train), "test": (n_train, chunk.num_rows)}
+            table = examples.chunk(chunk, {s: parts[s] for s in writers})
+            for split, (lo, hi) in parts.items():
+                if hi > lo:
+                    writers[split].write(table.slice(lo, hi - lo))
+            bar.update(chunk.num_rows)
+        bar.close()
         splits = {}
-        for split, (start, stop) in bounds.items():
-            files = _write_split(tmp, split, table, columns, histories, start, stop, cfg, progress)
-            splits[split] = {
-                "rows": stop - start,
-                "clicks": int(clicked[start:stop].sum()),
-                "engagements": int(engaged[start:stop].sum()),
-                "oov": oov[split],
-                "files": files,
-            }
+        for split, writer in writers.items():
+            splits[split] = writer.stats | {"oov": examples.oov[split], "files": writer.close()}
         manifest = _manifest(log_dir, cfg, vocabs, splits, tmp)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    timer.lap("write")
+    timer.lap("build")
     return BuildResult(out_dir, manifest, timer.laps)
 
 
-def _read_log(log_dir: Path, cutoff: dt.datetime | None) -> pa.Table:
+def _ts_us(rows: pa.Table) -> np.ndarray:
+    return rows["ts"].cast(pa.int64()).to_numpy()
+
+
+@dataclass
+class _Census:
+    """The first pass: what the examples need from the whole log before the first row is written."""
+
+    counter: VocabCounter  # vocabulary counts of the training rows; its coders cover every row
+    item_engaged: np.ndarray  # training-window engagements per item code (item_logq)
+    pool: tuple[np.ndarray, np.ndarray] | None  # (user, item) codes of every engaged row (profiles)
+    rows: int
+    train_rows: int
+    first_ts: object
+
+    @classmethod
+    def count(cls, chunks, split_us: int | None, profiles: bool) -> _Census:
+        counter = VocabCounter()
+        item_engaged = np.zeros(0, np.int64)
+        pool: list[tuple[np.ndarray, np.ndarray]] = []
+        rows = train_rows = 0
+        first_ts = None
+        for chunk in chunks:
+            first_ts = chunk["ts"][0] if first_ts is None else first_ts
+            n_train = chunk.num_rows if split_us is None else int(np.searchsorted(_ts_us(chunk), split_us, side="left"))
+            in_train = np.arange(chunk.num_rows) < n_train
+            codes = counter.add(chunk, in_train)
+            engaged = _engaged(chunk)
+            item_engaged = add_counts(item_engaged, codes["item_id"][engaged & in_train], len(counter.coders["item_id"]))
+            if profiles:
+                pool.append((codes["user_id"][engaged], codes["item_id"][engaged]))
+            rows, train_rows = rows + chunk.num_rows, train_rows + n_train
+        joined = tuple(np.concatenate([p[i] for p in pool]) if pool else np.zeros(0, np.int64) for i in (0, 1))
+        return cls(counter, item_engaged, joined if profiles else None, rows, train_rows, first_ts)
+
+
+def _engaged(rows: pa.Table) -> np.ndarray:
+    return rows["clicked"].to_numpy() & ~rows["hidden"].to_numpy()
+
+
+class _Examples:
+    """The second pass: each time-ordered chunk's example rows, from state carried across chunks."""
+
+    def __init__(self, census: _Census, vocabs: Vocabularies, cfg: FeatureConfig):
+        self.vocabs, self.cfg = vocabs, cfg
+        coders = census.counter.coders
+        self.users, self.items = coders["user_id"], coders["item_id"]
+        n_items = len(self.items)
+        self.counters = PointInTimeCounters(cfg.ctr_prior, cfg.ctr_prior_weight)
+        self.first_seen = np.full(n_items, np.iinfo(np.int64).max, dtype=np.int64)
+        self.logq = item_logq(census.item_engaged, census.counter.counts["item_id"] > 0)
+        if census.pool is None:
+            self.history: HistoryState | None = HistoryState(cfg.history_len)
+            self.profiles: ProfileSampler | None = None
+        else:
+            item_idx = _lookup_quiet(vocabs.items, self.items.ids)
+            user, item = census.pool
+            self.history, self.profiles = None, ProfileSampler(user, item, item_idx[item], cfg.history_len,
+                                                               cfg.history_seed, n_items)  # fmt: skip
+        self.oov: dict[str, dict[str, int]] = {}
+
+    def chunk(self, rows: pa.Table, parts: dict[str, tuple[int, int]]) -> pa.Table:
+        """The ``EXAMPLE_SCHEMA`` rows of one chunk; ``parts`` (split -> row range) for the OOV counts."""
+        ts_us = _ts_us(rows)
+        user_code, item_code = self.users.encode(rows["user_id"]), self.items.encode(rows["item_id"])
+        rank, n_ranks = dense_rank(ts_us)
+        clicked, engaged = rows["clicked"].to_numpy(), _engaged(rows)
+        columns = self._lookup_indices(rows, parts)
+        columns["item_tokens"] = row_tokens(rows["title"], self.vocabs, self.cfg.title_len)
+        columns.update(self.counters.chunk(user_code, item_code, rank, n_ranks, clicked))
+        created = rows["created_ts"]
+        columns["item_age_h"] = item_age_hours(ts_us, created.cast(pa.int64()).fill_null(0).to_numpy(),
+                                               created.is_valid().to_numpy(zero_copy_only=False), item_code,
+                                               self.first_seen)  # fmt: skip
+        columns["item_logq"] = self.logq[item_code]
+        columns["request"] = _request_hash(rows["request_id"])
+        if self.profiles is not None:
+            offsets, values = self.profiles.sample(user_code, item_code)
+        else:
+            offsets, values = self.history.chunk(user_code, rank, n_ranks, engaged, columns["item_idx"])
+        arrays = {name: rows[name] for name in _PASSED_COLUMNS} | columns
+        arrays["history"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
+        return pa.Table.from_pydict({f.name: arrays[f.name] for f in EXAMPLE_SCHEMA}).cast(EXAMPLE_SCHEMA)
+
+    def _lookup_indices(self, rows: pa.Table, parts: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
+        """Vocabulary indices of every id column; each split's OOV hits added to ``self.oov``."""
+        found: dict[str, list[np.ndarray]] = {col: [] for col in _INDEX_COLUMNS.values()}
+        for split, (lo, hi) in parts.items():
+            self.vocabs.reset_oov_hits()
+            part = rows.slice(lo, hi - lo)
+            for name, vocab in self.vocabs.all().items():
+                found[_INDEX_COLUMNS[name]].append(vocab.lookup(part[name]))
+            totals = self.oov.setdefault(split, dict.fromkeys(self.vocabs.all(), 0))
+            for name, hits in self.vocabs.oov_hits().items():
+                totals[name] += hits
+        self.vocabs.reset_oov_hits()
+        return {col: np.concatenate(p) for col, p in found.items()}
+
+
+def _lookup_quiet(vocab: Vocab, values: pa.Array) -> np.ndarray:
+    hits = vocab.oov_hits
     try:
-        table = read_events(log_dir, columns=_LOG_COLUMNS, end=cutoff)
-    except FileNotFoundError as exc:
-        raise FeatureBuildError(str(exc)) from exc
-    if table.num_rows == 0:
-        raise FeatureBuildError(f"{log_dir}: the event log has no rows" + (f" before cutoff {cutoff.isoformat()}" if cutoff else ""))
-    for name in KEY_COLUMNS:
-        if table[name].null_count:
-            raise FeatureBuildError(f"{log_dir}: column {name!r} has {table[name].null_count} null value(s)")
-    # A total order (the log forbids duplicate (request, user, item, ts)) makes the output reproducible.
-    return table.take(pc.sort_indices(table, sort_keys=_SORT_KEYS))
-
-
-def _lookup_indices(table: pa.Table, vocabs: Vocabularies, bounds: dict[str, tuple[int, int]]) -> tuple[dict, dict]:
-    """Vocabulary indices of every id column, and the OOV count of each column in each split."""
-    by_column = {"user_id": "user_idx", "item_id": "item_idx"} | {c: index_column(c) for c in (*USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS)}
-    parts: dict[str, list[np.ndarray]] = {col: [] for col in by_column.values()}
-    oov = {}
-    for split, (start, stop) in bounds.items():
-        vocabs.reset_oov_hits()
-        rows = table.slice(start, stop - start)
-        for name, vocab in vocabs.all().items():
-            parts[by_column[name]].append(vocab.lookup(rows[name]))
-        oov[split] = vocabs.oov_hits()
-    vocabs.reset_oov_hits()
-    return {col: np.concatenate(p) for col, p in parts.items()}, oov
+        return vocab.lookup(values)
+    finally:
+        vocab.oov_hits = hits
 
 
 def row_tokens(titles: pa.ChunkedArray, vocabs: Vocabularies, title_len: int) -> pa.ListArray:
@@ -301,11 +393,6 @@ def row_tokens(titles: pa.ChunkedArray, vocabs: Vocabularies, title_len: int) ->
     return per_title.take(codes)
 
 
-def _codes(ids: pa.ChunkedArray) -> np.ndarray:
-    """Dense int64 codes of raw ids (grouping keys, independent of any vocabulary)."""
-    return ids.combine_chunks().dictionary_encode().indices.to_numpy().astype(np.int64)
-
-
 def _request_hash(request_id: pa.ChunkedArray) -> np.ndarray:
     """A stable int64 per request id: the same request gets the same number in every build."""
     encoded = request_id.combine_chunks().dictionary_encode()
@@ -313,33 +400,58 @@ def _request_hash(request_id: pa.ChunkedArray) -> np.ndarray:
     return hashes[encoded.indices.to_numpy()]
 
 
-def _histories(cfg: FeatureConfig, user_code: np.ndarray, item_code: np.ndarray, rank: np.ndarray, n_ranks: int,
-               engaged: np.ndarray, item_idx: np.ndarray) -> Histories:  # fmt: skip
-    """The history lookup of ``cfg.history_mode``; materialised one output file at a time by the caller."""
-    if cfg.history_mode == "other_engagements":
-        return ProfileSampler(user_code, item_code, engaged, item_idx, cfg.history_len, cfg.history_seed).sample
-    index = EventIndex(user_code[engaged], rank[engaged], n_ranks, values=item_idx[engaged])
-    return lambda lo, hi: index.last_before(user_code[lo:hi], rank[lo:hi], cfg.history_len)
+class _SplitWriter:
+    """One split's Parquet files, appended to chunk by chunk: ``rows_per_file`` rows a file, row groups
+    of ``row_group_size``, each written as one contiguous table, so the files are the same bytes
+    whatever the chunks were."""
 
+    def __init__(self, out: Path, split: str, cfg: FeatureConfig):
+        self.out, self.split, self.cfg = out, split, cfg
+        (out / split).mkdir()
+        self.files: list[dict] = []
+        self.stats = {"rows": 0, "clicks": 0, "engagements": 0}
+        self._pending: list[pa.Table] = []
+        self._n_pending = 0
+        self._writer: pq.ParquetWriter | None = None
+        self._file_rows = 0
 
-def _write_split(out: Path, split: str, table: pa.Table, columns: dict, histories: Histories, start: int, stop: int,
-                 cfg: FeatureConfig, progress: bool) -> list[dict]:  # fmt: skip
-    (out / split).mkdir()
-    files = []
-    chunks = range(start, stop, cfg.rows_per_file)
-    for i, lo in enumerate(progress_bar(chunks, desc=f"features {split}", unit="file", enabled=progress)):
-        hi = min(lo + cfg.rows_per_file, stop)
-        offsets, values = histories(lo, hi)
-        rows = table.slice(lo, hi - lo)
-        arrays = {name: rows[name] for name in ("ts", "user_id", "item_id", "request_id", "position", "clicked",
-                                                "dwell_s", "shared", "hidden")}  # fmt: skip
-        arrays |= {name: col[lo:hi] for name, col in columns.items()}
-        arrays["history"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
-        chunk = pa.Table.from_pydict({f.name: arrays[f.name] for f in EXAMPLE_SCHEMA}).cast(EXAMPLE_SCHEMA)
-        path = out / split / f"part-{i:05d}.parquet"
-        pq.write_table(chunk, path, row_group_size=cfg.row_group_size)
-        files.append({"path": f"{split}/{path.name}", "rows": hi - lo})
-    return files
+    def write(self, rows: pa.Table) -> None:
+        self.stats["rows"] += rows.num_rows
+        self.stats["clicks"] += int(pc.sum(rows["clicked"].cast(pa.int64())).as_py() or 0)
+        self.stats["engagements"] += int(_engaged(rows).sum())
+        self._pending.append(rows)
+        self._n_pending += rows.num_rows
+        self._drain(final=False)
+
+    def _drain(self, final: bool) -> None:
+        while self._n_pending:
+            want = min(self.cfg.row_group_size, self.cfg.rows_per_file - self._file_rows)
+            if self._n_pending < want and not final:
+                return
+            take = min(want, self._n_pending)
+            rows = pa.concat_tables(self._pending)
+            group = rows.slice(0, take).combine_chunks()
+            self._pending, self._n_pending = [rows.slice(take)], self._n_pending - take
+            if self._writer is None:
+                path = self.out / self.split / f"part-{len(self.files):05d}.parquet"
+                self._writer = pq.ParquetWriter(path, EXAMPLE_SCHEMA)
+                self.files.append({"path": f"{self.split}/{path.name}", "rows": 0})
+            self._writer.write_table(group, row_group_size=take)
+            self._file_rows += take
+            self.files[-1]["rows"] = self._file_rows
+            if self._file_rows == self.cfg.rows_per_file:
+                self._close_file()
+
+    def _close_file(self) -> None:
+        self._writer.close()
+        self._writer, self._file_rows = None, 0
+
+    def close(self) -> list[dict]:
+        """Write what is left and close the last file; the split's files, in order."""
+        self._drain(final=True)
+        if self._writer is not None:
+            self._close_file()
+        return self.files
 
 
 def _manifest(log_dir: Path, cfg: FeatureConfig, vocabs: Vocabularies, splits: dict, out: Path) -> dict:

@@ -17,6 +17,39 @@ COUNTER_COLUMNS = ("user_impressions", "user_clicks", "item_impressions", "item_
 _US_PER_HOUR = 3_600_000_000
 
 
+class PointInTimeCounters:
+    """User and item impression/click counters carried across time-ordered chunks of the log.
+
+    A chunk's rows see the counts of every earlier chunk (held here, O(users + items)) plus those
+    of their own chunk strictly before their timestamp. Chunks must come in time order and never
+    split a timestamp (``feedrank.features.chunks``), so "earlier chunk" implies "strictly before".
+    """
+
+    def __init__(self, prior_ctr: float, prior_weight: float):
+        self.prior_ctr, self.prior_weight = prior_ctr, prior_weight
+        self._seen = {f"{who}_{what}": np.zeros(0, np.int64) for who in ("user", "item") for what in ("impressions", "clicks")}
+
+    def chunk(self, user_code: np.ndarray, item_code: np.ndarray, rank: np.ndarray, n_ranks: int,
+              clicked: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
+        """The ``COUNTER_COLUMNS`` of one chunk's rows (``rank``: dense time ranks within the chunk);
+        then the chunk's rows are added to the carried counts."""
+        clicked = np.asarray(clicked, dtype=bool)
+        counts = {}
+        for who, code in (("user", user_code), ("item", item_code)):
+            for what, rows in (("impressions", slice(None)), ("clicks", clicked)):
+                name = f"{who}_{what}"
+                before = EventIndex(code[rows], rank[rows], n_ranks).count_before(code, rank)
+                seen = self._seen[name]
+                size = max(len(seen), int(code.max()) + 1 if len(code) else 0)
+                grown = np.zeros(size, np.int64)
+                grown[: len(seen)] = seen
+                counts[name] = before + grown[code]
+                self._seen[name] = grown + np.bincount(code[rows], minlength=size)
+        out = {name: scale_counts(c) for name, c in counts.items()}
+        out["item_ctr"] = shrunk_ctr(counts["item_clicks"], counts["item_impressions"], self.prior_ctr, self.prior_weight)
+        return {name: out[name] for name in COUNTER_COLUMNS}
+
+
 def point_in_time_counters(
     user_code: np.ndarray,
     item_code: np.ndarray,
@@ -26,22 +59,15 @@ def point_in_time_counters(
     prior_ctr: float,
     prior_weight: float,
 ) -> dict[str, np.ndarray]:
-    """User and item impression/click counts before each row, log1p-scaled, and the item CTR.
+    """User and item impression/click counts before each row, log1p-scaled, and the item CTR: the
+    rows as one chunk of ``PointInTimeCounters``.
 
     The CTR is shrunk towards a fixed ``prior_ctr`` with the weight of ``prior_weight`` pseudo
     impressions: ``(clicks + w * p) / (impressions + w)``. The prior is a constant from the config,
     not the log's overall CTR, because the overall CTR includes rows after most impressions and
     would leak the future into early examples. The CTR is already in [0, 1] and is not log-scaled.
     """
-    clicked = np.asarray(clicked, dtype=bool)
-    counts = {}
-    for who, code in (("user", user_code), ("item", item_code)):
-        imps = EventIndex(code, rank, n_ranks).count_before(code, rank)
-        clicks = EventIndex(code[clicked], rank[clicked], n_ranks).count_before(code, rank)
-        counts[f"{who}_impressions"], counts[f"{who}_clicks"] = imps, clicks
-    out = {name: scale_counts(c) for name, c in counts.items()}
-    out["item_ctr"] = shrunk_ctr(counts["item_clicks"], counts["item_impressions"], prior_ctr, prior_weight)
-    return {name: out[name] for name in COUNTER_COLUMNS}
+    return PointInTimeCounters(prior_ctr, prior_weight).chunk(user_code, item_code, rank, n_ranks, clicked)
 
 
 def scale_counts(counts: np.ndarray) -> np.ndarray:
@@ -70,35 +96,39 @@ def user_counters(impressions: np.ndarray | int, clicks: np.ndarray | int) -> np
     return scale_counts(np.stack([impressions, clicks], axis=-1))
 
 
-def item_age_hours(ts_us: np.ndarray, created_us: np.ndarray, created_valid: np.ndarray, item_code: np.ndarray) -> np.ndarray:
+def item_age_hours(ts_us: np.ndarray, created_us: np.ndarray, created_valid: np.ndarray, item_code: np.ndarray,
+                   first_seen: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """Hours since the item was created, at each impression; never negative.
 
     When ``created_ts`` is null the item's first impression among the given rows stands in for its
     creation: it is always at or before the row's own timestamp, so it leaks nothing, but on a log
     that starts after the item was published it understates the age. Impressions logged before
-    the stated creation time (clock skew) get age 0.
+    the stated creation time (clock skew) get age 0. ``first_seen`` (int64 per item code, int64 max
+    for unseen; updated in place) carries first impressions across time-ordered chunks: an item's
+    first impression is at or before any of its rows, so it is known by the row's own chunk.
     """
     n_codes = int(item_code.max()) + 1 if len(item_code) else 0
-    first_seen = np.full(n_codes, np.iinfo(np.int64).max, dtype=np.int64)
+    if first_seen is None:
+        first_seen = np.full(n_codes, np.iinfo(np.int64).max, dtype=np.int64)
+    if len(first_seen) < n_codes:
+        raise ValueError(f"item_age_hours: first_seen holds {len(first_seen)} items, codes go up to {n_codes - 1}")
     np.minimum.at(first_seen, item_code, ts_us)
     born = np.where(created_valid, created_us, first_seen[item_code])
     return (np.maximum(ts_us - born, 0) / _US_PER_HOUR).astype(np.float32)
 
 
-def item_logq(item_code: np.ndarray, engaged: np.ndarray, in_window: np.ndarray) -> np.ndarray:
-    """log q(item) for each row: the item's add-one-smoothed share of engagements in the window.
+def item_logq(engagements: np.ndarray, shown: np.ndarray) -> np.ndarray:
+    """log q per item code: the item's add-one-smoothed share of engagements in the window.
 
-    ``q = (e_item + 1) / (E + V)`` with ``e_item`` the item's engagements among rows in the window,
-    ``E`` all engagements there and ``V`` the distinct items shown there; an item never shown in
-    the window gets ``1 / (E + V)``. Smoothing keeps the log finite for items without engagements.
-    This is a training-window constant for the sampled-softmax correction, not a feature: it is
-    not point-in-time and must not be fed to a model as an input.
+    ``q = (e_item + 1) / (E + V)`` with ``e_item`` the item's engagements among rows in the window
+    (``engagements``, per item code), ``E`` all engagements there and ``V`` the distinct items
+    shown there (``shown``, per item code); an item never shown in the window gets ``1 / (E + V)``.
+    Smoothing keeps the log finite for items without engagements. This is a training-window
+    constant for the sampled-softmax correction, not a feature: it is not point-in-time and must
+    not be fed to a model as an input. Rows take ``item_logq(...)[item_code]``.
     """
-    n_codes = int(item_code.max()) + 1 if len(item_code) else 0
-    in_window = np.asarray(in_window, dtype=bool)
-    shown = np.bincount(item_code[in_window], minlength=n_codes) > 0
-    eng = np.bincount(item_code[in_window & np.asarray(engaged, dtype=bool)], minlength=n_codes)
-    denom = eng.sum() + shown.sum()
+    engagements = np.asarray(engagements, dtype=np.int64)
+    denom = engagements.sum() + np.asarray(shown, dtype=bool).sum()
     if denom == 0:
         raise ValueError("item_logq: the window has no rows")
-    return np.log((eng[item_code] + 1) / denom).astype(np.float32)
+    return np.log((engagements + 1) / denom).astype(np.float32)

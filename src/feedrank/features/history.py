@@ -87,3 +87,66 @@ class EventIndex:
         row_of = np.repeat(np.arange(len(lengths)), lengths)
         gather = start[row_of] + (np.arange(offsets[-1]) - offsets[row_of])
         return offsets, self.values[gather]
+
+
+def ragged_positions(lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For a ragged array of ``lengths``: each flat element's row, and its position within the row."""
+    row_of = np.repeat(np.arange(len(lengths)), lengths)
+    starts = np.cumsum(lengths) - lengths
+    return row_of, np.arange(len(row_of)) - starts[row_of]
+
+
+class HistoryState:
+    """Each user's last ``n`` engagement values, carried across time-ordered chunks of the log.
+
+    A row's history is the last ``n`` of: the user's values carried from earlier chunks, then the
+    user's engagements in its own chunk strictly before its timestamp (``EventIndex.last_before``),
+    which is exactly what one ``EventIndex`` over the whole log gives, because chunks come in time
+    order and never split a timestamp (``feedrank.features.chunks``). The state is a dense
+    ``[users, n]`` int64 array (oldest first) and a length per user: O(users x n), not O(rows).
+    """
+
+    def __init__(self, n: int):
+        if n < 0:
+            raise ValueError(f"history length must be >= 0, got {n}")
+        self.n = n
+        self._values = np.zeros((0, n), np.int64)
+        self._len = np.zeros(0, np.int64)
+
+    def chunk(self, user: np.ndarray, rank: np.ndarray, n_ranks: int, engaged: np.ndarray,
+              values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+        """Histories of one chunk's rows as a ragged (offsets, values) pair, oldest first; then the
+        chunk's engagements (``values[engaged]``, in row order) are added to the carried state."""
+        user = np.asarray(user, dtype=np.int64)
+        self._grow(int(user.max()) + 1 if len(user) else 0)
+        index = EventIndex(user[engaged], rank[engaged], n_ranks + 1, values=np.asarray(values)[engaged])
+        out = self._merge(index, user, rank)
+        users = np.unique(user)
+        offsets, kept = self._merge(index, users, np.full(len(users), n_ranks))  # after the whole chunk
+        lengths = np.diff(offsets)
+        row_of, col = ragged_positions(lengths)
+        self._len[users] = lengths
+        self._values[users[row_of], col] = kept
+        return out
+
+    def _merge(self, index: EventIndex, user: np.ndarray, rank: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """The last ``n`` of (carried values, then the chunk's before ``rank``) of each query."""
+        in_offsets, in_values = index.last_before(user, rank, self.n)
+        k = np.diff(in_offsets)
+        carried = np.minimum(self._len[user], self.n - k)  # the carried tail that still fits
+        offsets = np.zeros(len(user) + 1, np.int64)
+        np.cumsum(carried + k, out=offsets[1:])
+        out = np.empty(offsets[-1], np.int64)
+        row_of, j = ragged_positions(carried)
+        out[offsets[row_of] + j] = self._values[user[row_of], self._len[user[row_of]] - carried[row_of] + j]
+        row_of, j = ragged_positions(k)
+        out[offsets[row_of] + carried[row_of] + j] = in_values
+        return offsets, out
+
+    def _grow(self, n_users: int) -> None:
+        if n_users > len(self._len):
+            values = np.zeros((n_users, self.n), np.int64)
+            values[: len(self._len)] = self._values
+            lengths = np.zeros(n_users, np.int64)
+            lengths[: len(self._len)] = self._len
+            self._values, self._len = values, lengths

@@ -14,10 +14,14 @@ windows of one order, so a user has at most as many distinct subsets as engageme
 the cost at ``n`` reads per row instead of a draw over the whole profile).
 Everything is derived from the input order and the seed, so the output is byte-identical across runs.
 
+Built for a streaming pass: the profiles (every engaged row of the log, a small share of its rows)
+are collected first; the rows then ask for their histories chunk by chunk, in log order, each
+drawing its window start from the same seeded stream.
+
 Example::
 
-    sampler = ProfileSampler(user_code, item_code, engaged, values=item_idx, n=50, seed=0)
-    offsets, items = sampler.sample(0, len(user_code))  # history of row i: items[offsets[i]:offsets[i + 1]]
+    sampler = ProfileSampler(pool_user, pool_item, pool_values, n=50, seed=0, n_item_codes=n_items)
+    offsets, items = sampler.sample(user_code, item_code)  # the next rows' histories: items[offsets[i]:offsets[i + 1]]
 """
 
 from __future__ import annotations
@@ -28,38 +32,40 @@ import numpy as np
 class ProfileSampler:
     """Up to ``n`` of each row's user's engaged values whose item differs from the row's own item.
 
-    ``user`` and ``item`` are dense codes of the raw ids (grouping keys, so two distinct ids hashed
-    to one vocabulary bucket are still told apart), one per row; ``engaged`` marks the rows that
-    form the profiles; ``values`` (e.g. item vocabulary indices) is what the histories hold.
+    The pool is the log's engaged rows in log order: ``pool_user`` and ``pool_item`` are dense codes
+    of the raw ids (grouping keys, so two distinct ids hashed to one vocabulary bucket are still
+    told apart; item codes below ``n_item_codes``), ``pool_values`` (e.g. item vocabulary indices) is
+    what the histories hold. ``sample`` is called on the log's rows in order, each row once.
     """
 
-    def __init__(self, user: np.ndarray, item: np.ndarray, engaged: np.ndarray, values: np.ndarray, n: int, seed: int):
-        user, item, engaged, values = (np.asarray(a) for a in (user, item, engaged, values))
-        if not user.shape == item.shape == engaged.shape == values.shape or user.ndim != 1:
-            raise ValueError(f"ProfileSampler: user, item, engaged and values must be 1-d of one length, got shapes "
-                             f"{user.shape}, {item.shape}, {engaged.shape}, {values.shape}")  # fmt: skip
+    def __init__(self, pool_user: np.ndarray, pool_item: np.ndarray, pool_values: np.ndarray, n: int, seed: int,
+                 n_item_codes: int):  # fmt: skip
+        pool_user, pool_item, pool_values = (np.asarray(a) for a in (pool_user, pool_item, pool_values))
+        if not pool_user.shape == pool_item.shape == pool_values.shape or pool_user.ndim != 1:
+            raise ValueError(f"ProfileSampler: pool_user, pool_item and pool_values must be 1-d of one length, got "
+                             f"shapes {pool_user.shape}, {pool_item.shape}, {pool_values.shape}")  # fmt: skip
         if n < 0:
             raise ValueError(f"history length must be >= 0, got {n}")
-        rng = np.random.default_rng(seed)
-        pool = np.flatnonzero(engaged)
-        order = np.lexsort((rng.random(len(pool)), user[pool]))  # by user, then a seeded shuffle
-        pool = pool[order]
-        self._pool_user, self._pool_item, self._pool_values = user[pool], item[pool], values[pool]
-        self._user, self._item, self.n = user, item, n
+        self._rng = np.random.default_rng(seed)
+        order = np.lexsort((self._rng.random(len(pool_user)), pool_user))  # by user, then a seeded shuffle
+        self._pool_user, self._pool_item, self._pool_values = pool_user[order], pool_item[order], pool_values[order]
+        self.n = n
         # (user, item) pair keys of the profile, to count how often a row's own item is in it
-        self._n_item_codes = int(item.max()) + 1 if len(item) else 1
-        self._pool_pairs = np.sort(self._pair(user[pool], item[pool]))
-        self._rotation = rng.random(len(user))  # each row's window start, as a fraction of its profile
+        self._n_item_codes = max(int(n_item_codes), 1)
+        self._pool_pairs = np.sort(self._pair(self._pool_user, self._pool_item))
 
     def _pair(self, user: np.ndarray, item: np.ndarray) -> np.ndarray:
         return user.astype(np.int64) * self._n_item_codes + item.astype(np.int64)
 
-    def sample(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
-        """Histories of rows ``lo:hi`` as a ragged array: ``values[offsets[i]:offsets[i + 1]]`` is row ``lo + i``'s."""
-        user, item = self._user[lo:hi], self._item[lo:hi]
+    def sample(self, user: np.ndarray, item: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Histories of the log's next ``len(user)`` rows (their user and item codes) as a ragged
+        array: ``values[offsets[i]:offsets[i + 1]]`` is row ``i``'s. Each row draws its window start
+        (a fraction of its profile) from the seeded stream, so rows must come in log order, once."""
+        user, item = np.asarray(user), np.asarray(item)
+        rotation = self._rng.random(len(user))
         start = np.searchsorted(self._pool_user, user, side="left")
         size = np.searchsorted(self._pool_user, user, side="right") - start
-        first = (self._rotation[lo:hi] * size).astype(np.int64)  # in [0, size) where size > 0
+        first = (rotation * size).astype(np.int64)  # in [0, size) where size > 0
         # Read n + (copies of the row's own item in the profile) candidates: dropping those still leaves n.
         pair = self._pair(user, item)
         own = np.searchsorted(self._pool_pairs, pair, side="right") - np.searchsorted(self._pool_pairs, pair, side="left")

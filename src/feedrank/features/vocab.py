@@ -164,13 +164,20 @@ class Vocab:
     @classmethod
     def build(cls, values: ArrayLike, name: str, spec: VocabSpec = VocabSpec()) -> Vocab:
         """Count ``values`` (nulls ignored) and keep ids by descending count, then ascending id."""
+        coder = IdCoder()
+        codes = coder.encode(values)
+        return cls.from_counts(coder.ids, np.bincount(codes[codes >= 0], minlength=len(coder)), name, spec)
+
+    @classmethod
+    def from_counts(cls, ids: pa.Array, counts: np.ndarray, name: str, spec: VocabSpec = VocabSpec()) -> Vocab:
+        """The vocabulary of distinct ``ids`` seen ``counts`` times (0: not in the window, never kept):
+        ids by descending count, then ascending id, ``spec`` applied. ``build`` counts, then calls this;
+        a streaming build (``VocabCounter``) accumulates the counts chunk by chunk first."""
         spec.validate()
-        arr = _as_string_array(values)
-        arr = arr.filter(pc.is_valid(arr))
-        if len(arr) == 0:
+        counts = pa.table({"id": ids, "count": pa.array(np.asarray(counts, dtype=np.int64))})
+        counts = counts.filter(pc.greater_equal(counts["count"], max(spec.min_count, 1)))
+        if counts.num_rows == 0:
             return cls(name=name, ids=[], hash_buckets=spec.hash_buckets)
-        counts = pa.table(pc.value_counts(arr).flatten(), names=["id", "count"])
-        counts = counts.filter(pc.greater_equal(counts["count"], spec.min_count))
         counts = counts.sort_by([("count", "descending"), ("id", "ascending")])
         if spec.max_size is not None:
             counts = counts.slice(0, spec.max_size)
@@ -252,17 +259,9 @@ class Vocabularies:
     ) -> Vocabularies:
         """Build from the (training-window) rows of a canonical-schema table; counts are impressions,
         except title words, counted once per item (its latest row's title) when ``events`` has titles."""
-        words = None
-        if "title" in events.column_names:
-            latest = _latest_per_id(events["item_id"], events["title"])
-            words = Vocab.build(pc.list_flatten(title_tokens(latest)), TOKENS_NAME, tokens)
-        return cls(
-            users=Vocab.build(events["user_id"], "user_id", users),
-            items=Vocab.build(events["item_id"], "item_id", items),
-            user_cats={c: Vocab.build(events[c], c, categorical) for c in USER_CAT_COLUMNS},
-            item_cats={c: Vocab.build(events[c], c, categorical) for c in ITEM_CAT_COLUMNS},
-            tokens=words,
-        )
+        counter = VocabCounter()
+        counter.add(events)
+        return counter.vocabularies(users, items, categorical, tokens)
 
     @property
     def n_tokens(self) -> int:
@@ -333,9 +332,101 @@ class Vocabularies:
         )
 
 
-def _latest_per_id(ids: pa.ChunkedArray | pa.Array, values: pa.ChunkedArray | pa.Array) -> pa.Array:
-    """One value per distinct id: the one on its last row (rows in log order)."""
-    codes = _as_string_array(ids).dictionary_encode().indices.to_numpy()
-    last = np.full(int(codes.max()) + 1 if len(codes) else 0, -1, dtype=np.int64)
-    last[codes] = np.arange(len(codes))  # later rows overwrite earlier ones
-    return _as_string_array(values).take(pa.array(last))
+class IdCoder:
+    """Dense int64 codes of string ids, in order of first appearance, grown chunk by chunk.
+
+    Codes are grouping keys independent of any vocabulary (two users both OOV keep their own
+    histories); a streaming pass encodes every chunk against the ids seen so far, so the codes of a
+    log read in chunks are the codes of the whole log. Nulls get -1.
+    """
+
+    def __init__(self) -> None:
+        self.ids: pa.Array = pa.array([], pa.string())
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def encode(self, values: ArrayLike) -> np.ndarray:
+        arr = _as_string_array(values)
+        found = pc.index_in(arr, value_set=self.ids)
+        if found.null_count > arr.null_count:  # ids not seen before: append them, first seen first
+            new = pc.unique(arr.filter(pc.and_(pc.is_null(found), pc.is_valid(arr))))
+            self.ids = pa.concat_arrays([self.ids, new])
+            found = pc.index_in(arr, value_set=self.ids)
+        return found.cast(pa.int64()).fill_null(-1).to_numpy()
+
+
+def add_counts(counts: np.ndarray, codes: np.ndarray, size: int) -> np.ndarray:
+    """``counts`` (grown with zeros to ``size``) plus how often each code in ``codes`` occurs."""
+    grown = np.zeros(size, dtype=np.int64)
+    grown[: len(counts)] = counts
+    return grown + np.bincount(codes, minlength=size)
+
+
+def latest_per_group(groups: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The distinct group codes and, for each, the index of its last row (rows in log order)."""
+    distinct, first_from_end = np.unique(groups[::-1], return_index=True)
+    return distinct, len(groups) - 1 - first_from_end
+
+
+class VocabCounter:
+    """The counts every vocabulary is built from, accumulated over chunks of rows in log order.
+
+    ``add`` encodes every row it is given (``coders``: the dense codes of each id column, which a
+    streaming feature build reuses as grouping keys) and counts those marked ``counted`` (the
+    training window): impressions per id, and for title words each item's latest counted title.
+    ``Vocabularies.build`` is one ``add`` of a whole table; the feature build adds chunk by chunk.
+    """
+
+    def __init__(self) -> None:
+        self.coders = {name: IdCoder() for name in ("user_id", "item_id", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS)}
+        self.counts = {name: np.zeros(0, np.int64) for name in self.coders}
+        self._titles: IdCoder | None = None  # None until a chunk with titles
+        self._latest_title = np.zeros(0, np.int64)  # per item code: title code, -1 null title, -2 no counted row
+
+    def add(self, rows: pa.Table, counted: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Encode and count one chunk (``counted``: the rows inside the window; all by default).
+        Returns each id column's codes for the chunk's rows."""
+        codes = {}
+        for name, coder in self.coders.items():
+            codes[name] = coder.encode(rows[name])
+            kept = codes[name] if counted is None else codes[name][counted]
+            self.counts[name] = add_counts(self.counts[name], kept[kept >= 0], len(coder))
+        if "title" in rows.column_names:
+            self._add_titles(codes["item_id"], rows["title"], counted)
+        return codes
+
+    def _add_titles(self, item_code: np.ndarray, titles: pa.ChunkedArray, counted: np.ndarray | None) -> None:
+        if self._titles is None:
+            self._titles = IdCoder()
+        rows = np.arange(len(item_code)) if counted is None else np.flatnonzero(counted)
+        items, last = latest_per_group(item_code[rows])
+        n_items = len(self.coders["item_id"])
+        latest = np.full(n_items, -2, dtype=np.int64)
+        latest[: len(self._latest_title)] = self._latest_title
+        latest[items] = self._titles.encode(_as_string_array(titles).take(pa.array(rows[last], pa.int64())))
+        self._latest_title = latest
+
+    def vocabularies(
+        self,
+        users: VocabSpec = VocabSpec(),
+        items: VocabSpec = VocabSpec(),
+        categorical: VocabSpec = VocabSpec(),
+        tokens: VocabSpec = VocabSpec(),
+    ) -> Vocabularies:
+        specs = {"user_id": users, "item_id": items} | {c: categorical for c in (*USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS)}
+        vocabs = {name: Vocab.from_counts(self.coders[name].ids, self.counts[name], name, specs[name]) for name in specs}
+        words = None
+        if self._titles is not None:
+            latest = self._latest_title[self._latest_title >= -1]  # one title per counted item; -1: null
+            nulls = pa.nulls(len(latest), pa.string())
+            titles = self._titles.ids.take(pa.array(np.where(latest >= 0, latest, 0))) if len(self._titles) else nulls
+            titles = pc.if_else(pa.array(latest >= 0, pa.bool_()), titles, nulls)
+            words = Vocab.build(pc.list_flatten(title_tokens(titles)), TOKENS_NAME, tokens)
+        return Vocabularies(
+            users=vocabs["user_id"],
+            items=vocabs["item_id"],
+            user_cats={c: vocabs[c] for c in USER_CAT_COLUMNS},
+            item_cats={c: vocabs[c] for c in ITEM_CAT_COLUMNS},
+            tokens=words,
+        )
