@@ -73,28 +73,31 @@ def test_impression_rows_keep_every_click_and_a_share_of_the_rest_the_same_way_e
     assert (ImpressionRows(0.05)(table) <= keep).all()  # a smaller share keeps a subset
 
 
-def freshness_batch(make_batch, seed: int):
-    """Impressions whose clicks depend on the item's age alone (fresh: clicked)."""
-    batch = make_batch(64, seed=seed)
-    g = torch.Generator().manual_seed(seed)
-    batch.item_age_h = torch.rand(64, generator=g) * 100
-    batch.clicked = (batch.item_age_h < 30).float()
-    batch.position = torch.zeros(64, dtype=torch.long)
-    return batch
+def with_ages(batch, seed: int):
+    """``batch`` with new item ages and clicks that depend on the age alone (fresh: clicked)."""
+    age = torch.rand(len(batch), generator=torch.Generator().manual_seed(seed)) * 100
+    return dataclasses.replace(batch, item_age_h=age, clicked=(age < 30).float(), position=torch.zeros_like(batch.position))
 
 
-@pytest.mark.parametrize("weight", [0.0, 1.0])
-def test_only_the_impression_term_teaches_that_fresh_items_get_the_clicks(make_model, make_batch, fit, weight):
+@pytest.mark.parametrize("weight", [0.0, 3.0])
+def test_only_the_impression_term_teaches_that_fresh_items_get_the_clicks(make_model, make_batch, weight):
     """In-batch negatives are other clicked rows, at their own ages: fresh positives against fresh
-    negatives, so the softmax alone never learns freshness, and its score ranks a held-out batch
-    of impressions by age no better than chance; the impression term does."""
+    negatives, so the softmax alone never learns freshness and its score ranks impressions of the
+    same users and items at new ages no better than chance; the impression term does. Ages are
+    drawn anew every step, so IDs cannot memorise which rows were clicked."""
     torch.manual_seed(0)
     model = make_model(impression_weight=weight, logq_correction=False)
-    fit(model, two_tower_loss, freshness_batch(make_batch, 1), steps=60)
-    held_out = freshness_batch(make_batch, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    base = make_batch(64, seed=1)
+    for step in range(150):
+        loss, _ = two_tower_loss(model, with_ages(base, 100 + step))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    held_out = with_ages(base, 2)
     with torch.no_grad():
         value = auc(held_out.clicked.numpy(), model.eval().score(held_out).numpy())
     if weight:
-        assert value > 0.85
+        assert value > 0.8
     else:
-        assert value < 0.75
+        assert value < 0.65
