@@ -86,6 +86,7 @@ def cached_gradient(model, parts) -> torch.Tensor:
 
 CACHED = {**PER_ROW,
           "in_batch": {"loss": "in_batch"},
+          "in_batch_impressions": {"loss": "in_batch", "impression_weight": 0.5},
           "in_batch_full": {"loss": "in_batch", "mask_known_positives": True, "learn_temperature": True,
                             "temperature": 0.1, "history_encoder": "transformer"}}
 SPLITS = {"halves": [8, 8], "unequal": [11, 2, 3], "with_empty": [0, 16]}

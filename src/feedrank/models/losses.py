@@ -14,6 +14,11 @@ on ``cfg.loss``:
   few thousand items such as MovieLens).
 - ``bce``: pointwise binary cross-entropy on impressions, shown-but-not-clicked rows as negatives.
 
+With ``impression_weight > 0`` the softmax losses also get that pointwise term, on the click
+logits of ``TwoTower.impression_head`` (a positive scale of ``u . v``, a bias and a training-only
+position bias): the softmax teaches which item a user clicks among the catalogue, the impression
+term which of the items shown at one moment (fresh against stale) gets the click.
+
 Under data parallelism ``two_tower_loss(model, batch, pool=GlobalPool(...))`` makes each rank's
 loss its share of the union batch's (in-batch negatives from every rank, the global weight sum),
 so averaging the ranks' gradients, as DDP does, gives the union batch's gradient.
@@ -37,6 +42,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -162,6 +168,31 @@ def sampled_softmax_loss(
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1).float()
     target = torch.zeros(b, dtype=torch.long, device=logits.device)
     return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight, total_weight)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImpressionRows:
+    """Collator ``keep`` hook of the impression term: every clicked row and a share ``rate`` of the others.
+
+    Click logs are mostly not-clicked rows, and every kept row costs both towers; a share of them
+    is enough to tell the impression term what is shown and not clicked. The pick is a hash of
+    (request, item), not a random draw: the same rows every epoch and after a resume, in every
+    DataLoader worker. Down-sampling shifts the term's logits by ``log(rate)``, which the head's
+    bias absorbs; the ranking by ``u . v`` is unchanged.
+    """
+
+    rate: float
+
+    def __call__(self, rows: Any) -> np.ndarray:
+        col = lambda name: rows.column(name).to_numpy(zero_copy_only=False)  # noqa: E731
+        clicked = col("clicked").astype(bool)
+        if self.rate >= 1.0:
+            return np.ones_like(clicked)
+        key = col("request").astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + col("item_idx").astype(np.uint64)
+        key ^= key >> np.uint64(31)
+        key *= np.uint64(0xBF58476D1CE4E5B9)
+        key ^= key >> np.uint64(29)
+        return clicked | ((key >> np.uint64(11)).astype(np.float64) / float(1 << 53) < self.rate)
 
 
 def bce_loss(logits: Tensor, clicked: Tensor, weight: Tensor | None = None, total_weight: Tensor | None = None) -> Tensor:
@@ -418,6 +449,9 @@ def step_loss(model: TwoTower, outs: list[TwoTowerOutput], batches: list[Batch],
         pos_weight = weight * (clicked > 0)
         total = pool.total(pos_weight) if pool.world > 1 else pos_weight.sum()
         loss = sum(_sampled(model, out, b, temperature, total) for out, b in zip(outs, batches))
+    if outs[0].impression is not None:  # the impression term (TwoTowerConfig.impression_weight)
+        impression = _cat([o.impression for o in outs])
+        loss = loss + cfg.impression_weight * bce_loss(impression, clicked, weight, pool.total(weight))
     loss = pool.scale(loss)
     pairs = weight.new_tensor(float(len(weight))) if cfg.loss == "bce" else (clicked > 0).sum().float()
     return loss, {"loss": loss.detach(), "temperature": temperature.detach(), "pairs": pairs}
@@ -482,6 +516,7 @@ class CachedStep:
             out, user=out.user.detach().requires_grad_(), item=out.item.detach().requires_grad_(), temperature=temperature,
             negatives=None if out.negatives is None else dataclasses.replace(
                 out.negatives, vectors=out.negatives.vectors.detach().requires_grad_()),
+            impression=None if out.impression is None else out.impression.detach().requires_grad_(),
         ) for out in cached]  # fmt: skip
         loss, logs = step_loss(inner, leaves, batches, pool)
         vectors = [_vectors(leaf) for leaf in leaves]
@@ -502,8 +537,10 @@ class CachedStep:
 
 
 def _vectors(out: TwoTowerOutput) -> tuple[Tensor, ...]:
-    """The vectors of ``out`` the loss reads: users, items and the sampled negatives' (if any)."""
-    return (out.user, out.item) + (() if out.negatives is None else (out.negatives.vectors,))
+    """The outputs of ``out`` the loss reads: users, items, the sampled negatives' vectors and the
+    impression term's logits (each if any)."""
+    extra = (() if out.negatives is None else (out.negatives.vectors,)) + (() if out.impression is None else (out.impression,))
+    return (out.user, out.item) + extra
 
 
 def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:

@@ -84,6 +84,16 @@ class TwoTowerConfig:
     negative_sampler: SamplerKind = "uniform"
     popularity_power: float = 0.75
     logq_correction: bool = True
+    # Impressions: the weight of a click term on every shown row beside the softmax loss (0 = off;
+    # ignored by loss "bce", which is that term alone). The softmax losses see clicked rows only,
+    # each item at its own row's age, so they never compare a fresh item with a stale one shown
+    # beside it: freshness, the world's largest click factor, stays unlearnt, and the dot product
+    # ranks impressions below random (docs/evaluation.md). The term is a BCE of
+    # ``ImpressionHead(u . v, position)`` (shown and not clicked = negative): one ranking for
+    # both, the head's scale kept positive, its position bias in training only.
+    impression_weight: float = 0.0
+    impression_rate: float = 0.2  # share of the not-clicked rows it trains on (every click is kept)
+    max_positions: int = 20  # impression term: positions >= this share the last position bias
     # in_batch and sampled: also mask negatives that are known positives of the row's user elsewhere
     # in the training data (attach_known_positives). Matters when users engage with a large share
     # of the catalogue (MovieLens): otherwise items the user liked are pushed away as negatives.
@@ -127,6 +137,12 @@ class TwoTowerConfig:
             raise ValueError(f"temperature {self.temperature} must be in ({lo}, {hi})")
         if self.popularity_power <= 0:
             raise ValueError(f"popularity_power must be > 0, got {self.popularity_power}")
+        if not (self.impression_weight >= 0 and math.isfinite(self.impression_weight)):
+            raise ValueError(f"impression_weight must be >= 0 (0 = no impression term), got {self.impression_weight}")
+        if not 0.0 < self.impression_rate <= 1.0:
+            raise ValueError(f"impression_rate must be in (0, 1], got {self.impression_rate}")
+        if self.max_positions < 1:
+            raise ValueError(f"max_positions must be >= 1, got {self.max_positions}")
 
 
 class Temperature(nn.Module):
@@ -167,6 +183,34 @@ class TwoTowerOutput:
     item: Tensor  # [B, D] unit vectors
     temperature: Tensor  # 0-d
     negatives: SampledNegatives | None  # only when cfg.loss == "sampled"
+    impression: Tensor | None = None  # [B] click logits of the impression term (cfg.impression_weight > 0)
+
+
+class ImpressionHead(nn.Module):
+    """Click logit of an impression from its cosine ``u . v``: ``exp(s) * cos + b + position_bias``.
+
+    The scale is kept positive (``exp``), so a higher cosine always means a likelier click: the
+    term trains the very score retrieval and serving rank by, not a second one. The position bias
+    (row 0, the top slot, fixed at 0) explains away where the logging policy showed the item, as
+    in the ranker; it is a training term only and never part of the score.
+    """
+
+    INIT_SCALE, INIT_BIAS = 5.0, -2.5  # cos in [-1, 1] -> click probabilities of a few percent
+
+    def __init__(self, max_positions: int):
+        super().__init__()
+        self.max_positions = max_positions
+        self.log_scale = nn.Parameter(torch.tensor(math.log(self.INIT_SCALE)))
+        self.bias = nn.Parameter(torch.tensor(self.INIT_BIAS))
+        self.position_bias = nn.Embedding(max_positions, 1, padding_idx=0)
+        nn.init.zeros_(self.position_bias.weight)
+
+    def forward(self, cosine: Tensor, position: Tensor) -> Tensor:
+        """``cosine`` [B], ``position`` [B] int64 >= 0 (``collate`` checks) -> [B] click logits."""
+        if position.shape != cosine.shape:
+            raise ValueError(f"position must be [{cosine.shape[0]}], got {tuple(position.shape)}")
+        pos = self.position_bias(position.clamp_max(self.max_positions - 1)).squeeze(-1)
+        return self.log_scale.exp() * cosine.float() + self.bias + pos
 
 
 def draw_rows(mask: Tensor, k: int) -> Tensor:
@@ -226,6 +270,8 @@ class TwoTower(nn.Module):
             history_dim=cfg.item_id_dim, hidden=cfg.hidden, out_dim=cfg.dim, dropout=cfg.dropout,
         )
         self.temperature = Temperature(cfg.temperature, cfg.learn_temperature, cfg.temperature_min, cfg.temperature_max)
+        self.impression_head = (ImpressionHead(cfg.max_positions)
+                                if cfg.impression_weight > 0 and cfg.loss != "bce" else None)  # fmt: skip
         self.sampler: NegativeSampler | None = None
         self.register_buffer("known_pairs", torch.empty(0, dtype=torch.long), persistent=False)
         # [n_users, n_items] bool for small grids (attach_known_positives), else empty
@@ -301,13 +347,16 @@ class TwoTower(nn.Module):
         return self.item_vectors(batch.item, batch.item_cats, batch.item_age_h, batch.item_tokens)
 
     def forward(self, batch: Batch) -> TwoTowerOutput:
-        """User and item vectors of every row, plus sampled negatives when ``cfg.loss == 'sampled'``."""
+        """User and item vectors of every row, plus sampled negatives when ``cfg.loss == 'sampled'``
+        and the impression term's click logits when ``cfg.impression_weight > 0``."""
         out = TwoTowerOutput(
             user=self.user_vectors(batch),
             item=self.batch_item_vectors(batch),
             temperature=self.temperature(),
             negatives=None,
         )
+        if self.impression_head is not None:
+            out.impression = self.impression_head((out.user * out.item).sum(dim=-1), batch.position)
         if self.cfg.loss == "sampled":
             out.negatives = self._sample_negatives(batch)
         return out

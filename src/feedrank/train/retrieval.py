@@ -67,7 +67,7 @@ from feedrank.features.labels import LabelConfig, engagement_labels
 from feedrank.features.vocab import Vocabularies
 from feedrank.models import item2item as i2i
 from feedrank.models.blend import BlendConfig, BlendModel
-from feedrank.models.losses import CachedStep, GlobalPool, accumulation_note, two_tower_loss
+from feedrank.models.losses import CachedStep, GlobalPool, ImpressionRows, accumulation_note, two_tower_loss
 from feedrank.models.two_tower import TwoTowerConfig
 from feedrank.train import distributed as D
 from feedrank.train.checkpoint import load_model_state
@@ -222,7 +222,8 @@ def train_retrieval(
             if resume:
                 trainer.resume()
             collator = Collator(max_history=cfg.two_tower.max_history_len, weight=LabelWeights(cfg.labels),
-                                limits=batch_limits(vocabs), keep=None if cfg.two_tower.loss == "bce" else clicked_rows)
+                                limits=batch_limits(vocabs), keep=None if cfg.two_tower.loss == "bce" else
+                                ImpressionRows(cfg.two_tower.impression_rate) if cfg.two_tower.impression_weight > 0 else clicked_rows)
             data = epoch_batches(split_files(features_dir, "train"), cfg.loader, collator, trainer)
             result = trainer.fit(data)
         if result.status == "preempted":
