@@ -125,13 +125,18 @@ class LabContext:
             raise ValueError(f"{self.log}: the log has no events")
         return dt.datetime.combine(last.date(), dt.time(), tzinfo=dt.timezone.utc).isoformat()
 
-    def features_dir(self) -> Path:
-        """Point-in-time features of ``world_log()`` (train up to the last day, test on it), built once."""
+    def feature_config(self):
+        """The labs' point-in-time features: train up to the last day, test on it, histories of 50."""
         from feedrank.features.build import FeatureConfig
+
+        return FeatureConfig(split_at=self.split_at(), history_len=50)
+
+    def features_dir(self) -> Path:
+        """``feature_config()``'s features of ``world_log()``, built once."""
         from feedrank.features.reuse import ensure_features
 
         path = self.world_log().parent / f"{self.world_log().name}_features"
-        ensure_features(self.world_log(), path, FeatureConfig(split_at=self.split_at(), history_len=50), progress=False)
+        ensure_features(self.world_log(), path, self.feature_config(), progress=False)
         return path
 
     @cached_property
@@ -185,17 +190,23 @@ class LabContext:
 
     def two_tower(self, **overrides: Any):
         """A fresh two-tower sized by this data's vocabularies: ``configs/demo.yaml``'s model plus
-        ``overrides`` (``TwoTowerConfig`` fields), seeded by ``ctx.seed``."""
+        ``overrides`` (``TwoTowerConfig`` fields), seeded by ``ctx.seed``. A model that reads titles
+        gets the training window's titles attached, as ``feedrank train retrieval`` attaches them
+        (without the word-vector start: a lab measures the architecture, not the initialisation)."""
         import torch
 
-        from feedrank.bundle import build_two_tower
+        from feedrank.bundle import attach_titles, build_two_tower
         from feedrank.config import to_dict
         from feedrank.train.retrieval import load_run_config
+        from feedrank.train.task import training_catalogue
 
         cfg = load_run_config(DEMO_CONFIG)
         cfg = dataclasses.replace(cfg, two_tower=dataclasses.replace(cfg.two_tower, **overrides))
         torch.manual_seed(self.seed)
-        return build_two_tower(to_dict(cfg), self.vocabs)
+        model = build_two_tower(to_dict(cfg), self.vocabs)
+        if any(getattr(module, "reads_titles", False) for module in model.modules()):
+            attach_titles(model, training_catalogue(self.world_log(), self.vocabs, self.feature_config()))
+        return model
 
 
 class SavedTensors:

@@ -76,7 +76,8 @@ def url_of(sock: socket.socket, scheme: str = "http") -> str:
 def bind_socket(config: uvicorn.Config) -> socket.socket:
     """``config.bind_socket()``, with the protocol of a TCP socket set, so asyncio disables Nagle.
 
-    uvicorn's ``bind_socket`` creates ``socket.socket(family)``, whose ``proto`` reads 0; asyncio
+    uvicorn's ``bind_socket`` (0.54 and earlier; 0.55 sets the protocol itself, and this is then a
+    no-op) creates ``socket.socket(family)``, whose ``proto`` reads 0; asyncio
     sets ``TCP_NODELAY`` on an accepted connection only when its ``proto`` is ``IPPROTO_TCP``, and
     accepted sockets copy the listener's. Without it every response, which uvicorn writes as two
     segments (headers, then body), held the body back until the client acknowledged the headers,
