@@ -97,7 +97,7 @@ def vocabularies(n_items: int, n_users: int, like: Vocabularies | None = None) -
     ids = lambda prefix, n: [f"{prefix}{i}" for i in range(n)]  # noqa: E731
     if like is not None:
         return Vocabularies(users=Vocab("user_id", ids("u", n_users)), items=Vocab("item_id", ids("i", n_items)),
-                            user_cats=like.user_cats, item_cats=like.item_cats)  # fmt: skip
+                            user_cats=like.user_cats, item_cats=like.item_cats, tokens=like.tokens)  # fmt: skip
     return Vocabularies(
         users=Vocab("user_id", ids("u", n_users)),
         items=Vocab("item_id", ids("i", n_items)),
@@ -107,9 +107,11 @@ def vocabularies(n_items: int, n_users: int, like: Vocabularies | None = None) -
     )
 
 
-def catalogue(vocabs: Vocabularies, rng: np.random.Generator, cats: dict[str, np.ndarray] | None = None) -> pa.Table:
+def catalogue(vocabs: Vocabularies, rng: np.random.Generator, cats: dict[str, np.ndarray] | None = None,
+              titles: pa.ListArray | None = None) -> pa.Table:  # fmt: skip
     """One row per item index: categoricals ``cats`` (index columns, one value per row) or random
-    ones, creation over the 30 days before START."""
+    ones, title tokens ``titles`` (one list per row) or none (ID-only models), creation over the 30
+    days before START."""
     n = vocabs.n_items
     real = np.arange(n) >= FIRST_ID
     created = START - dt.timedelta(days=30)
@@ -126,7 +128,7 @@ def catalogue(vocabs: Vocabularies, rng: np.random.Generator, cats: dict[str, np
         "first_seen_ts": pa.array(created_us, TS_TYPE, mask=~real),
         "train_impressions": imps.astype(np.int64),
         "train_clicks": rng.binomial(imps, 0.05).astype(np.int64),
-        "title_tokens": pa.ListArray.from_arrays(np.zeros(n + 1, np.int32), pa.array([], pa.int64())),  # ID-only models
+        "title_tokens": titles if titles is not None else pa.ListArray.from_arrays(np.zeros(n + 1, np.int32), pa.array([], pa.int64())),
     }, schema=CATALOGUE_SCHEMA)  # fmt: skip
 
 
@@ -204,7 +206,8 @@ def make_artifacts(work: Path, args: argparse.Namespace) -> tuple[Path, Path, Pa
         config = {"two_tower": source.config["two_tower"]}
         items = sampled_rows(vocabs.n_items, source.vocabs.n_items, rng)
         users = sampled_rows(vocabs.n_users, source.vocabs.n_users, rng)
-        cat = catalogue(vocabs, rng, {c: source.catalogue[c].to_numpy()[items] for c in ITEM_CAT_INDEX_COLUMNS})
+        cat = catalogue(vocabs, rng, {c: source.catalogue[c].to_numpy()[items] for c in ITEM_CAT_INDEX_COLUMNS},
+                        source.catalogue["title_tokens"].combine_chunks().take(items))  # a copy keeps its source's title
         two_tower = scaled_two_tower(source, vocabs, items, users, args.noise, rng)
     save_bundle(tt_dir, kind="two_tower", model=two_tower, config=config, vocabs=vocabs, catalogue=cat)
     ranker_cfg = dataclasses.replace(RANKER, two_tower_dim=two_tower.cfg.dim)
