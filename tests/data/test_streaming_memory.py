@@ -16,6 +16,7 @@ larger log's bound is ~30 MiB.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,12 @@ def test_streaming_stages_keep_rss_flat_as_the_log_grows(tmp_path) -> None:
            "--history-len", "5", "--max-batches", "40", "--shuffle-buffer-rows", "8192", "--row-group-size", "8192",
            "--chunk-rows", "8192",
            "--work", str(tmp_path / "work"), "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+    # Arrow's system allocator in every stage, so that RSS measures what a stage holds: with the default
+    # one (mimalloc) the catalogue read's RSS also grew ~30 B a row here from pages the allocator kept
+    # over many days (~10 B a row with the system allocator), and that sat at this test's bound
+    # (32.4 against 32.0 MiB once). The retention itself is open work (issue #12).
+    env = {**os.environ, "ARROW_DEFAULT_MEMORY_POOL": "system"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     small, large = result["sizes"]
