@@ -55,7 +55,9 @@ from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, FeatureConfig
 from feedrank.features.counters import COUNTER_COLUMNS
 from feedrank.features.latest import LatestRows
 from feedrank.data.collate import pad_list
-from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies, title_tokens, token_indices
+from feedrank.features.vocab import (  # lookup_quiet: callers import it from here too
+    FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocabularies, lookup_quiet, title_tokens, token_indices,
+)
 from feedrank.fsutil import staged_dir
 from feedrank.features.text import title_word_vectors
 from feedrank.models.blend import BlendConfig, BlendModel
@@ -259,15 +261,6 @@ def attach_titles(model: nn.Module, catalogue: pa.Table, start_words: bool = Fal
         if start_words and isinstance(module, TitleBag):
             n_tokens, dim = module.bag.weight.shape
             module.start_from(torch.from_numpy(title_word_vectors(tokens.numpy(), n_tokens, dim)))
-
-
-def lookup_quiet(vocab: Vocab, values: pa.ChunkedArray) -> np.ndarray:
-    """``vocab.lookup`` that leaves ``oov_hits`` alone: building a catalogue is not an evaluation."""
-    hits = vocab.oov_hits
-    try:
-        return vocab.lookup(values)
-    finally:
-        vocab.oov_hits = hits
 
 
 def catalogue_item_cats(catalogue: pa.Table) -> torch.Tensor:

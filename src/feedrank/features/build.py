@@ -72,11 +72,11 @@ from feedrank.features.profile import ProfileSampler
 from feedrank.features.vocab import (
     ITEM_CAT_COLUMNS,
     USER_CAT_COLUMNS,
-    Vocab,
     Vocabularies,
     VocabCounter,
     VocabSpec,
     add_counts,
+    lookup_quiet,
     stable_hash,
     title_tokens,
     token_indices,
@@ -329,7 +329,7 @@ class _Examples:
             self.history: HistoryState | None = HistoryState(cfg.history_len)
             self.profiles: ProfileSampler | None = None
         else:
-            item_idx = _lookup_quiet(vocabs.items, self.items.ids)
+            item_idx = lookup_quiet(vocabs.items, self.items.ids)
             user, item = census.pool
             self.history, self.profiles = None, ProfileSampler(user, item, item_idx[item], cfg.history_len,
                                                                cfg.history_seed, n_items)  # fmt: skip
@@ -371,14 +371,6 @@ class _Examples:
                 totals[name] += hits
         self.vocabs.reset_oov_hits()
         return {col: np.concatenate(p) for col, p in found.items()}
-
-
-def _lookup_quiet(vocab: Vocab, values: pa.Array) -> np.ndarray:
-    hits = vocab.oov_hits
-    try:
-        return vocab.lookup(values)
-    finally:
-        vocab.oov_hits = hits
 
 
 def row_tokens(titles: pa.ChunkedArray, vocabs: Vocabularies, title_len: int) -> pa.ListArray:

@@ -430,3 +430,13 @@ class VocabCounter:
             item_cats={c: vocabs[c] for c in ITEM_CAT_COLUMNS},
             tokens=words,
         )
+
+
+def lookup_quiet(vocab: Vocab, values: ArrayLike) -> np.ndarray:
+    """``vocab.lookup`` that leaves ``oov_hits`` alone: building features or a catalogue, or serving,
+    is not an evaluation, so its unknown ids are not counted as one's."""
+    hits = vocab.oov_hits
+    try:
+        return vocab.lookup(values)
+    finally:
+        vocab.oov_hits = hits
