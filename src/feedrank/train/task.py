@@ -32,6 +32,7 @@ from feedrank.bundle import build_catalogue
 from feedrank.data.batch import BatchLimits
 from feedrank.data.collate import BATCH_COLUMNS, Collator
 from feedrank.data.log import iter_days
+from feedrank.data.memory import system_memory_pool
 from feedrank.data.stream import ParquetStream, make_loader
 from feedrank.evaluate.ranking import EVAL_DIR
 from feedrank.features.build import FeatureConfig, parse_ts
@@ -81,11 +82,14 @@ def require_fresh_run(run_dir: str | Path, task: str, resume: bool) -> None:
 
 def training_catalogue(log_dir: str | Path, vocabs: Vocabularies, cfg: FeatureConfig) -> pa.Table:
     """The bundle catalogue from the log's training window (before ``split_at`` and ``cutoff``),
-    read one day at a time: memory O(items + a day), whatever the log's length."""
+    read one day at a time: memory O(items + a day), whatever the log's length. The read runs under
+    the system allocator (``feedrank.data.memory``): with mimalloc's delayed purge its RSS grew
+    with the days read."""
     ends = [t for t in (parse_ts(cfg.split_at, "split_at"), parse_ts(cfg.cutoff, "cutoff")) if t is not None]
     days = iter_days(log_dir, columns=["item_id", "ts", "clicked", "created_ts", "title", *ITEM_CAT_COLUMNS],
                      end=min(ends) if ends else None)  # fmt: skip
-    return build_catalogue(days, vocabs, cfg.title_len)
+    with system_memory_pool():
+        return build_catalogue(days, vocabs, cfg.title_len)
 
 
 def batch_limits(vocabs: Vocabularies) -> BatchLimits:
