@@ -99,6 +99,19 @@ def list_row_groups(files: Sequence[str | Path]) -> list[RowGroup]:
     return groups
 
 
+def read_unit_rows(file: Path, index: int, columns: list[str] | None) -> pa.Table:
+    """Row group ``index`` of ``file``, the file closed after the read.
+
+    Why not keep each file open for the epoch: after a ``read_row_group`` an open ``ParquetFile``
+    keeps ~3 MiB of Arrow buffers (a 1M-row example file, 16 row groups) plus ~0.4 MiB of parsed
+    footer until it is closed, so a pass that had read from every example file held all of them:
+    the train pass's peak RSS grew with the number of files (+131 MiB from 20 to 50 files, 4.6 B an
+    example). Opening a file again costs one footer parse (~45 kB) per row group read.
+    """
+    with pq.ParquetFile(file) as parquet:
+        return parquet.read_row_group(index, columns=columns)
+
+
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     """Explicit values win (tests, single-process simulation); else torch.distributed; else 0 of 1."""
     if rank is None and world_size is None:
@@ -200,14 +213,11 @@ class ParquetStream(IterableDataset):
             yield batch
 
     def _batches(self, units: list[Unit], rng: np.random.Generator) -> Iterator[pa.Table]:
-        files: dict[Path, pq.ParquetFile] = {}
         buffer: list[pa.Table] = []
         buffered = 0
         for u in units:
             g = u.group
-            if g.file not in files:
-                files[g.file] = pq.ParquetFile(g.file)
-            table = files[g.file].read_row_group(g.index, columns=self.columns).slice(u.start, u.rows)
+            table = read_unit_rows(g.file, g.index, self.columns).slice(u.start, u.rows)
             buffer.append(table)
             buffered += table.num_rows
             if buffered >= self.shuffle_buffer_rows:
