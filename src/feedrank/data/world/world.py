@@ -273,6 +273,7 @@ class World:
                     pa.array(self.item_types).take(self.item_type),
                     pa.array(self.item_created_us, TS_TYPE),
                     self.item_title,
+                    pa.nulls(self.n_items, pa.string()),  # abstract: the world writes titles only
                     pa.array(self.topic_names).take(dominant),
                 ],
                 schema=ITEM_SCHEMA,
@@ -315,7 +316,7 @@ class World:
             "request_id": request_ids,
             "position": pa.array(np.asarray(positions, dtype=np.int32)),
             **{name: pa.array(getattr(outcomes, name)) for name in ("clicked", "dwell_s", "shared", "hidden")},
-            **{c: items[c] for c in ("publisher", "item_type", "created_ts", "title", "category")},
+            **{c: items[c] for c in ("publisher", "item_type", "created_ts", "title", "abstract", "category")},
             **{c: users[c] for c in ("age_bucket", "country")},
             "rating": pa.nulls(n, pa.float32()),
             "scroll_pct": pa.nulls(n, pa.float32()),
