@@ -16,7 +16,10 @@ variant trains once on the train days and is scored on the dev day (the last):
 
 Figures: AUC on every held-out impression and on those of *new* items (not in the training
 vocabulary), with the world's oracle and each model's share of its lift over random (as
-``benchmarks/content_tower.py``, whose helpers this reuses).
+``benchmarks/content_tower.py``, whose helpers this reuses). For each content variant also the
+*untrained* match on new items: the AUC of the cosine between the history's and the candidate's
+mean word vectors, the words' starting vectors (``feedrank.features.text.title_word_vectors``) and
+nothing learned: how much the words themselves say, against what training makes of them.
 
 Usage::
 
@@ -37,15 +40,21 @@ import shutil
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from content_tower import ID_DROPOUT, TITLE_DIM, figures, holdout, oracle_scores, score
 
 from feedrank.config import load_yaml
 from feedrank.data.ingest import ingest
 from feedrank.data.log import list_days
 from feedrank.data.readers import read_many
+from feedrank.data.collate import pad_list
 from feedrank.data.simulate import simulate
 from feedrank.data.world import WorldConfig
+from feedrank.evaluate.metrics import auc
+from feedrank.features.text import title_word_vectors
+from feedrank.features.vocab import FIRST_ID, OOV, Vocabularies
 from feedrank.train.ranking import load_ranking_config, train_ranking
 from feedrank.train.retrieval import load_run_config, train_retrieval
 
@@ -63,6 +72,26 @@ def mind_fixture(world_log: Path, out: Path, abstract_words: int) -> tuple[Path,
     mind = writers.write_world_as_mind(world_log, out / "mind", split_day, abstract_words=abstract_words)
     ingest(read_many("mind", [mind / "MINDsmall_train", mind / "MINDsmall_dev"]), out / "log")
     return out / "log", f"{split_day.isoformat()}T00:00:00+00:00"
+
+
+def untrained_match_auc(run: Path, dim: int = 32) -> float:
+    """New-item AUC of cos(mean word vector of the history's items, of the candidate), with the words'
+    starting vectors from the run's catalogue (nothing trained): the content signal itself."""
+    tokens = pad_list(pq.read_table(run / "ranker" / "catalogue.parquet")["title_tokens"], "title_tokens")
+    rows = holdout(run / "features")
+    rows = rows.filter(pc.and_(pc.equal(rows["item_idx"], OOV), pc.invert(pc.starts_with(rows["request_id"], "hist-"))))
+    words = title_word_vectors(tokens, Vocabularies.load(run / "features" / "vocab").n_tokens, dim)
+
+    def bags(t: np.ndarray) -> np.ndarray:
+        keep = t >= FIRST_ID
+        return (words[t] * keep[..., None]).sum(1) / np.maximum(keep.sum(1, keepdims=True), 1)
+
+    history = pad_list(rows["history"], "history")
+    mask = (history > 0)[..., None]
+    user = (bags(tokens)[history] * mask).sum(1) / np.maximum(mask.sum(1), 1)
+    item = bags(pad_list(rows["item_tokens"], "item_tokens"))
+    cosine = (user * item).sum(1) / (np.linalg.norm(user, axis=1) * np.linalg.norm(item, axis=1) + 1e-12)
+    return auc(rows["clicked"].to_numpy(zero_copy_only=False), cosine)
 
 
 def main() -> None:
@@ -107,6 +136,8 @@ def main() -> None:
             rows = rows.filter(pc.invert(pc.starts_with(rows["request_id"], "hist-")))  # MIND history rows
             oracle = oracle_scores(out / "world", rows)
         results["models"][f"ranker/{variant}"] = figures(score(bundle, rows, rk.max_history_len), rows, oracle)
+        if content:
+            results.setdefault("untrained_match_new_auc", {})[variant] = untrained_match_auc(out / variant)
         if not args.no_two_tower:
             tt = dataclasses.replace(retrieval.two_tower, title_dim=TITLE_DIM if content else 0,
                                      item_id_dropout=ID_DROPOUT if content else 0.0)  # fmt: skip
@@ -122,6 +153,8 @@ def main() -> None:
     for name, f in results["models"].items():
         print(f"{name:<26} {f['all']['auc']:>8.3f} {f['all']['lift_share']:>6.0%} {f['new_items']['auc']:>8.3f} "
               f"{f['new_items']['lift_share']:>6.0%}   ({f['all']['oracle_auc']:.3f} / {f['new_items']['oracle_auc']:.3f})")  # fmt: skip
+    print("untrained match (cosine of starting word vectors), new-item AUC:",
+          {k: round(v, 3) for k, v in results["untrained_match_new_auc"].items()})
     print(f"{results['seconds']:.0f} s")
     (out / "content_mind.json").write_text(json.dumps(results, indent=2) + "\n")
 

@@ -71,7 +71,7 @@ from feedrank.features.chunks import DEFAULT_CHUNK_ROWS, time_ordered_chunks
 from feedrank.features.counters import COUNTER_COLUMNS, PointInTimeCounters, item_age_hours, item_logq
 from feedrank.features.history import HistoryState, dense_rank
 from feedrank.features.profile import ProfileSampler
-from feedrank.features.text import CONTENT_FIELDS, check_content_fields, content_tokens
+from feedrank.features.text import check_content_fields, content_tokens
 from feedrank.features.vocab import (
     ITEM_CAT_COLUMNS,
     USER_CAT_COLUMNS,
@@ -126,12 +126,13 @@ EXAMPLE_SCHEMA = pa.schema(
     ]
 )
 
+#: The columns the example pass reads; both passes add the config's content_fields (only the text it uses).
 _LOG_COLUMNS = [
     "user_id", "item_id", "ts", "request_id", "position", "clicked", "dwell_s", "shared", "hidden",
-    "created_ts", *CONTENT_FIELDS, *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS,
+    "created_ts", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS,
 ]  # fmt: skip
 #: The columns the counting pass reads (vocabularies, item_logq, profiles; the sort keys).
-_COUNT_COLUMNS = ["user_id", "item_id", "ts", "request_id", "position", "clicked", "hidden", *CONTENT_FIELDS,
+_COUNT_COLUMNS = ["user_id", "item_id", "ts", "request_id", "position", "clicked", "hidden",
                   *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS]  # fmt: skip
 #: Log columns copied into the examples as they are.
 _PASSED_COLUMNS = ("ts", "user_id", "item_id", "request_id", "position", "clicked", "dwell_s", "shared", "hidden")
@@ -255,7 +256,7 @@ def build_features(
         except ValueError as exc:  # a null key column
             raise FeatureBuildError(str(exc)) from exc
 
-    census = _Census.count(chunks(_COUNT_COLUMNS), split_us, cfg.history_mode == "other_engagements", cfg.content_fields)
+    census = _Census.count(chunks([*_COUNT_COLUMNS, *cfg.content_fields]), split_us, cfg.history_mode == "other_engagements", cfg.content_fields)
     if census.rows == 0:
         raise FeatureBuildError(f"{log_dir}: the event log has no rows" + (f" before cutoff {cutoff.isoformat()}" if cutoff else ""))
     if census.train_rows == 0:
@@ -268,7 +269,7 @@ def build_features(
         examples = _Examples(census, vocabs, cfg)
         writers = {split: _SplitWriter(tmp, split, cfg) for split in ("train",) + (("test",) if split_at else ())}
         bar = progress_bar(total=census.rows, desc="features", unit="row", unit_scale=True, enabled=progress)
-        for chunk in chunks(_LOG_COLUMNS):
+        for chunk in chunks([*_LOG_COLUMNS, *cfg.content_fields]):
             n_train = chunk.num_rows if split_us is None else int(np.searchsorted(_ts_us(chunk), split_us, side="left"))
             parts = {"train": (0, n_train), "test": (n_train, chunk.num_rows)}
             table = examples.chunk(chunk, {s: parts[s] for s in writers})
