@@ -105,20 +105,7 @@ def _write_mind(log: Path, root: Path, split_day: dt.date) -> Path:
     spec = importlib.util.spec_from_file_location("fixtures_readers", ROOT / "tests/data/fixtures_readers.py")
     writers = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(writers)
-    events = read_events(log).to_pandas()
-    items = events.drop_duplicates("item_id", keep="last")
-    news = [f"{r.item_id}\t{r.category}\t{r.item_type}\t{r.title}\t\thttps://{r.publisher}.example.com/{r.item_id}\t[]\t[]"
-            for r in items.itertuples()]  # fmt: skip
-    for name, part in (("MINDsmall_train", events[events.ts.dt.date < split_day]), ("MINDsmall_dev", events[events.ts.dt.date >= split_day])):
-        lines = []
-        for (request, user), g in part.groupby(["request_id", "user_id"], sort=False):
-            if not g.clicked.any():
-                continue  # MIND impression lines have a click
-            g = g.sort_values("position")
-            tokens = " ".join(f"{i}-{int(c)}" for i, c in zip(g.item_id, g.clicked))
-            lines.append(f"{len(lines) + 1}\t{user}\t{g.ts.iloc[0]:%m/%d/%Y %I:%M:%S %p}\t\t{tokens}")
-        writers.write_mind(root / name, behaviors=lines, news=news)
-    return root
+    return writers.write_world_as_mind(log, root, split_day)
 
 
 def test_on_mind_files_the_content_ranker_beats_the_id_only_one_on_new_items(world_run, tmp_path):

@@ -9,7 +9,7 @@ test all need the same four things, so they travel together in one folder::
                           metrics, and the ids of the log and feature build it came from
       vocab/              ``Vocabularies.save``: the id -> index mappings the weights were trained with
       catalogue.parquet   one row per item vocabulary index (``CATALOGUE_SCHEMA``): what is needed to
-                          embed every item without the log (categorical indices, title tokens,
+                          embed every item without the log (categorical indices, content tokens,
                           creation time, training impressions and clicks)
 
 The model is *rebuilt* from the saved config and the vocabulary sizes, never unpickled: a builder
@@ -36,7 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,10 +56,10 @@ from feedrank.features.counters import COUNTER_COLUMNS
 from feedrank.features.latest import LatestRows
 from feedrank.data.collate import pad_list
 from feedrank.features.vocab import (  # lookup_quiet: callers import it from here too
-    FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocabularies, lookup_quiet, title_tokens, token_indices,
+    FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocabularies, lookup_quiet,
 )
 from feedrank.fsutil import staged_dir
-from feedrank.features.text import title_word_vectors
+from feedrank.features.text import content_tokens, title_word_vectors
 from feedrank.models.blend import BlendConfig, BlendModel
 from feedrank.models.item2item import Item2ItemModel
 from feedrank.models.ranker import Ranker, RankerConfig
@@ -82,7 +82,8 @@ CATALOGUE_SCHEMA = pa.schema(
         pa.field("item_idx", pa.int64(), nullable=False),  # == row number
         pa.field("item_id", pa.string()),  # null for padding, OOV and hash-bucket rows
         *(pa.field(c, pa.int64(), nullable=False) for c in ITEM_CAT_INDEX_COLUMNS),
-        pa.field("title_tokens", pa.list_(pa.int64()), nullable=False),  # token indices of the latest title
+        # token indices of the latest row's content (its title, + abstract with features.content_fields)
+        pa.field("title_tokens", pa.list_(pa.int64()), nullable=False),
         pa.field("created_ts", TS_TYPE),  # as logged; null when the source does not know it
         pa.field("first_seen_ts", TS_TYPE),  # first impression in the training window
         pa.field("train_impressions", pa.int64(), nullable=False),
@@ -162,20 +163,23 @@ MODEL_BUILDERS: dict[str, ModelBuilder] = {
 
 
 def build_catalogue(
-    events: pa.Table | Iterable[pa.Table | pa.RecordBatch], vocabs: Vocabularies, title_len: int = FeatureConfig.title_len
+    events: pa.Table | Iterable[pa.Table | pa.RecordBatch], vocabs: Vocabularies, content: Mapping[str, int] | None = None
 ) -> pa.Table:
     """One ``CATALOGUE_SCHEMA`` row per item vocabulary index, from training-window events.
 
     ``events`` is a table, or its rows as batches in log order (``feedrank.data.log.iter_event_batches``):
     either way they are folded one batch at a time (counts, first impressions, each item's latest
     row: ``feedrank.features.latest``), so memory is O(items + a batch), not O(rows). They need the
-    columns ``item_id, ts, clicked, created_ts`` and the item categorical columns; ``title`` is
-    optional (without it, or without a token vocabulary, titles are empty).
-    An item's categorical indices, title and ``created_ts`` come from its *latest* row (metadata
+    columns ``item_id, ts, clicked, created_ts`` and the item categorical columns; the text columns
+    are optional (without them, or without a token vocabulary, the content is empty).
+    ``content`` (field -> words kept: ``FeatureConfig.content_lens()``, default titles only) says
+    which text the ``title_tokens`` column holds (``feedrank.features.text.content_tokens``).
+    An item's categorical indices, content and ``created_ts`` come from its *latest* row (metadata
     can be corrected over time; the latest is what serving would see). Padding and OOV rows carry
     the padding / OOV index in every categorical column; hash-bucket rows carry OOV categoricals;
-    rows that are not items have empty titles.
+    rows that are not items have empty content.
     """
+    lens = dict(content) if content is not None else FeatureConfig().content_lens()
     n = vocabs.n_items
     impressions = np.zeros(n, np.int64)
     clicks = np.zeros(n, np.int64)
@@ -185,7 +189,7 @@ def build_catalogue(
         _require_catalogue_columns(events)
     for batch in events.to_batches() if isinstance(events, pa.Table) else events:
         batch = _require_catalogue_columns(pa.Table.from_batches([batch]) if isinstance(batch, pa.RecordBatch) else batch)
-        kept = [*ITEM_CAT_COLUMNS, "created_ts", *(["title"] if "title" in batch.column_names else [])]
+        kept = [*ITEM_CAT_COLUMNS, "created_ts", *(f for f in lens if f in batch.column_names)]
         idx = lookup_quiet(vocabs.items, batch["item_id"])
         ts = batch["ts"].cast(pa.int64()).to_numpy()
         clicked = batch["clicked"].to_numpy(zero_copy_only=False)
@@ -202,7 +206,7 @@ def build_catalogue(
         values = lookup_quiet(vocabs.item_cats[col], column(col, pa.string()))
         cats[idx_col] = np.where(has_row, values, OOV)
         cats[idx_col][PAD] = PAD
-    tokens = item_title_tokens(vocabs, column("title", pa.string()), title_len)
+    tokens = content_tokens(vocabs.tokens, pa.table({f: column(f, pa.string()) for f in lens}), lens)
     created = column("created_ts", TS_TYPE)
     item_ids = pa.array([None] * FIRST_ID + vocabs.items.ids + [None] * vocabs.items.hash_buckets, pa.string())
     seen = first_seen != np.iinfo(np.int64).max
@@ -226,19 +230,6 @@ def _require_catalogue_columns(events: pa.Table) -> pa.Table:
     if missing:
         raise ValueError(f"build_catalogue: events lack column(s) {missing}")
     return events
-
-
-def item_title_tokens(vocabs: Vocabularies, titles: pa.Array | pa.ChunkedArray, max_tokens: int) -> pa.ListArray:
-    """Token indices of each title (``[]`` for a null one, or for all without a token vocabulary),
-    leaving ``oov_hits`` alone: the one rule the catalogue and serving's published items share."""
-    words = title_tokens(titles, max_tokens)
-    if vocabs.tokens is None:
-        return pa.array([[]] * len(words), pa.list_(pa.int64()))
-    hits = vocabs.tokens.oov_hits
-    try:
-        return token_indices(vocabs.tokens, words)
-    finally:
-        vocabs.tokens.oov_hits = hits
 
 
 def catalogue_item_tokens(catalogue: pa.Table) -> torch.Tensor:

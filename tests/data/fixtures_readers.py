@@ -150,3 +150,36 @@ def write_ebnerd(root: Path, behaviors: pa.Table | None = None, articles_in_pare
     pq.write_table(ebnerd_history(), split / "history.parquet")
     pq.write_table(ebnerd_articles(), (root if articles_in_parent else split) / "articles.parquet")
     return split
+
+
+def write_world_as_mind(log: Path, root: Path, split_day: dt.date, abstract_words: int = 0, seed: int = 0) -> Path:
+    """A simulated world's log (``feedrank simulate``) as two MIND split folders under ``root``:
+    ``MINDsmall_train`` (days before ``split_day``) and ``MINDsmall_dev`` (from it). ``news.tsv``
+    has the world's titles, categories and subtypes, publishers as url hosts and no creation times;
+    with ``abstract_words`` each item also gets an abstract of that many words drawn, like its
+    title, from its own topic mix (``feedrank.data.world.world.topic_text``, seeded), else none.
+    Impression lines without a click are dropped (MIND's have one); no pre-window histories."""
+    import numpy as np
+
+    from feedrank.data.log import read_events
+    from feedrank.data.world.world import load_world, topic_text
+
+    events = read_events(log).to_pandas()
+    items = events.drop_duplicates("item_id", keep="last")
+    abstracts = [""] * len(items)
+    if abstract_words:
+        world = load_world(log)
+        text = topic_text(np.random.default_rng(seed), world.item_topics, world.topic_names, abstract_words)
+        abstracts = text.take(pa.array(world.item_index(items["item_id"].tolist()))).to_pylist()
+    news = [f"{r.item_id}\t{r.category}\t{r.item_type}\t{r.title}\t{a}\thttps://{r.publisher}.example.com/{r.item_id}\t[]\t[]"
+            for r, a in zip(items.itertuples(), abstracts)]  # fmt: skip
+    for name, part in (("MINDsmall_train", events[events.ts.dt.date < split_day]), ("MINDsmall_dev", events[events.ts.dt.date >= split_day])):
+        lines = []
+        for (request, user), g in part.groupby(["request_id", "user_id"], sort=False):
+            if not g.clicked.any():
+                continue  # MIND impression lines have a click
+            g = g.sort_values("position")
+            tokens = " ".join(f"{i}-{int(c)}" for i, c in zip(g.item_id, g.clicked))
+            lines.append(f"{len(lines) + 1}\t{user}\t{g.ts.iloc[0]:%m/%d/%Y %I:%M:%S %p}\t\t{tokens}")
+        write_mind(root / name, behaviors=lines, news=news)
+    return root

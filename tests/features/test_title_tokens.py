@@ -58,7 +58,7 @@ def test_the_catalogue_holds_each_items_latest_title_and_a_loaded_bundle_reads_i
     assert write_log(tmp_path / "log", log).ok
     events = read_events(tmp_path / "log")
     vocabs = Vocabularies.build(events)
-    catalogue = build_catalogue(events, vocabs, title_len=4)
+    catalogue = build_catalogue(events, vocabs, {"title": 4})
     tokens = catalogue_item_tokens(catalogue)
     assert tokens.shape == (vocabs.n_items, 3) and not tokens[:2].any()  # padding and OOV rows: no title
     row = vocabs.items.ids.index("i1") + 2

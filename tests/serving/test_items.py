@@ -12,6 +12,7 @@ import torch
 from fastapi.testclient import TestClient
 
 from feedrank.bundle import build_two_tower, load_bundle, save_bundle
+from feedrank.data.schema import MAX_ABSTRACT_CHARS
 from feedrank.serving.app import create_app
 from feedrank.serving.items import MAX_ITEMS_PER_POST, MAX_TITLE_CHARS, JOURNAL_DIR, ItemIn
 from feedrank.serving.pipeline import FeedService
@@ -114,7 +115,10 @@ def test_post_items_publishes_and_acknowledges_known_ids(client, serving_world):
     ({"item_id": "x", "title": "w" * (MAX_TITLE_CHARS + 1)}, "title"),
     ({"item_id": "x", "created_ts": "2999-01-01T00:00:00Z"}, "created_ts"),
     ({"item_id": "x", "created_ts": 1700000000}, "created_ts"),
-    ({"item_id": "x", "abstract": "not a field"}, "abstract"),
+    ({"item_id": "x", "body": "not a field"}, "body"),
+    ({"item_id": "x", "abstract": 7}, "abstract"),
+    ({"item_id": "x", "abstract": "tab\there"}, "abstract"),
+    ({"item_id": "x", "abstract": "w" * (MAX_ABSTRACT_CHARS + 1)}, "abstract"),
     ({"item_id": 7}, "item_id"),
 ])  # fmt: skip
 def test_bad_items_are_refused_naming_the_field(client, body, field):

@@ -54,7 +54,8 @@ FORMATS: dict[str, tuple[str, str]] = {
         Each folder holds behaviors.tsv (impression_id, user_id, time as 11/15/2019 8:55:22 AM,
         history: space-separated news ids, impressions: N123-1 N456-0 tokens, 1 = clicked) and
         news.tsv (news_id, category, subcategory, title, abstract, url, title_entities,
-        abstract_entities), tab-separated, no header. Request ids are prefixed by the folder name
+        abstract_entities), tab-separated, no header. Titles and abstracts are kept (an empty
+        abstract is null). Request ids are prefixed by the folder name
         (folders sharing a name by their distinct path suffix). News ids that news.tsv lacks are
         kept as items without metadata and counted. The test split (no click labels) is not
         supported.
@@ -74,8 +75,8 @@ FORMATS: dict[str, tuple[str, str]] = {
         """Ingest EB-NeRD (Ekstra Bladet) split folders.
 
         Each folder holds behaviors.parquet and history.parquet (official column names);
-        articles.parquet sits in the folder or in its parent, as in the official zips.
-        Timestamps without a zone are read as UTC.
+        articles.parquet sits in the folder or in its parent, as in the official zips; its
+        subtitle, when present, is kept as the abstract. Timestamps without a zone are read as UTC.
         """,
     ),
 }
@@ -83,8 +84,8 @@ FORMATS: dict[str, tuple[str, str]] = {
 _TABULAR_HELP = """Ingest your own CSV / TSV / Parquet event table(s) through a column mapping.
 
     Canonical columns: user_id, item_id, ts (required); request_id, position, clicked, dwell_s,
-    shared, hidden, publisher, item_type, created_ts, title, category, age_bucket, country,
-    rating, scroll_pct. Map each to your column with --map canonical=source (repeatable) or a
+    shared, hidden, publisher, item_type, created_ts, title, abstract, category, age_bucket,
+    country, rating, scroll_pct. Map each to your column with --map canonical=source (repeatable) or a
     YAML --map-file; an unmapped column is taken from a source column of the same name.
     Timestamps: unix seconds or ISO 8601 (no zone = UTC); booleans: true/false, 1/0, yes/no.
     Without request_id each (user, ts) pair is one request.

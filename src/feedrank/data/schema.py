@@ -9,6 +9,12 @@ and full-catalogue evaluation need items that were never shown.
 Engagement columns describe what happened to the impression: ``clicked``, ``dwell_s`` (seconds, 0
 when not clicked), ``shared`` and ``hidden`` (an explicit "not interested"). Datasets that only know
 positives (MovieLens ratings) write ``clicked=True`` rows with a synthetic ``request_id``.
+
+Item text: ``title`` and an optional ``abstract`` (MIND's abstract, EB-NeRD's subtitle; null when
+the source has none). A log written before ``abstract`` existed reads back with null abstracts:
+every reader of the log passes ``EVENT_SCHEMA`` to the dataset, which fills a missing column with
+nulls. Readers refuse an abstract longer than ``MAX_ABSTRACT_CHARS`` (``POST /items`` too): text
+that long is a body or a parsing error, not a lead paragraph.
 """
 
 from __future__ import annotations
@@ -33,6 +39,9 @@ def to_epoch_us(ts: dt.datetime) -> int:
         ts = ts.replace(tzinfo=dt.timezone.utc)
     return (ts - _EPOCH) // dt.timedelta(microseconds=1)
 
+#: Longest abstract a reader or ``POST /items`` accepts (MIND-small's longest is under 2,000).
+MAX_ABSTRACT_CHARS = 10_000
+
 #: Columns that must never be null: they identify the impression.
 KEY_COLUMNS = ("user_id", "item_id", "ts", "request_id")
 
@@ -52,6 +61,7 @@ EVENT_SCHEMA = pa.schema(
         pa.field("item_type", pa.string()),
         pa.field("created_ts", TS_TYPE),
         pa.field("title", pa.string()),
+        pa.field("abstract", pa.string()),  # optional lead text (MIND abstract, EB-NeRD subtitle)
         pa.field("category", pa.string()),
         # user metadata (denormalised)
         pa.field("age_bucket", pa.string()),
@@ -69,6 +79,7 @@ ITEM_SCHEMA = pa.schema(
         pa.field("item_type", pa.string()),
         pa.field("created_ts", TS_TYPE),
         pa.field("title", pa.string()),
+        pa.field("abstract", pa.string()),
         pa.field("category", pa.string()),
     ]
 )

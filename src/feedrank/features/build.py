@@ -15,8 +15,10 @@ what a live system could have known at that moment:
   ``created_ts`` is null;
 - ``item_logq``: the item's smoothed share of training-window engagements (a loss correction,
   not a feature; the one column that is not point-in-time);
-- ``item_tokens``: the words of the row's own (logged) title as token-vocabulary indices, at most
-  ``title_len`` (``feedrank.features.vocab.title_tokens``): content that a new item has too.
+- ``item_tokens``: the words of the row's own (logged) content as token-vocabulary indices: its
+  title's first ``title_len`` words, then, with ``content_fields: [title, abstract]``, its
+  abstract's first ``abstract_len`` (``feedrank.features.text.content_tokens``): content that a
+  new item has too.
 
 ``cutoff`` replays a past snapshot: rows at or after it are ignored as if not yet logged.
 ``split_at`` makes a time split: rows before it are ``train``, the rest ``test``. Test examples see
@@ -69,6 +71,7 @@ from feedrank.features.chunks import DEFAULT_CHUNK_ROWS, time_ordered_chunks
 from feedrank.features.counters import COUNTER_COLUMNS, PointInTimeCounters, item_age_hours, item_logq
 from feedrank.features.history import HistoryState, dense_rank
 from feedrank.features.profile import ProfileSampler
+from feedrank.features.text import check_content_fields, content_tokens
 from feedrank.features.vocab import (
     ITEM_CAT_COLUMNS,
     USER_CAT_COLUMNS,
@@ -78,8 +81,6 @@ from feedrank.features.vocab import (
     add_counts,
     lookup_quiet,
     stable_hash,
-    title_tokens,
-    token_indices,
 )
 from feedrank.fsutil import sha256_file, staged_dir
 from feedrank.progress import progress as progress_bar
@@ -125,12 +126,13 @@ EXAMPLE_SCHEMA = pa.schema(
     ]
 )
 
+#: The columns the example pass reads; both passes add the config's content_fields (only the text it uses).
 _LOG_COLUMNS = [
     "user_id", "item_id", "ts", "request_id", "position", "clicked", "dwell_s", "shared", "hidden",
-    "created_ts", "title", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS,
+    "created_ts", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS,
 ]  # fmt: skip
 #: The columns the counting pass reads (vocabularies, item_logq, profiles; the sort keys).
-_COUNT_COLUMNS = ["user_id", "item_id", "ts", "request_id", "position", "clicked", "hidden", "title",
+_COUNT_COLUMNS = ["user_id", "item_id", "ts", "request_id", "position", "clicked", "hidden",
                   *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS]  # fmt: skip
 #: Log columns copied into the examples as they are.
 _PASSED_COLUMNS = ("ts", "user_id", "item_id", "request_id", "position", "clicked", "dwell_s", "shared", "hidden")
@@ -167,18 +169,29 @@ class FeatureConfig:
     users: VocabSpec = field(default_factory=VocabSpec)
     items: VocabSpec = field(default_factory=VocabSpec)
     categorical: VocabSpec = field(default_factory=VocabSpec)
-    tokens: VocabSpec = field(default_factory=VocabSpec)  # title words, counted once per item
+    tokens: VocabSpec = field(default_factory=VocabSpec)  # content words, counted once per item
+    # The item text one title bag reads (feedrank.features.text): [title] (the default: builds and
+    # bundles from before abstracts are unchanged) or [title, abstract].
+    content_fields: list[str] = field(default_factory=lambda: ["title"])
     title_len: int = 16  # words kept per title (the first ones)
+    abstract_len: int = 48  # words kept per abstract (the first ones), when content_fields has it
     ctr_prior: float = 0.05  # item CTR shrinkage target
     ctr_prior_weight: float = 20.0  # ... worth this many pseudo-impressions
     rows_per_file: int = 1_000_000
     row_group_size: int = 65_536
+
+    def content_lens(self) -> dict[str, int]:
+        """Words kept per content field (``feedrank.features.text.content_tokens``'s ``lens``)."""
+        return {name: getattr(self, f"{name}_len") for name in self.content_fields}
 
     def validate(self) -> None:
         if self.history_len < 0:
             raise ValueError(f"history_len must be >= 0, got {self.history_len}")
         if self.title_len < 1:
             raise ValueError(f"title_len must be >= 1, got {self.title_len}")
+        if self.abstract_len < 1:
+            raise ValueError(f"abstract_len must be >= 1, got {self.abstract_len}")
+        check_content_fields(self.content_fields)
         if self.rows_per_file < 1 or self.row_group_size < 1:
             raise ValueError("rows_per_file and row_group_size must be >= 1")
         if self.rows_per_file * max(self.history_len, 1) >= 2**31:
@@ -243,7 +256,7 @@ def build_features(
         except ValueError as exc:  # a null key column
             raise FeatureBuildError(str(exc)) from exc
 
-    census = _Census.count(chunks(_COUNT_COLUMNS), split_us, cfg.history_mode == "other_engagements")
+    census = _Census.count(chunks([*_COUNT_COLUMNS, *cfg.content_fields]), split_us, cfg.history_mode == "other_engagements", cfg.content_fields)
     if census.rows == 0:
         raise FeatureBuildError(f"{log_dir}: the event log has no rows" + (f" before cutoff {cutoff.isoformat()}" if cutoff else ""))
     if census.train_rows == 0:
@@ -256,7 +269,7 @@ def build_features(
         examples = _Examples(census, vocabs, cfg)
         writers = {split: _SplitWriter(tmp, split, cfg) for split in ("train",) + (("test",) if split_at else ())}
         bar = progress_bar(total=census.rows, desc="features", unit="row", unit_scale=True, enabled=progress)
-        for chunk in chunks(_LOG_COLUMNS):
+        for chunk in chunks([*_LOG_COLUMNS, *cfg.content_fields]):
             n_train = chunk.num_rows if split_us is None else int(np.searchsorted(_ts_us(chunk), split_us, side="left"))
             parts = {"train": (0, n_train), "test": (n_train, chunk.num_rows)}
             table = examples.chunk(chunk, {s: parts[s] for s in writers})
@@ -290,8 +303,8 @@ class _Census:
     first_ts: object
 
     @classmethod
-    def count(cls, chunks, split_us: int | None, profiles: bool) -> _Census:
-        counter = VocabCounter()
+    def count(cls, chunks, split_us: int | None, profiles: bool, text_fields: list[str]) -> _Census:
+        counter = VocabCounter(text_fields)
         item_engaged = np.zeros(0, np.int64)
         pool: list[tuple[np.ndarray, np.ndarray]] = []
         rows = train_rows = 0
@@ -342,7 +355,7 @@ class _Examples:
         rank, n_ranks = dense_rank(ts_us)
         clicked, engaged = rows["clicked"].to_numpy(), _engaged(rows)
         columns = self._lookup_indices(rows, parts)
-        columns["item_tokens"] = row_tokens(rows["title"], self.vocabs, self.cfg.title_len)
+        columns["item_tokens"] = content_tokens(self.vocabs.tokens, rows, self.cfg.content_lens())
         columns.update(self.counters.chunk(user_code, item_code, rank, n_ranks, clicked))
         created = rows["created_ts"]
         columns["item_age_h"] = item_age_hours(ts_us, created.cast(pa.int64()).fill_null(0).to_numpy(),
@@ -371,18 +384,6 @@ class _Examples:
                 totals[name] += hits
         self.vocabs.reset_oov_hits()
         return {col: np.concatenate(p) for col, p in found.items()}
-
-
-def row_tokens(titles: pa.ChunkedArray, vocabs: Vocabularies, title_len: int) -> pa.ListArray:
-    """Token indices of each row's title (``item_tokens``): each distinct title tokenised once."""
-    encoded = titles.combine_chunks().dictionary_encode()
-    words = title_tokens(encoded.dictionary, title_len)
-    hits = vocabs.tokens.oov_hits
-    per_title = token_indices(vocabs.tokens, words)
-    vocabs.tokens.oov_hits = hits  # per distinct title, not per row: not a count worth reporting
-    codes = encoded.indices.fill_null(len(words))  # a null title: the empty list appended below
-    per_title = pa.concat_arrays([per_title, pa.array([[]], per_title.type)])
-    return per_title.take(codes)
 
 
 def _request_hash(request_id: pa.ChunkedArray) -> np.ndarray:

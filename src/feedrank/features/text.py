@@ -1,4 +1,18 @@
-"""Starting vectors for title words: a truncated SVD of the words' positive PMI over item titles.
+"""An item's content words: which text fields a title bag reads, and its words' starting vectors.
+
+Content fields (``features.content_fields``, default ``[title]``): the item text columns whose words
+one ``TitleBag`` reads, concatenated in ``CONTENT_FIELDS`` order, each cut to its own length
+(``title_len``, ``abstract_len``). One bag over title and abstract words, not a second bag: a news
+abstract says what its title says at greater length, in the same words, so its words belong in the
+same table and the same mean; a second bag would double the item side's text parameters and every
+caller's plumbing (history lookups by item index, the ranker's match field, published items) for
+no different kind of signal. The default reads titles only, so a bundle, a feature build and a
+figure made before abstracts existed are unchanged; a log without an ``abstract`` column reads as
+null abstracts. ``content_tokens`` is the one tokeniser of every caller: the feature build's
+``item_tokens``, the bundle catalogue's ``title_tokens`` (named so before abstracts; it holds the
+content tokens) and ``POST /items``.
+
+Starting vectors for content words: a truncated SVD of the words' positive PMI over item titles.
 
 Why: a title bag (``feedrank.models.towers.TitleBag``) helps a new item only once words of one
 topic have similar vectors. Learned from clicks alone, from random starting vectors, that structure
@@ -16,11 +30,61 @@ Example::
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
-from feedrank.features.vocab import FIRST_ID
+from feedrank.features.vocab import FIRST_ID, Vocab, lookup_quiet, title_tokens
+
+#: The item text columns content tokens may read, in the order their words are concatenated.
+CONTENT_FIELDS = ("title", "abstract")
+
+
+def check_content_fields(fields: Sequence[str]) -> None:
+    """Raise unless ``fields`` is a non-empty, duplicate-free list of ``CONTENT_FIELDS`` names."""
+    unknown = [f for f in fields if f not in CONTENT_FIELDS]
+    if unknown or not fields or len(set(fields)) != len(fields):
+        raise ValueError(f"content_fields must be distinct names of {list(CONTENT_FIELDS)} (at least one), got {list(fields)}")
+
+
+def content_tokens(vocab: Vocab | None, rows: pa.Table, lens: Mapping[str, int]) -> pa.ListArray:
+    """Each row's content as token indices of ``vocab``: for each field of ``lens`` (field -> words
+    kept, the first ones) in ``CONTENT_FIELDS`` order, its words, concatenated. A field ``rows``
+    lacks (a log or journal from before abstracts) or a null value adds no words; without a token
+    vocabulary every list is empty. Each distinct text is tokenised once (titles repeat on every
+    impression), and ``vocab.oov_hits`` is left alone: building features or a catalogue, or
+    publishing, is not an evaluation."""
+    n = rows.num_rows
+    if vocab is None:
+        return pa.array([[]] * n, pa.list_(pa.int64()))
+    parts = []
+    for name in [f for f in CONTENT_FIELDS if f in lens]:
+        if name not in rows.column_names:
+            continue
+        encoded = rows[name].combine_chunks().cast(pa.string()).dictionary_encode()
+        words = title_tokens(encoded.dictionary, lens[name])
+        values = lookup_quiet(vocab, pc.list_flatten(words))
+        per_text = pa.ListArray.from_arrays(words.offsets, pa.array(values, pa.int64()))
+        per_text = pa.concat_arrays([per_text, pa.array([[]], per_text.type)])  # the null text
+        parts.append(per_text.take(encoded.indices.fill_null(len(words))))
+    if not parts:
+        return pa.array([[]] * n, pa.list_(pa.int64()))
+    return _concat_rows(parts, n)
+
+
+def _concat_rows(parts: list[pa.ListArray], n: int) -> pa.ListArray:
+    """Row ``r`` of the result = row ``r`` of each part, in order (a row-wise list concatenation)."""
+    if len(parts) == 1:
+        return parts[0]
+    lengths = np.stack([pc.list_value_length(p).to_numpy(zero_copy_only=False) for p in parts]).astype(np.int64)
+    keys = np.concatenate([np.repeat(np.arange(n, dtype=np.int64) * len(parts) + f, lengths[f]) for f in range(len(parts))])
+    values = pa.concat_arrays([pc.list_flatten(p) for p in parts]).take(pa.array(np.argsort(keys, kind="stable")))
+    offsets = np.concatenate([[0], np.cumsum(lengths.sum(axis=0))]).astype(np.int32)
+    return pa.ListArray.from_arrays(pa.array(offsets), values)
 
 #: Norm of a word's starting vector: small against the tower's other inputs at the start, so a
 #: word that training finds useless costs little, large enough to carry the topic structure.

@@ -20,7 +20,9 @@ Title tokens (``title_tokens``) are the words of an item's title, lower-cased, s
 that is not a letter or a digit (Unicode-aware), at most ``max_tokens`` per title. Their vocabulary
 (``Vocabularies.tokens``) counts each word once per *item* (document frequency), not per impression:
 a popular item would otherwise decide which words are kept. It is what lets the item tower embed
-an item it has never seen from its content (``feedrank.models.towers.ItemTower``).
+an item it has never seen from its content (``feedrank.models.towers.ItemTower``). With
+``features.content_fields: [title, abstract]`` the same vocabulary holds the abstracts' words too
+(``VocabCounter.text_fields``; ``feedrank.features.text`` says why one table).
 
 Example::
 
@@ -374,15 +376,18 @@ class VocabCounter:
 
     ``add`` encodes every row it is given (``coders``: the dense codes of each id column, which a
     streaming feature build reuses as grouping keys) and counts those marked ``counted`` (the
-    training window): impressions per id, and for title words each item's latest counted title.
+    training window): impressions per id, and for content words each item's latest counted row's
+    ``text_fields`` (title, and abstract when ``features.content_fields`` has it).
     ``Vocabularies.build`` is one ``add`` of a whole table; the feature build adds chunk by chunk.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, text_fields: Sequence[str] = ("title",)) -> None:
         self.coders = {name: IdCoder() for name in ("user_id", "item_id", *USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS)}
         self.counts = {name: np.zeros(0, np.int64) for name in self.coders}
-        self._titles: IdCoder | None = None  # None until a chunk with titles
-        self._latest_title = np.zeros(0, np.int64)  # per item code: title code, -1 null title, -2 no counted row
+        # The item text columns whose words make the token vocabulary (features.content_fields).
+        self.text_fields = tuple(text_fields)
+        self._texts: dict[str, IdCoder] | None = None  # None until a chunk with any text field
+        self._latest_text: dict[str, np.ndarray] = {}  # per field, per item code: text code, -1 null, -2 no counted row
 
     def add(self, rows: pa.Table, counted: np.ndarray | None = None) -> dict[str, np.ndarray]:
         """Encode and count one chunk (``counted``: the rows inside the window; all by default).
@@ -392,20 +397,25 @@ class VocabCounter:
             codes[name] = coder.encode(rows[name])
             kept = codes[name] if counted is None else codes[name][counted]
             self.counts[name] = add_counts(self.counts[name], kept[kept >= 0], len(coder))
-        if "title" in rows.column_names:
-            self._add_titles(codes["item_id"], rows["title"], counted)
+        if any(f in rows.column_names for f in self.text_fields):
+            self._add_texts(codes["item_id"], rows, counted)
         return codes
 
-    def _add_titles(self, item_code: np.ndarray, titles: pa.ChunkedArray, counted: np.ndarray | None) -> None:
-        if self._titles is None:
-            self._titles = IdCoder()
-        rows = np.arange(len(item_code)) if counted is None else np.flatnonzero(counted)
-        items, last = latest_per_group(item_code[rows])
+    def _add_texts(self, item_code: np.ndarray, rows: pa.Table, counted: np.ndarray | None) -> None:
+        """Each counted item's latest row's text fields (a field the chunk lacks reads as null)."""
+        if self._texts is None:
+            self._texts = {f: IdCoder() for f in self.text_fields}
+        at = np.arange(len(item_code)) if counted is None else np.flatnonzero(counted)
+        items, last = latest_per_group(item_code[at])
         n_items = len(self.coders["item_id"])
-        latest = np.full(n_items, -2, dtype=np.int64)
-        latest[: len(self._latest_title)] = self._latest_title
-        latest[items] = self._titles.encode(_as_string_array(titles).take(pa.array(rows[last], pa.int64())))
-        self._latest_title = latest
+        take = pa.array(at[last], pa.int64())
+        for name, coder in self._texts.items():
+            latest = np.full(n_items, -2, dtype=np.int64)
+            previous = self._latest_text.get(name, np.zeros(0, np.int64))
+            latest[: len(previous)] = previous
+            texts = rows[name] if name in rows.column_names else pa.nulls(rows.num_rows, pa.string())
+            latest[items] = coder.encode(_as_string_array(texts).take(take))
+            self._latest_text[name] = latest
 
     def vocabularies(
         self,
@@ -417,12 +427,16 @@ class VocabCounter:
         specs = {"user_id": users, "item_id": items} | {c: categorical for c in (*USER_CAT_COLUMNS, *ITEM_CAT_COLUMNS)}
         vocabs = {name: Vocab.from_counts(self.coders[name].ids, self.counts[name], name, specs[name]) for name in specs}
         words = None
-        if self._titles is not None:
-            latest = self._latest_title[self._latest_title >= -1]  # one title per counted item; -1: null
-            nulls = pa.nulls(len(latest), pa.string())
-            titles = self._titles.ids.take(pa.array(np.where(latest >= 0, latest, 0))) if len(self._titles) else nulls
-            titles = pc.if_else(pa.array(latest >= 0, pa.bool_()), titles, nulls)
-            words = Vocab.build(pc.list_flatten(title_tokens(titles)), TOKENS_NAME, tokens)
+        if self._texts is not None:
+            per_field = []
+            for name, coder in self._texts.items():
+                latest = self._latest_text[name]
+                latest = latest[latest >= -1]  # one text per counted item; -1: null
+                nulls = pa.nulls(len(latest), pa.string())
+                texts = coder.ids.take(pa.array(np.where(latest >= 0, latest, 0))) if len(coder) else nulls
+                texts = pc.if_else(pa.array(latest >= 0, pa.bool_()), texts, nulls)
+                per_field.append(pc.list_flatten(title_tokens(texts)))
+            words = Vocab.build(pa.concat_arrays(per_field), TOKENS_NAME, tokens)
         return Vocabularies(
             users=vocabs["user_id"],
             items=vocabs["item_id"],

@@ -2,8 +2,9 @@
 
 News lives on items that did not exist when the model was trained. A published item is outside the
 two-tower's vocabulary, so it is embedded as an unknown ID (OOV) plus its *content*: publisher,
-category and type (looked up in the bundle's vocabularies; an unknown value is OOV), the title's
-words (``feedrank.bundle.item_title_tokens``, the catalogue's own rule) and its age at publish time.
+category and type (looked up in the bundle's vocabularies; an unknown value is OOV), the words of
+its content fields (title, and abstract when the bundle's ``features.content_fields`` has it:
+``feedrank.features.text.content_tokens``, the catalogue's own rule) and its age at publish time.
 With a content-aware item tower (``two_tower.title_dim > 0``) that vector puts a new article near
 the users whose history is about its words, so it reaches them through the ANN index, not only
 through the fresh-candidate pool. (An ID-only tower gives every published item of one publisher,
@@ -13,16 +14,18 @@ Four parts, each with one job:
 
 - ``ItemIn``: one item of a POST body, checked like ``POST /events`` events (strict types, ids by
   ``check_id``, ``created_ts`` within the ``serving.limits`` window of server time, a title of at
-  most ``MAX_TITLE_CHARS`` characters without control characters).
+  most ``MAX_TITLE_CHARS`` characters and an abstract of at most ``MAX_ABSTRACT_CHARS``, both without
+  control characters). An abstract is kept in the journal whatever the model reads, so a later
+  bundle that reads abstracts embeds it after a restart.
 - ``ItemJournal``: the published items, persisted: one Parquet file per POST under
   ``serving.event_log.dir``/``published_items/`` (``JOURNAL_SCHEMA``: the canonical ``ITEM_SCHEMA``
-  plus ``published_ts``), written under a hidden name, fsynced and renamed into place before the
+  plus ``published_ts``; a file written before ``abstract`` existed reads with null abstracts), written under a hidden name, fsynced and renamed into place before the
   POST returns. At startup the service reads every file, in publish order, and publishes the items
   again, so a restart keeps them; while it runs it reads the files other workers write (every
   ``store.catch_up_interval_s``, and before applying other workers' events, which may be about them).
 - ``SharedLock``: feeds search the index side by side; a publish's ``add`` waits for none to be.
 - ``item_inputs``: a published item's model inputs in a model's vocabularies (item index OOV,
-  categorical indices, title tokens), for the two-tower and for the ranker alike.
+  categorical indices, content tokens), for the two-tower and for the ranker alike.
 
 Limits: ``MAX_ITEMS_PER_POST`` items per POST; the body size and JSON depth limits of
 ``POST /events`` apply. An ``item_id`` already in the catalogue (trained or published) is not
@@ -55,10 +58,12 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-from feedrank.bundle import Bundle, item_title_tokens, lookup_quiet
+from feedrank.bundle import Bundle, lookup_quiet
+from feedrank.config import from_dict
 from feedrank.data.collate import pad_list
-from feedrank.data.schema import ITEM_SCHEMA, TS_TYPE
+from feedrank.data.schema import ITEM_SCHEMA, MAX_ABSTRACT_CHARS, TS_TYPE, conform
 from feedrank.features.build import FeatureConfig
+from feedrank.features.text import content_tokens
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV
 from feedrank.fsutil import staged_file
 from feedrank.serving.validation import EventContext, check_id, check_ts, check_ts_text
@@ -76,13 +81,15 @@ class ItemIn(BaseModel):
     """One ``POST /items`` item (the canonical ``ITEM_SCHEMA``'s columns); see the module docstring.
 
     ``created_ts`` defaults to the server's clock (published now); ``publisher``, ``item_type`` and
-    ``category`` are ids (``check_id``) or null; ``title`` is free text, at most ``MAX_TITLE_CHARS``.
+    ``category`` are ids (``check_id``) or null; ``title`` and ``abstract`` are free text, at most
+    ``MAX_TITLE_CHARS`` and ``MAX_ABSTRACT_CHARS`` characters.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     item_id: str = Field(strict=True)
     title: str | None = Field(None, strict=True, max_length=MAX_TITLE_CHARS)
+    abstract: str | None = Field(None, strict=True, max_length=MAX_ABSTRACT_CHARS)
     publisher: str | None = Field(None, strict=True)
     item_type: str | None = Field(None, strict=True)
     category: str | None = Field(None, strict=True)
@@ -93,9 +100,9 @@ class ItemIn(BaseModel):
     def _id(cls, value: str | None) -> str | None:
         return None if value is None else check_id(value)
 
-    @field_validator("title")
+    @field_validator("title", "abstract")
     @classmethod
-    def _title(cls, value: str | None) -> str | None:
+    def _text(cls, value: str | None) -> str | None:
         if value is not None and _CONTROL.search(value):
             raise ValueError("must not contain control characters or line separators (NUL, CR, LF, TAB, U+2028, ...)")
         return value
@@ -118,6 +125,7 @@ def items_table(items: list[ItemIn], now: dt.datetime) -> pa.Table:
         **{c: pa.array([getattr(i, c) for i in items], pa.string()) for c in ("publisher", "item_type")},
         "created_ts": pa.array([i.created_ts or now for i in items], TS_TYPE),
         "title": pa.array([i.title for i in items], pa.string()),
+        "abstract": pa.array([i.abstract for i in items], pa.string()),
         "category": pa.array([i.category for i in items], pa.string()),
         "published_ts": pa.array([now] * len(items), TS_TYPE),
     }, schema=JOURNAL_SCHEMA)  # fmt: skip
@@ -153,7 +161,7 @@ class ItemJournal:
             self._seen.update(p.name for p in files)
         if not files:
             return JOURNAL_SCHEMA.empty_table()
-        return pa.concat_tables(pq.read_table(f).cast(JOURNAL_SCHEMA) for f in files)
+        return pa.concat_tables(conform(pq.read_table(f), JOURNAL_SCHEMA).cast(JOURNAL_SCHEMA) for f in files)
 
     def start(self, on_items: Callable[[pa.Table], None], interval_s: float) -> None:
         """``on_items(read_new())`` every ``interval_s`` on a daemon thread (items other workers
@@ -219,11 +227,11 @@ class SharedLock:
 
 @dataclass
 class ItemInputs:
-    """A model's inputs for published items: item index (OOV), categorical indices, title tokens."""
+    """A model's inputs for published items: item index (OOV), categorical indices, content tokens."""
 
     item: torch.Tensor  # [N] int64, all OOV: the model never trained on these ids
     item_cats: torch.Tensor  # [N, n_item_cats] int64
-    tokens: torch.Tensor  # [N, T] int64 title-token indices, right-padded with 0
+    tokens: torch.Tensor  # [N, T] int64 content-token indices, right-padded with 0
 
 
 def item_inputs(bundle: Bundle, table: pa.Table) -> ItemInputs:
@@ -231,8 +239,8 @@ def item_inputs(bundle: Bundle, table: pa.Table) -> ItemInputs:
     rules the bundle's catalogue was built with (``bundle.build_catalogue``)."""
     vocabs, n = bundle.vocabs, table.num_rows
     cats = np.stack([lookup_quiet(vocabs.item_cats[c], table[c]) for c in ITEM_CAT_COLUMNS], axis=1).reshape(n, -1)
-    title_len = (bundle.config.get("features") or {}).get("title_len", FeatureConfig.title_len)
-    tokens = pad_list(item_title_tokens(vocabs, table["title"], title_len), "title_tokens")
+    lens = from_dict(FeatureConfig, bundle.config.get("features"), "features").content_lens()  # a bundle from before abstracts: titles
+    tokens = pad_list(content_tokens(vocabs.tokens, table, lens), "title_tokens")
     return ItemInputs(torch.full((n,), OOV, dtype=torch.long), torch.from_numpy(cats.astype(np.int64)), torch.from_numpy(tokens))
 
 

@@ -86,10 +86,10 @@ def training_catalogue(log_dir: str | Path, vocabs: Vocabularies, cfg: FeatureCo
     the system allocator (``feedrank.data.memory``): with mimalloc's delayed purge its RSS grew
     with the days read."""
     ends = [t for t in (parse_ts(cfg.split_at, "split_at"), parse_ts(cfg.cutoff, "cutoff")) if t is not None]
-    days = iter_days(log_dir, columns=["item_id", "ts", "clicked", "created_ts", "title", *ITEM_CAT_COLUMNS],
+    days = iter_days(log_dir, columns=["item_id", "ts", "clicked", "created_ts", *cfg.content_fields, *ITEM_CAT_COLUMNS],
                      end=min(ends) if ends else None)  # fmt: skip
     with system_memory_pool():
-        return build_catalogue(days, vocabs, cfg.title_len)
+        return build_catalogue(days, vocabs, cfg.content_lens())
 
 
 def batch_limits(vocabs: Vocabularies) -> BatchLimits:

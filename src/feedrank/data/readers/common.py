@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from feedrank.data.schema import EVENT_SCHEMA, ITEM_SCHEMA, USER_SCHEMA, conform
+from feedrank.data.schema import EVENT_SCHEMA, ITEM_SCHEMA, MAX_ABSTRACT_CHARS, USER_SCHEMA, conform
 
 _ITEM_META = [f.name for f in ITEM_SCHEMA if f.name != "item_id"]
 _USER_META = [f.name for f in USER_SCHEMA if f.name != "user_id"]
@@ -149,6 +149,23 @@ def split_fields(
     columns = {name: pc.list_element(parts, i).cast(pa.string()) for i, name in enumerate(names)}
     columns["_line"] = pa.array(numbers)
     return pa.table(columns)
+
+
+def abstract_column(col: pa.Array | pa.ChunkedArray, lines, errors: RowErrors, what: str = "abstract") -> pa.Array:
+    """A source's abstracts as the canonical ``abstract`` column: an empty or blank one is null (the
+    source has none for that item), a non-text column is refused whole, and an abstract longer than
+    ``MAX_ABSTRACT_CHARS`` flags its row. The one rule of every reader that keeps abstracts."""
+    if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_null(col.type)):
+        raise ValueError(f"{errors.path}: column {what!r} must be text (the abstract), got {col.type}")
+    col = pc.cast(col, pa.string())
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    long = pc.fill_null(pc.greater(pc.utf8_length(col), MAX_ABSTRACT_CHARS), False).to_numpy(zero_copy_only=False)
+    if long.any():
+        errors.flag(np.asarray(lines)[long], f"{what} longer than {MAX_ABSTRACT_CHARS} characters, length",
+                    pc.utf8_length(col.filter(pa.array(long))))  # fmt: skip
+    blank = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(col), ""), False)
+    return pc.if_else(blank, pa.scalar(None, pa.string()), col)
 
 
 def _checked(col: pa.Array | pa.ChunkedArray, lines, errors: RowErrors, pattern: str, what: str) -> pa.Array:

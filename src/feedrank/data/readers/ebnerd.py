@@ -24,7 +24,8 @@ Mapping choices:
   scroll from ``read_time_fixed``/``scroll_percentage_fixed``.
 - Items: ``publisher = "ekstrabladet.dk"`` (the dataset has one publisher), ``item_type`` =
   ``article_type`` (``article_default``, ``video``, ...), ``category`` = ``category_str``,
-  ``created_ts`` = ``published_time``.
+  ``created_ts`` = ``published_time``, ``abstract`` = ``subtitle`` (the lead paragraph) when
+  ``articles.parquet`` has that column, else null.
 - Users: ``age_bucket`` = EB-NeRD's 10-year bin written ``"50-59"``; ``country`` null.
 
 Bad rows are named by file and 1-based row number (``behaviors.parquet row 17: ...``).
@@ -43,6 +44,7 @@ from feedrank.data.readers.common import (
     NoRowsError,
     ReadResult,
     RowErrors,
+    abstract_column,
     flag_unknown,
     positions,
     prefixed,
@@ -56,6 +58,8 @@ BEHAVIOR_COLUMNS = [
 ]  # fmt: skip
 HISTORY_COLUMNS = ["user_id", "impression_time_fixed", "article_id_fixed", "read_time_fixed", "scroll_percentage_fixed"]
 ARTICLE_COLUMNS = ["article_id", "title", "published_time", "article_type", "category_str"]
+#: The article's lead paragraph, kept as the canonical ``abstract`` when the file has it.
+ABSTRACT_COLUMN = "subtitle"
 
 
 def read_ebnerd(path: str | Path, skip_bad_rows: bool = False) -> ReadResult:
@@ -67,7 +71,8 @@ def read_ebnerd(path: str | Path, skip_bad_rows: bool = False) -> ReadResult:
     if not articles_path.is_file():
         articles_path = require_file(root.parent / "articles.parquet", f"EB-NeRD articles.parquet in {root} or {root.parent}")
 
-    items = _articles(articles_path)
+    article_errors = RowErrors(articles_path, skip_bad_rows, unit="row")
+    items = _articles(articles_path, article_errors)
     unknown = f"article id (not in {articles_path.name})"
     errors = RowErrors(behaviors_path, skip_bad_rows, unit="row")
     behaviors = _read(behaviors_path, BEHAVIOR_COLUMNS)
@@ -87,8 +92,8 @@ def read_ebnerd(path: str | Path, skip_bad_rows: bool = False) -> ReadResult:
         items=items,
         users=users,
         source=f"ebnerd:{root}",
-        skipped_rows=errors.count + history_errors.count,
-        skip_examples=errors.examples + history_errors.examples,
+        skipped_rows=errors.count + history_errors.count + article_errors.count,
+        skip_examples=article_errors.examples + errors.examples + history_errors.examples,
     )
 
 
@@ -179,18 +184,22 @@ def _history(h: pa.Table, errors: RowErrors) -> pa.Table:
     )
 
 
-def _articles(path: Path) -> pa.Table:
-    a = _read(path, ARTICLE_COLUMNS)
-    return pa.table(
+def _articles(path: Path, errors: RowErrors) -> pa.Table:
+    optional = [c for c in (ABSTRACT_COLUMN,) if c in pq.read_schema(path).names]
+    a = _read(path, ARTICLE_COLUMNS + optional)
+    abstract = abstract_column(a[ABSTRACT_COLUMN], a["_row"], errors, ABSTRACT_COLUMN) if optional else pa.nulls(a.num_rows, pa.string())
+    items = pa.table(
         {
             "item_id": pc.cast(a["article_id"], pa.string()),
             "publisher": pa.repeat(PUBLISHER, a.num_rows),
             "item_type": a["article_type"],
             "created_ts": _utc(a["published_time"]),
             "title": a["title"],
+            "abstract": abstract,
             "category": a["category_str"],
         }
     )
+    return items.filter(errors.keep(a["_row"]))
 
 
 def _utc(col):

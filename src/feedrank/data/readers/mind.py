@@ -14,7 +14,8 @@ Mapping choices (MIND has no publisher, item type, creation time, dwell or user 
   suffixes, ``a/train`` and ``b/train``),
   ``position`` = index of the token in the impression list, ``clicked`` from the suffix,
   ``dwell_s = 0``.
-- Items: ``category`` = MIND category (``sports``), ``item_type`` = MIND subcategory
+- Items: ``title`` and ``abstract`` as written (an empty abstract, common in MIND, is null; one
+  longer than ``feedrank.data.schema.MAX_ABSTRACT_CHARS`` is a bad line), ``category`` = MIND category (``sports``), ``item_type`` = MIND subcategory
   (``football_nfl``): the coarse topic is what diversity and category features want, and the
   subcategory is kept in the only other free categorical slot. ``publisher`` = host of the url
   (null when the url is empty); ``created_ts`` null (unknown, so no time-travel check applies).
@@ -42,6 +43,7 @@ import pyarrow.compute as pc
 from feedrank.data.readers.common import (
     ReadResult,
     RowErrors,
+    abstract_column,
     positions,
     prefixed,
     read_lines,
@@ -102,15 +104,18 @@ def read_mind(path: str | Path, split: str | None = None, skip_bad_rows: bool = 
 def _read_news(path: Path, errors: RowErrors) -> pa.Table:
     news = split_fields(*read_lines(path), "\t", NEWS_FIELDS, errors)
     host = pc.struct_field(pc.extract_regex(news["url"], _HOST_RE), "host")
-    return pa.table(
+    abstract = abstract_column(news["abstract"], news["_line"], errors)
+    items = pa.table(
         {
             "item_id": news["news_id"],
             "publisher": host,
             "item_type": news["subcategory"],
             "title": news["title"],
+            "abstract": abstract,
             "category": news["category"],
         }
     )
+    return items.filter(errors.keep(news["_line"]))
 
 
 def _impressions(b: pa.Table, split: str, errors: RowErrors) -> pa.Table:

@@ -15,6 +15,8 @@ Value formats (string columns, as CSV always gives):
   they are (zone-less ones as UTC).
 - booleans (``clicked``, ``shared``, ``hidden``): ``true/false``, ``1/0``, ``yes/no`` (any case).
 - numbers (``position``, ``dwell_s``, ``rating``, ``scroll_pct``): decimal notation.
+- text: ``abstract`` (optional) must be a text column (a numeric Parquet column is refused), at
+  most ``feedrank.data.schema.MAX_ABSTRACT_CHARS`` characters a row; a blank one is null.
 - empty cells: an error in key columns, ``position`` and ``clicked``; ``dwell_s`` 0 and
   ``shared``/``hidden`` false (as when the column is absent); null elsewhere.
 
@@ -44,6 +46,7 @@ from feedrank.data.readers.common import (
     NoRowsError,
     ReadResult,
     RowErrors,
+    abstract_column,
     parse_float,
     parse_int,
     require_file,
@@ -74,6 +77,7 @@ class ColumnMap:
     item_type: str | None = None
     created_ts: str | None = None
     title: str | None = None
+    abstract: str | None = None
     category: str | None = None
     age_bucket: str | None = None
     country: str | None = None
@@ -128,6 +132,8 @@ def read_tabular(path: str | Path, columns: ColumnMap | None = None, skip_bad_ro
     for name in ("user_id", "item_id", "request_id", "publisher", "item_type", "title", "category", "age_bucket", "country"):
         if name in mapping:
             out[name] = pc.cast(table[mapping[name]], pa.string())
+    if "abstract" in mapping:
+        out["abstract"] = abstract_column(table[mapping["abstract"]], lines, errors, mapping["abstract"])
     for name in ("ts", "created_ts"):
         if name in mapping:
             out[name] = _timestamps(table[mapping[name]], lines, errors, mapping[name])

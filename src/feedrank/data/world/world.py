@@ -150,7 +150,7 @@ class World:
         item_quality = publisher_quality[item_publisher] + rng.normal(0.0, c.item_quality_sd, size=c.items)
         item_popularity = (rng.pareto(c.popularity_exponent, size=c.items) + 1.0) * np.exp(item_quality)
         item_created_us = _creation_times(rng, c)
-        item_title = _titles(rng, item_topics, topic_names(k))
+        item_title = topic_text(rng, item_topics, topic_names(k))
 
         return cls(
             config=c,
@@ -273,6 +273,7 @@ class World:
                     pa.array(self.item_types).take(self.item_type),
                     pa.array(self.item_created_us, TS_TYPE),
                     self.item_title,
+                    pa.nulls(self.n_items, pa.string()),  # abstract: the world writes titles only
                     pa.array(self.topic_names).take(dominant),
                 ],
                 schema=ITEM_SCHEMA,
@@ -315,7 +316,7 @@ class World:
             "request_id": request_ids,
             "position": pa.array(np.asarray(positions, dtype=np.int32)),
             **{name: pa.array(getattr(outcomes, name)) for name in ("clicked", "dwell_s", "shared", "hidden")},
-            **{c: items[c] for c in ("publisher", "item_type", "created_ts", "title", "category")},
+            **{c: items[c] for c in ("publisher", "item_type", "created_ts", "title", "abstract", "category")},
             **{c: users[c] for c in ("age_bucket", "country")},
             "rating": pa.nulls(n, pa.float32()),
             "scroll_pct": pa.nulls(n, pa.float32()),
@@ -437,19 +438,20 @@ def _creation_times(rng: np.random.Generator, c: WorldConfig) -> np.ndarray:
     return created[rng.permutation(c.items)]  # new items do not all sit at the end of the index
 
 
-def _titles(rng: np.random.Generator, item_topics: np.ndarray, names: list[str]) -> pa.Array:
-    """``_TITLE_WORDS`` words per item, each from a topic drawn from the item's own topic mix."""
+def topic_text(rng: np.random.Generator, item_topics: np.ndarray, names: list[str], n_words: int = _TITLE_WORDS) -> pa.Array:
+    """``n_words`` words per item, each from a topic drawn from the item's own topic mix: the
+    world's titles, and (longer) the abstracts a MIND-format fixture of the world writes."""
     n, k = item_topics.shape
     cdf = np.cumsum(item_topics, axis=1)
-    u = rng.random((n, _TITLE_WORDS)) * cdf[:, -1:]
+    u = rng.random((n, n_words)) * cdf[:, -1:]
     topics = np.minimum((cdf[:, None, :] <= u[:, :, None]).sum(axis=2), k - 1)
-    word = rng.integers(0, _WORDS_PER_TOPIC, size=(n, _TITLE_WORDS))
+    word = rng.integers(0, _WORDS_PER_TOPIC, size=(n, n_words))
     vocab = pc.binary_join_element_wise(
         pa.array(np.repeat(names, _WORDS_PER_TOPIC)),
         pa.array(np.tile(np.arange(_WORDS_PER_TOPIC), k)).cast(pa.string()),
         "",
     )
-    columns = [vocab.take(topics[:, j] * _WORDS_PER_TOPIC + word[:, j]) for j in range(_TITLE_WORDS)]
+    columns = [vocab.take(topics[:, j] * _WORDS_PER_TOPIC + word[:, j]) for j in range(n_words)]
     return pc.binary_join_element_wise(*columns, " ")
 
 
