@@ -39,7 +39,8 @@ The build streams: it reads the log twice in time-ordered chunks that never spli
 ``other_engagements`` the engaged rows each profile samples from); the second computes each
 chunk's features from state carried over from earlier chunks (``PointInTimeCounters``,
 ``HistoryState``, first impressions) and appends the rows to the output files. Memory is one day
-of the log plus one chunk plus O(users x history_len + items), not O(rows), and the output does
+of the log plus one chunk plus O(users x history_len + items) (and O(users x values) per
+``cross_counters`` column), not O(rows), and the output does
 not depend on ``chunk_rows``. The output is written to a temporary folder renamed into place at the
 end: a failed build leaves any previous build of ``OUT`` untouched.
 

@@ -151,8 +151,10 @@ class CrossCounters:
     impression, so a per-category click rate also learns from what the user was shown and skipped;
     a new item has a category from its first impression. Values are keyed by their vocabulary index
     (the index serving knows for a candidate; OOV values share one count), users by their dense
-    code. State: one dense ``[users, values]`` int64 table of impressions and one of clicks per
-    column, allocated once (every user code is known from the counting pass). The same chunk rules
+    code. State: one dense ``[users, values]`` int32 table of impressions and one of clicks per
+    column, allocated once (every user code is known from the counting pass): 8 bytes per user and
+    value, e.g. 10M users x 20 categories = 1.6 GB, so a column of thousands of values wants hashing
+    (``features.categorical.hash_buckets`` / ``max_size``) first. The same chunk rules
     as ``PointInTimeCounters`` make the output independent of the chunk size.
     """
 
@@ -160,7 +162,7 @@ class CrossCounters:
         if len(columns) != len(sizes):
             raise ValueError(f"CrossCounters: {len(columns)} column(s) but {len(sizes)} vocabulary size(s)")
         self.columns = tuple(columns)
-        self._seen = [np.zeros((2, n_users, size), np.int64) for size in sizes]
+        self._seen = [np.zeros((2, n_users, size), np.int32) for size in sizes]  # 8 bytes a (user, value)
 
     def chunk(self, user_code: np.ndarray, values: Sequence[np.ndarray], rank: np.ndarray, n_ranks: int,
               clicked: np.ndarray) -> dict[str, np.ndarray]:  # fmt: skip
