@@ -124,18 +124,15 @@ class UserView:
     impressions: int
     clicks: int
     stored: bool  # False: the store has nothing on this user (no log rows, no live events)
-    # per cross column (UserStore's ``cross`` order): value index -> (impressions, clicks)
-    cross: tuple[dict[int, tuple[int, int]], ...] = ()
+    # per cross column (UserStore's ``cross`` order): [values, 2] int32 impressions and clicks by value index
+    cross: tuple[np.ndarray, ...] = ()
 
     def cross_counters(self, values: np.ndarray) -> np.ndarray:
         """``[N, 2 * n_cross]`` float32 counters of N candidates whose value indices of the cross
         columns are ``values`` ``[N, n_cross]``: per column the user's impressions and clicks on that
         value, log1p-scaled as ``feedrank.features.counters.cross_counter_columns`` are."""
-        counts = np.zeros((len(values), 2 * len(self.cross)), np.int64)
-        for j, seen in enumerate(self.cross):
-            for i, v in enumerate(values[:, j].tolist()):
-                counts[i, 2 * j : 2 * j + 2] = seen.get(v, (0, 0))
-        return scale_counts(counts)
+        counts = [seen[values[:, j]] for j, seen in enumerate(self.cross)]
+        return scale_counts(np.concatenate(counts, axis=1) if counts else np.zeros((len(values), 0), np.int64))
 
 
 @dataclass(slots=True)
@@ -148,7 +145,7 @@ class _Record:
     impressions: int
     clicks: int
     ids: set[int] = field(default_factory=set)  # id_hash of every live event applied: the dedupe key
-    cross: list[dict[int, list[int]]] = field(default_factory=list)  # per cross column: value -> [impressions, clicks]
+    cross: list[np.ndarray] = field(default_factory=list)  # per cross column: [values, 2] int32 impressions, clicks
 
 
 def id_hash(event_id: str) -> int:
@@ -239,12 +236,14 @@ class _Snapshot:
         zero = np.zeros(1, np.int64)
         return cls({}, {c: [] for c in USER_CAT_COLUMNS}, zero, zero[:0], zero, zero[:0], zero[:0], zero[:0], 0, 0)
 
-    def cross_of(self, row: int) -> list[dict[int, list[int]]]:
-        """The seeded cross counts of user ``row``: per column, value -> [impressions, clicks]."""
-        out = []
-        for offsets, values, counts in self.cross:
-            lo, hi = offsets[row], offsets[row + 1]
-            out.append({int(v): [int(i), int(c)] for v, (i, c) in zip(values[lo:hi], counts[lo:hi])})
+    def cross_of(self, row: int | None, sizes: Sequence[int]) -> list[np.ndarray]:
+        """The seeded cross counts of user ``row`` (None: a user the snapshot does not hold): per
+        column of ``sizes`` values, a fresh ``[values, 2]`` int32 array of impressions and clicks."""
+        out = [np.zeros((size, 2), np.int32) for size in sizes]
+        if row is not None:
+            for dense, (offsets, values, counts) in zip(out, self.cross):
+                lo, hi = offsets[row], offsets[row + 1]
+                dense[values[lo:hi]] = counts[lo:hi]
         return out
 
 
@@ -267,6 +266,7 @@ class UserStore:
         self.items, self.history_len, self.max_seen = items, history_len, max_seen
         self.max_live_users = max_live_users
         self._cross = {col: VocabIndex(vocab) for col, vocab in (cross or {}).items()}
+        self._cross_sizes = [len(vocab) for vocab in (cross or {}).values()]
         self._snapshot = snapshot or _Snapshot.empty()
         self._overlay: OrderedDict[str, _Record] = OrderedDict()
         self._journal = _Journal(n_cross=len(self._cross))
@@ -331,18 +331,18 @@ class UserStore:
                 history = [item for ts, item in record.engaged if ts < now_us][-self.history_len :]
                 return UserView(user_id, dict(zip(USER_CAT_COLUMNS, record.cats)), np.asarray(history, np.int64),
                                 np.fromiter(record.seen, np.int64, len(record.seen)), record.impressions,
-                                record.clicks, True, _frozen(record.cross))  # fmt: skip
+                                record.clicks, True, tuple(counts.copy() for counts in record.cross))  # fmt: skip
         snap = self._snapshot
         row = snap.row_of.get(user_id)
         if row is None:
             return UserView(user_id, {c: None for c in USER_CAT_COLUMNS}, np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, False,
-                            tuple({} for _ in self._cross))  # fmt: skip
+                            tuple(snap.cross_of(None, self._cross_sizes)))  # fmt: skip
         history = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]]
         if snap.seeded_until_us > now_us:  # a clock behind the seed: nothing of the log is "before now"
             history = history[:0]
         return UserView(user_id, {c: snap.cats[c][row] for c in USER_CAT_COLUMNS}, history,
                         snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]],
-                        int(snap.impressions[row]), int(snap.clicks[row]), True, _frozen(snap.cross_of(row)))  # fmt: skip
+                        int(snap.impressions[row]), int(snap.clicks[row]), True, tuple(snap.cross_of(row, self._cross_sizes)))  # fmt: skip
 
     def apply(self, events: pa.Table, item_idx: np.ndarray) -> np.ndarray:
         """Add validated serving-log rows (``SERVING_LOG_SCHEMA``; ``item_idx``: their two-tower item
@@ -393,9 +393,8 @@ class UserStore:
         record.impressions += 1
         record.clicks += bool(flags & _Journal.CLICKED)
         for counts, value in zip(record.cross, cross):
-            pair = counts.setdefault(value, [0, 0])
-            pair[0] += 1
-            pair[1] += bool(flags & _Journal.CLICKED)
+            counts[value, 0] += 1
+            counts[value, 1] += bool(flags & _Journal.CLICKED)
         record.seen.pop(item, None)
         record.seen[item] = None
         if len(record.seen) > self.max_seen:
@@ -439,7 +438,7 @@ class UserStore:
         snap = self._snapshot
         row = snap.row_of.get(user_id)
         if row is None:
-            return _Record((None,) * len(USER_CAT_COLUMNS), [], {}, 0, 0, cross=[{} for _ in self._cross])
+            return _Record((None,) * len(USER_CAT_COLUMNS), [], {}, 0, 0, cross=snap.cross_of(None, self._cross_sizes))
         # The snapshot keeps no per-item times: its items are stamped with the seeding log's last
         # time, so a live event after it sorts after them however late the service started.
         stamp = snap.latest_us
@@ -447,12 +446,7 @@ class UserStore:
         seen = snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]].tolist()
         return _Record(tuple(snap.cats[c][row] for c in USER_CAT_COLUMNS), [(stamp, h) for h in hist],
                        dict.fromkeys(seen), int(snap.impressions[row]), int(snap.clicks[row]),
-                       cross=snap.cross_of(row) if snap.cross else [{} for _ in self._cross])  # fmt: skip
-
-
-def _frozen(cross: list[dict[int, list[int]]]) -> tuple[dict[int, tuple[int, int]], ...]:
-    """A view's copy of a record's cross counts (the record keeps changing under the lock)."""
-    return tuple({v: (c[0], c[1]) for v, c in counts.items()} for counts in cross)
+                       cross=snap.cross_of(row, self._cross_sizes))  # fmt: skip
 
 
 def _cross_counts(events: pa.Table, users: pa.Array, column: str, vocab: Vocab) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
