@@ -129,6 +129,7 @@ def build_ranker(config: dict[str, Any], vocabs: Vocabularies) -> Ranker:
         n_user_counters=len(USER_COUNTER_COLUMNS),
         n_item_counters=len(COUNTER_COLUMNS) - len(USER_COUNTER_COLUMNS),
         n_tokens=vocabs.n_tokens,
+        cross_counters=(config.get("features") or {}).get("cross_counters", ()),
     )
 
 

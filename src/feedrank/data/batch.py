@@ -61,6 +61,9 @@ class Batch:
     # without a title is an all-padding row). None: this batch carries no titles (a user-only batch,
     # a hand-built one); a model that reads titles then refuses it.
     item_tokens: Tensor | None = None
+    # [B, 2 * len(features.cross_counters)] float32 user x item-categorical counters of each row
+    # (``feedrank.features.counters.cross_counter_columns``, log1p-scaled); None: none were built.
+    cross_counters: Tensor | None = None
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
         return self._map(lambda t: t.to(device, non_blocking=non_blocking))

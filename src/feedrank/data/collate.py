@@ -27,7 +27,7 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,13 +36,20 @@ import torch
 
 from feedrank.data.batch import Batch, BatchLimits
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, USER_CAT_INDEX_COLUMNS
-from feedrank.features.counters import COUNTER_COLUMNS
+from feedrank.features.counters import COUNTER_COLUMNS, cross_counter_columns
 
 #: The example columns a ``Batch`` is made of (read only these from the shards).
 BATCH_COLUMNS = (
     "user_idx", *USER_CAT_INDEX_COLUMNS, "history", "item_idx", *ITEM_CAT_INDEX_COLUMNS, "item_tokens", "item_age_h",
     *COUNTER_COLUMNS, "position", "clicked", "dwell_s", "shared", "hidden", "item_logq", "request",
 )  # fmt: skip
+
+
+def batch_columns(cross_counters: Sequence[str] = ()) -> tuple[str, ...]:
+    """``BATCH_COLUMNS`` plus the cross-counter columns of ``cross_counters`` (item categorical
+    columns, ``features.cross_counters``): what to read from the shards for such a ``Batch``."""
+    return BATCH_COLUMNS + cross_counter_columns(cross_counters)
+
 
 Rows = pa.Table | pa.RecordBatch
 WeightFn = Callable[[Rows], np.ndarray]
@@ -167,8 +174,9 @@ def check_values(ints: dict[str, np.ndarray], floats: dict[str, np.ndarray], lim
     ages = floats["item_age_h"]
     if not (np.isfinite(ages) & (ages >= 0)).all():
         raise ValueError("item_age_h has negative, NaN or infinite values; ages must be finite hours >= 0")
-    if not np.isfinite(floats["counters"]).all():
-        raise ValueError("counters has NaN or infinite values")
+    for name in ("counters", "cross_counters"):
+        if name in floats and not np.isfinite(floats[name]).all():
+            raise ValueError(f"{name} has NaN or infinite values")
     if ints["position"].size and int(ints["position"].min()) < 0:
         raise ValueError(f"position must be >= 0, got min {int(ints['position'].min())}")
 
@@ -179,6 +187,7 @@ def collate(
     weight: np.ndarray | WeightFn | None = None,
     limits: BatchLimits | None = None,
     keep: KeepFn | None = None,
+    cross_counters: Sequence[str] = (),
 ) -> Batch:
     """Build a ``Batch`` from example rows; ``weight`` is an array or a function of the rows
     (default 1.0 for every row); ``limits`` the vocabulary sizes the indices are checked against.
@@ -188,11 +197,19 @@ def collate(
     ignore the rows it drops (``two_tower_loss`` masks non-clicked rows itself), which is why a
     batch where ``keep`` drops every row is packed whole rather than empty.
 
+    ``cross_counters`` (item categorical columns) packs their user x value counters into
+    ``Batch.cross_counters``; the rows must come from a build with those ``features.cross_counters``.
+
     Raises ``ValueError`` naming a missing column, a bad weight or a bad value (``check_values``).
     """
     missing = [c for c in BATCH_COLUMNS if c not in rows.column_names]
     if missing:
         raise ValueError(f"example rows lack column(s) {missing}; expected the EXAMPLE_SCHEMA of feedrank.features")
+    cross = cross_counter_columns(cross_counters)
+    missing = [c for c in cross if c not in rows.column_names]
+    if missing:
+        raise ValueError(f"example rows lack the cross counter column(s) {missing}: build the features with "
+                         f"features.cross_counters: {list(cross_counters)}")  # fmt: skip
     if rows.num_rows == 0:
         raise ValueError("cannot collate an empty set of rows")
     if keep is not None:
@@ -229,6 +246,8 @@ def collate(
         "weight": w,
         "item_logq": col("item_logq"),
     }
+    if cross:
+        floats["cross_counters"] = stack(cross)
     check_values(ints, floats, limits)
     return Batch(**_pack(ints, np.int64), **_pack(floats, np.float32), history_mask=torch.from_numpy(mask))
 
@@ -245,6 +264,12 @@ class Collator:
     weight: WeightFn | None = None
     limits: BatchLimits | None = None
     keep: KeepFn | None = None
+    cross_counters: tuple[str, ...] = ()
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The example columns this collator reads (``batch_columns``)."""
+        return batch_columns(self.cross_counters)
 
     def __call__(self, rows: Rows) -> Batch:
-        return collate(rows, self.max_history, self.weight, self.limits, self.keep)
+        return collate(rows, self.max_history, self.weight, self.limits, self.keep, self.cross_counters)

@@ -189,7 +189,8 @@ def load_holdout(features_dir: str | Path, vocabs: Vocabularies, max_requests: i
     if "test" not in manifest["splits"] or manifest["splits"]["test"]["rows"] == 0:
         raise EmptyHoldout(f"{features_dir}: no test impressions (features.split_at = {manifest['split_at']}): "
                          "set a split_at inside the log to hold out its last days")  # fmt: skip
-    every = pa.concat_tables(pq.read_table(f, columns=list(_ROW_COLUMNS)) for f in split_files(features_dir, "test"))
+    columns = list(_ROW_COLUMNS) + manifest["columns"].get("cross_counters", [])
+    every = pa.concat_tables(pq.read_table(f, columns=columns) for f in split_files(features_dir, "test"))
     rows = impression_rows(every, exclude_prefixes)
     if rows.num_rows == 0:
         raise EmptyHoldout(f"{features_dir}: all {every.num_rows} test rows belong to excluded requests {list(exclude_prefixes)}")
@@ -287,8 +288,9 @@ class TwoTowerScorer:
 def score_rows(rows: pa.Table, scorer: Scorer, batch_size: int = 8192, max_history: int | None = None) -> dict[str, np.ndarray]:
     """Every output of ``scorer`` for every row of ``rows`` (example columns), as float64 arrays."""
     parts: dict[str, list[np.ndarray]] = {}
+    cross = scorer.model.cross_counters if isinstance(scorer, RankerScorer) else ()
     for lo in range(0, rows.num_rows, batch_size):
-        for name, values in scorer(collate(rows.slice(lo, batch_size), max_history)).items():
+        for name, values in scorer(collate(rows.slice(lo, batch_size), max_history, cross_counters=cross)).items():
             parts.setdefault(name, []).append(values.detach().float().cpu().numpy().astype(np.float64))
     return {name: np.concatenate(p) for name, p in parts.items()}
 

@@ -11,6 +11,9 @@ what a live system could have known at that moment:
   protocols without time, see ``FeatureConfig``), a seeded sample of the user's other engagements;
 - counters (``COUNTER_COLUMNS``): user impressions and clicks, item impressions and clicks
   (log1p-scaled) and the item's smoothed CTR, see ``feedrank.features.counters``;
+- with ``cross_counters`` (item categorical columns, e.g. ``[category]``), the user's impressions
+  and clicks on items of the row's value of each (``cross_counter_columns``, log1p-scaled,
+  ``CrossCounters``);
 - item age in hours from ``created_ts``, or from the item's first impression in the log when
   ``created_ts`` is null;
 - ``item_logq``: the item's smoothed share of training-window engagements (a loss correction,
@@ -38,7 +41,8 @@ The build streams: it reads the log twice in time-ordered chunks that never spli
 ``other_engagements`` the engaged rows each profile samples from); the second computes each
 chunk's features from state carried over from earlier chunks (``PointInTimeCounters``,
 ``HistoryState``, first impressions) and appends the rows to the output files. Memory is one day
-of the log plus one chunk plus O(users x history_len + items), not O(rows), and the output does
+of the log plus one chunk plus O(users x history_len + items) (and O(users x values) per
+``cross_counters`` column), not O(rows), and the output does
 not depend on ``chunk_rows``. The output is written to a temporary folder renamed into place at the
 end: a failed build leaves any previous build of ``OUT`` untouched.
 
@@ -68,7 +72,14 @@ from feedrank.config import to_dict
 from feedrank.data.log import EVENTS_DIR
 from feedrank.data.schema import TS_TYPE, to_epoch_us
 from feedrank.features.chunks import DEFAULT_CHUNK_ROWS, time_ordered_chunks
-from feedrank.features.counters import COUNTER_COLUMNS, PointInTimeCounters, item_age_hours, item_logq
+from feedrank.features.counters import (
+    COUNTER_COLUMNS,
+    CrossCounters,
+    PointInTimeCounters,
+    cross_counter_columns,
+    item_age_hours,
+    item_logq,
+)
 from feedrank.features.history import HistoryState, dense_rank
 from feedrank.features.profile import ProfileSampler
 from feedrank.features.text import check_content_fields, content_tokens
@@ -126,6 +137,13 @@ EXAMPLE_SCHEMA = pa.schema(
     ]
 )
 
+
+def example_schema(cross_counters: tuple[str, ...] | list[str] = ()) -> pa.Schema:
+    """``EXAMPLE_SCHEMA`` plus the ``cross_counter_columns`` of ``cross_counters`` (a build's
+    ``FeatureConfig.cross_counters``): the schema of that build's example files."""
+    extra = [pa.field(c, pa.float32(), nullable=False) for c in cross_counter_columns(cross_counters)]
+    return pa.schema(list(EXAMPLE_SCHEMA) + extra)
+
 #: The columns the example pass reads; both passes add the config's content_fields (only the text it uses).
 _LOG_COLUMNS = [
     "user_id", "item_id", "ts", "request_id", "position", "clicked", "dwell_s", "shared", "hidden",
@@ -177,6 +195,9 @@ class FeatureConfig:
     abstract_len: int = 48  # words kept per abstract (the first ones), when content_fields has it
     ctr_prior: float = 0.05  # item CTR shrinkage target
     ctr_prior_weight: float = 20.0  # ... worth this many pseudo-impressions
+    # item categorical columns (publisher, item_type, category) whose user x value counters are
+    # built: the user's impressions and clicks on items of the row's value, strictly before the row
+    cross_counters: list[str] = field(default_factory=list)
     rows_per_file: int = 1_000_000
     row_group_size: int = 65_536
 
@@ -208,6 +229,10 @@ class FeatureConfig:
             raise ValueError(f"split_at ({self.split_at}) must be before cutoff ({self.cutoff})")
         for name in ("users", "items", "categorical", "tokens"):
             getattr(self, name).validate()
+        unknown = [c for c in self.cross_counters if c not in ITEM_CAT_COLUMNS]
+        if unknown or len(set(self.cross_counters)) != len(self.cross_counters):
+            raise ValueError(f"cross_counters must be distinct item categorical columns {list(ITEM_CAT_COLUMNS)}, "
+                             f"got {self.cross_counters}")  # fmt: skip
 
 
 def parse_ts(value: str | None, key: str) -> dt.datetime | None:
@@ -336,6 +361,8 @@ class _Examples:
         self.users, self.items = coders["user_id"], coders["item_id"]
         n_items = len(self.items)
         self.counters = PointInTimeCounters(cfg.ctr_prior, cfg.ctr_prior_weight)
+        self.cross = CrossCounters(cfg.cross_counters, len(self.users), [len(vocabs.item_cats[c]) for c in cfg.cross_counters])
+        self.schema = example_schema(cfg.cross_counters)
         self.first_seen = np.full(n_items, np.iinfo(np.int64).max, dtype=np.int64)
         self.logq = item_logq(census.item_engaged, census.counter.counts["item_id"] > 0)
         if census.pool is None:
@@ -357,6 +384,8 @@ class _Examples:
         columns = self._lookup_indices(rows, parts)
         columns["item_tokens"] = content_tokens(self.vocabs.tokens, rows, self.cfg.content_lens())
         columns.update(self.counters.chunk(user_code, item_code, rank, n_ranks, clicked))
+        values = [columns[index_column(c)] for c in self.cfg.cross_counters]
+        columns.update(self.cross.chunk(user_code, values, rank, n_ranks, clicked))
         created = rows["created_ts"]
         columns["item_age_h"] = item_age_hours(ts_us, created.cast(pa.int64()).fill_null(0).to_numpy(),
                                                created.is_valid().to_numpy(zero_copy_only=False), item_code,
@@ -369,7 +398,7 @@ class _Examples:
             offsets, values = self.history.chunk(user_code, rank, n_ranks, engaged, columns["item_idx"])
         arrays = {name: rows[name] for name in _PASSED_COLUMNS} | columns
         arrays["history"] = pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, pa.int64()))
-        return pa.Table.from_pydict({f.name: arrays[f.name] for f in EXAMPLE_SCHEMA}).cast(EXAMPLE_SCHEMA)
+        return pa.Table.from_pydict({f.name: arrays[f.name] for f in self.schema}).cast(self.schema)
 
     def _lookup_indices(self, rows: pa.Table, parts: dict[str, tuple[int, int]]) -> dict[str, np.ndarray]:
         """Vocabulary indices of every id column; each split's OOV hits added to ``self.oov``."""
@@ -427,7 +456,7 @@ class _SplitWriter:
             self._pending, self._n_pending = [rows.slice(take)], self._n_pending - take
             if self._writer is None:
                 path = self.out / self.split / f"part-{len(self.files):05d}.parquet"
-                self._writer = pq.ParquetWriter(path, EXAMPLE_SCHEMA)
+                self._writer = pq.ParquetWriter(path, example_schema(self.cfg.cross_counters))
                 self.files.append({"path": f"{self.split}/{path.name}", "rows": 0})
             self._writer.write_table(group, row_group_size=take)
             self._file_rows += take
@@ -462,16 +491,26 @@ def _manifest(log_dir: Path, cfg: FeatureConfig, vocabs: Vocabularies, splits: d
         "cutoff": cfg.cutoff,
         "split_at": cfg.split_at,
         "history_len": cfg.history_len,
-        "config": to_dict(cfg),
+        "config": config_record(cfg),
         "columns": {
             "user_cats": list(USER_CAT_INDEX_COLUMNS),
             "item_cats": list(ITEM_CAT_INDEX_COLUMNS),
             "counters": list(COUNTER_COLUMNS),
-        },
+        } | ({"cross_counters": list(cross_counter_columns(cfg.cross_counters))} if cfg.cross_counters else {}),
         "vocab_sizes": {name: len(v) for name, v in vocabs.all().items()} | {"title_tokens": vocabs.n_tokens},
         "splits": splits,
         "content_hash": content.hexdigest(),
     }
+
+
+def config_record(cfg: FeatureConfig) -> dict:
+    """``cfg`` as the manifest records it (and ``ensure_features`` compares it): without
+    ``cross_counters`` when there are none, so a build without them has the manifest and bytes of
+    builds made before the setting existed, and those stay reusable."""
+    record = json.loads(json.dumps(to_dict(cfg)))
+    if not cfg.cross_counters:
+        del record["cross_counters"]
+    return record
 
 
 def log_hash(log_dir: Path) -> str:

@@ -10,12 +10,10 @@ can call it too.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from feedrank.config import to_dict
-from feedrank.features.build import FeatureConfig, build_features, load_manifest, log_hash
+from feedrank.features.build import FeatureConfig, build_features, config_record, load_manifest, log_hash
 
 log = logging.getLogger(__name__)
 
@@ -27,7 +25,7 @@ def ensure_features(log_dir: str | Path, features_dir: str | Path, cfg: FeatureC
         manifest = load_manifest(features_dir)
     except (FileNotFoundError, ValueError):
         manifest = None
-    wanted = json.loads(json.dumps(to_dict(cfg)))  # the manifest's config went through JSON
+    wanted = config_record(cfg)
     if manifest is not None and manifest.get("config") == wanted and manifest.get("source_hash") == log_hash(Path(log_dir)):
         log.info("reusing the feature build at %s", features_dir)
         return manifest

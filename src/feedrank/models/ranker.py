@@ -4,7 +4,8 @@ Architecture (one pass, shared bottom)::
 
     user fields: id, each user categorical, pooled history, history title bag, history categorical
                  bags, user counters, two-tower user vector
-    item fields: id, each item categorical, freshness, title words, item counters, two-tower item vector
+    item fields: id, each item categorical, freshness, title words, item counters, user x item
+                 categorical counters, two-tower item vector
     match field: the history/candidate cosines -> dense MLP
         -> fields [B, F, dim] -> interaction (DCN-v2 cross network | DLRM dot products)
         -> shared MLP (Linear -> LayerNorm -> GELU) -> one small head per task:
@@ -34,7 +35,10 @@ for the cross layers to find (on the demo world: AUC on new items 0.621 -> 0.636
 docs/evaluation.md). And ``cfg.item_id_dropout`` trains the item side for items whose ID is
 unknown (``drop_ids``): a new article is then scored from its publisher, category, age and words.
 Unlike retrieval, the ranker sees the candidate when it scores, so item counters (impressions,
-clicks, CTR) are fair features here.
+clicks, CTR) are fair features here, and so are the user's own counts on the candidate's category
+(publisher, ...): ``cross_counters`` (the feature build's ``features.cross_counters``) adds one
+more item-side field from them, the user's impressions and clicks on items with the candidate's
+value of each column, over the whole log (``feedrank.features.counters.CrossCounters``).
 
 **Two-tower vectors** (``cfg.two_tower_dim > 0``) are optional inputs: a field is
 ``Linear(vec) + missing * e_missing`` where an absent vector is zeros and ``e_missing`` a learned
@@ -215,6 +219,9 @@ class ItemInputs:
     counters: Tensor  # [N, n_item_counters] float32
     vectors: Tensor | None = None  # [N, two_tower_dim] two-tower item vectors, if known
     tokens: Tensor | None = None  # [N, T] title-token indices (required when the ranker reads titles)
+    # [N, 2 * len(cross_counters)] the user's counters on each candidate's category (...), log1p-scaled
+    # like Batch.cross_counters (required when the ranker reads them)
+    cross_counters: Tensor | None = None
 
 
 def dense_field(n_in: int, dim: int) -> nn.Sequential:
@@ -267,6 +274,7 @@ class Ranker(nn.Module):
         n_user_counters: int = 0,
         n_item_counters: int = 0,
         n_tokens: int = 0,
+        cross_counters: Sequence[str] = (),
     ):
         super().__init__()
         cfg.validate()
@@ -274,6 +282,8 @@ class Ranker(nn.Module):
         d = cfg.dim
         self.n_users, self.n_items = n_users, n_items
         self.n_user_counters, self.n_item_counters = n_user_counters, n_item_counters
+        # item categorical columns whose user x value counters (Batch.cross_counters) are a field
+        self.cross_counters = tuple(cross_counters)
         self.user_id = nn.Embedding(n_users, d, padding_idx=0)
         self.item_id = nn.Embedding(n_items, d, padding_idx=0)  # also embeds the history
         self.user_cats = CategoricalEmbeddings(user_cat_sizes, d)
@@ -293,7 +303,8 @@ class Ranker(nn.Module):
         # candidate's ID, and each categorical column's history bag and the candidate's value.
         n_user_fields = (2 + len(user_cat_sizes) + cfg.title_tokens + n_cats * cfg.history_match
                          + bool(n_user_counters) + bool(cfg.two_tower_dim))  # fmt: skip
-        n_item_fields = 2 + n_cats + cfg.title_tokens + bool(n_item_counters) + bool(cfg.two_tower_dim)
+        n_item_fields = (2 + n_cats + cfg.title_tokens + bool(n_item_counters) + bool(self.cross_counters)
+                         + bool(cfg.two_tower_dim))  # fmt: skip
         history_field, item_cat_field = 1 + len(user_cat_sizes), n_user_fields + 1  # field order: user_fields, item_fields
         pairs = []
         if cfg.title_tokens:
@@ -324,6 +335,8 @@ class Ranker(nn.Module):
         self.heads = nn.ModuleDict({name: mlp(cfg.hidden[-1], cfg.head_hidden, 1, cfg.dropout) for name in HEADS})
         self.position_bias = nn.Embedding(cfg.max_positions, 1, padding_idx=0)  # row 0 stays 0: the reference slot
         nn.init.zeros_(self.position_bias.weight)
+        # last, so that a ranker without it draws every other initial weight as before
+        self.cross_field = dense_field(2 * len(self.cross_counters), d) if self.cross_counters else None
 
     # ---------------------------------------------------------------------------------- fields
 
@@ -392,10 +405,12 @@ class Ranker(nn.Module):
 
     def item_fields(
         self, item: Tensor, item_cats: Tensor, item_age_h: Tensor, counters: Tensor, vector: Tensor | None = None,
-        tokens: Tensor | None = None,
+        tokens: Tensor | None = None, cross_counters: Tensor | None = None,
     ) -> Tensor:  # fmt: skip
         """Item-side fields [N, F_item, dim]; ``counters`` are the item-side columns only; ``tokens``
-        [N, T] the titles (required when ``cfg.title_tokens``, else ignored)."""
+        [N, T] the titles (required when ``cfg.title_tokens``, else ignored); ``cross_counters``
+        [N, 2 * len(self.cross_counters)] the user's counters on each item's values (required when
+        the ranker reads them, refused otherwise)."""
         if item.dim() != 1 or item_age_h.shape != item.shape:
             raise ValueError(f"item {tuple(item.shape)} and item_age_h {tuple(item_age_h.shape)} must both be [N]")
         n = item.shape[0]
@@ -412,6 +427,14 @@ class Ranker(nn.Module):
             fields.append(self.title(tokens).to(ident.dtype))
         if self.item_counters is not None:
             fields.append(self.item_counters(counters.float()))
+        if self.cross_field is not None:
+            if cross_counters is None:
+                raise ValueError(f"this ranker reads cross counters of {list(self.cross_counters)}: pass them "
+                                 "(Batch.cross_counters, ItemInputs.cross_counters)")  # fmt: skip
+            check_columns("cross_counters", cross_counters, n, 2 * len(self.cross_counters))
+            fields.append(self.cross_field(cross_counters.float()))
+        elif cross_counters is not None:
+            raise ValueError("cross_counters were given but this ranker reads none (features.cross_counters is empty)")
         fields += self._vector_field(self.item_vector, vector, n, "item_vec")
         return torch.stack(fields, dim=1)
 
@@ -454,7 +477,7 @@ class Ranker(nn.Module):
         )  # fmt: skip
         items = self.item_fields(
             batch.item, batch.item_cats, batch.item_age_h, batch.counters[:, self.n_user_counters :], item_vec,
-            batch.item_tokens,
+            batch.item_tokens, batch.cross_counters,
         )
         return self.heads_from_fields(torch.cat([users, items], dim=1))
 
@@ -497,7 +520,8 @@ class Ranker(nn.Module):
         mask = torch.ones_like(user.history, dtype=torch.bool) if user.history_mask is None else user.history_mask
         vector = None if user.vector is None else user.vector[None]
         users = self.user_fields(user.user[None], user.user_cats[None], user.history[None], mask[None], user.counters[None], vector)
-        item_rows = self.item_fields(items.item, items.item_cats, items.item_age_h, items.counters, items.vectors, items.tokens)
+        item_rows = self.item_fields(items.item, items.item_cats, items.item_age_h, items.counters, items.vectors, items.tokens,
+                                     items.cross_counters)  # fmt: skip
         fields = torch.cat([users.expand(item_rows.shape[0], -1, -1), item_rows], dim=1)
         return self.predictions(self.heads_from_fields(fields))
 

@@ -398,11 +398,14 @@ class FeedService:
             raise ValueError(f"the seeding log and serving.event_log.dir are the same folder ({log_dir}): the serving "
                              "log is replayed on top of the seeding log, so every served event would count twice")  # fmt: skip
         max_live = cfg.store.max_live_users
+        # the user x item-categorical counts a ranker reads (features.cross_counters), by its vocabularies
+        cross = {c: ranker.vocabs.item_cats[c] for c in ranker.model.cross_counters} if ranker is not None else {}
         self.store = (
-            UserStore.from_log(log_dir, two_tower.vocabs.items, cfg.history_len, cfg.max_seen, end=started, max_live_users=max_live)
+            UserStore.from_log(log_dir, two_tower.vocabs.items, cfg.history_len, cfg.max_seen, end=started,
+                               max_live_users=max_live, cross=cross)
             if log_dir is not None
-            else UserStore(two_tower.vocabs.items, cfg.history_len, cfg.max_seen, max_live_users=max_live)
-        )
+            else UserStore(two_tower.vocabs.items, cfg.history_len, cfg.max_seen, max_live_users=max_live, cross=cross)
+        )  # fmt: skip
         self.metrics = ServiceMetrics()
         # Published items first: the serving log's events may be about them.
         self._published: dict[str, int] = {}  # item id -> catalogue row, items published to this process
@@ -556,11 +559,13 @@ class FeedService:
             vector=torch.from_numpy(np.array(vector, np.float32)) if r.use_vectors else None,
         )  # fmt: skip
         idx = torch.from_numpy(rows)
+        cross_values = r.item_cats[idx][:, [ITEM_CAT_COLUMNS.index(c) for c in model.cross_counters]].numpy()
         items = ItemInputs(
             item=torch.from_numpy(r.item_idx[rows]), item_cats=r.item_cats[idx],
             item_age_h=torch.from_numpy(age_h.astype(np.float32)), counters=r.item_counters[idx],
             vectors=torch.from_numpy(vectors) if r.use_vectors else None,
             tokens=r.item_tokens[idx],
+            cross_counters=torch.from_numpy(view.cross_counters(cross_values)) if model.cross_counters else None,
         )  # fmt: skip
         with torch.inference_mode():
             return model.score_candidates(user, items)["value"].numpy().astype(np.float64)

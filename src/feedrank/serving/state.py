@@ -13,7 +13,11 @@ Three parts, each with one job:
   snapshot plus the user's journal rows, by the same rule live events use, so eviction loses
   nothing). Each live event carries an id: the store applies each ``(user, event_id)`` once, so
   retries, replays and a second delivery are harmless. Item ids are held as two-tower vocabulary
-  indices.
+  indices. With ``cross`` (a ranker reading ``features.cross_counters``) the store also counts each
+  user's impressions and clicks per value of those item columns (category, publisher), keyed by the
+  ranker's vocabulary index as the feature build keys them (``CrossCounters``), from the seeding
+  log and every live event, so a feed request sees what the feature build computes for the user's
+  next impression.
 - ``EventSink``: the append-only serving log, in the canonical layout
   (``DIR/events/date=YYYY-MM-DD/part-<uuid>.parquet``, ``SERVING_LOG_SCHEMA``: the canonical
   columns plus ``event_id``) so ``feedrank.data.log.read_events`` reads it like any other log and
@@ -58,6 +62,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from feedrank.bundle import lookup_quiet
+from feedrank.features.counters import scale_counts
 from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
 from feedrank.data.schema import EVENT_SCHEMA, to_epoch_us
 from feedrank.features.user_state import user_state
@@ -119,6 +124,15 @@ class UserView:
     impressions: int
     clicks: int
     stored: bool  # False: the store has nothing on this user (no log rows, no live events)
+    # per cross column (UserStore's ``cross`` order): [values, 2] int32 impressions and clicks by value index
+    cross: tuple[np.ndarray, ...] = ()
+
+    def cross_counters(self, values: np.ndarray) -> np.ndarray:
+        """``[N, 2 * n_cross]`` float32 counters of N candidates whose value indices of the cross
+        columns are ``values`` ``[N, n_cross]``: per column the user's impressions and clicks on that
+        value, log1p-scaled as ``feedrank.features.counters.cross_counter_columns`` are."""
+        counts = [seen[values[:, j]] for j, seen in enumerate(self.cross)]
+        return scale_counts(np.concatenate(counts, axis=1) if counts else np.zeros((len(values), 0), np.int64))
 
 
 @dataclass(slots=True)
@@ -131,6 +145,7 @@ class _Record:
     impressions: int
     clicks: int
     ids: set[int] = field(default_factory=set)  # id_hash of every live event applied: the dedupe key
+    cross: list[np.ndarray] = field(default_factory=list)  # per cross column: [values, 2] int32 impressions, clicks
 
 
 def id_hash(event_id: str) -> int:
@@ -156,9 +171,11 @@ class _Journal:
     _COLUMNS = {"item": np.int32, "ts": np.int64, "flags": np.uint8, "idh": np.int64, "prev": np.int64}
     CLICKED, ENGAGED = 1, 2
 
-    def __init__(self, capacity: int = 1024) -> None:
+    def __init__(self, capacity: int = 1024, n_cross: int = 0) -> None:
         self.n = 0
         self.cols = {name: np.empty(capacity, dtype) for name, dtype in self._COLUMNS.items()}
+        self.cols |= {f"cross{j}": np.empty(capacity, np.int32) for j in range(n_cross)}  # 4 bytes a cross column
+        self.n_cross = n_cross
         self.code_of: dict[str, int] = {}
         self.last = np.empty(capacity, np.int64)  # per user code: their newest row
 
@@ -171,14 +188,19 @@ class _Journal:
             self.last[code] = -1
         return code
 
-    def append(self, code: int, item: int, ts: int, flags: int, idh: int) -> None:
+    def append(self, code: int, item: int, ts: int, flags: int, idh: int, cross: Sequence[int] = ()) -> None:
         if self.n == len(self.cols["item"]):
             self.cols = {name: np.concatenate([col, np.empty_like(col)]) for name, col in self.cols.items()}
         row, c = self.n, self.cols
         c["item"][row], c["ts"][row], c["flags"][row], c["idh"][row] = item, ts, flags, idh
+        for j, value in enumerate(cross):
+            c[f"cross{j}"][row] = value
         c["prev"][row] = self.last[code]
         self.last[code] = row
         self.n += 1
+
+    def cross_of(self, row: int) -> tuple[int, ...]:
+        return tuple(int(self.cols[f"cross{j}"][row]) for j in range(self.n_cross))
 
     def rows_of(self, code: int) -> list[int]:
         """The user's rows, oldest first (the order they were applied in)."""
@@ -206,11 +228,23 @@ class _Snapshot:
     clicks: np.ndarray
     seeded_until_us: int  # every seeded row is strictly before this
     latest_us: int  # the latest seeded row's time: when a seeded history item is taken to have happened
+    # per cross column, CSR rows in user order: (offsets [U + 1], value indices [M], counts [M, 2])
+    cross: tuple[tuple[np.ndarray, np.ndarray, np.ndarray], ...] = ()
 
     @classmethod
     def empty(cls) -> _Snapshot:
         zero = np.zeros(1, np.int64)
         return cls({}, {c: [] for c in USER_CAT_COLUMNS}, zero, zero[:0], zero, zero[:0], zero[:0], zero[:0], 0, 0)
+
+    def cross_of(self, row: int | None, sizes: Sequence[int]) -> list[np.ndarray]:
+        """The seeded cross counts of user ``row`` (None: a user the snapshot does not hold): per
+        column of ``sizes`` values, a fresh ``[values, 2]`` int32 array of impressions and clicks."""
+        out = [np.zeros((size, 2), np.int32) for size in sizes]
+        if row is not None:
+            for dense, (offsets, values, counts) in zip(out, self.cross):
+                lo, hi = offsets[row], offsets[row + 1]
+                dense[values[lo:hi]] = counts[lo:hi]
+        return out
 
 
 _SEED_COLUMNS = ["user_id", "item_id", "ts", "clicked", "hidden", *USER_CAT_COLUMNS]
@@ -221,24 +255,29 @@ class UserStore:
 
     ``max_live_users`` bounds the overlay (records of users touched by live events, LRU); an
     evicted user's record is rebuilt from the snapshot and the journal on their next touch.
+    ``cross``: item column -> the ranker's vocabulary of it, for the user x value counters
+    (``UserView.cross``), in the order of the ranker's ``cross_counters``.
     """
 
     def __init__(self, items: Vocab, history_len: int, max_seen: int, snapshot: _Snapshot | None = None,
-                 max_live_users: int = 100_000) -> None:  # fmt: skip
+                 max_live_users: int = 100_000, cross: dict[str, Vocab] | None = None) -> None:  # fmt: skip
         if max_live_users < 1:
             raise ValueError(f"max_live_users must be >= 1, got {max_live_users}")
         self.items, self.history_len, self.max_seen = items, history_len, max_seen
         self.max_live_users = max_live_users
+        self._cross = {col: VocabIndex(vocab) for col, vocab in (cross or {}).items()}
+        self._cross_sizes = [len(vocab) for vocab in (cross or {}).values()]
         self._snapshot = snapshot or _Snapshot.empty()
         self._overlay: OrderedDict[str, _Record] = OrderedDict()
-        self._journal = _Journal()
+        self._journal = _Journal(n_cross=len(self._cross))
         self._new_users = 0  # users with live events and no snapshot row
         self.rebuilt = 0  # records rebuilt after an eviction
         self._lock = threading.Lock()
 
     @classmethod
     def from_log(cls, log_dir: str | Path, items: Vocab, history_len: int, max_seen: int,
-                 end: dt.datetime | None = None, max_live_users: int = 100_000) -> UserStore:  # fmt: skip
+                 end: dt.datetime | None = None, max_live_users: int = 100_000,
+                 cross: dict[str, Vocab] | None = None) -> UserStore:  # fmt: skip
         """Seed from the canonical log at ``log_dir``, reading only rows before ``end``.
 
         History follows the training rule (``feedrank.features.user_state.user_state``: the last
@@ -249,7 +288,8 @@ class UserStore:
         """
         if not list_days(log_dir):
             raise FileNotFoundError(f"no event log under {log_dir}: expected {Path(log_dir) / EVENTS_DIR}/date=YYYY-MM-DD/")
-        events = read_events(log_dir, columns=_SEED_COLUMNS, end=end)
+        cross = cross or {}
+        events = read_events(log_dir, columns=_SEED_COLUMNS + [c for c in cross if c not in _SEED_COLUMNS], end=end)
         users = pc.unique(events["user_id"]).sort()
         state = user_state(events, users, history_len)
         n = len(users)
@@ -266,8 +306,9 @@ class UserStore:
             clicks=state.clicks,
             seeded_until_us=to_epoch_us(end) if end is not None else (last_us or 0) + 1,
             latest_us=last_us or 0,
+            cross=tuple(_cross_counts(events, users, col, vocab) for col, vocab in cross.items()),
         )
-        return cls(items, history_len, max_seen, snapshot, max_live_users)
+        return cls(items, history_len, max_seen, snapshot, max_live_users, cross)
 
     def __len__(self) -> int:
         with self._lock:
@@ -290,17 +331,18 @@ class UserStore:
                 history = [item for ts, item in record.engaged if ts < now_us][-self.history_len :]
                 return UserView(user_id, dict(zip(USER_CAT_COLUMNS, record.cats)), np.asarray(history, np.int64),
                                 np.fromiter(record.seen, np.int64, len(record.seen)), record.impressions,
-                                record.clicks, True)  # fmt: skip
+                                record.clicks, True, tuple(counts.copy() for counts in record.cross))  # fmt: skip
         snap = self._snapshot
         row = snap.row_of.get(user_id)
         if row is None:
-            return UserView(user_id, {c: None for c in USER_CAT_COLUMNS}, np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, False)
+            return UserView(user_id, {c: None for c in USER_CAT_COLUMNS}, np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, False,
+                            tuple(snap.cross_of(None, self._cross_sizes)))  # fmt: skip
         history = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]]
         if snap.seeded_until_us > now_us:  # a clock behind the seed: nothing of the log is "before now"
             history = history[:0]
         return UserView(user_id, {c: snap.cats[c][row] for c in USER_CAT_COLUMNS}, history,
                         snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]],
-                        int(snap.impressions[row]), int(snap.clicks[row]), True)  # fmt: skip
+                        int(snap.impressions[row]), int(snap.clicks[row]), True, tuple(snap.cross_of(row, self._cross_sizes)))  # fmt: skip
 
     def apply(self, events: pa.Table, item_idx: np.ndarray) -> np.ndarray:
         """Add validated serving-log rows (``SERVING_LOG_SCHEMA``; ``item_idx``: their two-tower item
@@ -313,6 +355,7 @@ class UserStore:
         clicked = events["clicked"].to_numpy(zero_copy_only=False)
         engaged = clicked & ~events["hidden"].to_numpy(zero_copy_only=False)
         flags = clicked * _Journal.CLICKED + engaged * _Journal.ENGAGED
+        cross = [[index(v) for v in events[col].to_pylist()] for col, index in self._cross.items()]
         order = np.argsort(ts, kind="stable")  # "seen" keeps the most recent last
         applied = np.zeros(len(users), dtype=bool)
         with self._lock:
@@ -322,9 +365,9 @@ class UserStore:
                 if hashes[i] in record.ids:
                     continue
                 applied[i] = True
-                item, flag = int(item_idx[i]), int(flags[i])
-                self._journal.append(self._journal.code(user), item, int(ts[i]), flag, hashes[i])
-                self._add(record, item, int(ts[i]), flag, hashes[i])
+                item, flag, values = int(item_idx[i]), int(flags[i]), tuple(col[i] for col in cross)
+                self._journal.append(self._journal.code(user), item, int(ts[i]), flag, hashes[i], values)
+                self._add(record, item, int(ts[i]), flag, hashes[i], values)
             self._evict()
         return applied
 
@@ -344,11 +387,14 @@ class UserStore:
             self._evict()
         return fresh
 
-    def _add(self, record: _Record, item: int, ts_us: int, flags: int, idh: int) -> None:
+    def _add(self, record: _Record, item: int, ts_us: int, flags: int, idh: int, cross: Sequence[int] = ()) -> None:
         """One event into ``record``: the only rule, for live events and rebuilds alike (lock held)."""
         record.ids.add(idh)
         record.impressions += 1
         record.clicks += bool(flags & _Journal.CLICKED)
+        for counts, value in zip(record.cross, cross):
+            counts[value, 0] += 1
+            counts[value, 1] += bool(flags & _Journal.CLICKED)
         record.seen.pop(item, None)
         record.seen[item] = None
         if len(record.seen) > self.max_seen:
@@ -370,7 +416,8 @@ class UserStore:
         record = self._seeded(user_id)
         cols = self._journal.cols
         for row in self._journal.rows_of(code):
-            self._add(record, int(cols["item"][row]), int(cols["ts"][row]), int(cols["flags"][row]), int(cols["idh"][row]))
+            self._add(record, int(cols["item"][row]), int(cols["ts"][row]), int(cols["flags"][row]), int(cols["idh"][row]),
+                      self._journal.cross_of(row))  # fmt: skip
         self.rebuilt += 1
         return self._adopt(user_id, record)
 
@@ -391,14 +438,28 @@ class UserStore:
         snap = self._snapshot
         row = snap.row_of.get(user_id)
         if row is None:
-            return _Record((None,) * len(USER_CAT_COLUMNS), [], {}, 0, 0)
+            return _Record((None,) * len(USER_CAT_COLUMNS), [], {}, 0, 0, cross=snap.cross_of(None, self._cross_sizes))
         # The snapshot keeps no per-item times: its items are stamped with the seeding log's last
         # time, so a live event after it sorts after them however late the service started.
         stamp = snap.latest_us
         hist = snap.history[snap.history_offsets[row] : snap.history_offsets[row + 1]].tolist()
         seen = snap.seen[snap.seen_offsets[row] : snap.seen_offsets[row + 1]].tolist()
         return _Record(tuple(snap.cats[c][row] for c in USER_CAT_COLUMNS), [(stamp, h) for h in hist],
-                       dict.fromkeys(seen), int(snap.impressions[row]), int(snap.clicks[row]))  # fmt: skip
+                       dict.fromkeys(seen), int(snap.impressions[row]), int(snap.clicks[row]),
+                       cross=snap.cross_of(row, self._cross_sizes))  # fmt: skip
+
+
+def _cross_counts(events: pa.Table, users: pa.Array, column: str, vocab: Vocab) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR (offsets, value indices, [M, 2] impressions and clicks) of each user's rows per value of
+    ``column`` (its index in ``vocab``, as the feature build's ``CrossCounters`` keys it)."""
+    n, size = len(users), len(vocab)
+    code = pc.index_in(events["user_id"], value_set=users).to_numpy().astype(np.int64)
+    pairs, inverse = np.unique(code * size + lookup_quiet(vocab, events[column]), return_inverse=True)
+    clicked = events["clicked"].to_numpy(zero_copy_only=False)
+    counts = np.stack([np.bincount(inverse, minlength=len(pairs)),
+                       np.bincount(inverse[clicked], minlength=len(pairs))], axis=1)  # fmt: skip
+    offsets = np.concatenate([[0], np.cumsum(np.bincount(pairs // size, minlength=n))]).astype(np.int64)
+    return offsets, pairs % size, counts
 
 
 def _recent_items(events: pa.Table, users: pa.Array, items: Vocab, max_seen: int) -> tuple[np.ndarray, np.ndarray]:

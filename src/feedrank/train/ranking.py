@@ -289,7 +289,8 @@ def train_ranking(
         with Trainer(model, functools.partial(ranker_loss, two_tower=frozen), train_cfg) as trainer:
             if resume:
                 trainer.resume()
-            collator = Collator(max_history=cfg.ranker.max_history_len, weight=weights, limits=batch_limits(vocabs))
+            collator = Collator(max_history=cfg.ranker.max_history_len, weight=weights, limits=batch_limits(vocabs),
+                                cross_counters=model.cross_counters)  # fmt: skip
             result = trainer.fit(epoch_batches(files, cfg.loader, collator, trainer))
         if result.status == "preempted":
             raise Preempted(result.checkpoint)

@@ -30,7 +30,7 @@ import pyarrow as pa
 
 from feedrank.bundle import build_catalogue
 from feedrank.data.batch import BatchLimits
-from feedrank.data.collate import BATCH_COLUMNS, Collator
+from feedrank.data.collate import Collator
 from feedrank.data.log import iter_days
 from feedrank.data.memory import system_memory_pool
 from feedrank.data.stream import ParquetStream, make_loader
@@ -117,7 +117,7 @@ def epoch_batches(
     """The trainer's ``data(epoch)``: the shuffled example ``files`` as ``Batch``es, deterministic in
     the epoch (exact resume), each rank its own shard with the same number of batches (DDP)."""
     stream = ParquetStream(
-        files, cfg.batch_size, columns=BATCH_COLUMNS, shuffle=True, seed=cfg.seed,
+        files, cfg.batch_size, columns=collator.columns, shuffle=True, seed=cfg.seed,
         shuffle_buffer_rows=cfg.shuffle_buffer_rows, even_batches=trainer.env.is_distributed,
     )  # fmt: skip
     loader = make_loader(stream, cfg.num_workers, collator)
