@@ -53,7 +53,7 @@ class CrossLayer(nn.Module):
             self.project = nn.Linear(dim, dim)
 
     def forward(self, x0: Tensor, x: Tensor) -> Tensor:
-        return x0 * self.project(x) + x
+        return torch.addcmul(x, x0, self.project(x))  # x0 * (W x + b) + x in one pass
 
     def first_one_user(self, x0: Tensor, user: Tensor, items: Tensor) -> Tensor:
         """The layer applied to ``x = x0`` [N, dim] = ``[user, items]`` per row, ``user`` [D_u] the
@@ -72,7 +72,7 @@ class CrossLayer(nn.Module):
         h = torch.addmm(constant, items, first.weight[:, du:].t())
         if isinstance(self.project, nn.Sequential):  # low rank: U (V x0)
             h = self.project[1](h)
-        return x0 * h + x0
+        return torch.addcmul(x0, x0, h)
 
 
 class CrossNetwork(nn.Module):
