@@ -157,6 +157,24 @@ def set_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+def history_rows(model: torch.nn.Module, chunk: int = 65_536) -> Tensor:
+    """[n_items, item_id_dim]: the two-tower's ``item_tower.embed_history`` of every item index.
+
+    A history item's row is a function of its index alone (its ID row, plus its projected title
+    bag when the tower reads titles), so serving computes every row once at startup and a user
+    vector gathers its history's rows from here: one lookup instead of an ID lookup, a title bag
+    and a projection per history item on every cache miss. Without titles the row is the ID row
+    itself, and the ID table is returned as is (no copy). Published items need no rows: a history
+    reads them as the OOV item (``_tower_vector``).
+    """
+    tower = model.item_tower
+    if not tower.reads_titles:
+        return tower.id_embedding.weight.detach()
+    with torch.inference_mode():
+        return torch.cat([tower.embed_history(torch.arange(start, min(start + chunk, model.n_items))[None])[0]
+                          for start in range(0, model.n_items, chunk)])  # fmt: skip
+
+
 def make_clock(start_time: str | None) -> Clock:
     """The wall clock (UTC), or one that starts at ``start_time`` and advances in real time."""
     if start_time is None:
@@ -425,6 +443,7 @@ class FeedService:
             bus.start(self._apply_peer_events)
         self._cache_lock = threading.Lock()
         self.temperature = float(self.model.temperature())
+        self.history_rows = history_rows(self.model)
         cold = UserView("", {c: None for c in USER_CAT_COLUMNS}, np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, False)
         self.default_vector = self._tower_vector(cold, known_user=False)
 
@@ -515,8 +534,9 @@ class FeedService:
             np.array([0, len(history)]), history, user_counters(view.impressions, view.clicks)[None],
             len(ITEM_CAT_COLUMNS),
         )  # fmt: skip
-        with torch.inference_mode():
-            return self.model.user_vectors(batch)[0].numpy()
+        with torch.inference_mode():  # TwoTower.user_vectors, its history rows gathered from the table
+            history_emb = self.history_rows[batch.history]
+            return self.model.user_tower(batch.user, batch.user_cats, batch.counters, history_emb, batch.history_mask)[0].numpy()
 
     def _candidates(self, vector: np.ndarray, view: UserView, now_us: int, cold: bool) -> tuple[np.ndarray, np.ndarray]:
         """Candidate rows and their source labels: ANN + fresh (+ popular when cold, + item2item when
