@@ -20,6 +20,7 @@ from feedrank.data.user_batch import user_batch
 from feedrank.features.counters import user_counters
 from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, USER_CAT_COLUMNS
 from feedrank.models.ranker import ItemInputs, Ranker, RankerConfig, UserInputs
+from feedrank.serving.items import ItemIn
 from feedrank.serving.pipeline import FeedService, history_rows
 from feedrank.serving.rerank import RerankConfig
 
@@ -85,7 +86,11 @@ def test_the_served_feed_equals_the_plain_model_path(bundles, serving_world, tmp
     make = lambda name: FeedService(two_tower, serving_config(tmp_path / name, rerank=RerankConfig(per_publisher_cap=3)),  # noqa: E731
                                     ranker=ranker, log_dir=serving_world.log, clock=TickingClock(serving_world.start))
     fast, plain = make("fast"), make("plain")
+    words = " ".join(two_tower.vocabs.tokens.ids[:40])  # published items (the ranker's rows extended), long titles
+    published = [ItemIn(item_id=f"new-{i}", title=" ".join(words.split()[i : i + 12]), publisher="p0") for i in range(3)]
     try:
+        fast.publish_items(published)
+        plain.publish_items(published)
         users = sorted(fast.store._snapshot.row_of)[:8] + ["someone-new"]
         got = feeds(fast, users)
         plain._tower_vector = types.MethodType(plain_tower_vector, plain)
@@ -98,6 +103,7 @@ def test_the_served_feed_equals_the_plain_model_path(bundles, serving_world, tmp
         plain.close()
     np.testing.assert_allclose(fast.default_vector, plain.default_vector, atol=1e-6)
     assert sum(len(runs[0]) for runs in got.values()) >= 8 * 10  # real feeds, not empty ones
+    assert any(item[0].startswith("new-") for runs in got.values() for item in runs[0])  # published items were ranked
     for user in users:
         for g, w in zip(got[user], want[user], strict=True):
             assert [x[:4] for x in g] == [x[:4] for x in w], user

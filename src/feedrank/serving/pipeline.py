@@ -312,13 +312,17 @@ def load_or_build_index(vectors: np.ndarray, item_ids: np.ndarray, cfg: IndexCon
 @dataclass
 class RankerInputs:
     """The ranker bundle's view of the two-tower catalogue: per two-tower row, the ranker's item
-    index, categoricals and counters (static, gathered per request), and its id lookups."""
+    index, categoricals, counters and (when the ranker reads titles) title tokens, static and
+    gathered per request; and its id lookups.
+
+    The per-row inputs are one record per row (``rows``, a numpy structured array) rather than a
+    table per input: a request's candidates are a few hundred rows scattered over the catalogue,
+    and on a large one each gathered row is a cache miss, so one record of 30-60 bytes per
+    candidate costs one or two misses where four tables cost four or more.
+    """
 
     bundle: Bundle
-    item_idx: np.ndarray  # [n_tt_items] ranker item index of each two-tower row
-    item_cats: Tensor  # [n_tt_items, n_item_cats]
-    item_tokens: Tensor  # [n_tt_items, T] title tokens in the ranker's token vocabulary
-    item_counters: Tensor  # [n_tt_items, n_item_counters]
+    rows: np.ndarray  # [n_tt_items] records: item (int64), cats [n_item_cats], counters [n_item_counters], tokens [T]
     users: VocabIndex
     user_cats: dict[str, VocabIndex]
     use_vectors: bool
@@ -336,12 +340,27 @@ class RankerInputs:
         idx = lookup_quiet(ranker.vocabs.items, two_tower.catalogue["item_id"])
         idx[PAD] = PAD
         counters = item_counters(ranker.catalogue, counter_config(ranker))[idx][:, : model.n_item_counters]
+        tokens = catalogue_item_tokens(ranker.catalogue).numpy()[idx] if model.reads_titles else None
         return cls(
-            bundle=ranker, item_idx=idx, item_cats=catalogue_item_cats(ranker.catalogue)[torch.from_numpy(idx)],
-            item_tokens=catalogue_item_tokens(ranker.catalogue)[torch.from_numpy(idx)],
-            item_counters=torch.from_numpy(np.ascontiguousarray(counters)), users=VocabIndex(ranker.vocabs.users),
-            user_cats={c: VocabIndex(v) for c, v in ranker.vocabs.user_cats.items()},
+            bundle=ranker, rows=pack_rows(idx, catalogue_item_cats(ranker.catalogue).numpy()[idx], counters, tokens),
+            users=VocabIndex(ranker.vocabs.users), user_cats={c: VocabIndex(v) for c, v in ranker.vocabs.user_cats.items()},
             use_vectors=model.cfg.two_tower_dim > 0,
+        )  # fmt: skip
+
+    @property
+    def item_idx(self) -> np.ndarray:
+        """[n_tt_items] the ranker's item index of each two-tower row (a view)."""
+        return self.rows["item"]
+
+    def items(self, rows: np.ndarray, age_h: np.ndarray, vectors: np.ndarray) -> ItemInputs:
+        """The ranker's inputs for the candidate ``rows`` (``vectors``: their two-tower vectors)."""
+        got = self.rows[rows]  # the one gather
+        column = lambda name: torch.from_numpy(got[name].astype(np.int64))  # noqa: E731
+        return ItemInputs(
+            item=column("item"), item_cats=column("cats"), item_age_h=torch.from_numpy(age_h.astype(np.float32)),
+            counters=torch.from_numpy(np.ascontiguousarray(got["counters"])),
+            vectors=torch.from_numpy(vectors) if self.use_vectors else None,
+            tokens=column("tokens") if "tokens" in got.dtype.names else None,
         )  # fmt: skip
 
     def extended(self, items: pa.Table) -> RankerInputs:
@@ -350,11 +369,26 @@ class RankerInputs:
         inputs = item_inputs(self.bundle, items)
         zeros = np.zeros(items.num_rows, np.int64)
         counters = counter_rows(zeros, zeros, counter_config(self.bundle))[:, : self.bundle.model.n_item_counters]
-        return dataclasses.replace(
-            self, item_idx=np.concatenate([self.item_idx, inputs.item.numpy()]),
-            item_cats=torch.cat([self.item_cats, inputs.item_cats]), item_tokens=cat_padded(self.item_tokens, inputs.tokens),
-            item_counters=torch.cat([self.item_counters, torch.from_numpy(counters.astype(np.float32))]),
-        )  # fmt: skip
+        old, has_tokens = self.rows, "tokens" in self.rows.dtype.names
+        tokens = cat_padded(torch.from_numpy(old["tokens"].astype(np.int64)), inputs.tokens).numpy() if has_tokens else None
+        return dataclasses.replace(self, rows=pack_rows(
+            np.concatenate([old["item"], inputs.item.numpy()]), np.concatenate([old["cats"], inputs.item_cats.numpy()]),
+            np.concatenate([old["counters"], counters]), tokens,
+        ))  # fmt: skip
+
+
+def pack_rows(item: np.ndarray, cats: np.ndarray, counters: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """[n] records of ``RankerInputs.rows`` from per-input arrays of n rows (``tokens`` None: the
+    ranker does not read titles, no field). Indices are stored as int32 (vocabularies are far
+    smaller), widened back per request."""
+    fields = [("item", np.int64), ("cats", np.int32, (cats.shape[1],)), ("counters", np.float32, (counters.shape[1],))]
+    if tokens is not None:
+        fields.append(("tokens", np.int32, (tokens.shape[1],)))
+    rows = np.empty(len(item), np.dtype(fields))
+    rows["item"], rows["cats"], rows["counters"] = item, cats, counters
+    if tokens is not None:
+        rows["tokens"] = tokens
+    return rows
 
 
 def cat_padded(a: Tensor, b: Tensor) -> Tensor:
@@ -575,15 +609,8 @@ class FeedService:
             counters=torch.from_numpy(user_counters(view.impressions, view.clicks)[: model.n_user_counters]),
             vector=torch.from_numpy(np.array(vector, np.float32)) if r.use_vectors else None,
         )  # fmt: skip
-        idx = torch.from_numpy(rows)
-        items = ItemInputs(
-            item=torch.from_numpy(r.item_idx[rows]), item_cats=r.item_cats[idx],
-            item_age_h=torch.from_numpy(age_h.astype(np.float32)), counters=r.item_counters[idx],
-            vectors=torch.from_numpy(vectors) if r.use_vectors else None,
-            tokens=r.item_tokens[idx],
-        )  # fmt: skip
         with torch.inference_mode():
-            return model.score_candidates(user, items)["value"].numpy().astype(np.float64)
+            return model.score_candidates(user, r.items(rows, age_h, vectors))["value"].numpy().astype(np.float64)
 
     def _cold_start_blend(self, scores: np.ndarray, rows: np.ndarray, age_h: np.ndarray) -> np.ndarray:
         """``ColdStartConfig``'s blend of the model score with popularity and freshness."""
