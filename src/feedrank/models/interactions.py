@@ -16,7 +16,10 @@ the ranker's shared MLP reads. They differ in which interactions they make expli
   two choices is the explicit interaction, which is what ``benchmarks/ranker_interactions.py``
   measures.
 
-``build_interaction(kind, n_fields, dim, ...)`` returns either one; each has ``out_dim``.
+``build_interaction(kind, n_fields, dim, ...)`` returns either one; each has ``out_dim`` and
+``forward_one_user(user, items)``, the serving form (one user's fields against N candidates' fields,
+``Ranker.score_candidates``): the cross network projects the user's share of its first layer once
+instead of once per candidate.
 
 Example::
 
@@ -50,7 +53,26 @@ class CrossLayer(nn.Module):
             self.project = nn.Linear(dim, dim)
 
     def forward(self, x0: Tensor, x: Tensor) -> Tensor:
-        return x0 * self.project(x) + x
+        return torch.addcmul(x, x0, self.project(x))  # x0 * (W x + b) + x in one pass
+
+    def first_one_user(self, x0: Tensor, user: Tensor, items: Tensor) -> Tensor:
+        """The layer applied to ``x = x0`` [N, dim] = ``[user, items]`` per row, ``user`` [D_u] the
+        same in every row (one request's user): ``forward(x0, x0)``, with the user columns' share
+        of the first projection ``W x0`` computed once (one row) instead of N times.
+
+        Exact up to float summation order: the projection is linear, ``W x0 = W_u u + W_i x0_i``.
+        A projection that is not a plain ``nn.Linear`` (int8, ``feedrank.models.quantize``) holds no
+        weight matrix to split and is applied whole.
+        """
+        first = self.project[0] if isinstance(self.project, nn.Sequential) else self.project
+        if type(first) is not nn.Linear:
+            return self.forward(x0, x0)
+        du = user.shape[0]
+        constant = nn.functional.linear(user, first.weight[:, :du], first.bias)  # [out]: the user half (+ bias)
+        h = torch.addmm(constant, items, first.weight[:, du:].t())
+        if isinstance(self.project, nn.Sequential):  # low rank: U (V x0)
+            h = self.project[1](h)
+        return torch.addcmul(x0, x0, h)
 
 
 class CrossNetwork(nn.Module):
@@ -69,6 +91,15 @@ class CrossNetwork(nn.Module):
             x = layer(x0, x)
         return x
 
+    def forward_one_user(self, user: Tensor, items: Tensor) -> Tensor:
+        """``forward`` of ``x0 = [user, items]`` per row, ``user`` [D_u] the same in all N rows and
+        ``items`` [N, dim - D_u]: the first layer projects the user half once (``first_one_user``)."""
+        x0 = torch.cat([user.expand(items.shape[0], -1), items], dim=1)
+        x = self.layers[0].first_one_user(x0, user, items)
+        for layer in self.layers[1:]:
+            x = layer(x0, x)
+        return x
+
 
 class FieldCross(nn.Module):
     """Adapter: fields [B, F, D] -> flattened -> ``CrossNetwork`` -> [B, F*D]."""
@@ -80,6 +111,11 @@ class FieldCross(nn.Module):
 
     def forward(self, fields: Tensor) -> Tensor:
         return self.cross(fields.flatten(1))
+
+    def forward_one_user(self, user: Tensor, items: Tensor) -> Tensor:
+        """``forward`` of one user's fields [F_u, D] joined to each of N rows of item fields
+        [N, F_i, D] (user fields first), without projecting the user's fields N times."""
+        return self.cross.forward_one_user(user.flatten(), items.flatten(1))
 
 
 class DotInteraction(nn.Module):
@@ -102,6 +138,10 @@ class DotInteraction(nn.Module):
             raise ValueError(f"fields must be [B, {self.n_fields}, D], got {tuple(fields.shape)}")
         gram = torch.bmm(fields, fields.transpose(1, 2))  # [B, F, F]; F is small (~15), so this is cheap
         return torch.cat([fields.flatten(1), gram[:, self.rows, self.cols]], dim=1)
+
+    def forward_one_user(self, user: Tensor, items: Tensor) -> Tensor:
+        """``forward`` of one user's fields [F_u, D] joined to each of N rows of item fields [N, F_i, D]."""
+        return self(torch.cat([user.expand(items.shape[0], -1, -1), items], dim=1))
 
 
 def build_interaction(kind: InteractionKind, n_fields: int, dim: int, *, cross_layers: int = 2, cross_rank: int = 0) -> nn.Module:

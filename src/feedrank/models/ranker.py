@@ -451,10 +451,17 @@ class Ranker(nn.Module):
         """Head outputs {click, dwell, share, hide} [B] of fields [B, F, dim]: interaction, bottom, heads
         (the match field is computed here, where both sides meet)."""
         if self.match is not None:
-            users, items = fields[:, self._match_users].float(), fields[:, self._match_items].float()
-            cosines = F.cosine_similarity(users, items, dim=-1, eps=1e-6)
-            fields = torch.cat([fields, self.match(cosines).to(fields.dtype)[:, None]], dim=1)
-        shared = self.bottom(self.interaction(fields))
+            match = self._match_field(fields[:, self._match_users], fields[:, self._match_items])
+            fields = torch.cat([fields, match.to(fields.dtype)[:, None]], dim=1)
+        return self._heads(self.interaction(fields))
+
+    def _match_field(self, users: Tensor, items: Tensor) -> Tensor:
+        """[B, dim] match field of the paired user and item fields ([B or 1, P, dim], [B, P, dim])."""
+        return self.match(F.cosine_similarity(users.float(), items.float(), dim=-1, eps=1e-6))
+
+    def _heads(self, interacted: Tensor) -> dict[str, Tensor]:
+        """Head outputs {click, dwell, share, hide} [B] of the interaction's output [B, out_dim]."""
+        shared = self.bottom(interacted)
         return {name: head(shared).squeeze(-1) for name, head in self.heads.items()}
 
     def position_logit(self, position: Tensor) -> Tensor:
@@ -508,8 +515,11 @@ class Ranker(nn.Module):
     def score_candidates(self, user: UserInputs, items: ItemInputs) -> dict[str, Tensor]:
         """Serving predictions for N candidates of ONE user, each [N]; the user side is computed once.
 
-        The user's fields are computed for one row and broadcast (``expand``, no copy) against
-        the N item rows. An empty candidate set (N = 0) returns empty tensors rather than raising:
+        The user's fields are computed for one row, and so is everything of the user alone that
+        ``heads_from_fields`` would repeat per row: the user's share of the first cross layer's
+        projection (``interaction.forward_one_user``) and the user side of the match cosines (the
+        same values as ``predict`` on the expanded batch, up to float rounding). An empty
+        candidate set (N = 0) returns empty tensors rather than raising:
         an ANN lookup that finds nothing is a normal serving outcome, and the caller decides what
         an empty feed means. Call ``eval()`` first.
         """
@@ -522,8 +532,11 @@ class Ranker(nn.Module):
         users = self.user_fields(user.user[None], user.user_cats[None], user.history[None], mask[None], user.counters[None], vector)
         item_rows = self.item_fields(items.item, items.item_cats, items.item_age_h, items.counters, items.vectors, items.tokens,
                                      items.cross_counters)  # fmt: skip
-        fields = torch.cat([users.expand(item_rows.shape[0], -1, -1), item_rows], dim=1)
-        return self.predictions(self.heads_from_fields(fields))
+        users = users[0]
+        if self.match is not None:  # the pairs' item fields follow the user fields (see __init__)
+            match = self._match_field(users[self._match_users][None], item_rows[:, self._match_items - users.shape[0]])
+            item_rows = torch.cat([item_rows, match.to(item_rows.dtype)[:, None]], dim=1)
+        return self.predictions(self._heads(self.interaction.forward_one_user(users, item_rows)))
 
 
 def _renamed_title_match(state: dict, prefix: str, *_args) -> None:

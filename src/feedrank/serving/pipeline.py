@@ -157,6 +157,24 @@ def set_threads(n: int) -> None:
     faiss.omp_set_num_threads(n)
 
 
+def history_rows(model: torch.nn.Module, chunk: int = 65_536) -> Tensor:
+    """[n_items, item_id_dim]: the two-tower's ``item_tower.embed_history`` of every item index.
+
+    A history item's row is a function of its index alone (its ID row, plus its projected title
+    bag when the tower reads titles), so serving computes every row once at startup and a user
+    vector gathers its history's rows from here: one lookup instead of an ID lookup, a title bag
+    and a projection per history item on every cache miss. Without titles the row is the ID row
+    itself, and the ID table is returned as is (no copy). Published items need no rows: a history
+    reads them as the OOV item (``_tower_vector``).
+    """
+    tower = model.item_tower
+    if not tower.reads_titles:
+        return tower.id_embedding.weight.detach()
+    with torch.inference_mode():
+        return torch.cat([tower.embed_history(torch.arange(start, min(start + chunk, model.n_items))[None])[0]
+                          for start in range(0, model.n_items, chunk)])  # fmt: skip
+
+
 def make_clock(start_time: str | None) -> Clock:
     """The wall clock (UTC), or one that starts at ``start_time`` and advances in real time."""
     if start_time is None:
@@ -294,13 +312,17 @@ def load_or_build_index(vectors: np.ndarray, item_ids: np.ndarray, cfg: IndexCon
 @dataclass
 class RankerInputs:
     """The ranker bundle's view of the two-tower catalogue: per two-tower row, the ranker's item
-    index, categoricals and counters (static, gathered per request), and its id lookups."""
+    index, categoricals, counters and (when the ranker reads titles) title tokens, static and
+    gathered per request; and its id lookups.
+
+    The per-row inputs are one record per row (``rows``, a numpy structured array) rather than a
+    table per input: a request's candidates are a few hundred rows scattered over the catalogue,
+    and on a large one each gathered row is a cache miss, so one record of 30-60 bytes per
+    candidate costs one or two misses where four tables cost four or more.
+    """
 
     bundle: Bundle
-    item_idx: np.ndarray  # [n_tt_items] ranker item index of each two-tower row
-    item_cats: Tensor  # [n_tt_items, n_item_cats]
-    item_tokens: Tensor  # [n_tt_items, T] title tokens in the ranker's token vocabulary
-    item_counters: Tensor  # [n_tt_items, n_item_counters]
+    rows: np.ndarray  # [n_tt_items] records: item (int64), cats [n_item_cats], counters [n_item_counters], tokens [T]
     users: VocabIndex
     user_cats: dict[str, VocabIndex]
     use_vectors: bool
@@ -318,12 +340,27 @@ class RankerInputs:
         idx = lookup_quiet(ranker.vocabs.items, two_tower.catalogue["item_id"])
         idx[PAD] = PAD
         counters = item_counters(ranker.catalogue, counter_config(ranker))[idx][:, : model.n_item_counters]
+        tokens = catalogue_item_tokens(ranker.catalogue).numpy()[idx] if model.reads_titles else None
         return cls(
-            bundle=ranker, item_idx=idx, item_cats=catalogue_item_cats(ranker.catalogue)[torch.from_numpy(idx)],
-            item_tokens=catalogue_item_tokens(ranker.catalogue)[torch.from_numpy(idx)],
-            item_counters=torch.from_numpy(np.ascontiguousarray(counters)), users=VocabIndex(ranker.vocabs.users),
-            user_cats={c: VocabIndex(v) for c, v in ranker.vocabs.user_cats.items()},
+            bundle=ranker, rows=pack_rows(idx, catalogue_item_cats(ranker.catalogue).numpy()[idx], counters, tokens),
+            users=VocabIndex(ranker.vocabs.users), user_cats={c: VocabIndex(v) for c, v in ranker.vocabs.user_cats.items()},
             use_vectors=model.cfg.two_tower_dim > 0,
+        )  # fmt: skip
+
+    @property
+    def item_idx(self) -> np.ndarray:
+        """[n_tt_items] the ranker's item index of each two-tower row (a view)."""
+        return self.rows["item"]
+
+    def items(self, rows: np.ndarray, age_h: np.ndarray, vectors: np.ndarray) -> ItemInputs:
+        """The ranker's inputs for the candidate ``rows`` (``vectors``: their two-tower vectors)."""
+        got = self.rows[rows]  # the one gather
+        column = lambda name: torch.from_numpy(got[name].astype(np.int64))  # noqa: E731
+        return ItemInputs(
+            item=column("item"), item_cats=column("cats"), item_age_h=torch.from_numpy(age_h.astype(np.float32)),
+            counters=torch.from_numpy(np.ascontiguousarray(got["counters"])),
+            vectors=torch.from_numpy(vectors) if self.use_vectors else None,
+            tokens=column("tokens") if "tokens" in got.dtype.names else None,
         )  # fmt: skip
 
     def extended(self, items: pa.Table) -> RankerInputs:
@@ -332,11 +369,26 @@ class RankerInputs:
         inputs = item_inputs(self.bundle, items)
         zeros = np.zeros(items.num_rows, np.int64)
         counters = counter_rows(zeros, zeros, counter_config(self.bundle))[:, : self.bundle.model.n_item_counters]
-        return dataclasses.replace(
-            self, item_idx=np.concatenate([self.item_idx, inputs.item.numpy()]),
-            item_cats=torch.cat([self.item_cats, inputs.item_cats]), item_tokens=cat_padded(self.item_tokens, inputs.tokens),
-            item_counters=torch.cat([self.item_counters, torch.from_numpy(counters.astype(np.float32))]),
-        )  # fmt: skip
+        old, has_tokens = self.rows, "tokens" in self.rows.dtype.names
+        tokens = cat_padded(torch.from_numpy(old["tokens"].astype(np.int64)), inputs.tokens).numpy() if has_tokens else None
+        return dataclasses.replace(self, rows=pack_rows(
+            np.concatenate([old["item"], inputs.item.numpy()]), np.concatenate([old["cats"], inputs.item_cats.numpy()]),
+            np.concatenate([old["counters"], counters]), tokens,
+        ))  # fmt: skip
+
+
+def pack_rows(item: np.ndarray, cats: np.ndarray, counters: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
+    """[n] records of ``RankerInputs.rows`` from per-input arrays of n rows (``tokens`` None: the
+    ranker does not read titles, no field). Indices are stored as int32 (vocabularies are far
+    smaller), widened back per request."""
+    fields = [("item", np.int64), ("cats", np.int32, (cats.shape[1],)), ("counters", np.float32, (counters.shape[1],))]
+    if tokens is not None:
+        fields.append(("tokens", np.int32, (tokens.shape[1],)))
+    rows = np.empty(len(item), np.dtype(fields))
+    rows["item"], rows["cats"], rows["counters"] = item, cats, counters
+    if tokens is not None:
+        rows["tokens"] = tokens
+    return rows
 
 
 def cat_padded(a: Tensor, b: Tensor) -> Tensor:
@@ -428,6 +480,7 @@ class FeedService:
             bus.start(self._apply_peer_events)
         self._cache_lock = threading.Lock()
         self.temperature = float(self.model.temperature())
+        self.history_rows = history_rows(self.model)
         cold = UserView("", {c: None for c in USER_CAT_COLUMNS}, np.zeros(0, np.int64), np.zeros(0, np.int64), 0, 0, False)
         self.default_vector = self._tower_vector(cold, known_user=False)
 
@@ -518,8 +571,9 @@ class FeedService:
             np.array([0, len(history)]), history, user_counters(view.impressions, view.clicks)[None],
             len(ITEM_CAT_COLUMNS),
         )  # fmt: skip
-        with torch.inference_mode():
-            return self.model.user_vectors(batch)[0].numpy()
+        with torch.inference_mode():  # TwoTower.user_vectors, its history rows gathered from the table
+            history_emb = self.history_rows[batch.history]
+            return self.model.user_tower(batch.user, batch.user_cats, batch.counters, history_emb, batch.history_mask)[0].numpy()
 
     def _candidates(self, vector: np.ndarray, view: UserView, now_us: int, cold: bool) -> tuple[np.ndarray, np.ndarray]:
         """Candidate rows and their source labels: ANN + fresh (+ popular when cold, + item2item when
@@ -558,15 +612,10 @@ class FeedService:
             counters=torch.from_numpy(user_counters(view.impressions, view.clicks)[: model.n_user_counters]),
             vector=torch.from_numpy(np.array(vector, np.float32)) if r.use_vectors else None,
         )  # fmt: skip
-        idx = torch.from_numpy(rows)
-        cross_values = r.item_cats[idx][:, [ITEM_CAT_COLUMNS.index(c) for c in model.cross_counters]].numpy()
-        items = ItemInputs(
-            item=torch.from_numpy(r.item_idx[rows]), item_cats=r.item_cats[idx],
-            item_age_h=torch.from_numpy(age_h.astype(np.float32)), counters=r.item_counters[idx],
-            vectors=torch.from_numpy(vectors) if r.use_vectors else None,
-            tokens=r.item_tokens[idx],
-            cross_counters=torch.from_numpy(view.cross_counters(cross_values)) if model.cross_counters else None,
-        )  # fmt: skip
+        items = r.items(rows, age_h, vectors)
+        if model.cross_counters:  # the user's counts on each candidate's value of those columns
+            values = items.item_cats[:, [ITEM_CAT_COLUMNS.index(c) for c in model.cross_counters]].numpy()
+            items = dataclasses.replace(items, cross_counters=torch.from_numpy(view.cross_counters(values)))
         with torch.inference_mode():
             return model.score_candidates(user, items)["value"].numpy().astype(np.float64)
 
