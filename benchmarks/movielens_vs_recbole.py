@@ -559,7 +559,7 @@ def main(argv: list[str] | None = None) -> None:
     os.replace(tmp, out / "results.json")
 
     print(format_table(models))
-    print(f"selected by valid {SELECT_BY}: feedrank's {ours}, RecBole's {recbole_best}")
+    print(f"selected by valid {SELECT_BY}: {ours} (feedrank), {recbole_best} (RecBole)")
     print(f"paired bootstrap on test over {len(test.users)} users, {ours} minus each (95% CI):")
     for name, by_metric in bootstrap.items():
         shown = "  ".join(f"{m} {b['delta']:+.4f} [{b['ci95'][0]:+.4f}, {b['ci95'][1]:+.4f}]" for m, b in by_metric.items())
