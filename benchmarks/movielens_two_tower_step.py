@@ -45,7 +45,7 @@ USER_CAT_SIZES, ITEM_CAT_SIZES = [9], [21]
 class _Sizes:
     """The vocabulary sizes ``build_two_tower`` reads, without building vocabularies."""
 
-    n_users, n_items, user_cat_sizes, item_cat_sizes = N_USERS, N_ITEMS, USER_CAT_SIZES, ITEM_CAT_SIZES
+    n_users, n_items, user_cat_sizes, item_cat_sizes, n_tokens = N_USERS, N_ITEMS, USER_CAT_SIZES, ITEM_CAT_SIZES, 0
 
 
 def batch_of(size: int, g: torch.Generator) -> Batch:

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import yaml
@@ -12,8 +13,8 @@ from feedrank.bundle import load_bundle
 from feedrank.cli import app
 from feedrank.config import ConfigError, from_dict
 from feedrank.evaluate.retrieval import evaluate_bundle
-from feedrank.models.item2item import Item2ItemModel, fit_ease, interactions
-from feedrank.train.retrieval import RetrievalRunConfig, train_retrieval, training_positives
+from feedrank.models.item2item import Item2ItemModel, fit_ease, interactions, session_gram
+from feedrank.train.retrieval import RetrievalRunConfig, training_positive_rows, train_retrieval, training_positives
 
 RUN = {
     "features": {"split_at": "2024-01-04T00:00:00", "history_len": 20},
@@ -76,3 +77,18 @@ def test_cli_trains_and_evaluates_an_item2item_kind(world, tmp_path):
     result = run("evaluate", "retrieval", tmp_path / "run" / "bundle", "--log", world, "--k", "5", "--out", tmp_path / "e")
     assert result.exit_code == 0, result.output
     assert "recall@5" in json.loads((tmp_path / "e" / "metrics.json").read_text())["models"]["item2item"]
+
+
+def test_session_ease_run_fits_on_the_train_engagements_times(world, tmp_path):
+    cfg = from_dict(RetrievalRunConfig, {**RUN, "retrieval": {"kind": "ease"},
+                                         "item2item": {"reg": 10.0, "session_weight": 1.0, "session_tau_s": 3600.0}})  # fmt: skip
+    bundle = train_retrieval(world, tmp_path, cfg, progress=False)
+    rows = training_positive_rows(tmp_path / "features", ["user_idx", "item_idx", "ts"])
+    users, items = rows["user_idx"].to_numpy(), rows["item_idx"].to_numpy()
+    ts_s = rows["ts"].cast(pa.timestamp("us")).cast(pa.int64()).to_numpy() / 1e6
+    x = interactions(users, items, bundle.vocabs.n_users, bundle.vocabs.n_items)
+    extra = session_gram(users, items, ts_s, bundle.vocabs.n_items, 3600.0)
+    assert extra.nnz > np.unique(items).size  # the world has pairs engaged within hours: the term is not just the diagonal
+    expected = fit_ease(x, reg=10.0, extra_gram=extra).matrix().toarray()
+    np.testing.assert_allclose(bundle.model.item2item.matrix().toarray(), expected, atol=1e-5)
+    assert not np.allclose(expected, fit_ease(x, reg=10.0).matrix().toarray(), atol=1e-4)

@@ -6,7 +6,11 @@ Both models map a user's engagement history (a set of item indices) to a score p
 - ``fit_ease`` (Steck 2019, "Embarrassingly Shallow Autoencoders"): with ``G = X^T X + reg*I`` and
   ``P = G^-1``, ``B = I - P / diag(P)`` (column-wise) with its diagonal zeroed. One dense
   ``n_items x n_items`` inverse, so it is for catalogues where that fits (MovieLens: 1,682 items,
-  about a second); memory and time are O(items^2) and O(items^3).
+  about a second); memory and time are O(items^2) and O(items^3). With ``session_weight > 0`` the
+  gram also counts *when* two items were engaged (``session_gram``): a pair of one user's
+  engagements adds ``session_weight * exp(-|t_a - t_b| / session_tau_s)`` on top of its 1, so items
+  engaged in the same session (MovieLens users rate dozens of movies minutes apart, from listing
+  pages) weigh more than items the user engaged months apart. Only the training rows' times are used.
 - ``fit_covisit``: ``C = X^T X`` (how many users engaged with both items), diagonal dropped, and only
   the ``k`` largest entries kept per item (row). It is computed a chunk of items at a time with
   scipy.sparse, so peak memory is O(nnz(X) + chunk x items) and the result O(items x k): this is
@@ -58,10 +62,16 @@ class Item2ItemConfig:
     neighbours: int = 100  # co-visitation: the k most co-engaged items kept per item
     chunk_items: int = 4096  # co-visitation: items whose co-counts are computed at once (memory)
     history_len: int = 1000  # a user is scored from their last this many engagements
+    session_weight: float = 0.0  # EASE: extra weight of a pair engaged close in time (0: plain EASE)
+    session_tau_s: float = 600.0  # EASE: time scale (seconds) of that extra weight's exp(-dt / tau) decay
 
     def validate(self) -> None:
         if self.reg <= 0:
             raise ValueError(f"reg must be > 0, got {self.reg}")
+        if self.session_weight < 0:
+            raise ValueError(f"session_weight must be >= 0, got {self.session_weight}")
+        if self.session_tau_s <= 0:
+            raise ValueError(f"session_tau_s must be > 0, got {self.session_tau_s}")
         for name in ("neighbours", "chunk_items", "history_len"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -152,12 +162,59 @@ def _keep_top_k(block: np.ndarray, k: int | None) -> sp.csr_matrix:
     return sp.csr_matrix(block)
 
 
-def fit_ease(x: sp.csr_matrix, reg: float = 250.0, top_k: int | None = None) -> Item2Item:
-    """EASE weights ``B = I - P / diag(P)``, ``P = (X^T X + reg I)^-1``, diagonal zero (module docstring)."""
+#: Pairs further apart than this many ``tau`` add nothing to the session gram (exp(-10) < 5e-5).
+SESSION_CUTOFF_TAUS = 10.0
+
+
+def session_gram(user_rows: np.ndarray, item_idx: np.ndarray, ts_s: np.ndarray, n_items: int, tau_s: float) -> sp.csr_matrix:
+    """``sum_u K_u``: the items x items sum over users of ``exp(-|t_a - t_b| / tau_s)`` for every pair
+    of the user's engagements (a, b), the diagonal included (a == b: 1 per engagement, so its
+    diagonal is the item's engagement count). A (user, item) engaged more than once counts once, at
+    its first time. Pairs more than ``SESSION_CUTOFF_TAUS * tau_s`` apart are dropped.
+
+    Why a sweep: with each user's engagements sorted by time, pairs within the cutoff are offsets
+    1, 2, ... of one sorted array, so each offset is one vectorised pass, and the passes stop at the
+    first offset with no pair left (the longest burst of one user), never O(history^2) per user.
+    """
+    user_rows, item_idx = np.asarray(user_rows, np.int64), np.asarray(item_idx, np.int64)
+    ts_s = np.asarray(ts_s, np.float64)
+    if not (user_rows.shape == item_idx.shape == ts_s.shape):
+        raise ValueError(f"{user_rows.size} user rows, {item_idx.size} item indices and {ts_s.size} times differ in length")
+    if tau_s <= 0:
+        raise ValueError(f"tau_s must be > 0, got {tau_s}")
+    if item_idx.size and (item_idx.min() < 0 or item_idx.max() >= n_items):
+        raise ValueError(f"item indices must lie in [0, {n_items})")
+    order = np.lexsort((ts_s, item_idx, user_rows))  # first engagement of each (user, item) first
+    u, i, t = user_rows[order], item_idx[order], ts_s[order]
+    first = np.ones(u.size, bool)
+    first[1:] = (u[1:] != u[:-1]) | (i[1:] != i[:-1])
+    u, i, t = u[first], i[first], t[first]
+    order = np.lexsort((t, u))
+    u, i, t = u[order], i[order], t[order]
+    rows, cols, vals = [i], [i], [np.ones(i.size)]
+    cutoff = SESSION_CUTOFF_TAUS * tau_s
+    for k in range(1, u.size):
+        near = np.flatnonzero((u[k:] == u[:-k]) & (t[k:] - t[:-k] <= cutoff))
+        if near.size == 0:
+            break
+        w = np.exp(-(t[near + k] - t[near]) / tau_s)
+        rows += [i[near], i[near + k]]
+        cols += [i[near + k], i[near]]
+        vals += [w, w]
+    return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items))
+
+
+def fit_ease(x: sp.csr_matrix, reg: float = 250.0, top_k: int | None = None, extra_gram: sp.spmatrix | None = None) -> Item2Item:
+    """EASE weights ``B = I - P / diag(P)``, ``P = (X^T X + extra_gram + reg I)^-1``, diagonal zero
+    (module docstring; ``extra_gram`` is the session term, ``session_weight * session_gram``)."""
     if reg <= 0:
         raise ValueError(f"reg must be > 0, got {reg}")
     n = x.shape[1]
     g = (x.T @ x).toarray().astype(np.float64)
+    if extra_gram is not None:
+        if extra_gram.shape != (n, n):
+            raise ValueError(f"extra_gram is {extra_gram.shape}, the model has {n} items")
+        g += extra_gram.toarray()
     g[np.diag_indices(n)] += reg
     p = np.linalg.inv(g)
     b = -p / np.diag(p)[None, :]
@@ -241,10 +298,18 @@ class Item2ItemModel(nn.Module):
         return torch.from_numpy(self.item2item.scores(histories))
 
 
-def fit(x: sp.csr_matrix, method: str, cfg: Item2ItemConfig) -> Item2Item:
-    """Fit the item-to-item ``method`` ("ease" or "covisit") on a binary users x items matrix."""
+def fit(x: sp.csr_matrix, method: str, cfg: Item2ItemConfig, times: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+        ) -> Item2Item:  # fmt: skip
+    """Fit the item-to-item ``method`` ("ease" or "covisit") on a binary users x items matrix.
+    EASE with ``cfg.session_weight > 0`` needs ``times``: the (user row, item index, seconds) of the
+    engagements ``x`` was built from."""
     if method == "ease":
-        return fit_ease(x, reg=cfg.reg, top_k=cfg.top_k)
+        extra = None
+        if cfg.session_weight > 0:
+            if times is None:
+                raise ValueError("item2item.session_weight > 0 needs the engagements' times")
+            extra = cfg.session_weight * session_gram(*times, x.shape[1], cfg.session_tau_s)
+        return fit_ease(x, reg=cfg.reg, top_k=cfg.top_k, extra_gram=extra)
     if method == "covisit":
         return fit_covisit(x, k=cfg.neighbours, chunk_items=cfg.chunk_items)
     raise ValueError(f"unknown item-to-item method {method!r}; known: ease, covisit")

@@ -164,11 +164,16 @@ def clicked_rows(rows: pa.Table | pa.RecordBatch) -> np.ndarray:
     return rows.column("clicked").to_numpy(zero_copy_only=False).astype(bool)
 
 
+def training_positive_rows(features_dir: Path, columns: list[str]) -> pa.Table:
+    """``columns`` of the train split's engagements (clicked, not hidden), in the build's row order."""
+    read = list(dict.fromkeys([*columns, "clicked", "hidden"]))
+    table = pa.concat_tables(pq.read_table(f, columns=read) for f in split_files(features_dir, "train"))
+    return table.filter(pc.and_(table["clicked"], pc.invert(table["hidden"]))).select(columns)
+
+
 def training_positives(features_dir: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """(user_idx, item_idx) of the train split's engagements (clicked, not hidden)."""
-    columns = ["user_idx", "item_idx", "clicked", "hidden"]
-    table = pa.concat_tables(pq.read_table(f, columns=columns) for f in split_files(features_dir, "train"))
-    table = table.filter(pc.and_(table["clicked"], pc.invert(table["hidden"])))
+    table = training_positive_rows(features_dir, ["user_idx", "item_idx"])
     return torch.tensor(table["user_idx"].to_numpy()), torch.tensor(table["item_idx"].to_numpy())  # copies: arrow buffers are read-only
 
 
@@ -242,10 +247,12 @@ def train_retrieval(
 def _fit_item2item(features_dir: Path, out: Path, cfg: RetrievalRunConfig, vocabs: Vocabularies, catalogue: pa.Table,
                    log_dir: Path, manifest: dict, sources: dict[str, Any]) -> Bundle:  # fmt: skip
     """The item-to-item kinds: fit on the train split's engagements, evaluate, bundle (kind ``item2item``)."""
-    users, items = training_positives(features_dir)
-    x = i2i.interactions(users.numpy(), items.numpy(), vocabs.n_users, vocabs.n_items)
+    rows = training_positive_rows(features_dir, ["user_idx", "item_idx", "ts"])
+    users, items = rows["user_idx"].to_numpy(), rows["item_idx"].to_numpy()
+    ts_s = rows["ts"].cast(pa.timestamp("us")).cast(pa.int64()).to_numpy() / 1e6  # the session term's times
+    x = i2i.interactions(users, items, vocabs.n_users, vocabs.n_items)
     started = time.perf_counter()
-    model = i2i.Item2ItemModel(vocabs.n_items, i2i.fit(x, cfg.retrieval.kind, cfg.item2item))
+    model = i2i.Item2ItemModel(vocabs.n_items, i2i.fit(x, cfg.retrieval.kind, cfg.item2item, (users, items, ts_s)))
     seconds = time.perf_counter() - started
     log.info("%s fitted on %d engagements x %d items in %.1f s (%d neighbours)", cfg.retrieval.kind, x.nnz,
              vocabs.n_items, seconds, model.indices.numel())  # fmt: skip
