@@ -144,6 +144,7 @@ def example_schema(cross_counters: tuple[str, ...] | list[str] = ()) -> pa.Schem
     extra = [pa.field(c, pa.float32(), nullable=False) for c in cross_counter_columns(cross_counters)]
     return pa.schema(list(EXAMPLE_SCHEMA) + extra)
 
+
 #: The columns the example pass reads; both passes add the config's content_fields (only the text it uses).
 _LOG_COLUMNS = [
     "user_id", "item_id", "ts", "request_id", "position", "clicked", "dwell_s", "shared", "hidden",
