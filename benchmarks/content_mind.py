@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from content_tower import ID_DROPOUT, TITLE_DIM, figures, holdout, oracle_scores, score
+from content_tower import ID_DROPOUT, TITLE_DIM, figures, holdout, oracle_scores, print_table, score
 
 from feedrank.config import load_yaml
 from feedrank.data.ingest import ingest
@@ -149,10 +149,7 @@ def main() -> None:
 
     print(f"world: {results['world']}, MIND files, abstracts of {args.abstract_words} words; held-out impressions "
           f"{rows.num_rows}, new items {results['models']['ranker/id_only']['new_item_share']:.1%} of them")  # fmt: skip
-    print(f"{'model':<26} {'AUC all':>8} {'share':>6} {'AUC new':>8} {'share':>6}   (oracle AUC all / new)")
-    for name, f in results["models"].items():
-        print(f"{name:<26} {f['all']['auc']:>8.3f} {f['all']['lift_share']:>6.0%} {f['new_items']['auc']:>8.3f} "
-              f"{f['new_items']['lift_share']:>6.0%}   ({f['all']['oracle_auc']:.3f} / {f['new_items']['oracle_auc']:.3f})")  # fmt: skip
+    print_table(results["models"], width=26)
     print("untrained match (cosine of starting word vectors), new-item AUC:",
           {k: round(v, 3) for k, v in results["untrained_match_new_auc"].items()})
     print(f"{results['seconds']:.0f} s")

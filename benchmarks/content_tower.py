@@ -87,6 +87,14 @@ def score(bundle: Bundle, rows: pa.Table, max_history: int) -> np.ndarray:
     return score_rows(rows, scorer, max_history=max_history)["score"]
 
 
+def print_table(models: dict[str, dict], width: int) -> None:
+    """One line a model: AUC and share of the oracle's lift, overall and on new items."""
+    print(f"{'model':<{width}} {'AUC all':>8} {'share':>6} {'AUC new':>8} {'share':>6}   (oracle AUC all / new)")
+    for name, f in models.items():
+        print(f"{name:<{width}} {f['all']['auc']:>8.3f} {f['all']['lift_share']:>6.0%} {f['new_items']['auc']:>8.3f} "
+              f"{f['new_items']['lift_share']:>6.0%}   ({f['all']['oracle_auc']:.3f} / {f['new_items']['oracle_auc']:.3f})")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--world", default=str(ROOT / "configs/world_demo.yaml"))
@@ -132,10 +140,7 @@ def main() -> None:
 
     print(f"world: {results['world']}, held-out impressions {rows.num_rows}, "
           f"new items {results['models']['two_tower/id_only']['new_item_share']:.1%} of them")  # fmt: skip
-    print(f"{'model':<20} {'AUC all':>8} {'share':>6} {'AUC new':>8} {'share':>6}   (oracle AUC all / new)")
-    for name, f in results["models"].items():
-        print(f"{name:<20} {f['all']['auc']:>8.3f} {f['all']['lift_share']:>6.0%} {f['new_items']['auc']:>8.3f} "
-              f"{f['new_items']['lift_share']:>6.0%}   ({f['all']['oracle_auc']:.3f} / {f['new_items']['oracle_auc']:.3f})")  # fmt: skip
+    print_table(results["models"], width=20)
     print(f"{results['seconds']:.0f} s")
     (out / "content_tower.json").write_text(json.dumps(results, indent=2) + "\n")
 
