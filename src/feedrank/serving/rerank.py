@@ -112,10 +112,11 @@ class Candidates:
             raise ValueError(f"candidate arrays differ in length: {', '.join(f'{k}={v}' for k, v in lengths.items())}")
         for name in ("scores", "age_h", "vectors"):
             values = getattr(self, name)
+            if np.isfinite(values).all():  # one pass per request; the counts only for the message
+                continue
             if n_nan := int(np.isnan(values).sum()):
                 raise ValueError(f"{name}: {n_nan} NaN value(s)")
-            if n_inf := int(np.isinf(values).sum()):
-                raise ValueError(f"{name}: {n_inf} infinite value(s)")
+            raise ValueError(f"{name}: {int(np.isinf(values).sum())} infinite value(s)")
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -161,10 +162,11 @@ def freshness_boost(age_h: np.ndarray, boost: float, half_life_h: float) -> np.n
     return boost * np.exp2(-np.maximum(np.asarray(age_h, dtype=np.float64), 0.0) / half_life_h)
 
 
-def _unique(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(unique values, first position of each, code of each row)``; ids must be sortable."""
+def _unique(values: np.ndarray, name: str, **outputs: bool) -> tuple[np.ndarray, ...]:
+    """``np.unique(values, **outputs)`` (ask only for the outputs used: each costs a pass over the
+    request); ids must be sortable."""
     try:
-        return np.unique(values, return_index=True, return_inverse=True)
+        return np.unique(values, **outputs)
     except TypeError as exc:  # e.g. None among strings
         raise ValueError(f"{name}: ids must be of one comparable type without None: {exc}") from exc
 
@@ -172,7 +174,7 @@ def _unique(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.n
 def dedupe(item_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Positions of the highest-scored row of each distinct item id (first row on ties), in input order."""
     order = np.argsort(-scores, kind="stable")
-    _, first, _ = _unique(item_ids[order], "item_ids")
+    _, first = _unique(item_ids[order], "item_ids", return_index=True)
     return np.sort(order[first])
 
 
@@ -311,21 +313,20 @@ def rerank(candidates: Candidates, seen: ArrayLike, cfg: RerankConfig) -> Rerank
     cfg.validate()
     keep = dedupe(candidates.item_ids, candidates.scores)
     duplicates = len(candidates) - len(keep)
-    c = candidates.take(keep)
     seen_removed = 0
     seen = np.asarray(seen if isinstance(seen, np.ndarray) else list(seen))
     if cfg.remove_seen and len(seen):
-        is_seen = np.isin(c.item_ids, seen)
+        is_seen = np.isin(candidates.item_ids[keep], seen)
         seen_removed = int(is_seen.sum())
-        c = c.take(~is_seen)
-    if len(c) == 0:
+        keep = keep[~is_seen]
+    if len(keep) == 0:
         return RerankResult([], duplicates, seen_removed, [], 0)
 
-    boost = freshness_boost(c.age_h, cfg.freshness_boost, cfg.freshness_half_life_h)
-    score = c.scores + boost
+    boost = freshness_boost(candidates.age_h[keep], cfg.freshness_boost, cfg.freshness_half_life_h)
+    score = candidates.scores[keep] + boost
     order = np.argsort(-score, kind="stable")  # MMR breaks ties towards the more relevant
-    c, boost, score = c.take(order), boost[order], score[order]
-    publishers, _, publisher_code = _unique(c.publishers, "publishers")
+    c, boost, score = candidates.take(keep[order]), boost[order], score[order]  # one gather of the rows
+    publishers, publisher_code = _unique(c.publishers, "publishers", return_inverse=True)
     picks, trace = mmr_select(
         _min_max(score), _normalise(c.vectors), publisher_code, cfg.k, cfg.mmr_lambda, cfg.per_publisher_cap
     )
