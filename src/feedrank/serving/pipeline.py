@@ -391,6 +391,16 @@ def pack_rows(item: np.ndarray, cats: np.ndarray, counters: np.ndarray, tokens: 
     return rows
 
 
+def sorted_hits(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Positions in ``sorted_values`` (ascending, distinct) of the ``queries`` found there: where
+    ``np.isin(sorted_values, queries)`` is true, by binary search, without the sorts of both arrays
+    that ``isin`` does (a quarter of the ann stage's numpy time on 500 candidates and 60 seen)."""
+    if len(sorted_values) == 0:
+        return np.zeros(0, np.int64)
+    at = np.minimum(np.searchsorted(sorted_values, queries), len(sorted_values) - 1)
+    return at[sorted_values[at] == queries]
+
+
 def cat_padded(a: Tensor, b: Tensor) -> Tensor:
     """Rows of ``a`` then ``b`` ([N, T] token tensors, right-padded with 0), padded to one width."""
     width = max(a.shape[1], b.shape[1])
@@ -593,7 +603,7 @@ class FeedService:
         np.bitwise_or.at(mask, inverse, bits)
         keep = self.catalogue.born_us[unique] <= now_us
         if self.cfg.rerank.remove_seen and len(view.seen):
-            keep &= ~np.isin(unique, view.seen)
+            keep[sorted_hits(unique, view.seen)] = False
         return unique[keep], _SOURCE_LABELS[mask[keep]]
 
     def _scores(self, rows: np.ndarray, vectors: np.ndarray, vector: np.ndarray, view: UserView, age_h: np.ndarray) -> np.ndarray:
