@@ -253,8 +253,9 @@ def mmr_select(
     return picks, _trace(relevance, relevance_term, diversity, publisher, picks, sims, running, filled_at, relaxed_from)
 
 
-def _trace(relevance: np.ndarray, relevance_term: np.ndarray, diversity: float, publisher: np.ndarray, picks: np.ndarray, sims: np.ndarray,
-           running: np.ndarray, filled_at: np.ndarray, relaxed_from: int) -> _Trace:  # fmt: skip
+def _trace(relevance: np.ndarray, relevance_term: np.ndarray, diversity: float, publisher: np.ndarray,
+           picks: np.ndarray, sims: np.ndarray, running: np.ndarray, filled_at: np.ndarray,
+           relaxed_from: int) -> _Trace:  # fmt: skip
     """The reasons of ``mmr_select``'s picks, whole-array, from its per-step rows (``[steps, n]``):
     each step's objective (the relevance term less the penalty of the running max before it, as
     the loop computed it) and eligibility (not picked before the step, and the publisher's cap not
