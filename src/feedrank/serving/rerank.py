@@ -197,15 +197,15 @@ def mmr_select(
     ``relevance`` in [0, 1], ``vectors`` L2-normalised, ``publisher`` integer codes. Ties go to the
     lowest position, so callers pass candidates sorted by relevance. See the module docstring.
 
-    The greedy choice is sequential, so each step does only what the next choice needs, in four
-    numpy calls over the candidates and no per-candidate Python: the similarity of every candidate
-    to the last pick (one matrix-vector product, into row ``step`` of ``sims``), the running max
-    similarity (into row ``step`` of ``running``), the objective, its argmax. Candidates that
-    cannot be picked hold ``-inf`` in ``open_term`` (the relevance term of the others), so the
-    argmax needs no mask; it changes only on a pick and when a publisher fills up (counted in
-    Python ints). Everything the reasons need (each step's objective and eligibility) follows from
-    ``running``, the pick order and the step each publisher filled at, and ``_trace`` derives it
-    afterwards in whole-array operations.
+    The greedy choice is sequential, so each step does only what the next choice needs, in five
+    numpy calls over the candidates and no per-candidate Python: the penalty and the objective of
+    every candidate, its argmax, the similarity of every candidate to the pick (one matrix-vector
+    product, into row ``step`` of ``sims``) and the running max similarity (into row ``step`` of
+    ``running``). Candidates that cannot be picked hold ``-inf`` in ``open_term`` (the relevance
+    term of the others), so the argmax needs no mask; it changes only on a pick and when a
+    publisher fills up (counted in Python ints). Everything the reasons need (each step's objective
+    and eligibility) follows from ``running``, the pick order and the step each publisher filled
+    at, and ``_trace`` derives it afterwards in whole-array operations.
     """
     n = len(relevance)
     steps = min(k, n)
