@@ -55,9 +55,7 @@ from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS, FeatureConfig
 from feedrank.features.counters import COUNTER_COLUMNS
 from feedrank.features.latest import LatestRows
 from feedrank.data.collate import pad_list
-from feedrank.features.vocab import (  # lookup_quiet: callers import it from here too
-    FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocabularies, lookup_quiet,
-)
+from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocabularies, lookup_quiet
 from feedrank.fsutil import staged_dir
 from feedrank.features.text import content_tokens, title_word_vectors
 from feedrank.models.blend import BlendConfig, BlendModel

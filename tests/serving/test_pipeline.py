@@ -12,7 +12,7 @@ from feedrank.index import load_index, read_manifest, save_index
 from feedrank.serving.cache import MemoryCache
 from feedrank.serving.config import EventLogConfig, StoreConfig
 from feedrank.serving.follow import LogFollower
-from feedrank.serving.pipeline import EventError, FeedRequestError, FeedService, make_clock
+from feedrank.serving.pipeline import EventError, FeedRequestError, FeedService, make_clock, sorted_hits
 from feedrank.serving.rerank import RerankConfig
 from feedrank.serving.state import EventIn
 
@@ -106,6 +106,17 @@ def test_candidates_are_tagged_deduplicated_and_exclude_seen_and_unpublished(mak
     early = service.catalogue.born_us[service.catalogue.rankable].min() + 1
     rows_early, _ = service._candidates(vector, view, int(early), cold=True)
     assert (service.catalogue.born_us[rows_early] <= early).all()
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sorted_hits_marks_what_isin_marks(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(200):
+        values = np.unique(rng.integers(0, 50, rng.integers(0, 30)))
+        queries = rng.integers(-5, 60, rng.integers(0, 20))  # below, inside and past the values
+        marked = np.zeros(len(values), bool)
+        marked[sorted_hits(values, queries)] = True
+        np.testing.assert_array_equal(marked, np.isin(values, queries))
 
 
 def test_ranker_scores_differ_from_the_two_tower_score(make_service):

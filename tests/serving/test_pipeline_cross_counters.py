@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from feedrank.bundle import load_bundle, lookup_quiet, save_bundle
+from feedrank.bundle import load_bundle, save_bundle
 from feedrank.config import to_dict
 from feedrank.data.log import read_events
 from feedrank.features.counters import scale_counts
-from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS
+from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, lookup_quiet
 from feedrank.models.ranker import Ranker, RankerConfig
 from feedrank.serving.pipeline import FeedService
 from feedrank.serving.state import EventIn

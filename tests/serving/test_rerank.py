@@ -186,7 +186,8 @@ def test_yaml_config(tmp_path):
 
 def reference_mmr(score, vectors, publishers, k, lam, cap):
     """Textbook MMR with a hard publisher cap, one candidate at a time (slow, obviously right)."""
-    rel = (score - score.min()) / (score.max() - score.min())
+    span = score.max() - score.min()
+    rel = (score - score.min()) / span if span else np.ones_like(score)
     v = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
     picked: list[int] = []
     for _ in range(min(k, len(score))):
@@ -213,6 +214,42 @@ def test_matches_reference_mmr_on_random_requests(seed):
     assert result.item_ids == [ids[i] for i in expected]
     chosen = [p.publisher for p in result.picks]
     assert max(chosen.count(p) for p in set(chosen)) <= cap
+
+
+def reference_rerank(ids, scores, vectors, publishers, age_h, seen, cfg):
+    """The rules of the module docstring one row at a time: dedupe, seen, boost, sort, MMR."""
+    best = {}
+    for i, item in enumerate(ids):
+        if item not in best or scores[i] > scores[best[item]]:
+            best[item] = i
+    rows = [i for i in sorted(best.values()) if not (cfg.remove_seen and ids[i] in seen)]
+    boosted = {i: scores[i] + cfg.freshness_boost * 0.5 ** (max(age_h[i], 0.0) / cfg.freshness_half_life_h) for i in rows}
+    rows.sort(key=lambda i: -boosted[i])
+    if not rows:
+        return [], []
+    score = np.array([boosted[i] for i in rows])
+    cap = float("inf") if cfg.per_publisher_cap is None else cfg.per_publisher_cap
+    picked = reference_mmr(score, vectors[rows], [publishers[i] for i in rows], cfg.k, cfg.mmr_lambda, cap)
+    return [ids[rows[j]] for j in picked], [float(score[j]) for j in picked]
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_rerank_matches_the_reference_with_duplicates_seen_boost_and_full_publishers(seed):
+    rng = np.random.default_rng(100 + seed)
+    n = int(rng.integers(1, 60))
+    ids = [f"i{j}" for j in rng.integers(0, max(1, int(n * 0.8)), n)]  # about one row in five a copy
+    vectors = rng.normal(size=(n, 5)).astype(np.float32)
+    scores, age_h = rng.normal(size=n), rng.uniform(-2.0, 72.0, n)
+    publishers = [f"P{j}" for j in rng.integers(0, int(rng.integers(1, 6)), n)]  # few: caps fill, then relax
+    seen = set(rng.choice(ids, size=int(rng.integers(0, 4))).tolist())
+    cfg = RerankConfig(k=int(rng.integers(1, 30)), mmr_lambda=float(rng.uniform(0.1, 0.95)),
+                       per_publisher_cap=[None, 1, 2, 3][seed % 4], freshness_boost=float(rng.choice([0.0, 0.3])),
+                       remove_seen=bool(seed % 3))  # fmt: skip
+    result = rerank(make(ids, scores, vectors, publishers, age_h), sorted(seen), cfg)
+    want_ids, want_scores = reference_rerank(ids, scores, vectors, publishers, age_h, seen, cfg)
+    assert result.item_ids == want_ids
+    assert [p.score for p in result.picks] == pytest.approx(want_scores, abs=1e-12)
+    assert result.duplicates_dropped == n - len(set(ids))
 
 
 def test_module_docstring_example():

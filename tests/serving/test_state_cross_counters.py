@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
-from feedrank.bundle import lookup_quiet
+from feedrank.features.vocab import lookup_quiet
 from feedrank.config import from_dict
 from feedrank.data.log import read_events
 from feedrank.features import FeatureConfig, Vocabularies, build_features, split_files

@@ -66,7 +66,7 @@ import pyarrow.compute as pc
 import torch
 from torch import Tensor, nn
 
-from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_vectors, lookup_quiet
+from feedrank.bundle import USER_COUNTER_COLUMNS, Bundle, catalogue_vectors
 from feedrank.config import from_dict
 from feedrank.data.batch import Batch
 from feedrank.data.log import read_events
@@ -79,7 +79,7 @@ from feedrank.evaluate.oracle import ORACLE, CatalogueOracle, load_truth
 from feedrank.features.build import parse_ts
 from feedrank.features.counters import user_counters
 from feedrank.features.user_state import UserState, user_state
-from feedrank.features.vocab import FIRST_ID, USER_CAT_COLUMNS, Vocab, Vocabularies
+from feedrank.features.vocab import FIRST_ID, USER_CAT_COLUMNS, Vocab, Vocabularies, lookup_quiet
 from feedrank.fsutil import staged_file
 from feedrank.models.blend import BlendModel
 from feedrank.models.item2item import Item2ItemConfig, Item2ItemModel

@@ -30,8 +30,8 @@ import dataclasses
 import numpy as np
 import pyarrow as pa
 
-from feedrank.bundle import Bundle, lookup_quiet
-from feedrank.features.vocab import FIRST_ID
+from feedrank.bundle import Bundle
+from feedrank.features.vocab import FIRST_ID, lookup_quiet
 
 
 class Item2ItemSource:

@@ -58,13 +58,13 @@ from fastapi import FastAPI, HTTPException, Request
 from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, ValidationInfo, field_validator
 
-from feedrank.bundle import Bundle, lookup_quiet
+from feedrank.bundle import Bundle
 from feedrank.config import from_dict
 from feedrank.data.collate import pad_list
 from feedrank.data.schema import ITEM_SCHEMA, MAX_ABSTRACT_CHARS, TS_TYPE, conform
 from feedrank.features.build import FeatureConfig
 from feedrank.features.text import content_tokens
-from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV
+from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, lookup_quiet
 from feedrank.fsutil import staged_file
 from feedrank.serving.validation import EventContext, check_id, check_ts, check_ts_text
 

@@ -78,14 +78,13 @@ from feedrank.bundle import (
     catalogue_item_cats,
     catalogue_item_tokens,
     catalogue_vectors,
-    lookup_quiet,
     popularity_scores,
 )
 from feedrank.data.schema import EVENT_SCHEMA, TS_TYPE, conform, to_epoch_us, validate
 from feedrank.data.user_batch import user_batch
 from feedrank.features.build import FeatureConfig
 from feedrank.features.counters import scale_counts, shrunk_ctr, user_counters
-from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, PAD, USER_CAT_COLUMNS, Vocab
+from feedrank.features.vocab import ITEM_CAT_COLUMNS, OOV, PAD, USER_CAT_COLUMNS, Vocab, lookup_quiet
 from feedrank.index import IndexConfig, IndexFileError, ItemIndex, RecallBelowFloorError, build_index, load_index, publish
 from feedrank.models.quantize import quantize_ranker
 from feedrank.models.ranker import ItemInputs, UserInputs
@@ -326,6 +325,7 @@ class RankerInputs:
     users: VocabIndex
     user_cats: dict[str, VocabIndex]
     use_vectors: bool
+    cross_columns: list[int]  # positions in ``cats`` of the ranker's ``cross_counters`` columns, found once
 
     @classmethod
     def build(cls, ranker: Bundle, two_tower: Bundle) -> RankerInputs:
@@ -345,6 +345,7 @@ class RankerInputs:
             bundle=ranker, rows=pack_rows(idx, catalogue_item_cats(ranker.catalogue).numpy()[idx], counters, tokens),
             users=VocabIndex(ranker.vocabs.users), user_cats={c: VocabIndex(v) for c, v in ranker.vocabs.user_cats.items()},
             use_vectors=model.cfg.two_tower_dim > 0,
+            cross_columns=[ITEM_CAT_COLUMNS.index(c) for c in model.cross_counters],
         )  # fmt: skip
 
     @property
@@ -379,8 +380,9 @@ class RankerInputs:
 
 def pack_rows(item: np.ndarray, cats: np.ndarray, counters: np.ndarray, tokens: np.ndarray | None) -> np.ndarray:
     """[n] records of ``RankerInputs.rows`` from per-input arrays of n rows (``tokens`` None: the
-    ranker does not read titles, no field). Indices are stored as int32 (vocabularies are far
-    smaller), widened back per request."""
+    ranker does not read titles, no field). Categorical and token indices are stored as int32
+    (their vocabularies are far smaller), widened back per request; the item index stays int64,
+    as ``item_idx`` maps the history with it as is."""
     fields = [("item", np.int64), ("cats", np.int32, (cats.shape[1],)), ("counters", np.float32, (counters.shape[1],))]
     if tokens is not None:
         fields.append(("tokens", np.int32, (tokens.shape[1],)))
@@ -389,6 +391,16 @@ def pack_rows(item: np.ndarray, cats: np.ndarray, counters: np.ndarray, tokens: 
     if tokens is not None:
         rows["tokens"] = tokens
     return rows
+
+
+def sorted_hits(sorted_values: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Positions in ``sorted_values`` (ascending, distinct) of the ``queries`` found there: where
+    ``np.isin(sorted_values, queries)`` is true, by binary search, without the sorts of both arrays
+    that ``isin`` does (a quarter of the ann stage's numpy time on 500 candidates and 60 seen)."""
+    if len(sorted_values) == 0:
+        return np.zeros(0, np.int64)
+    at = np.minimum(np.searchsorted(sorted_values, queries), len(sorted_values) - 1)
+    return at[sorted_values[at] == queries]
 
 
 def cat_padded(a: Tensor, b: Tensor) -> Tensor:
@@ -593,7 +605,7 @@ class FeedService:
         np.bitwise_or.at(mask, inverse, bits)
         keep = self.catalogue.born_us[unique] <= now_us
         if self.cfg.rerank.remove_seen and len(view.seen):
-            keep &= ~np.isin(unique, view.seen)
+            keep[sorted_hits(unique, view.seen)] = False
         return unique[keep], _SOURCE_LABELS[mask[keep]]
 
     def _scores(self, rows: np.ndarray, vectors: np.ndarray, vector: np.ndarray, view: UserView, age_h: np.ndarray) -> np.ndarray:
@@ -614,7 +626,7 @@ class FeedService:
         )  # fmt: skip
         items = r.items(rows, age_h, vectors)
         if model.cross_counters:  # the user's counts on each candidate's value of those columns
-            values = items.item_cats[:, [ITEM_CAT_COLUMNS.index(c) for c in model.cross_counters]].numpy()
+            values = items.item_cats[:, r.cross_columns].numpy()
             items = dataclasses.replace(items, cross_counters=torch.from_numpy(view.cross_counters(values)))
         with torch.inference_mode():
             return model.score_candidates(user, items)["value"].numpy().astype(np.float64)

@@ -112,10 +112,11 @@ class Candidates:
             raise ValueError(f"candidate arrays differ in length: {', '.join(f'{k}={v}' for k, v in lengths.items())}")
         for name in ("scores", "age_h", "vectors"):
             values = getattr(self, name)
+            if np.isfinite(values).all():  # one pass per request; the counts only for the message
+                continue
             if n_nan := int(np.isnan(values).sum()):
                 raise ValueError(f"{name}: {n_nan} NaN value(s)")
-            if n_inf := int(np.isinf(values).sum()):
-                raise ValueError(f"{name}: {n_inf} infinite value(s)")
+            raise ValueError(f"{name}: {int(np.isinf(values).sum())} infinite value(s)")
 
     def __len__(self) -> int:
         return len(self.scores)
@@ -161,10 +162,11 @@ def freshness_boost(age_h: np.ndarray, boost: float, half_life_h: float) -> np.n
     return boost * np.exp2(-np.maximum(np.asarray(age_h, dtype=np.float64), 0.0) / half_life_h)
 
 
-def _unique(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(unique values, first position of each, code of each row)``; ids must be sortable."""
+def _unique(values: np.ndarray, name: str, **outputs: bool) -> tuple[np.ndarray, ...]:
+    """``np.unique(values, **outputs)`` (ask only for the outputs used: each costs a pass over the
+    request); ids must be sortable."""
     try:
-        return np.unique(values, return_index=True, return_inverse=True)
+        return np.unique(values, **outputs)
     except TypeError as exc:  # e.g. None among strings
         raise ValueError(f"{name}: ids must be of one comparable type without None: {exc}") from exc
 
@@ -172,7 +174,7 @@ def _unique(values: np.ndarray, name: str) -> tuple[np.ndarray, np.ndarray, np.n
 def dedupe(item_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
     """Positions of the highest-scored row of each distinct item id (first row on ties), in input order."""
     order = np.argsort(-scores, kind="stable")
-    _, first, _ = _unique(item_ids[order], "item_ids")
+    _, first = _unique(item_ids[order], "item_ids", return_index=True)
     return np.sort(order[first])
 
 
@@ -195,68 +197,97 @@ def mmr_select(
     ``relevance`` in [0, 1], ``vectors`` L2-normalised, ``publisher`` integer codes. Ties go to the
     lowest position, so callers pass candidates sorted by relevance. See the module docstring.
 
-    The greedy choice is sequential, so the loop keeps only what the next choice needs (one
-    matrix-vector product, the objective, an argmax; eligibility changes only when a publisher
-    fills up). Each step's similarities, objective and eligibility are kept as rows of ``[k, n]``
-    arrays, from which ``_trace`` derives the reasons afterwards in a few whole-array operations
-    instead of a dozen per step.
+    The greedy choice is sequential, so each step does only what the next choice needs, in five
+    numpy calls over the candidates and no per-candidate Python: the penalty and the objective of
+    every candidate, its argmax, the similarity of every candidate to the pick (one matrix-vector
+    product, into row ``step`` of ``sims``) and the running max similarity (into row ``step`` of
+    ``running``). Candidates that cannot be picked hold ``-inf`` in ``open_term`` (the relevance
+    term of the others), so the argmax needs no mask; it changes only on a pick and when a
+    publisher fills up (counted in Python ints). Everything the reasons need (each step's objective
+    and eligibility) follows from ``running``, the pick order and the step each publisher filled
+    at, and ``_trace`` derives it afterwards in whole-array operations.
     """
     n = len(relevance)
     steps = min(k, n)
     cap = n if cap is None else cap
-    per_publisher = np.zeros(publisher.max(initial=-1) + 1, dtype=np.int64)
-    remaining = np.ones(n, dtype=bool)
-    open_ = np.ones(n, dtype=bool)  # remaining and its publisher below the cap
+    diversity = 1.0 - mmr_lambda
     relevance_term = mmr_lambda * relevance
-    max_sim = np.zeros(n, dtype=np.float32)  # max cosine to the picks so far (unused before the first pick)
+    open_term = relevance_term.copy()  # relevance term of who can be picked now, -inf for the others
     sims = np.empty((steps, n), dtype=np.float32)  # row s: cosine of every candidate to pick s
-    objective = np.empty((steps, n), dtype=np.float64)  # row s: the objective at step s
-    eligible = np.empty((steps, n), dtype=bool)  # row s: who could be picked at step s
-    relaxed = np.zeros(steps, dtype=bool)
+    running = np.empty((steps, n), dtype=np.float32)  # row s: max cosine to picks 0..s
+    penalty = np.empty(n, dtype=np.float32)
+    objective = np.empty(n, dtype=np.float64)
     picks = np.empty(steps, dtype=np.int64)
+    codes = publisher.tolist()
+    left = np.bincount(publisher).tolist()  # per publisher: candidates not picked yet
+    picked = [0] * len(left)
+    filled_at = np.full(len(left), steps, dtype=np.int64)  # step of each publisher's cap-th pick
+    n_open = n  # candidates not picked whose publisher is below the cap
+    relaxed_from = steps  # first step with no open candidate: from then on, the best remaining
     for step in range(steps):
-        objective[step] = relevance_term - (1.0 - mmr_lambda) * max_sim if step else relevance_term
-        relaxed[step] = not open_.any()
-        eligible[step] = remaining if relaxed[step] else open_  # every remaining publisher full: best remaining
-        p = int(np.argmax(np.where(eligible[step], objective[step], -np.inf)))
+        if n_open == 0 and relaxed_from == steps:  # every remaining publisher full: best remaining
+            relaxed_from = step
+            open_term = relevance_term.copy()
+            open_term[picks[:step]] = -np.inf
+        if step:
+            np.multiply(running[step - 1], diversity, out=penalty)
+            p = int(np.subtract(open_term, penalty, out=objective).argmax())
+        else:
+            p = int(open_term.argmax())
         picks[step] = p
-        remaining[p] = open_[p] = False
-        per_publisher[publisher[p]] += 1
-        if per_publisher[publisher[p]] == cap:
-            open_ &= publisher != publisher[p]
-        sims[step] = vectors @ vectors[p]
-        max_sim = np.maximum(max_sim, sims[step]) if step else sims[0].copy()
-    return picks, _trace(relevance, picks, sims, objective, eligible, relaxed)
+        open_term[p] = -np.inf
+        pub = codes[p]
+        left[pub] -= 1
+        picked[pub] += 1
+        if step < relaxed_from:
+            n_open -= 1
+            if picked[pub] == cap:
+                filled_at[pub] = step
+                n_open -= left[pub]
+                open_term[publisher == pub] = -np.inf
+        np.dot(vectors, vectors[p], out=sims[step])
+        if step:
+            np.maximum(running[step - 1], sims[step], out=running[step])
+        else:
+            running[0] = sims[0]
+    return picks, _trace(relevance, relevance_term, diversity, publisher, picks, sims, running, filled_at, relaxed_from)
 
 
-def _trace(relevance: np.ndarray, picks: np.ndarray, sims: np.ndarray, objective: np.ndarray, eligible: np.ndarray,
-           relaxed: np.ndarray) -> _Trace:  # fmt: skip
-    """The reasons of ``mmr_select``'s picks from its per-step rows (``[steps, n]``), whole-array."""
+def _trace(relevance: np.ndarray, relevance_term: np.ndarray, diversity: float, publisher: np.ndarray,
+           picks: np.ndarray, sims: np.ndarray, running: np.ndarray, filled_at: np.ndarray,
+           relaxed_from: int) -> _Trace:  # fmt: skip
+    """The reasons of ``mmr_select``'s picks, whole-array, from its per-step rows (``[steps, n]``):
+    each step's objective (the relevance term less the penalty of the running max before it, as
+    the loop computed it) and eligibility (not picked before the step, and the publisher's cap not
+    reached before it, unless the step is relaxed)."""
     steps, n = sims.shape
     trace = _Trace(np.full(n, -1, dtype=np.int64), np.zeros(n, dtype=np.float32),
                    np.zeros(n, dtype=bool), np.zeros(n, dtype=bool), np.zeros(n, dtype=bool))  # fmt: skip
     if steps == 0:
         return trace
+    step_no = np.arange(steps)[:, None]
+    pick_step = np.full(n, steps, dtype=np.int64)
+    pick_step[picks] = np.arange(steps)
+    remaining = pick_step[None, :] >= step_no  # row s: not picked before step s
+    eligible = remaining & ((filled_at[publisher][None, :] >= step_no) | (step_no >= relaxed_from))
+    objective = np.empty((steps, n), dtype=np.float64)
+    objective[0] = relevance_term
+    np.subtract(relevance_term, running[:-1] * np.float32(diversity), out=objective[1:])
     # passed[s, i]: i was eligible and more relevant than pick s, and lost to it
     passed = eligible & (relevance[None, :] > relevance[picks][:, None])
     trace.promoted[picks] = passed.any(axis=1)
-    trace.relaxed[picks] = relaxed
-    pick_step = np.full(n, steps, dtype=np.int64)
-    pick_step[picks] = np.arange(steps)
-    remaining = pick_step[None, :] >= np.arange(steps)[:, None]  # row s: not picked before step s
+    trace.relaxed[picks[relaxed_from:]] = True
     trace.held = (remaining & ~eligible & (objective > objective[np.arange(steps), picks][:, None])).any(axis=0)
     # where each candidate stood when it was first passed after the first pick: its nearest pick
-    # so far (the first to reach its running max similarity) and that similarity
+    # so far (the first to reach its running max similarity; argmax takes the first of equals)
+    # and that similarity
     later = passed[1:]
     hit = later.any(axis=0)
     if hit.any():
-        first = later.argmax(axis=0)[hit]  # row j of later is step j + 1: the picks before it are sims rows 0..j
-        running = np.maximum.accumulate(sims, axis=0)
-        record = np.ones_like(sims, dtype=bool)
-        record[1:] = sims[1:] > running[:-1]
-        nearest = np.maximum.accumulate(np.where(record, np.arange(steps)[:, None], -1), axis=0)
         cols = np.flatnonzero(hit)
-        trace.passed_near[cols] = picks[nearest[first, cols]]
+        first = later[:, cols].argmax(axis=0)  # row j of later is step j + 1: the picks before it are rows 0..j
+        before = np.where(step_no <= first[None, :], sims[:, cols], -np.inf)
+        trace.passed_near[cols] = picks[before.argmax(axis=0)]
         trace.passed_cos[cols] = running[first, cols]
     return trace
 
@@ -283,21 +314,20 @@ def rerank(candidates: Candidates, seen: ArrayLike, cfg: RerankConfig) -> Rerank
     cfg.validate()
     keep = dedupe(candidates.item_ids, candidates.scores)
     duplicates = len(candidates) - len(keep)
-    c = candidates.take(keep)
     seen_removed = 0
     seen = np.asarray(seen if isinstance(seen, np.ndarray) else list(seen))
     if cfg.remove_seen and len(seen):
-        is_seen = np.isin(c.item_ids, seen)
+        is_seen = np.isin(candidates.item_ids[keep], seen)
         seen_removed = int(is_seen.sum())
-        c = c.take(~is_seen)
-    if len(c) == 0:
+        keep = keep[~is_seen]
+    if len(keep) == 0:
         return RerankResult([], duplicates, seen_removed, [], 0)
 
-    boost = freshness_boost(c.age_h, cfg.freshness_boost, cfg.freshness_half_life_h)
-    score = c.scores + boost
+    boost = freshness_boost(candidates.age_h[keep], cfg.freshness_boost, cfg.freshness_half_life_h)
+    score = candidates.scores[keep] + boost
     order = np.argsort(-score, kind="stable")  # MMR breaks ties towards the more relevant
-    c, boost, score = c.take(order), boost[order], score[order]
-    publishers, _, publisher_code = _unique(c.publishers, "publishers")
+    c, boost, score = candidates.take(keep[order]), boost[order], score[order]  # one gather of the rows
+    publishers, publisher_code = _unique(c.publishers, "publishers", return_inverse=True)
     picks, trace = mmr_select(
         _min_max(score), _normalise(c.vectors), publisher_code, cfg.k, cfg.mmr_lambda, cfg.per_publisher_cap
     )

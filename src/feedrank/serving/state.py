@@ -61,12 +61,11 @@ import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from feedrank.bundle import lookup_quiet
 from feedrank.features.counters import scale_counts
 from feedrank.data.log import EVENTS_DIR, day_of, list_days, read_events
 from feedrank.data.schema import EVENT_SCHEMA, to_epoch_us
 from feedrank.features.user_state import user_state
-from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab
+from feedrank.features.vocab import FIRST_ID, OOV, USER_CAT_COLUMNS, Vocab, lookup_quiet
 from feedrank.fsutil import staged_file
 from feedrank.serving.config import EventLogConfig
 from feedrank.serving.validation import check_dwell, check_id, check_ts, check_ts_text
