@@ -152,25 +152,31 @@ def sampled_softmax_loss(
     every one ``known_hits`` [B, K] marks (a known positive of the row's user elsewhere in the data).
     """
     b, k = neg_logits.shape
-    if pos_logits.shape != (b,) or pos_ids.shape != (b,) or neg_ids.shape != (k,):
-        raise ValueError(
-            f"sampled softmax expects pos_logits/pos_ids [B], neg_logits [B, K], neg_ids [K]; got "
-            f"{tuple(pos_logits.shape)}, {tuple(pos_ids.shape)}, {tuple(neg_logits.shape)}, {tuple(neg_ids.shape)}"
-        )
-    if (pos_logq is None) != (neg_logq is None):
-        raise ValueError("pass both pos_logq and neg_logq for the logQ correction, or neither")
+    _check_sampled(b, k, pos_logits, pos_ids, neg_ids, pos_logq, neg_logq, known_hits)
     if pos_logq is not None:
         pos_logits = pos_logits - pos_logq.to(pos_logits.dtype)
         neg_logits = neg_logits - neg_logq.to(neg_logits.dtype)[None, :]
     hits = pos_ids[:, None] == neg_ids[None, :]
     if known_hits is not None:
-        if known_hits.shape != (b, k):
-            raise ValueError(f"known_hits must be [B, K] = [{b}, {k}], got {tuple(known_hits.shape)}")
         hits |= known_hits
     neg_logits = neg_logits.masked_fill(hits, float("-inf"))
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1).float()
     target = torch.zeros(b, dtype=torch.long, device=logits.device)
     return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight, total_weight)
+
+
+def _check_sampled(b: int, k: int, pos_logits: Tensor, pos_ids: Tensor, neg_ids: Tensor, pos_logq: Tensor | None,
+                   neg_logq: Tensor | None, known_hits: Tensor | None) -> None:  # fmt: skip
+    """The shapes both sampled softmax losses take, for B rows against K negatives."""
+    if pos_logits.shape != (b,) or pos_ids.shape != (b,) or neg_ids.shape != (k,):
+        raise ValueError(f"sampled softmax expects pos_logits/pos_ids [B] = [{b}] and neg_ids [K] = [{k}]; got "
+                         f"{tuple(pos_logits.shape)}, {tuple(pos_ids.shape)}, {tuple(neg_ids.shape)}")  # fmt: skip
+    if (pos_logq is None) != (neg_logq is None):
+        raise ValueError("pass both pos_logq and neg_logq for the logQ correction, or neither")
+    if neg_logq is not None and neg_logq.shape != (k,):
+        raise ValueError(f"neg_logq must be [K] = [{k}], got {tuple(neg_logq.shape)}")
+    if known_hits is not None and known_hits.shape != (b, k):
+        raise ValueError(f"known_hits must be [B, K] = [{b}, {k}], got {tuple(known_hits.shape)}")
 
 
 def fused_sampled_softmax_loss(
@@ -210,15 +216,7 @@ def fused_sampled_softmax_loss(
     if plain:
         return sampled_softmax_loss(pos_logits, user @ neg_vectors.T, pos_ids, ids, pos_logq, neg_logq, weight,
                                     known_hits, total_weight)  # fmt: skip
-    if pos_logits.shape != (b,) or pos_ids.shape != (b,) or ids.shape != (k,):
-        raise ValueError(f"fused sampled softmax expects pos_logits/pos_ids [B] = [{b}] and neg_ids [K] = [{k}]; got "
-                         f"{tuple(pos_logits.shape)}, {tuple(pos_ids.shape)}, {tuple(ids.shape)}")  # fmt: skip
-    if (pos_logq is None) != (neg_logq is None):
-        raise ValueError("pass both pos_logq and neg_logq for the logQ correction, or neither")
-    if known_hits is not None and known_hits.shape != (b, k):
-        raise ValueError(f"known_hits must be [B, K] = [{b}, {k}], got {tuple(known_hits.shape)}")
-    if neg_logq is not None and neg_logq.shape != (k,):
-        raise ValueError(f"neg_logq must be [K] = [{k}], got {tuple(neg_logq.shape)}")
+    _check_sampled(b, k, pos_logits, pos_ids, ids, pos_logq, neg_logq, known_hits)
     if pos_logq is not None:
         pos_logits = pos_logits - pos_logq.to(pos_logits.dtype)
     if isinstance(neg_ids, int):
