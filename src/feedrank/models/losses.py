@@ -11,7 +11,8 @@ on ``cfg.loss``:
 - ``sampled``: softmax over ``num_negatives`` items drawn from the catalogue (uniform or by
   popularity) and shared by the batch, with the sampler's own ``- log q``; or, with the ``all``
   sampler, over every item of the catalogue (the exact softmax, affordable for catalogues of a
-  few thousand items such as MovieLens).
+  few thousand items such as MovieLens). Training computes it with ``fused_sampled_softmax_loss``
+  (one [B, K] buffer, reused as its own gradient), equal to ``sampled_softmax_loss``.
 - ``bce``: pointwise binary cross-entropy on impressions, shown-but-not-clicked rows as negatives.
 
 With ``impression_weight > 0`` the softmax losses also get that pointwise term, on the click
