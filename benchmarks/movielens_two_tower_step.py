@@ -1,4 +1,4 @@
-"""One two-tower training step at MovieLens-100K's shapes: where the time goes, and what the fused softmax and the dense known-positive mask save.
+"""One two-tower training step at MovieLens-100K's shapes: what the fused softmax and the dense known mask save.
 
 The MovieLens benchmark's two-tower (configs/movielens.yaml: exact softmax over all 1,684 items,
 ``mask_known_positives``) trains on 80,808 ratings a epoch. Most of a step is the [B, K] logits

@@ -210,7 +210,8 @@ def fused_sampled_softmax_loss(
     """
     b, k = user.shape[0], neg_vectors.shape[0]
     if user.dim() != 2 or neg_vectors.dim() != 2 or neg_vectors.shape[1] != user.shape[1]:
-        raise ValueError(f"user [B, D] and neg_vectors [K, D] must share D; got {tuple(user.shape)} and {tuple(neg_vectors.shape)}")
+        raise ValueError(f"user [B, D] and neg_vectors [K, D] must share D; got {tuple(user.shape)} and "
+                         f"{tuple(neg_vectors.shape)}")  # fmt: skip
     ids = torch.arange(neg_ids, neg_ids + k, device=user.device) if isinstance(neg_ids, int) else neg_ids
     plain = (torch.is_autocast_enabled(user.device.type) or user.dtype not in (torch.float32, torch.float64)
              or neg_vectors.dtype != user.dtype)
