@@ -1,20 +1,27 @@
-"""One two-tower training step at MovieLens-100K's shapes: where the time goes, and what the dense known-positive mask saves.
+"""One two-tower training step at MovieLens-100K's shapes: what the fused softmax and the dense known mask save.
 
 The MovieLens benchmark's two-tower (configs/movielens.yaml: exact softmax over all 1,684 items,
-``mask_known_positives``) trains on 80,808 ratings a epoch. Profiling a trial showed the
-known-positive mask, a binary search of every (row, catalogue item) key among the 80k training
-pairs, at about 40% of a step; ``TwoTower.attach_known_positives`` now keeps a dense users x items
-grid when it is small (``DENSE_KNOWN_MAX_CELLS``), so the mask is two gathers.
+``mask_known_positives``) trains on 80,808 ratings a epoch. Most of a step is the [B, K] logits
+against the whole catalogue, their cross-entropy, the known-positive mask and their backward
+(docs/benchmarks.md, "Two-tower training cost"). Three variants of the same step:
+
+- ``fused``: ``fused_sampled_softmax_loss`` (one [B, K] buffer, masked and normalised in place,
+  reused as the gradient) with the mask a row slice of the dense users x items grid;
+- ``plain``: ``sampled_softmax_loss`` (``losses.FUSED_SOFTMAX = False``) with the per-cell gather
+  of the dense grid;
+- ``search``: ``plain`` with the binary search of every (row, item) key among the training pairs
+  that the dense grid replaced (``DENSE_KNOWN_MAX_CELLS = 0``).
 
 Measured here, in one process on synthetic data of the same shapes (943 users + padding/OOV, 1,684
 items, 80,808 random positive pairs, batch ``--batch`` of clicked rows, no history as in the
 benchmark's random split): the median milliseconds of
 
-- ``mask``: ``known_positive_mask`` alone for one batch against the whole catalogue;
+- ``mask``: the known-positive mask alone for one batch against the whole catalogue;
 - ``step``: a full training step (``two_tower_loss`` forward, backward, AdamW step);
 
-for the dense grid and for the binary search, timed in alternating rounds so that a shared
-machine's load changes hit both alike. Prints examples/s and the ratios.
+timed in alternating rounds so that a shared machine's load changes hit every variant alike.
+Prints examples/s and the ratios to ``fused``. The models start from the same weights and see the
+same batch, and their first losses are checked equal.
 
 Run: ``.venv/bin/python benchmarks/movielens_two_tower_step.py [--batch 1024] [--rounds 5] [--steps 10]``
 """
@@ -33,7 +40,7 @@ from feedrank.bundle import build_two_tower
 from feedrank.config import load_yaml, to_dict
 from feedrank.data.batch import Batch
 from feedrank.features.vocab import Vocabularies
-from feedrank.models import two_tower
+from feedrank.models import losses, two_tower
 from feedrank.models.losses import two_tower_loss
 from feedrank.train.retrieval import RetrievalRunConfig
 
@@ -87,40 +94,64 @@ def time_ms(fn, n: int) -> float:
     return statistics.median(times)
 
 
+#: name -> (dense known grid, fused softmax)
+VARIANTS = {"fused": (True, True), "plain": (True, False), "search": (False, False)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--batch", type=int, default=1024)
-    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of both variants")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of every variant")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant per round")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     batch = batch_of(args.batch, torch.Generator().manual_seed(2))
-    items = torch.arange(N_ITEMS)
-    models = {"dense": model_with(True), "search": model_with(False)}
-    assert torch.equal(models["dense"].known_positive_mask(batch.user, items),
-                       models["search"].known_positive_mask(batch.user, items))  # fmt: skip
+    items = torch.arange(losses.FIRST_REAL_ID, N_ITEMS)
+    models = {name: model_with(dense) for name, (dense, _) in VARIANTS.items()}
+    reference = models["plain"].known_positive_mask(batch.user, items)
+    assert torch.equal(models["search"].known_positive_mask(batch.user, items), reference)
+    assert torch.equal(models["fused"].known_positive_rows(batch.user)[:, items[0]:], reference)
     opts = {name: torch.optim.AdamW(m.parameters(), lr=0.01) for name, m in models.items()}
 
+    def loss_of(name: str) -> torch.Tensor:
+        saved = losses.FUSED_SOFTMAX
+        losses.FUSED_SOFTMAX = VARIANTS[name][1]
+        try:
+            return two_tower_loss(models[name], batch)[0]
+        finally:
+            losses.FUSED_SOFTMAX = saved
+
+    def mask(name: str) -> None:
+        if VARIANTS[name][1]:
+            models[name].known_positive_rows(batch.user)[:, items[0]:]
+        else:
+            models[name].known_positive_mask(batch.user, items)
+
     def step(name: str) -> None:
-        loss, _ = two_tower_loss(models[name], batch)
+        loss = loss_of(name)
         opts[name].zero_grad(set_to_none=True)
         loss.backward()
         opts[name].step()
 
+    with torch.no_grad():
+        first = {name: loss_of(name) for name in models}
+    for name in models:
+        torch.testing.assert_close(first[name], first["plain"], msg=f"{name}'s loss differs from plain's")
     results: dict[str, dict[str, list[float]]] = {n: {"mask": [], "step": []} for n in models}
     for _ in range(args.rounds):
-        for name, model in models.items():
+        for name in models:
             with torch.no_grad():
-                results[name]["mask"].append(time_ms(lambda: model.known_positive_mask(batch.user, items), args.steps))
+                results[name]["mask"].append(time_ms(lambda: mask(name), args.steps))
             results[name]["step"].append(time_ms(lambda: step(name), args.steps))
     med = {n: {k: statistics.median(v) for k, v in r.items()} for n, r in results.items()}
     print(f"batch {args.batch} x {N_ITEMS} catalogue items, {N_PAIRS} known pairs, {args.threads} thread(s), "
           f"load average {os.getloadavg()[0]:.1f}")  # fmt: skip
     for name, m in med.items():
         print(f"  {name:<7} mask {m['mask']:8.2f} ms   step {m['step']:8.2f} ms   {args.batch / m['step'] * 1000:9.0f} examples/s")
-    print(f"  dense vs search: mask {med['search']['mask'] / med['dense']['mask']:.1f}x faster, "
-          f"step {med['search']['step'] / med['dense']['step']:.2f}x faster")
+    for name in ("plain", "search"):
+        print(f"  fused vs {name}: step {med[name]['step'] / med['fused']['step']:.2f}x faster "
+              f"(mask {med[name]['mask'] / med['fused']['mask']:.1f}x)")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,8 @@ on ``cfg.loss``:
 - ``sampled``: softmax over ``num_negatives`` items drawn from the catalogue (uniform or by
   popularity) and shared by the batch, with the sampler's own ``- log q``; or, with the ``all``
   sampler, over every item of the catalogue (the exact softmax, affordable for catalogues of a
-  few thousand items such as MovieLens).
+  few thousand items such as MovieLens). Training computes it with ``fused_sampled_softmax_loss``
+  (one [B, K] buffer, reused as its own gradient), equal to ``sampled_softmax_loss``.
 - ``bce``: pointwise binary cross-entropy on impressions, shown-but-not-clicked rows as negatives.
 
 With ``impression_weight > 0`` the softmax losses also get that pointwise term, on the click
@@ -56,6 +57,9 @@ if TYPE_CHECKING:
 SamplerKind = Literal["uniform", "popularity", "all"]
 #: Index conventions from feedrank.data.batch: 0 = padding, 1 = out-of-vocabulary.
 FIRST_REAL_ID = 2
+#: The sampled softmax of training goes through ``fused_sampled_softmax_loss`` (False: the plain
+#: ``sampled_softmax_loss`` and per-cell mask, which benchmarks/movielens_two_tower_step.py times against it).
+FUSED_SOFTMAX = True
 
 
 def weighted_mean(values: Tensor, weight: Tensor | None = None, total: Tensor | None = None) -> Tensor:
@@ -149,25 +153,129 @@ def sampled_softmax_loss(
     every one ``known_hits`` [B, K] marks (a known positive of the row's user elsewhere in the data).
     """
     b, k = neg_logits.shape
-    if pos_logits.shape != (b,) or pos_ids.shape != (b,) or neg_ids.shape != (k,):
-        raise ValueError(
-            f"sampled softmax expects pos_logits/pos_ids [B], neg_logits [B, K], neg_ids [K]; got "
-            f"{tuple(pos_logits.shape)}, {tuple(pos_ids.shape)}, {tuple(neg_logits.shape)}, {tuple(neg_ids.shape)}"
-        )
-    if (pos_logq is None) != (neg_logq is None):
-        raise ValueError("pass both pos_logq and neg_logq for the logQ correction, or neither")
+    _check_sampled(b, k, pos_logits, pos_ids, neg_ids, pos_logq, neg_logq, known_hits)
     if pos_logq is not None:
         pos_logits = pos_logits - pos_logq.to(pos_logits.dtype)
         neg_logits = neg_logits - neg_logq.to(neg_logits.dtype)[None, :]
     hits = pos_ids[:, None] == neg_ids[None, :]
     if known_hits is not None:
-        if known_hits.shape != (b, k):
-            raise ValueError(f"known_hits must be [B, K] = [{b}, {k}], got {tuple(known_hits.shape)}")
         hits |= known_hits
     neg_logits = neg_logits.masked_fill(hits, float("-inf"))
     logits = torch.cat([pos_logits[:, None], neg_logits], dim=1).float()
     target = torch.zeros(b, dtype=torch.long, device=logits.device)
     return weighted_mean(F.cross_entropy(logits, target, reduction="none"), weight, total_weight)
+
+
+def _check_sampled(b: int, k: int, pos_logits: Tensor, pos_ids: Tensor, neg_ids: Tensor, pos_logq: Tensor | None,
+                   neg_logq: Tensor | None, known_hits: Tensor | None) -> None:  # fmt: skip
+    """The shapes both sampled softmax losses take, for B rows against K negatives."""
+    if pos_logits.shape != (b,) or pos_ids.shape != (b,) or neg_ids.shape != (k,):
+        raise ValueError(f"sampled softmax expects pos_logits/pos_ids [B] = [{b}] and neg_ids [K] = [{k}]; got "
+                         f"{tuple(pos_logits.shape)}, {tuple(pos_ids.shape)}, {tuple(neg_ids.shape)}")  # fmt: skip
+    if (pos_logq is None) != (neg_logq is None):
+        raise ValueError("pass both pos_logq and neg_logq for the logQ correction, or neither")
+    if neg_logq is not None and neg_logq.shape != (k,):
+        raise ValueError(f"neg_logq must be [K] = [{k}], got {tuple(neg_logq.shape)}")
+    if known_hits is not None and known_hits.shape != (b, k):
+        raise ValueError(f"known_hits must be [B, K] = [{b}, {k}], got {tuple(known_hits.shape)}")
+
+
+def fused_sampled_softmax_loss(
+    user: Tensor,
+    neg_vectors: Tensor,
+    pos_logits: Tensor,
+    pos_ids: Tensor,
+    neg_ids: Tensor | int,
+    pos_logq: Tensor | None = None,
+    neg_logq: Tensor | None = None,
+    weight: Tensor | None = None,
+    known_hits: Tensor | None = None,
+    total_weight: Tensor | None = None,
+) -> Tensor:
+    """``sampled_softmax_loss(pos_logits, user @ neg_vectors.T, ...)``, computed in one [B, K] buffer.
+
+    The plain path keeps about six [B, K] tensors a step (the logits, their masked copy, the
+    concatenation with the positives, the log-softmax, and their gradients); at MovieLens' exact
+    softmax (K = 1,682) they are most of a training step (docs/benchmarks.md, "Two-tower training
+    cost"). Here the logits are one buffer that is corrected, masked and turned into probabilities
+    in place, and backward turns those saved probabilities into the gradient in place
+    (``_FusedSoftmax``). ``user`` [B, D] (already divided by the temperature), ``neg_vectors`` [K, D];
+    ``neg_ids`` [K], or an int ``first`` standing for ``arange(first, first + K)`` (the ``all``
+    sampler: the accidental hit of row i is then column ``pos_ids[i] - first``, with no [B, K]
+    comparison); ``known_hits`` [B, K] bool, which may be a strided view (a row slice of
+    ``TwoTower.known_dense``). Other arguments as ``sampled_softmax_loss``.
+
+    Under autocast, or for dtypes other than float32/float64, this is ``sampled_softmax_loss``
+    itself: the fused buffer would hold half-precision probabilities.
+    """
+    b, k = user.shape[0], neg_vectors.shape[0]
+    if user.dim() != 2 or neg_vectors.dim() != 2 or neg_vectors.shape[1] != user.shape[1]:
+        raise ValueError(f"user [B, D] and neg_vectors [K, D] must share D; got {tuple(user.shape)} and "
+                         f"{tuple(neg_vectors.shape)}")  # fmt: skip
+    ids = torch.arange(neg_ids, neg_ids + k, device=user.device) if isinstance(neg_ids, int) else neg_ids
+    plain = (torch.is_autocast_enabled(user.device.type) or user.dtype not in (torch.float32, torch.float64)
+             or neg_vectors.dtype != user.dtype)
+    if plain:
+        return sampled_softmax_loss(pos_logits, user @ neg_vectors.T, pos_ids, ids, pos_logq, neg_logq, weight,
+                                    known_hits, total_weight)  # fmt: skip
+    _check_sampled(b, k, pos_logits, pos_ids, ids, pos_logq, neg_logq, known_hits)
+    if pos_logq is not None:
+        pos_logits = pos_logits - pos_logq.to(pos_logits.dtype)
+    if isinstance(neg_ids, int):
+        own, hits = pos_ids.long() - neg_ids, known_hits
+    else:
+        own, hits = None, pos_ids[:, None] == neg_ids[None, :]
+        hits = hits if known_hits is None else hits | known_hits
+    weight = torch.ones_like(pos_logits) if weight is None else weight.to(pos_logits.dtype)
+    if weight.shape != (b,):
+        raise ValueError(f"weight {tuple(weight.shape)} must match per-example losses ({b},)")
+    denom = weight.sum() if total_weight is None else total_weight.to(pos_logits.dtype)
+    row_scale = weight / denom.clamp_min(torch.finfo(pos_logits.dtype).tiny)
+    logq = None if neg_logq is None else neg_logq.to(user.dtype)
+    return _FusedSoftmax.apply(user, neg_vectors, pos_logits, logq, hits, own, row_scale)
+
+
+class _FusedSoftmax(torch.autograd.Function):
+    """sum_i s_i (logsumexp(p_i, n_i1 .. n_iK) - p_i) with n = user @ vectors.T - logq, masked; one [B, K] buffer.
+
+    Forward keeps the negatives' softmax probabilities P (masked cells 0) and the positives' p.
+    The gradient is s_i P_ij for negative logit (i, j) and s_i (p_i - 1) for the positive: backward
+    scales P in place, so the [B, K] buffer of the forward is the only one. Calling backward twice
+    on the same graph is refused by autograd (the saved buffer's version changed).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, user: Tensor, vectors: Tensor, pos_logits: Tensor, logq: Tensor | None,
+                hits: Tensor | None, own: Tensor | None, row_scale: Tensor) -> Tensor:  # fmt: skip
+        probs = user @ vectors.T
+        if logq is not None:
+            probs.sub_(logq[None, :])
+        if hits is not None:
+            probs.masked_fill_(hits, float("-inf"))
+        if own is not None:  # the row's positive among the catalogue's columns is an accidental hit
+            rows, cols = torch.arange(len(own), device=own.device), own.clamp(0, probs.shape[1] - 1)
+            inside = (own >= 0) & (own < probs.shape[1])
+            probs[rows, cols] = torch.where(inside, float("-inf"), probs[rows, cols])
+        top = torch.maximum(probs.amax(dim=1), pos_logits)
+        probs.sub_(top[:, None]).exp_()
+        pos_exp = (pos_logits - top).exp()
+        total = probs.sum(dim=1) + pos_exp
+        probs.div_(total[:, None])
+        ctx.save_for_backward(user, vectors, probs, pos_exp / total, row_scale)
+        ctx.has_logq = logq is not None
+        return (row_scale * (total.log() + top - pos_logits)).sum()
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:
+        user, vectors, probs, pos_prob, row_scale = ctx.saved_tensors
+        scale = row_scale * grad
+        g = probs.mul_(scale[:, None])  # d loss / d negative logits, in the saved probabilities' buffer
+        need = ctx.needs_input_grad
+        grad_user = g @ vectors if need[0] else None
+        grad_vectors = g.T @ user if need[1] else None
+        grad_pos = scale * (pos_prob - 1.0) if need[2] else None
+        grad_logq = -g.sum(dim=0) if ctx.has_logq and need[3] else None
+        return grad_user, grad_vectors, grad_pos, grad_logq, None, None, None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -462,13 +570,23 @@ def _sampled(model: TwoTower, out: TwoTowerOutput, batch: Batch, temperature: Te
     neg = out.negatives
     user = out.user / temperature  # [B, dim]: cheaper than dividing the [B, K] logits
     pos_logits = (user * out.item).sum(dim=-1)
-    neg_logits = user @ neg.vectors.T
     # the 'all' sampler's log q is uniform: it cancels in the softmax, so skip the [B, K] subtraction
-    correct = model.cfg.logq_correction and model.cfg.negative_sampler != "all"
+    every = model.cfg.negative_sampler == "all"
+    correct = model.cfg.logq_correction and not every
     pos_logq, neg_logq = (neg.pos_logq, neg.logq) if correct else (None, None)
-    known = model.known_positive_mask(batch.user, neg.ids)
-    return sampled_softmax_loss(pos_logits, neg_logits, batch.item, neg.ids, pos_logq, neg_logq,
-                                batch.weight * (batch.clicked > 0), known, total)
+    weight = batch.weight * (batch.clicked > 0)
+    if not FUSED_SOFTMAX:
+        known = model.known_positive_mask(batch.user, neg.ids)
+        return sampled_softmax_loss(pos_logits, user @ neg.vectors.T, batch.item, neg.ids, pos_logq, neg_logq,
+                                    weight, known, total)  # fmt: skip
+    # the 'all' sampler's negatives are the catalogue in id order: its mask is a row slice of the known grid
+    if every:
+        rows = model.known_positive_rows(batch.user)
+        known = None if rows is None else rows[:, FIRST_REAL_ID:]
+    else:
+        known = model.known_positive_mask(batch.user, neg.ids)
+    return fused_sampled_softmax_loss(user, neg.vectors, pos_logits, batch.item, FIRST_REAL_ID if every else neg.ids,
+                                      pos_logq, neg_logq, weight, known, total)  # fmt: skip
 
 
 Backward = Callable[[Tensor, bool], None]

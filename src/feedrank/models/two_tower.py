@@ -326,6 +326,17 @@ class TwoTower(nn.Module):
         pos = torch.searchsorted(self.known_pairs, keys).clamp_(max=self.known_pairs.numel() - 1)
         return self.known_pairs[pos] == keys
 
+    def known_positive_rows(self, users: Tensor) -> Tensor | None:
+        """[B, n_items] ``known_positive_mask`` of ``users`` against every item index; None when not configured.
+
+        From the dense grid, a row gather with no per-cell lookup (the ``all`` sampler's mask is a
+        column slice of it, a view)."""
+        if not self.cfg.mask_known_positives or self.known_pairs.numel() == 0:
+            return None
+        if self.known_dense.numel():
+            return self.known_dense.index_select(0, users)
+        return self.known_positive_mask(users, torch.arange(self.n_items, device=users.device))
+
     def user_vectors(self, batch: Batch) -> Tensor:
         """[B, dim] unit user vectors; needs only the user-side fields of ``batch``."""
         check_history(batch.history, batch.history_mask)
