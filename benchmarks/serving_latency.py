@@ -72,6 +72,7 @@ from feedrank.data.schema import TS_TYPE
 from feedrank.features.build import ITEM_CAT_INDEX_COLUMNS
 from feedrank.features.vocab import FIRST_ID, ITEM_CAT_COLUMNS, OOV, PAD, Vocab, Vocabularies
 from feedrank.index import IndexConfig, read_manifest
+from feedrank.models.quantize import QUANTIZE_MODES, quantize_ranker
 from feedrank.models.ranker import ItemInputs, Ranker, RankerConfig, UserInputs
 from feedrank.serving.app import ServeSettings, serving_config
 from feedrank.serving.config import EventLogConfig, ServingConfig
@@ -231,7 +232,7 @@ def serving_cfg(work: Path, kind: str, args: argparse.Namespace) -> ServingConfi
         # the recall is measured and printed; the gate must not stop the index from being saved and
         # reused (untrained towers make unclustered vectors on which IVF/HNSW recall is low)
         start_time=START.isoformat(), index=IndexConfig(kind=kind, recall_floor=0.0), index_dir=str(work / f"index-{kind}"),
-        event_log=EventLogConfig(dir=str(work / "serving_log")),
+        event_log=EventLogConfig(dir=str(work / "serving_log")), quantize=args.quantize,
     )  # fmt: skip
 
 
@@ -413,11 +414,13 @@ def timed_ms(fn: Callable[[], object], reps: int) -> float:
     return float(np.median(times)) * 1000.0
 
 
-def ranker_roofline(rk: Path, n: int, reps: int) -> dict:
-    """The ranker's forward on ``n`` candidates of one user, on one thread: FLOPs, bare median time,
-    and the median GFLOP/s of a large fp32 matmul (the roofline) measured now, on the same thread."""
+def ranker_roofline(rk: Path, n: int, reps: int, quantize: str) -> dict:
+    """The ranker's forward on ``n`` candidates of one user, on one thread: FLOPs (of the fp32 model),
+    bare median time of the model as served (``quantize``: ``serving.quantize``), and the median
+    GFLOP/s of a large fp32 matmul (the roofline) measured now, on the same thread."""
     set_threads(1)
     model = load_bundle(rk).model.eval()
+    served = quantize_ranker(model, quantize)
     g = torch.Generator().manual_seed(0)
     sizes = lambda vocab_sizes: torch.tensor(vocab_sizes)  # noqa: E731
     user = UserInputs(user=torch.tensor(2), user_cats=torch.full((len(model.user_cats.sizes),), 2),
@@ -431,7 +434,7 @@ def ranker_roofline(rk: Path, n: int, reps: int) -> dict:
     with torch.inference_mode():
         with FlopCounterMode(display=False) as counter:
             model.score_candidates(user, items)
-        forward_ms = timed_ms(lambda: model.score_candidates(user, items), reps)
+        forward_ms = timed_ms(lambda: served.score_candidates(user, items), reps)
         a, b = torch.randn(512, 1024, generator=g), torch.randn(1024, 1024, generator=g)
         matmul_ms = timed_ms(lambda: a @ b, reps)
     return {"candidates": n, "mflop": counter.get_total_flops() / 1e6, "forward_ms": forward_ms,
@@ -462,6 +465,8 @@ def main() -> None:
     parser.add_argument("--max-seconds", type=float, default=60.0)
     parser.add_argument("--cold-share", type=float, default=0.05)
     parser.add_argument("--profile", type=int, default=0, help="feeds to profile in-process (0: skip)")
+    parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
+                        help="serving.quantize: the ranker as served (int8: docs/labs.md's quantize lab; default fp32)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
@@ -473,7 +478,7 @@ def main() -> None:
                      "pass another trained two-tower bundle, or --vectors untrained")
     tt, rk, log = make_artifacts(work, args)
     load_before = os.getloadavg()
-    results = {"items": args.items, "history": args.history, "candidates": args.ann + args.fresh, "vectors": args.vectors, "runs": {}}
+    results = {"quantize": args.quantize, "items": args.items, "history": args.history, "candidates": args.ann + args.fresh, "vectors": args.vectors, "runs": {}}
     worker_counts = [int(w) for w in args.workers.split(",")]
     for kind in args.kinds.split(","):
         cfg = serving_cfg(work, kind, args)
@@ -495,11 +500,11 @@ def main() -> None:
             report(name, results["runs"][name], args.vectors)
         if args.profile:
             print(profile(tt, rk, log, cfg, args))
-    roof = results["ranker"] = ranker_roofline(rk, args.ann + args.fresh, reps=100)
+    roof = results["ranker"] = ranker_roofline(rk, args.ann + args.fresh, reps=100, quantize=args.quantize)
     results["load_average"] = {"before": load_before, "after": os.getloadavg()}
     if args.out:
         args.out.write_text(json.dumps(results, indent=2))
-    print(f"\nranker forward on {roof['candidates']} candidates: {roof['mflop']:.1f} MFLOP; matmul roofline (one thread, "
+    print(f"\nranker (served as quantize={args.quantize}) forward on {roof['candidates']} candidates: {roof['mflop']:.1f} MFLOP; matmul roofline (one thread, "
           f"512x1024 @ 1024x1024, median) {roof['roofline_gflops']:.1f} GFLOP/s")
     print(f"  bare score_candidates p50 {roof['forward_ms']:.2f} ms = {roof['mflop'] / roof['forward_ms']:.1f} GFLOP/s "
           f"({roof['mflop'] / roof['forward_ms'] / roof['roofline_gflops']:.0%} of the roofline)")
