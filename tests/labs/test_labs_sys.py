@@ -4,7 +4,6 @@ accumulation, the profile diagnosis on hand-built profiles, and each lab's resul
 from __future__ import annotations
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
@@ -28,6 +27,7 @@ from feedrank.labs.profile import (
     sync_callers,
     union_length,
 )
+from feedrank.train.distributed import init_process_group
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,9 @@ def test_overlap_share_counts_communication_before_backward_ended():
 
 @pytest.fixture
 def one_rank_group():
-    """A real gloo process group of one rank, so the wrapper's hooks and all-reduces run in-process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    """A real gloo process group of one rank, so the wrapper's hooks and all-reduces run in-process
+    (an in-memory store: no port to pick, so none another process can take first)."""
+    init_process_group("gloo", 60.0, store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
