@@ -25,6 +25,7 @@ CPU, so they never force a CUDA synchronisation on the nccl stream.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import signal
@@ -127,11 +128,16 @@ def shutdown(env: DistEnv) -> None:
     a barrier would mismatch or wait on until the timeout; destroying the group at once closes
     the connections, so the peers' collectives fail, each rank leaves through its own
     ``shutdown``, and torchrun reports this rank's traceback as the root cause.
+
+    A ``DistributedDataParallel`` sits in a reference cycle and its reducer holds the group, so
+    a collection follows: wrappers no longer reachable release the group (and its gloo threads
+    end) here, not during interpreter teardown (see ``init_process_group``).
     """
     if env.owns_group and dist.is_initialized():
         if sys.exc_info()[1] is None:
             dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def wrap_model(model: nn.Module, env: DistEnv, strategy: Strategy, bucket_cap_mb: float) -> nn.Module:
