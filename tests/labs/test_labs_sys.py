@@ -4,7 +4,9 @@ accumulation, the profile diagnosis on hand-built profiles, and each lab's resul
 from __future__ import annotations
 
 import json
-import socket
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,7 @@ from feedrank.labs.profile import (
     sync_callers,
     union_length,
 )
+from feedrank.train.distributed import init_process_group
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +64,9 @@ def test_overlap_share_counts_communication_before_backward_ended():
 
 @pytest.fixture
 def one_rank_group():
-    """A real gloo process group of one rank, so the wrapper's hooks and all-reduces run in-process."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    """A real gloo process group of one rank, so the wrapper's hooks and all-reduces run in-process
+    (an in-memory store: no port to pick, so none another process can take first)."""
+    init_process_group("gloo", 60.0, store=dist.HashStore(), rank=0, world_size=1)
     yield
     dist.destroy_process_group()
 
@@ -87,6 +88,37 @@ def test_scratch_ddp_launches_one_all_reduce_per_bucket_and_none_under_no_sync(o
     for p, g in zip(model.parameters(), local):
         torch.testing.assert_close(p.grad, 2 * g)  # one rank: the average is the local sum of both passes
 
+
+GLOO_THREADS = ("pt_gloo_runloop", "gloo_tcp_loop")
+_WORKER_EXIT = """
+import os
+import torch, torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from feedrank.labs import ddp_worker as W  # the worker's imports come before its group, as in its main()
+from feedrank.train.distributed import DistEnv
+dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), owns_group=True,
+              control=dist.group.WORLD)
+model = DistributedDataParallel(nn.Linear(4, 2))  # DDP's first use imports what held the group
+model(torch.randn(3, 4)).sum().backward()
+del model
+W.shutdown(env)
+del env  # its control group is the default group: the worker's last reference, gone as main() returns
+print(",".join(sorted(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))))
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="thread names are read from /proc")
+def test_ddp_worker_leaves_no_gloo_thread_running_into_interpreter_exit():
+    """On main 2b65266 the worker's group outlived ``destroy_process_group`` (the defaults of
+    ``torch.distributed.nn.functional``, first imported by DDP, held it): its gloo threads ran
+    into interpreter teardown. A fresh process: that module is imported once per process."""
+    src = Path(ddp_lab.__file__).parents[2]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(src)}
+    out = subprocess.run([sys.executable, "-c", _WORKER_EXIT], capture_output=True, text=True, env=env,
+                         timeout=120, check=True).stdout.strip().splitlines()[-1]
+    assert not [name for name in out.split(",") if name in GLOO_THREADS], out
 
 @pytest.mark.slow  # two torchrun workers start in ~10 s
 def test_scratch_ddp_ends_with_ddps_parameters_under_torchrun(tmp_path, tiny_log):

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from feedrank.train import distributed as D
@@ -40,3 +41,27 @@ def test_cuda_request_without_cuda_is_an_error():
     with pytest.raises(RuntimeError, match="device 'cuda' requested"):
         D.resolve_device("cuda")
     assert D.resolve_device("auto") == torch.device("cpu")
+
+
+@pytest.fixture
+def one_rank_env():
+    """A real one-rank gloo group that ``shutdown`` owns (in-memory store: no port to pick)."""
+    D.init_process_group("gloo", 60.0, store=dist.HashStore(), rank=0, world_size=1)
+    yield D.DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), owns_group=True,
+                    control=dist.group.WORLD)
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def test_shutdown_barriers_on_a_clean_exit_and_not_while_an_exception_propagates(one_rank_env, monkeypatch):
+    barriers = []
+    monkeypatch.setattr(D.dist, "barrier", lambda *a, **k: barriers.append(1))
+    with pytest.raises(ValueError, match="rank failed"):
+        try:
+            raise ValueError("rank failed")
+        finally:
+            D.shutdown(one_rank_env)  # a peer may be inside another collective: no barrier
+    assert barriers == [] and not dist.is_initialized()
+    D.init_process_group("gloo", 60.0, store=dist.HashStore(), rank=0, world_size=1)
+    D.shutdown(one_rank_env)
+    assert barriers == [1] and not dist.is_initialized()

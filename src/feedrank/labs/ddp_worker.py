@@ -37,6 +37,11 @@ from feedrank.data.batch import Batch
 from feedrank.labs.base import LabContext
 from feedrank.labs.ddp_scratch import ScratchDDP, overlap_share
 from feedrank.models.losses import select_rows, two_tower_loss
+from feedrank.train.distributed import init_distributed, shutdown
+
+#: A collective waits this long for its peer before raising: under the launcher's deadline
+#: (``feedrank.labs.ddp.launch``), so a rank whose peer died fails with its own error.
+COLLECTIVE_TIMEOUT_S = 120.0
 
 
 def shard(batch: Batch, rank: int, world: int) -> Batch:
@@ -153,8 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
 
     torch.set_num_threads(1)  # identical reductions in both processes, and 2 ranks on 2 cores
-    dist.init_process_group("gloo")
-    rank, world = dist.get_rank(), dist.get_world_size()
+    env = init_distributed("cpu", timeout_s=COLLECTIVE_TIMEOUT_S)
+    rank, world = env.rank, env.world_size
     try:
         raw = json.loads(args.ctx)
         ctx = LabContext(**{**raw, "root": Path(raw["root"]), "log": Path(raw["log"]) if raw["log"] else None})
@@ -168,9 +173,8 @@ def main(argv: list[str] | None = None) -> int:
             result[name] = parts[name](ctx, batches, args, rank, world)
         if rank == 0:
             Path(args.out).write_text(json.dumps(result, indent=2))
-        dist.barrier()  # no rank closes its connections while a peer may still be reading from them
     finally:
-        dist.destroy_process_group()
+        shutdown(env)  # a barrier first on a normal exit, none while an exception propagates
     return 0
 
 

@@ -25,10 +25,12 @@ CPU, so they never force a CUDA synchronisation on the nccl stream.
 from __future__ import annotations
 
 import contextlib
+import gc
 import io
 import os
 import signal
 import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import timedelta
@@ -63,6 +65,24 @@ class DistEnv:
         return self.rank == 0
 
 
+def init_process_group(backend: str, timeout_s: float, **kwargs: Any) -> None:
+    """``dist.init_process_group``, after importing ``torch.distributed.nn.functional``: the one way
+    feedrank joins a process group, so that ``destroy_process_group`` really ends it.
+
+    That module's functions take ``group=group.WORLD`` as a default argument, evaluated when it is
+    first imported, and ``DistributedDataParallel(...)`` imports it lazily. Imported after the group
+    exists (torch 2.13), those defaults hold the default ProcessGroup for good:
+    ``destroy_process_group`` then leaves its gloo threads (two ``pt_gloo_runloop``, one
+    ``gloo_tcp_loop``) alive into interpreter teardown, while the peer's sockets close: the
+    state a C++ "terminate called without an active exception" at exit points to (a process
+    exiting with live ProcessGroup threads). Imported first, the defaults are ``None`` and the
+    threads end in ``destroy_process_group``. ``kwargs`` go to ``dist.init_process_group``.
+    """
+    import torch.distributed.nn.functional  # noqa: F401  (before the group exists: see above)
+
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), **kwargs)
+
+
 def launched_by_torchrun() -> bool:
     """True inside a worker started by torchrun (or any launcher that sets the env:// variables)."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
@@ -87,8 +107,7 @@ def init_distributed(preference: Literal["auto", "cpu", "cuda"] = "auto", timeou
     if owns:
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        backend = "nccl" if device.type == "cuda" else "gloo"
-        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+        init_process_group("nccl" if device.type == "cuda" else "gloo", timeout_s)
     control = dist.new_group(backend="gloo") if dist.get_backend() != "gloo" else dist.group.WORLD
     return DistEnv(
         rank=dist.get_rank(),
@@ -101,10 +120,24 @@ def init_distributed(preference: Literal["auto", "cpu", "cuda"] = "auto", timeou
 
 
 def shutdown(env: DistEnv) -> None:
-    """Destroy the process group if ``init_distributed`` created it (not one the caller owns)."""
+    """Destroy the process group if ``init_distributed`` created it (not one the caller owns).
+
+    Call it from a ``finally`` (or ``__exit__``). On a normal exit every rank first meets at a
+    barrier, so no rank closes its connections while a peer still reads from them. While an
+    exception propagates there is no barrier: the peers may be inside another collective, which
+    a barrier would mismatch or wait on until the timeout; destroying the group at once closes
+    the connections, so the peers' collectives fail, each rank leaves through its own
+    ``shutdown``, and torchrun reports this rank's traceback as the root cause.
+
+    A ``DistributedDataParallel`` sits in a reference cycle and its reducer holds the group, so
+    a collection follows: wrappers no longer reachable release the group (and its gloo threads
+    end) here, not during interpreter teardown (see ``init_process_group``).
+    """
     if env.owns_group and dist.is_initialized():
-        dist.barrier()
+        if sys.exc_info()[1] is None:
+            dist.barrier()
         dist.destroy_process_group()
+        gc.collect()
 
 
 def wrap_model(model: nn.Module, env: DistEnv, strategy: Strategy, bucket_cap_mb: float) -> nn.Module:
