@@ -120,6 +120,7 @@ def test_ddp_worker_leaves_no_gloo_thread_running_into_interpreter_exit():
                          timeout=120, check=True).stdout.strip().splitlines()[-1]
     assert not [name for name in out.split(",") if name in GLOO_THREADS], out
 
+
 @pytest.mark.slow  # two torchrun workers start in ~10 s
 def test_scratch_ddp_ends_with_ddps_parameters_under_torchrun(tmp_path, tiny_log):
     ctx = tiny_ctx(tmp_path, tiny_log, "ddp")
