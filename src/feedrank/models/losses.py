@@ -68,13 +68,20 @@ def weighted_mean(values: Tensor, weight: Tensor | None = None, total: Tensor | 
     ``total`` replaces ``sum(w)`` as the denominator: under data parallelism it is the weight of the
     *global* batch, so each rank's share sums to the global batch's mean (``GlobalPool``).
     """
+    weight, denom = _weight_and_denominator(values, weight, total)
+    return (values * weight).sum() / denom
+
+
+def _weight_and_denominator(values: Tensor, weight: Tensor | None, total: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``weighted_mean``'s weights (ones when None, checked against ``values``' shape, in its dtype)
+    and its denominator (``total`` or their sum, at least the dtype's smallest normal)."""
     if weight is None:
         weight = torch.ones_like(values)
     if weight.shape != values.shape:
         raise ValueError(f"weight {tuple(weight.shape)} must match per-example losses {tuple(values.shape)}")
     weight = weight.to(values.dtype)
     denom = weight.sum() if total is None else total.to(values.dtype)
-    return (values * weight).sum() / denom.clamp_min(torch.finfo(values.dtype).tiny)
+    return weight, denom.clamp_min(torch.finfo(values.dtype).tiny)
 
 
 def in_batch_softmax_loss(
@@ -226,11 +233,8 @@ def fused_sampled_softmax_loss(
     else:
         own, hits = None, pos_ids[:, None] == neg_ids[None, :]
         hits = hits if known_hits is None else hits | known_hits
-    weight = torch.ones_like(pos_logits) if weight is None else weight.to(pos_logits.dtype)
-    if weight.shape != (b,):
-        raise ValueError(f"weight {tuple(weight.shape)} must match per-example losses ({b},)")
-    denom = weight.sum() if total_weight is None else total_weight.to(pos_logits.dtype)
-    row_scale = weight / denom.clamp_min(torch.finfo(pos_logits.dtype).tiny)
+    weight, denom = _weight_and_denominator(pos_logits, weight, total_weight)  # as weighted_mean's
+    row_scale = weight / denom
     logq = None if neg_logq is None else neg_logq.to(user.dtype)
     return _FusedSoftmax.apply(user, neg_vectors, pos_logits, logq, hits, own, row_scale)
 
