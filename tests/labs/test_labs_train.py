@@ -103,7 +103,8 @@ def tensor_bytes(model: nn.Module) -> int:
 
 
 @pytest.mark.parametrize("mode,tol", [("none", 0.0), ("fp16_embeddings", 1e-3), ("int8_embeddings", 1e-2),
-                                      ("int8_linear", 5e-2), ("int8", 5e-2)])  # fmt: skip
+                                      ("int8_linear", 5e-2), ("int8", 5e-2),
+                                      ("bf16_linear", 2e-2)])  # fmt: skip
 def test_quantize_ranker_keeps_outputs_close_and_shrinks_bytes(ranker_and_batch, mode, tol):
     model, batch = ranker_and_batch
     q = quantize_ranker(model, mode)
@@ -121,7 +122,8 @@ def test_quantize_ranker_keeps_outputs_close_and_shrinks_bytes(ranker_and_batch,
     else:
         linears = sum(4 * m.weight.numel() for m in model.modules()
                       if isinstance(m, nn.Linear) and m.weight.numel() >= DEFAULT_MIN_LINEAR_PARAMS)  # fmt: skip
-        converted = {"none": 0, "int8_linear": linears, "int8": 4 * sum(w.numel() for w in tables) + linears}[mode]
+        converted = {"none": 0, "int8_linear": linears, "int8": 4 * sum(w.numel() for w in tables) + linears,
+                     "bf16_linear": linears / 2}[mode]  # bf16 keeps 2 of a weight's 4 bytes  # fmt: skip
         saved = model_bytes(model) - model_bytes(q)
         assert saved >= 0.45 * converted if mode != "none" else saved == 0
     # The input model is left as it was (serving may keep it for comparison).
@@ -134,6 +136,23 @@ def test_quantize_ranker_int8_shrinks_most_and_rejects_bad_input(ranker_and_batc
     assert sizes["int8"] == min(sizes.values())
     with pytest.raises(ValueError, match="unknown quantize mode"):
         quantize_ranker(model, "int4")  # type: ignore[arg-type]
+
+
+def test_bf16_cross_layer_splits_the_user_columns_like_the_whole_layer():
+    """``first_one_user`` projects a bf16 layer's user columns once; the result equals the layer
+    applied to every row up to bf16's rounding of each GEMM's output (2^-8 relative, two partial
+    products instead of one); a wrong column slice or a dropped or doubled bias is off by ~0.1-1."""
+    from feedrank.models.interactions import CrossLayer
+    from feedrank.models.quantize import BF16Linear
+
+    torch.manual_seed(0)
+    for rank in (0, 4):
+        layer = CrossLayer(24, rank).eval()
+        layer.project = (nn.Sequential(BF16Linear(layer.project[0]), layer.project[1]) if rank
+                         else BF16Linear(layer.project))  # fmt: skip
+        user, items = torch.randn(10), torch.randn(7, 14)
+        x0 = torch.cat([user.expand(7, -1), items], dim=1)
+        torch.testing.assert_close(layer.first_one_user(x0, user, items), layer(x0, x0), rtol=2e-2, atol=2e-2)
 
 
 def test_int8_embedding_keeps_the_padding_row_zero():

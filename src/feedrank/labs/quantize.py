@@ -2,7 +2,9 @@
 
 A ranker trained here in fp32 (the precision lab's ranker task, feedrank's Trainer) is quantized
 every way ``quantize_ranker`` offers: dynamic int8 Linear layers (all of them, as the audit did,
-or only the large ones), row-wise int8 and fp16 embedding tables, and int8 Linear + embeddings.
+or only the large ones), row-wise int8 and fp16 embedding tables, int8 Linear + embeddings, and
+the large Linear layers with bf16 weights (fp32 accumulation: a CPU with AVX512-BF16 runs the GEMM
+in bf16 with no per-call scale to compute).
 For each: the saved model's bytes, the latency of ``Ranker.score_candidates`` for 500 candidates of
 one user (the call ``FeedService._scores`` makes, under ``torch.inference_mode``; 1 thread, the
 serving default ``torch_threads``, and 2), and the holdout click AUC and NDCG@10 of the value score
@@ -39,7 +41,7 @@ from feedrank.models.quantize import DEFAULT_MIN_LINEAR_PARAMS, model_bytes, qua
 from feedrank.models.ranker import ItemInputs, UserInputs
 
 NAME = "quantize"
-TITLE = "Serving-side quantization of the ranker: int8 Linear, int8 / fp16 embedding tables"
+TITLE = "Serving-side quantization of the ranker: int8 / bf16 Linear, int8 / fp16 embedding tables"
 
 #: A variant may ship when it loses at most this much holdout quality against fp32. A choice: 0.002
 #: AUC is a tenth of what 270 more training steps add to the demo ranker (0.619 -> 0.640), small
@@ -56,6 +58,7 @@ VARIANTS: dict[str, tuple[str, int]] = {
     "int8_embeddings": ("int8_embeddings", 0),
     "fp16_embeddings": ("fp16_embeddings", 0),
     "int8": ("int8", DEFAULT_MIN_LINEAR_PARAMS),
+    "bf16_linear": ("bf16_linear", DEFAULT_MIN_LINEAR_PARAMS),
 }
 
 

@@ -37,6 +37,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from feedrank.models.quantize import BF16Linear
+
 InteractionKind = Literal["dcn", "dot"]
 
 
@@ -61,15 +63,21 @@ class CrossLayer(nn.Module):
         of the first projection ``W x0`` computed once (one row) instead of N times.
 
         Exact up to float summation order: the projection is linear, ``W x0 = W_u u + W_i x0_i``.
-        A projection that is not a plain ``nn.Linear`` (int8, ``feedrank.models.quantize``) holds no
-        weight matrix to split and is applied whole.
+        A bf16 projection (``BF16Linear``, ``feedrank.models.quantize``) is split the same way; an
+        int8 one holds no weight matrix to split and is applied whole.
         """
         first = self.project[0] if isinstance(self.project, nn.Sequential) else self.project
-        if type(first) is not nn.Linear:
-            return self.forward(x0, x0)
         du = user.shape[0]
-        constant = nn.functional.linear(user, first.weight[:, :du], first.bias)  # [out]: the user half (+ bias)
-        h = torch.addmm(constant, items, first.weight[:, du:].t())
+        if type(first) is nn.Linear:
+            constant = nn.functional.linear(user, first.weight[:, :du], first.bias)  # [out]: the user half (+ bias)
+            h = torch.addmm(constant, items, first.weight[:, du:].t())
+        elif type(first) is BF16Linear:
+            constant = first.matmul(user[None], slice(None, du))  # [1, out]: the user half
+            if first.bias is not None:
+                constant = constant + first.bias
+            h = first.matmul(items, slice(du, None)) + constant
+        else:
+            return self.forward(x0, x0)
         if isinstance(self.project, nn.Sequential):  # low rank: U (V x0)
             h = self.project[1](h)
         return torch.addcmul(x0, x0, h)

@@ -16,6 +16,12 @@ after loading a bundle. Modes:
   and a lookup has no GEMM to slow down.
 - ``fp16_embeddings``: every ``nn.Embedding`` stored as fp16, looked-up rows cast back to fp32.
 - ``int8``: ``int8_linear`` + ``int8_embeddings``.
+- ``bf16_linear``: the same large ``nn.Linear`` layers with bfloat16 weights (``BF16Linear``):
+  inputs are rounded to bf16, the GEMM accumulates in fp32 and rounds its output to bf16 (torch's
+  CPU GEMM has no fp32 output for bf16 inputs), and the output goes on in fp32 with the fp32 bias.
+  On a CPU with AVX512-BF16 the GEMM runs about twice as fast as fp32's; bf16 keeps 8 bits of
+  mantissa, so scores move by about 1e-2 relative and near-ties may swap (``feedrank lab quantize``
+  measures the AUC and the top-k overlap). Unlike int8 there is no per-call scale to compute.
 - ``none``: an unchanged copy.
 
 ``torch.ao.quantization`` is deprecated in favour of ``torchao`` (not a dependency); its eager
@@ -37,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-QuantizeMode = Literal["none", "int8", "int8_linear", "int8_embeddings", "fp16_embeddings"]
+QuantizeMode = Literal["none", "int8", "int8_linear", "int8_embeddings", "fp16_embeddings", "bf16_linear"]
 QUANTIZE_MODES: tuple[str, ...] = get_args(QuantizeMode)
 
 #: Linear layers with fewer weights than this stay fp32 under int8_linear (see the module docstring).
@@ -57,6 +63,28 @@ class HalfEmbedding(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, dtype=float16"
+
+
+class BF16Linear(nn.Module):
+    """``nn.Linear`` with its weight stored in bfloat16: ``y = fp32(bf16(bf16(x) @ W^T)) + b``."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16))
+        self.register_buffer("bias", None if linear.bias is None else linear.bias.detach().float())
+
+    def matmul(self, x: Tensor, columns: slice = slice(None)) -> Tensor:
+        """``x @ W[:, columns]^T`` (no bias), returned as fp32: a slice of the input columns serves a layer
+        whose input is split in parts (``feedrank.models.interactions.CrossLayer.first_one_user``)."""
+        return (x.to(torch.bfloat16) @ self.weight[:, columns].t()).float()
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.matmul(x)
+        return out if self.bias is None else out + self.bias
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features}, {self.out_features}, bias={self.bias is not None}, dtype=bfloat16"
 
 
 class Int8Embedding(nn.Module):
@@ -119,6 +147,9 @@ def quantize_ranker(model: nn.Module, mode: QuantizeMode, min_linear_params: int
         if mode in ("int8", "int8_linear"):
             names = _linear_names(q, min_linear_params)
             q = quantize_dynamic(q, names, dtype=torch.qint8, inplace=True) if names else q
+    if mode == "bf16_linear":
+        for name in _linear_names(q, min_linear_params):
+            _replace(q, name, BF16Linear(q.get_submodule(name)))
     return q.eval()
 
 
