@@ -4,13 +4,14 @@ with equal, unequal and empty per-rank batches (the collectives pad to the large
 DDP (the pool on a group of its own, as the trainer does, and on DDP's own group) and FSDP2, and
 with each rank's rows as 2 micro-batches of one ``CachedStep`` (accumulation x ranks = the union).
 
-The ranks are spawned once for the whole module (``torch.multiprocessing``, a free port, a
-deadline after which they are killed, and a 60 s gloo timeout inside): a bug here fails, never hangs.
+The ranks are spawned once for the whole module (``torch.multiprocessing``, a rendezvous file
+rather than a TCP port, a deadline after which they are killed, and a 60 s gloo timeout inside): a
+bug here fails, never hangs, and no other process on the machine can take the rendezvous from it
+(a port picked free and bound later can be, which made the test racy on a shared machine).
 """
 
 from __future__ import annotations
 
-import socket
 import sys
 import time
 from pathlib import Path
@@ -26,12 +27,6 @@ WORLD = 2
 DEADLINE_S = 240  # bounds a failure only: two children importing torch on a loaded machine are slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker_module():
     """The rank module by its plain name, so spawned children can import it (they get ``sys.path``)."""
     sys.path.insert(0, str(HERE))
@@ -43,10 +38,14 @@ def _worker_module():
 
 
 def spawn_ranks(fn, out: Path) -> None:
-    """Run ``fn(rank, WORLD, port, out)`` on WORLD spawned processes; kill them past DEADLINE_S."""
+    """Run ``fn(rank, WORLD, rendezvous, out)`` on WORLD spawned processes; kill them past DEADLINE_S.
+
+    ``rendezvous`` is a fresh file in ``out`` (``init_method="file://..."``): torch requires it
+    absent or empty when the group starts.
+    """
     sys.path.insert(0, str(HERE))  # inherited by the children at spawn time
     try:
-        ctx = mp.start_processes(fn, args=(WORLD, free_port(), str(out)), nprocs=WORLD, join=False,
+        ctx = mp.start_processes(fn, args=(WORLD, str(out / "rendezvous"), str(out)), nprocs=WORLD, join=False,
                                  start_method="spawn")
     finally:
         sys.path.remove(str(HERE))

@@ -12,7 +12,6 @@ folder on ``sys.path`` for the spawned children (pytest's importlib mode does no
 from __future__ import annotations
 
 import importlib.util
-import os
 from datetime import timedelta
 from pathlib import Path
 
@@ -90,11 +89,14 @@ def cached_accumulation(case: str, split: str, rank: int, group) -> dict:
     return {"loss": loss, "grads": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}}
 
 
-def main(rank: int, world: int, port: int, out: str) -> None:
-    """One rank: every (case, split, wrapper, group) result into ``out/rank<r>.pt``."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def main(rank: int, world: int, rendezvous: str, out: str) -> None:
+    """One rank: every (case, split, wrapper, group) result into ``out/rank<r>.pt``.
+
+    The ranks meet through the file ``rendezvous``, not a TCP port another process could take.
+    """
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
     own = dist.new_group(backend="gloo")  # what the trainer does (feedrank.train.retrieval)
     results = {}
     for case in CASES:
