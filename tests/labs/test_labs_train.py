@@ -155,6 +155,39 @@ def test_bf16_cross_layer_splits_the_user_columns_like_the_whole_layer():
         torch.testing.assert_close(layer.first_one_user(x0, user, items), layer(x0, x0), rtol=2e-2, atol=2e-2)
 
 
+def test_bf16_linear_pads_rows_to_a_bucket_and_each_row_keeps_its_own_output():
+    """The GEMM sees row counts rounded up to ``ROW_BUCKET`` (a few kernel shapes, not one per
+    candidate count); the output has the input's rows, each the plain bf16 product of its own row
+    (padding rows cannot leak in: they are zeros, and a row's dot products are its own)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from feedrank.models.quantize import ROW_BUCKET, BF16Linear
+
+    class GemmRows(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.rows: list[int] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+                self.rows.append(args[-2].shape[0])
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    linear = nn.Linear(24, 16)
+    layer = BF16Linear(linear)
+    x = torch.randn(3 * ROW_BUCKET + 5, 24)
+    for rows in (1, ROW_BUCKET - 1, ROW_BUCKET, ROW_BUCKET + 1, len(x)):
+        with GemmRows() as seen:
+            out = layer(x[:rows])
+        assert seen.rows == [-(-rows // ROW_BUCKET) * ROW_BUCKET]
+        assert out.shape == (rows, 16) and out.dtype == torch.float32
+        plain = (x[:rows].bfloat16() @ linear.weight.detach().bfloat16().t()).float() + linear.bias.detach()
+        torch.testing.assert_close(out, plain, rtol=1e-2, atol=1e-2)  # GEMM kernels may block rows differently
+        torch.testing.assert_close(out, linear(x[:rows]).detach(), rtol=5e-2, atol=5e-2)
+
+
+
 def test_int8_embedding_keeps_the_padding_row_zero():
     from feedrank.models.quantize import Int8Embedding
 
