@@ -1,6 +1,7 @@
 """``feedrank serve --workers N``'s supervisor says why it replaced a worker: a real supervisor over
 two real worker processes, one killed with SIGKILL and one frozen with SIGSTOP (which stops it
-answering the health check). Linux only (workers are found through /proc)."""
+answering the health check); and it frees a replaced worker's connection slot
+(``feedrank.serving.balance``). Linux only (workers are found through /proc)."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 
+from feedrank.serving.balance import SHARES_ENV, ConnectionShares
 from feedrank.serving.supervisor import describe_exit
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
@@ -47,6 +50,20 @@ def _workers(parent: int) -> list[int]:
     return sorted(pids)
 
 
+def _shares_path(worker: int) -> Path:
+    """The connection shares file the supervisor named to ``worker`` (in its environment)."""
+    env = dict(kv.split(b"=", 1) for kv in Path(f"/proc/{worker}/environ").read_bytes().split(b"\0") if b"=" in kv)
+    return Path(env[SHARES_ENV.encode()].decode())
+
+
+def _answered(url: str) -> bool:
+    """Whether a fresh connection to ``url`` got an answer (False while the workers start)."""
+    try:
+        return urllib.request.urlopen(url, timeout=10).read() == b"ok"
+    except OSError:
+        return False
+
+
 def _wait_for(predicate, what: str, deadline_s: float = 90.0):
     end = time.monotonic() + deadline_s
     while time.monotonic() < end:
@@ -67,9 +84,14 @@ def test_supervisor_logs_why_each_worker_was_replaced(tmp_path):
     try:
         _wait_for(lambda: "serving http://127.0.0.1:" in (tmp_path / "stdout.log").read_text(), "the URL")
         first, second = _wait_for(lambda: (w := _workers(proc.pid)) and len(w) == 2 and w, "two workers")
+        shares = ConnectionShares(_shares_path(first))
+        url = (tmp_path / "stdout.log").read_text().split()[1]
+        # this app is not feedrank's, so a worker claims its slot at its first connection
+        _wait_for(lambda: _answered(url) and {first, second} <= set(shares.counts()), "both workers' connection slots")
 
         os.kill(first, signal.SIGKILL)
         _wait_for(lambda: f"Worker [{first}] was killed by signal SIGKILL" in log.read_text(), "the SIGKILL line")
+        _wait_for(lambda: first not in shares.counts(), "the killed worker's slot to be freed")
 
         os.kill(second, signal.SIGSTOP)  # alive but silent: the supervisor must kill it after 3 s
         _wait_for(lambda: f"Worker [{second}] did not answer the health check within 3 s" in log.read_text(),

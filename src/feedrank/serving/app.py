@@ -76,6 +76,7 @@ from starlette.requests import ClientDisconnect
 from feedrank.bundle import load_bundle
 from feedrank.config import from_dict, load_yaml
 from feedrank.serving.access import ApiKeyCheck, RateLimiter
+from feedrank.serving.balance import worker_connections
 from feedrank.serving.config import ServingConfig
 from feedrank.serving.inspector import mount_inspector, page_routes
 from feedrank.serving.item2item import serving_parts
@@ -347,5 +348,7 @@ def app_from_env() -> FastAPI | LoadingApp:
         return create_app(build_service(settings), compare=build_compare(settings), log_dir=settings.log)
 
     if not settings.answer_while_loading:
-        return build()
+        app = build()
+        worker_connections()  # one of several workers, ready: counted in the connection shares, idle or not
+        return app
     return LoadingApp(build, routes=page_routes(), what=f"bundle {settings.bundle}")

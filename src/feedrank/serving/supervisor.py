@@ -8,7 +8,8 @@ died``. A worker that is slow to start (importing torch on a loaded machine) and
 crashed therefore looked alike, and a health-check timeout shorter than the start-up time killed
 and respawned workers forever without saying so. ``WorkerSupervisor`` keeps uvicorn's policy and
 logs, for each replaced worker, whether it stopped answering (and was killed after how long) or
-exited on its own (with which status or signal).
+exited on its own (with which status or signal). With several workers, ``serve`` also keeps their
+keep-alive connections spread evenly (``feedrank.serving.balance``).
 
 Example::
 
@@ -20,13 +21,18 @@ Example::
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 from uvicorn.supervisors.multiprocess import Multiprocess
+
+from feedrank.serving.balance import SHARES_ENV, BalancedHttpToolsProtocol, ConnectionShares
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -48,7 +54,12 @@ def describe_exit(exitcode: int | None) -> str:
 
 
 class WorkerSupervisor(Multiprocess):
-    """uvicorn's multi-process supervisor, plus one log line per replaced worker saying why."""
+    """uvicorn's multi-process supervisor, plus one log line per replaced worker saying why; a
+    replaced worker's connection slot (``shares``) is freed for its replacement."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket], shares: ConnectionShares | None = None):
+        super().__init__(config, sockets=sockets)
+        self.shares = shares
 
     def keep_subprocess_alive(self) -> None:
         before = [(p, p.process.is_alive()) for p in self.processes]
@@ -65,6 +76,8 @@ class WorkerSupervisor(Multiprocess):
             else:
                 why = describe_exit(process.exitcode)
             logger.warning("Worker [%s] %s", process.pid, why)
+            if self.shares is not None and process.pid is not None:
+                self.shares.release(process.pid)
 
 
 def url_of(sock: socket.socket, scheme: str = "http") -> str:
@@ -93,13 +106,19 @@ def bind_socket(config: uvicorn.Config) -> socket.socket:
 def serve(config: uvicorn.Config, on_bound: Callable[[str], None]) -> bool:
     """Bind ``config``'s socket, call ``on_bound(url)``, then serve until shut down.
 
-    One worker runs in this process; more run under ``WorkerSupervisor``. Returns whether the
-    server started (False: the app failed to load in the single-process case).
+    One worker runs in this process; more run under ``WorkerSupervisor``, with their keep-alive
+    connections balanced (``feedrank.serving.balance``: a shares file in a temporary folder, named
+    to the workers by ``SHARES_ENV``, removed at exit). Returns whether the server started (False:
+    the app failed to load in the single-process case).
     """
     sock = bind_socket(config)
     on_bound(url_of(sock, "https" if config.is_ssl else "http"))
     if config.workers > 1:
-        WorkerSupervisor(config, sockets=[sock]).run()
+        with tempfile.TemporaryDirectory(prefix="feedrank-serve-") as tmp:
+            shares = ConnectionShares.create(Path(tmp) / "connections", slots=2 * config.workers)
+            os.environ[SHARES_ENV] = str(shares.path)  # spawned workers inherit the environment
+            config.http = BalancedHttpToolsProtocol
+            WorkerSupervisor(config, sockets=[sock], shares=shares).run()
         return True
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
