@@ -26,6 +26,13 @@ but full-size: its 500-candidate pass costs what it would with trained weights. 
 history of ``--history`` engagements (seeded from a synthetic canonical log) make up most
 requests; ``--cold-share`` are unknown users.
 
+``--connect`` says how the concurrent clients open their connections: ``staggered`` (the default)
+as each thread starts, ``burst`` all at once before any request, as a connection pool does. The
+concurrent figures include how many clients each worker answered (``clients_per_worker``): where
+the connections landed (``burst``: their first answer) and where they stayed (an answer after
+their last feed). A keep-alive connection stays with the worker that accepted it unless
+``feedrank.serving.balance`` moves it to even the split.
+
 ``--profile N`` also runs N feeds in-process under cProfile (after a warm-up) and prints the top
 functions by cumulative time: where the milliseconds go.
 
@@ -55,6 +62,7 @@ import tempfile
 import threading
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
@@ -315,6 +323,16 @@ def users_for(n: int, args: argparse.Namespace, rng: np.random.Generator) -> lis
     return [f"new{i}" if c else f"u{w}" for i, (w, c) in enumerate(zip(warm, cold))]
 
 
+def worker_pid(client: Client) -> int:
+    """The pid of the worker that answers ``client``'s connection (``/healthz``)."""
+    return json.loads(client.get("/healthz")[2])["pid"]
+
+
+def split(pids: list[int]) -> list[int]:
+    """How many of ``pids`` each worker has, largest first ([] when none were recorded)."""
+    return sorted(Counter(pids).values(), reverse=True)
+
+
 def cache_ratio(client: Client) -> float:
     """Hits / lookups since the server started, from ``feedrank_cache_lookups_total{outcome}``."""
     text = client.get("/metrics")[2].decode()
@@ -361,15 +379,25 @@ def drive(url: str, pid: int, args: argparse.Namespace, seed: int) -> dict:
     conc = Recorder()
     queue = users_for(args.concurrent, args, rng)
     lock, deadline = threading.Lock(), time.monotonic() + args.max_seconds
+    opened = threading.Barrier(args.clients)
+    landed: list[int] = []  # burst: the worker each connection landed on (its first answer)
+    stayed: list[int] = []  # the worker each connection ended on (an answer after its last feed)
+    finished: list[float] = []
 
     def worker() -> None:
         with Client(url) as client:
+            if args.connect == "burst":
+                opened.wait()
+                client.conn.connect()
+                landed.append(worker_pid(client))
             while time.monotonic() < deadline:
                 with lock:
                     if not queue:
-                        return
+                        break
                     user = queue.pop()
                 conc.get(client, user, args.k)
+            finished.append(time.perf_counter())
+            stayed.append(worker_pid(client))
 
     threads = [threading.Thread(target=worker) for _ in range(args.clients)]
     start, cpu = time.perf_counter(), cpu_seconds(pid)
@@ -377,7 +405,8 @@ def drive(url: str, pid: int, args: argparse.Namespace, seed: int) -> dict:
         t.start()
     for t in threads:
         t.join()
-    out["concurrent"] = conc.summary(time.perf_counter() - start)
+    out["concurrent"] = conc.summary(max(finished) - start)
+    out["concurrent"]["clients_per_worker"] = {"connect": args.connect, "landed": split(landed), "stayed": split(stayed)}
     out["concurrent"]["server_cpu_ms"] = (cpu_seconds(pid) - cpu) * 1000.0 / max(1, len(conc.e2e) + conc.errors)
     with Client(url) as client:
         out["concurrent"]["cache_hit_ratio"] = cache_ratio(client)
@@ -463,6 +492,8 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--concurrent", type=int, default=800)
     parser.add_argument("--max-seconds", type=float, default=60.0)
+    parser.add_argument("--connect", choices=("staggered", "burst"), default="staggered",
+                        help="concurrent clients open their connections as each starts, or all at once (a pool)")
     parser.add_argument("--cold-share", type=float, default=0.05)
     parser.add_argument("--profile", type=int, default=0, help="feeds to profile in-process (0: skip)")
     parser.add_argument("--quantize", choices=QUANTIZE_MODES, default="none",
@@ -532,6 +563,9 @@ def report(name: str, r: dict, vectors: str) -> None:
         s = r[phase]
         print(f"  {phase}: {s['requests']} requests, {s['errors']} errors, {s['qps']:.1f} QPS, "
               f"cache hit ratio {s['cache_hit_ratio']:.2f}, server CPU {s['server_cpu_ms']:.2f} ms/request, paths {s['paths']}")
+        if "clients_per_worker" in s:
+            w = s["clients_per_worker"]
+            print(f"    clients per worker ({w['connect']} connect): landed {w['landed'] or '-'}, stayed {w['stayed']}")
         print(f"    {'stage':8s} {'p50':>8s} {'p95':>8s} {'p99':>8s}")
         for stage in STAGES:
             q = s["stage_ms"][stage]
