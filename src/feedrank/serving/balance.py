@@ -7,7 +7,7 @@ connection stays with the worker that accepted it, so one worker queued every re
 other idled. Node's ``cluster`` module documents the same skew of a shared socket
 ("over 70% of all connections ended up in just two processes, out of a total of eight") and
 accepts in the primary instead. On this project's benchmark, 8 clients and 2 workers answered at
-p99 55-72 ms with the connections forced to 4/4, and at 78-94 ms with the 5/3 and 6/2 splits that
+p99 55-83 ms with the connections forced to 4/4, and at 78-94 ms with the 5/3 and 6/2 splits that
 they landed in (``docs/benchmarks.md``).
 
 **How.** Each worker publishes its open connections to a small shared file, one slot per worker.

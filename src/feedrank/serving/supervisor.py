@@ -118,7 +118,10 @@ def serve(config: uvicorn.Config, on_bound: Callable[[str], None]) -> bool:
             shares = ConnectionShares.create(Path(tmp) / "connections", slots=2 * config.workers)
             os.environ[SHARES_ENV] = str(shares.path)  # spawned workers inherit the environment
             config.http = BalancedHttpToolsProtocol
-            WorkerSupervisor(config, sockets=[sock], shares=shares).run()
+            try:
+                WorkerSupervisor(config, sockets=[sock], shares=shares).run()
+            finally:
+                del os.environ[SHARES_ENV]  # the file goes with the folder
         return True
     server = uvicorn.Server(config)
     server.run(sockets=[sock])
