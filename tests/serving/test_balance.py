@@ -27,6 +27,7 @@ from feedrank.serving.balance import SHARES_ENV, BalancedHttpToolsProtocol, Conn
 from feedrank.serving.demo import ServerProcess
 
 DEADLINE_S = 30.0  # a guard against a hang; the conditions below are met in milliseconds
+STARTUP_S = 300.0  # for the second worker to come up on a loaded machine (ServerProcess waits as long for the first)
 
 
 @pytest.fixture
@@ -131,8 +132,8 @@ def _get(conn: http.client.HTTPConnection) -> str:
     return response.getheader("connection", "")
 
 
-def _wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + DEADLINE_S
+def _wait_for(condition, what: str, seconds: float = DEADLINE_S) -> None:
+    deadline = time.monotonic() + seconds
     while not condition():
         assert time.monotonic() < deadline, what
         time.sleep(0.005)
@@ -172,7 +173,7 @@ def test_two_workers_end_up_with_four_of_eight_connections_each(serving_world, t
     settings = ServeSettings(bundle=str(serving_world.two_tower.path), config=str(config), serving_log=str(tmp_path / "log"))
     with ServerProcess(settings, tmp_path, workers=2) as server:
         host, port = server.url.removeprefix("http://").rsplit(":", 1)
-        _wait_for(lambda: _workers_answering(host, int(port)) == 2, "the second worker never answered")
+        _wait_for(lambda: _workers_answering(host, int(port)) == 2, "the second worker never answered", STARTUP_S)
         conns = [http.client.HTTPConnection(host, int(port), timeout=DEADLINE_S) for _ in range(8)]
         try:
             start = threading.Barrier(len(conns))
