@@ -114,10 +114,7 @@ def server(shares, monkeypatch) -> Iterator[int]:
     server = uvicorn.Server(uvicorn.Config(app, http=BalancedHttpToolsProtocol, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    deadline = time.monotonic() + DEADLINE_S
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert server.started
+    _wait_for(lambda: server.started, "the in-process server never started")
     yield sock.getsockname()[1]
     server.should_exit = True
     thread.join(DEADLINE_S)

@@ -27,7 +27,7 @@ closes the connection after the response.
 Example (what ``feedrank.serving.supervisor.serve`` does for ``--workers 2``)::
 
     shares = ConnectionShares.create(Path(tmp) / "connections", slots=4)
-    os.environ[SHARES_ENV] = str(shares.path)        # the workers attach to it at their first connection
+    os.environ[SHARES_ENV] = str(shares.path)        # each worker attaches when ready (app_from_env) or at its first connection
     config.http = BalancedHttpToolsProtocol
 """
 
@@ -47,6 +47,7 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 SHARES_ENV = "FEEDRANK_CONNECTION_SHARES"
 
 _SLOT = struct.Struct("qq")  # pid (0: free), open connections
+_COUNT = struct.Struct("q")  # the open connections alone, at offset 8 of a slot
 
 
 class ConnectionShares:
@@ -92,9 +93,8 @@ class ConnectionShares:
         raise RuntimeError(f"{self.path}: all {self.slots} connection slots belong to live workers")
 
     def publish(self, slot: int, open_connections: int) -> None:
-        """Set the open connections of ``slot`` (its owner's call)."""
-        pid, _ = self._read(slot)
-        _SLOT.pack_into(self._map, slot * _SLOT.size, pid, open_connections)
+        """Set the open connections of ``slot`` (its owner's call; the pid is left as claimed)."""
+        _COUNT.pack_into(self._map, slot * _SLOT.size + _COUNT.size, open_connections)
 
     def release(self, pid: int) -> None:
         """Free the slot of ``pid`` (the supervisor's call for a worker it replaced); no-op if none."""
@@ -141,7 +141,7 @@ class WorkerConnections:
         if self.releasing or not self.shares.over_share(open_connections):
             return False
         self.releasing += 1
-        self.shares.publish(self.slot, open_connections - self.releasing)
+        self.changed(open_connections)
         return True
 
 
