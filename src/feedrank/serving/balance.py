@@ -79,17 +79,18 @@ class ConnectionShares:
         return _SLOT.unpack_from(self._map, slot * _SLOT.size)
 
     def claim(self, pid: int) -> int:
-        """The slot of process ``pid``: its own if it has one, else a free one (or one whose
-        process is gone). Raises ``RuntimeError`` when every slot belongs to a live process."""
+        """The slot of process ``pid``: its own if it has one, else a free one, else one whose
+        process is gone (the supervisor frees those; this covers a replacement that starts first).
+        Raises ``RuntimeError`` when every slot belongs to a live process."""
         with open(self.path, "r+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             owners = [self._read(s)[0] for s in range(self.slots)]
             if pid in owners:
                 return owners.index(pid)
-            for slot, owner in enumerate(owners):
-                if owner == 0 or not _alive(owner):
-                    _SLOT.pack_into(self._map, slot * _SLOT.size, pid, 0)
-                    return slot
+            free = [s for s, owner in enumerate(owners) if owner == 0] or [s for s, owner in enumerate(owners) if not _alive(owner)]
+            if free:
+                _SLOT.pack_into(self._map, free[0] * _SLOT.size, pid, 0)
+                return free[0]
         raise RuntimeError(f"{self.path}: all {self.slots} connection slots belong to live workers")
 
     def publish(self, slot: int, open_connections: int) -> None:
