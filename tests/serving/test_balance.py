@@ -70,6 +70,20 @@ def test_one_release_at_a_time(shares, peer):
     assert worker.should_release(3)
 
 
+def test_hand_over_waits_until_another_worker_accepts(shares, peer):
+    other = shares.claim(peer)
+    shares.publish(other, 3)
+    worker = WorkerConnections(shares, os.getpid())
+    waiting = threading.Thread(target=worker.hand_over, args=(DEADLINE_S,))
+    waiting.start()
+    waiting.join(0.05)
+    assert waiting.is_alive()  # nobody accepted yet: still waiting
+    shares.publish(other, 4)  # the peer accepted the reconnect
+    waiting.join(DEADLINE_S)
+    assert not waiting.is_alive()
+    worker.hand_over(0.0)  # and the wait is bounded: a peer that accepts nothing does not hang it
+
+
 def test_a_worker_alone_never_releases(shares):
     slot = shares.claim(os.getpid())
     shares.publish(slot, 100)
